@@ -1,0 +1,39 @@
+"""fedhq_kernels: fused, exact INT2-INT8 quantization ops for federated learning.
+
+    fake_quant(x, scale=None, zero_point=None, *, bits=8, symmetric=True, axis=None)
+    quantize(x, *, bits=8, symmetric=True, axis=None) -> QuantizedTensor
+    dequantize(q) -> Tensor
+    aggregate(updates, weights) -> QuantizedTensor
+    aggregate_state_dicts(state_dicts, weights) -> dict
+    backends() -> list of backends that run here; FEDHQ_BACKEND forces one
+
+The ops are torch.library custom ops (torch.ops.fedhq.*) with fake kernels and a
+straight-through autograd, so they work under torch.compile; fedhq_kernels.reference
+holds their plain-torch twins.
+"""
+
+from fedhq_kernels import cpu as _cpu  # noqa: F401  (says once, at import, if the C++ backend is missing)
+from fedhq_kernels.dispatch import backends
+from fedhq_kernels.functional import (
+    aggregate,
+    aggregate_state_dicts,
+    dequantize,
+    dequantize_state_dict,
+    fake_quant,
+    quantize,
+    quantize_state_dict,
+)
+from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range
+
+__all__ = [
+    "QuantizedTensor",
+    "aggregate",
+    "aggregate_state_dicts",
+    "backends",
+    "dequantize",
+    "dequantize_state_dict",
+    "fake_quant",
+    "quant_range",
+    "quantize",
+    "quantize_state_dict",
+]

@@ -1,0 +1,329 @@
+"""The public ops: argument checking and conversion, then one torch.ops.fedhq call.
+
+Every function accepts float32 / float16 / bfloat16 tensors of any shape, contiguous
+or not, and returns the input's dtype and device. Bad arguments raise TypeError or
+ValueError naming the op and the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fedhq_kernels import ops
+from fedhq_kernels.quantized_tensor import MAX_BITS, MIN_BITS, QuantizedTensor, quant_range
+
+# ---- argument checks shared by the ops ----
+
+
+def _check_tensor(op: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"{op}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
+
+
+def _check_bits(op: str, bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{op}: bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+
+
+def _resolve_range(op: str, bits, quant_min, quant_max) -> tuple[int, int]:
+    """quant_min / quant_max if given (both, spanning at most 2^bits codes), else the
+    signed range of ``bits``."""
+    _check_bits(op, bits)
+    if quant_min is None and quant_max is None:
+        return quant_range(bits)
+    if quant_min is None or quant_max is None:
+        raise ValueError(f"{op}: give both quant_min and quant_max or neither, got {quant_min!r} and {quant_max!r}")
+    if not all(isinstance(q, int) and not isinstance(q, bool) for q in (quant_min, quant_max)):
+        raise TypeError(f"{op}: quant_min and quant_max must be ints, got {quant_min!r} and {quant_max!r}")
+    if not quant_min < quant_max or quant_max - quant_min + 1 > (1 << bits):
+        raise ValueError(
+            f"{op}: need quant_min < quant_max spanning at most 2^{bits} codes, got [{quant_min}, {quant_max}]"
+        )
+    return quant_min, quant_max
+
+
+def _normalize_axis(op: str, x: Tensor, axis) -> int:
+    """The schema's axis: -1 for per-tensor, else 0 <= axis < x.dim()."""
+    if axis is None:
+        return -1
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"{op}: axis must be None or an int, got {axis!r}")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"{op}: axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    return axis % x.dim()
+
+
+def _check_symmetric_range(op: str, symmetric: bool, quant_min: int, quant_max: int) -> None:
+    if symmetric and not quant_min < 0 < quant_max:
+        raise ValueError(
+            f"{op}: a symmetric range needs quant_min < 0 < quant_max (zero point 0), got [{quant_min}, {quant_max}]; "
+            "use symmetric=False for an unsigned range"
+        )
+
+
+def _qparam_tensor(op: str, name: str, value, dtype: torch.dtype, x: Tensor, axis: int) -> Tensor:
+    """A per-tensor (0-d) or per-channel ([C]) float32 scale / int32 zero point on x's device."""
+    channels = 1 if axis < 0 else x.shape[axis]
+    if isinstance(value, Tensor):
+        if dtype == torch.int32 and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise TypeError(f"{op}: {name} must hold integers, got a {value.dtype} tensor")
+        if dtype == torch.float32 and not value.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
+        if value.numel() != channels:
+            where = "per-tensor" if axis < 0 else f"along axis {axis} of a tensor of shape {tuple(x.shape)}"
+            raise ValueError(f"{op}: {name} needs {channels} value(s) {where}, got shape {tuple(value.shape)}")
+        return value.detach().to(device=x.device, dtype=dtype).reshape(ops.qparams_shape(x, axis))
+    if axis >= 0:
+        raise ValueError(f"{op}: per-channel quantization (axis={axis}) needs a {name} tensor of {channels} values")
+    if dtype == torch.float32:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{op}: the scale must be finite and > 0, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: zero_point must be an int, got {value!r}")
+    return torch.tensor(value, dtype=dtype, device=x.device)
+
+
+# ---- fake quantization ----
+
+
+def fake_quant(
+    x: Tensor,
+    scale=None,
+    zero_point=None,
+    *,
+    bits: int = 8,
+    symmetric: bool = True,
+    axis: int | None = None,
+    quant_min: int | None = None,
+    quant_max: int | None = None,
+) -> Tensor:
+    """Quantize-dequantize ``x`` with a straight-through gradient (1 where the code was
+    inside [quant_min, quant_max], 0 outside).
+
+    With ``scale`` (and optionally ``zero_point``, default 0) this equals
+    ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` bit for bit,
+    forward and gradient. With ``scale=None`` the range is observed from ``x`` in the
+    same kernel, with MinMaxObserver's formulas (``symmetric`` picks the scheme).
+    ``axis`` selects per-channel quantization; the range defaults to the signed
+    ``bits``-bit range and ``quant_min`` / ``quant_max`` override it.
+    """
+    _check_tensor("fake_quant", x)
+    quant_min, quant_max = _resolve_range("fake_quant", bits, quant_min, quant_max)
+    axis = _normalize_axis("fake_quant", x, axis)
+    if scale is None:
+        if zero_point is not None:
+            raise ValueError("fake_quant: zero_point was given without a scale; give both, or neither to observe")
+        _check_symmetric_range("fake_quant", symmetric, quant_min, quant_max)
+        return ops.fake_quant_observed(x, quant_min, quant_max, symmetric, axis)[0]
+    scale = _qparam_tensor("fake_quant", "scale", scale, torch.float32, x, axis)
+    zero_point = _qparam_tensor("fake_quant", "zero_point", 0 if zero_point is None else zero_point, torch.int32, x, axis)
+    return ops.fake_quant(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+# ---- quantize / dequantize ----
+
+
+def quantize(x: Tensor, *, bits: int = 8, symmetric: bool = True, axis: int | None = None) -> QuantizedTensor:
+    """Quantize ``x`` to ``bits``-bit integer codes with a freshly observed range
+    (MinMaxObserver formulas), per tensor or per channel along ``axis``."""
+    _check_tensor("quantize", x)
+    quant_min, quant_max = _resolve_range("quantize", bits, None, None)
+    schema_axis = _normalize_axis("quantize", x, axis)
+    codes, scale, zero_point = ops.quantize(x.detach(), quant_min, quant_max, symmetric, schema_axis)
+    return QuantizedTensor(
+        data=codes,
+        scale=scale,
+        zero_point=zero_point,
+        bits=bits,
+        axis=None if schema_axis < 0 else schema_axis,
+        symmetric=symmetric,
+        dtype=x.dtype,
+        shape=x.shape,
+    )
+
+
+def dequantize(q: QuantizedTensor) -> Tensor:
+    """(code - zero_point) * scale, as ``q.dtype``."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"dequantize: expected a QuantizedTensor, got {type(q).__name__}")
+    axis = -1 if q.axis is None else q.axis
+    return ops.dequantize(q.data, q.scale, q.zero_point, axis, q.dtype)
+
+
+def quantize_state_dict(
+    state_dict: Mapping[str, Tensor], *, bits: int = 8, symmetric: bool = True, per_channel: bool = True
+) -> dict[str, QuantizedTensor | Tensor]:
+    """Quantizes every floating-point tensor of a state dict (per channel along axis 0
+    for tensors of 2 or more dimensions when ``per_channel``); other entries (integer
+    buffers such as BatchNorm's num_batches_tracked) are kept as they are."""
+    out: dict[str, QuantizedTensor | Tensor] = {}
+    for key, value in state_dict.items():
+        if isinstance(value, Tensor) and value.dtype in ops.FLOAT_DTYPES:
+            axis = 0 if per_channel and value.dim() >= 2 else None
+            try:
+                out[key] = quantize(value, bits=bits, symmetric=symmetric, axis=axis)
+            except ValueError as error:
+                raise ValueError(f"quantize_state_dict: '{key}': {error}") from error
+        else:
+            out[key] = value
+    return out
+
+
+def dequantize_state_dict(state_dict: Mapping[str, QuantizedTensor | Tensor]) -> dict[str, Tensor]:
+    """The inverse of quantize_state_dict (up to quantization error)."""
+    return {k: dequantize(v) if isinstance(v, QuantizedTensor) else v for k, v in state_dict.items()}
+
+
+# ---- aggregation ----
+
+
+def _normalize_weights(op: str, weights, clients: int, device: torch.device) -> Tensor:
+    """Non-negative finite weights (e.g. sample counts), normalized to sum to 1."""
+    try:
+        w = torch.as_tensor(weights.detach().cpu() if isinstance(weights, Tensor) else weights, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{op}: weights must be a sequence of numbers, got {weights!r}") from error
+    w = w.flatten()
+    if w.numel() != clients:
+        raise ValueError(f"{op}: got {w.numel()} weights for {clients} clients")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{op}: weights must be finite and >= 0, got {w.tolist()}")
+    if float(w.sum()) <= 0:
+        raise ValueError(f"{op}: weights sum to 0; at least one client must have weight > 0")
+    return (w / w.sum()).to(device=device, dtype=torch.float32)
+
+
+_QT_FIELDS = ("shape", "dtype", "bits", "axis", "symmetric")
+
+
+def _check_same_kind(op: str, key: str, entries: list) -> None:
+    """Every client's entry for ``key`` must be aggregatable with client 0's."""
+    first = entries[0]
+    for k, entry in enumerate(entries[1:], start=1):
+        if isinstance(first, QuantizedTensor):
+            if not isinstance(entry, QuantizedTensor):
+                raise TypeError(f"{op}: '{key}' is quantized for client 0 but a {type(entry).__name__} for client {k}")
+            for field in _QT_FIELDS:
+                if getattr(entry, field) != getattr(first, field):
+                    raise ValueError(
+                        f"{op}: '{key}' of client {k} has {field}={getattr(entry, field)!r}, "
+                        f"client 0 has {getattr(first, field)!r}"
+                    )
+        elif isinstance(first, Tensor):
+            if not isinstance(entry, Tensor) or isinstance(entry, QuantizedTensor):
+                raise TypeError(f"{op}: '{key}' is a tensor for client 0 but a {type(entry).__name__} for client {k}")
+            if entry.shape != first.shape or entry.dtype != first.dtype:
+                raise ValueError(
+                    f"{op}: '{key}' of client {k} is {entry.dtype} {tuple(entry.shape)}, "
+                    f"client 0 has {first.dtype} {tuple(first.shape)}"
+                )
+    if not isinstance(first, (QuantizedTensor, Tensor)):
+        raise TypeError(f"{op}: '{key}' must be a QuantizedTensor or a tensor, got {type(first).__name__}")
+    if isinstance(first, Tensor) and first.dtype == torch.bool:
+        raise TypeError(f"{op}: '{key}' is a bool tensor, which cannot be averaged")
+
+
+def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], weights: Tensor) -> list:
+    """One fused aggregate call over several tensors sharing bits and scheme."""
+    first = [column[0] for column in columns]
+    axes = [-1 if q.axis is None else q.axis for q in first]
+    clients = len(columns[0])
+    entries = [columns[t][k] for k in range(clients) for t in range(len(keys))]  # client-major
+    quant_min, quant_max = first[0].quant_range
+    codes, scales, zero_points = ops.aggregate(
+        [q.data for q in entries],
+        [q.scale for q in entries],
+        [q.zero_point for q in entries],
+        weights,
+        axes,
+        quant_min,
+        quant_max,
+        first[0].symmetric,
+        keys,
+    )
+    out, element, segment = [], 0, 0
+    for q in first:
+        channels = 1 if q.axis is None else q.shape[q.axis]
+        params_shape = () if q.axis is None else (channels,)
+        out.append(
+            QuantizedTensor(
+                data=codes[element : element + q.data.numel()].view(q.shape),
+                scale=scales[segment : segment + channels].view(params_shape),
+                zero_point=zero_points[segment : segment + channels].view(params_shape),
+                bits=q.bits,
+                axis=q.axis,
+                symmetric=q.symmetric,
+                dtype=q.dtype,
+                shape=q.shape,
+            )
+        )
+        element += q.data.numel()
+        segment += channels
+    return out
+
+
+def _average_plain(column: list[Tensor], weights: Tensor) -> Tensor:
+    """Weighted average of unquantized entries (e.g. BatchNorm statistics) in float32;
+    integer entries are rounded back to their dtype."""
+    stacked = torch.stack([t.to(device=weights.device, dtype=torch.float32) for t in column])
+    average = torch.tensordot(weights, stacked, dims=1)
+    if not column[0].is_floating_point():
+        average = torch.round(average)
+    return average.to(device=column[0].device, dtype=column[0].dtype)
+
+
+def aggregate_state_dicts(state_dicts: Sequence[Mapping], weights) -> dict:
+    """The server step over whole models: dequantize every client's state dict,
+    average with ``weights`` (e.g. sample counts) in float32, requantize with fresh
+    ranges. All quantized tensors sharing bits and scheme go through one fused call
+    (one pass per phase over the packed model); unquantized entries are averaged as
+    floats. Clients must agree on names, shapes, dtypes, bits, axes and schemes."""
+    op = "aggregate_state_dicts"
+    state_dicts = list(state_dicts)
+    if not state_dicts:
+        raise ValueError(f"{op}: no client state dicts to aggregate")
+    for k, sd in enumerate(state_dicts):
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"{op}: client {k}'s update must be a mapping, got {type(sd).__name__}")
+    keys = list(state_dicts[0].keys())
+    for k, sd in enumerate(state_dicts[1:], start=1):
+        if set(sd.keys()) != set(keys):
+            missing = sorted(set(keys) - set(sd.keys()))
+            extra = sorted(set(sd.keys()) - set(keys))
+            raise ValueError(f"{op}: client {k}'s names differ from client 0's: missing {missing}, unexpected {extra}")
+    columns = {key: [sd[key] for sd in state_dicts] for key in keys}
+    for key, column in columns.items():
+        _check_same_kind(op, key, column)
+    first = columns[keys[0]][0] if keys else None
+    device = first.data.device if isinstance(first, QuantizedTensor) else getattr(first, "device", torch.device("cpu"))
+    w = _normalize_weights(op, weights, len(state_dicts), device)
+
+    groups: dict[tuple[int, bool], list[str]] = {}
+    for key, column in columns.items():
+        if isinstance(column[0], QuantizedTensor):
+            groups.setdefault((column[0].bits, column[0].symmetric), []).append(key)
+    result: dict = {}
+    for group in groups.values():
+        result.update(zip(group, _aggregate_quantized(group, [columns[key] for key in group], w)))
+    for key, column in columns.items():
+        if not isinstance(column[0], QuantizedTensor):
+            result[key] = _average_plain(column, w)
+    return {key: result[key] for key in keys}
+
+
+def aggregate(updates: Sequence[QuantizedTensor], weights) -> QuantizedTensor:
+    """The server step for one tensor: dequantize each client's update, average with
+    ``weights`` in float32, requantize with a fresh range (same bits, axis, scheme)."""
+    updates = list(updates)
+    if not updates:
+        raise ValueError("aggregate: no updates to aggregate")
+    for k, q in enumerate(updates):
+        if not isinstance(q, QuantizedTensor):
+            raise TypeError(f"aggregate: update {k} must be a QuantizedTensor, got {type(q).__name__}")
+    return aggregate_state_dicts([{"tensor": q} for q in updates], weights)["tensor"]

@@ -1,0 +1,232 @@
+"""The fedhq ops, registered once with torch.library (``torch.ops.fedhq.*``): schema,
+fake (meta) implementation for torch.compile / export, straight-through autograd,
+and a real implementation that hands the call to the backend the dispatcher picks
+(fedhq_kernels/dispatch.py).
+
+Conventions: ``axis`` < 0 means per-tensor (the public API uses None); ``scale`` is
+float32 and ``zero_point`` int32, 0-d per-tensor or [C] per-channel. Shape and dtype
+checks live here (they hold for fake tensors too); value checks (scale > 0, zero
+point in range, finite input) need the data and live in the backends.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fedhq_kernels import dispatch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float_input(op: str, x: Tensor) -> None:
+    torch._check_type(
+        x.dtype in FLOAT_DTYPES, lambda: f"{op}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}"
+    )
+
+
+def check_axis(op: str, x: Tensor, axis: int) -> None:
+    torch._check_value(axis < x.dim(), lambda: f"{op}: axis {axis} is out of range for a {x.dim()}-d tensor")
+
+
+def qparams_shape(x: Tensor, axis: int) -> tuple[int, ...]:
+    return () if axis < 0 else (x.shape[axis],)
+
+
+def check_qparams_shape(op: str, x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> None:
+    check_axis(op, x, axis)
+    torch._check_type(scale.dtype == torch.float32, lambda: f"{op}: scale must be float32, got {scale.dtype}")
+    torch._check_type(
+        zero_point.dtype == torch.int32, lambda: f"{op}: zero_point must be int32, got {zero_point.dtype}"
+    )
+    channels = 1 if axis < 0 else x.shape[axis]
+    torch._check_value(
+        scale.numel() == channels and zero_point.numel() == channels,
+        lambda: f"{op}: expected {channels} scale and zero_point value(s) for axis={axis}, "
+        f"got {scale.numel()} and {zero_point.numel()}",
+    )
+
+
+def _empty_qparams(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    shape = qparams_shape(x, axis)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32)
+
+
+# ---- fake_quant with given scale / zero point ----
+
+
+@torch.library.custom_op("fedhq::fake_quant", mutates_args=())
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int, axis: int) -> Tensor:
+    check_float_input("fake_quant", x)
+    check_qparams_shape("fake_quant", x, scale, zero_point, axis)
+    return dispatch.kernel("fake_quant", x.device)(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+@fake_quant.register_fake
+def _(x, scale, zero_point, quant_min, quant_max, axis):
+    check_float_input("fake_quant", x)
+    check_qparams_shape("fake_quant", x, scale, zero_point, axis)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fedhq::fake_quant_backward", mutates_args=())
+def fake_quant_backward(
+    grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int, axis: int
+) -> Tensor:
+    check_float_input("fake_quant_backward", x)
+    check_qparams_shape("fake_quant_backward", x, scale, zero_point, axis)
+    return dispatch.kernel("fake_quant_backward", x.device)(grad, x, scale, zero_point, quant_min, quant_max, axis)
+
+
+@fake_quant_backward.register_fake
+def _(grad, x, scale, zero_point, quant_min, quant_max, axis):
+    return x.new_empty(x.shape)
+
+
+def _fake_quant_setup_context(ctx, inputs, output):
+    x, scale, zero_point, quant_min, quant_max, axis = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.qrange_axis = (quant_min, quant_max, axis)
+
+
+def _fake_quant_backward(ctx, grad):
+    # Straight-through estimator: the mask is recomputed from the saved input and
+    # parameters instead of keeping a byte per element between forward and backward.
+    x, scale, zero_point = ctx.saved_tensors
+    return fake_quant_backward(grad, x, scale, zero_point, *ctx.qrange_axis), None, None, None, None, None
+
+
+torch.library.register_autograd("fedhq::fake_quant", _fake_quant_backward, setup_context=_fake_quant_setup_context)
+
+
+# ---- fake_quant with the range observed in the same kernel ----
+
+
+@torch.library.custom_op("fedhq::fake_quant_observed", mutates_args=())
+def fake_quant_observed(
+    x: Tensor, quant_min: int, quant_max: int, symmetric: bool, axis: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    check_float_input("fake_quant", x)
+    check_axis("fake_quant", x, axis)
+    return dispatch.kernel("fake_quant_observed", x.device)(x, quant_min, quant_max, symmetric, axis)
+
+
+@fake_quant_observed.register_fake
+def _(x, quant_min, quant_max, symmetric, axis):
+    check_float_input("fake_quant", x)
+    check_axis("fake_quant", x, axis)
+    return (x.new_empty(x.shape), *_empty_qparams(x, axis))
+
+
+def _observed_setup_context(ctx, inputs, output):
+    x, quant_min, quant_max, _, axis = inputs
+    _, scale, zero_point = output
+    ctx.mark_non_differentiable(scale, zero_point)
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.qrange_axis = (quant_min, quant_max, axis)
+
+
+def _observed_backward(ctx, grad, _grad_scale, _grad_zero_point):
+    x, scale, zero_point = ctx.saved_tensors
+    return fake_quant_backward(grad, x, scale, zero_point, *ctx.qrange_axis), None, None, None, None
+
+
+torch.library.register_autograd(
+    "fedhq::fake_quant_observed", _observed_backward, setup_context=_observed_setup_context
+)
+
+
+# ---- quantize / dequantize ----
+
+
+@torch.library.custom_op("fedhq::quantize", mutates_args=())
+def quantize(x: Tensor, quant_min: int, quant_max: int, symmetric: bool, axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    check_float_input("quantize", x)
+    check_axis("quantize", x, axis)
+    return dispatch.kernel("quantize", x.device)(x, quant_min, quant_max, symmetric, axis)
+
+
+@quantize.register_fake
+def _(x, quant_min, quant_max, symmetric, axis):
+    check_float_input("quantize", x)
+    check_axis("quantize", x, axis)
+    return (x.new_empty(x.shape, dtype=torch.int8), *_empty_qparams(x, axis))
+
+
+@torch.library.custom_op("fedhq::dequantize", mutates_args=())
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
+    torch._check_type(codes.dtype == torch.int8, lambda: f"dequantize: codes must be int8, got {codes.dtype}")
+    check_qparams_shape("dequantize", codes, scale, zero_point, axis)
+    return dispatch.kernel("dequantize", codes.device)(codes, scale, zero_point, axis, dtype)
+
+
+@dequantize.register_fake
+def _(codes, scale, zero_point, axis, dtype):
+    check_qparams_shape("dequantize", codes, scale, zero_point, axis)
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+# ---- aggregate: whole models, packed ----
+
+
+def _packed_sizes(codes: list[Tensor], axes: list[int]) -> tuple[int, int]:
+    """Elements and quantization segments of one client's tensors."""
+    elements = sum(c.numel() for c in codes[: len(axes)])
+    segments = sum(1 if a < 0 else c.shape[a] for c, a in zip(codes, axes))
+    return elements, segments
+
+
+def _check_aggregate(codes, scales, zero_points, weights, axes, names) -> None:
+    tensors = len(axes)
+    torch._check_value(
+        weights.dim() == 1 and weights.numel() > 0, lambda: "aggregate: weights must be a non-empty 1-d tensor"
+    )
+    clients = weights.numel()
+    torch._check_value(
+        len(codes) == len(scales) == len(zero_points) == clients * tensors and len(names) == tensors,
+        lambda: f"aggregate: expected {clients} clients x {tensors} tensors of codes, scales and zero points "
+        f"and {tensors} names, got {len(codes)}, {len(scales)}, {len(zero_points)} and {len(names)}",
+    )
+    for e, c in enumerate(codes):
+        t = e % tensors
+        torch._check_value(
+            c.dtype == torch.int8 and c.shape == codes[t].shape,
+            lambda: f"aggregate: client {e // tensors}'s '{names[t]}' must be int8 codes of shape "
+            f"{tuple(codes[t].shape)}, got {c.dtype} {tuple(c.shape)}",
+        )
+        check_qparams_shape(f"aggregate: client {e // tensors}'s '{names[t]}'", c, scales[e], zero_points[e], axes[t])
+
+
+@torch.library.custom_op(
+    "fedhq::aggregate",
+    mutates_args=(),
+    # written out: schema inference does not accept list[str]
+    schema="(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
+    "int quant_max, bool symmetric, str[] names) -> (Tensor, Tensor, Tensor)",
+)
+def aggregate(
+    codes: list[Tensor],
+    scales: list[Tensor],
+    zero_points: list[Tensor],
+    weights: Tensor,
+    axes: list[int],
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool,
+    names: list[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_aggregate(codes, scales, zero_points, weights, axes, names)
+    return dispatch.kernel("aggregate", weights.device)(
+        codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names
+    )
+
+
+@aggregate.register_fake
+def _(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names):
+    _check_aggregate(codes, scales, zero_points, weights, axes, names)
+    elements, segments = _packed_sizes(codes, axes)
+    return (
+        weights.new_empty((elements,), dtype=torch.int8),
+        weights.new_empty((segments,), dtype=torch.float32),
+        weights.new_empty((segments,), dtype=torch.int32),
+    )

@@ -1,0 +1,176 @@
+"""Plain-torch twin of every fedhq_kernels op: the oracle the tests compare the
+compiled backends against, and the ``reference`` backend that runs anywhere.
+
+Written for clarity, not speed, but with the same float32 operations in the same
+order as the kernels (csrc/quant_math.h), so the results are identical bit for bit:
+    code = zero_point + round_half_even(x * (1 / scale))
+    fake = (clamp(code, qmin, qmax) - zero_point) * scale
+    mask = qmin <= code <= qmax                       (straight-through gradient)
+and the scale / zero point of an observed range follow MinMaxObserver.
+Functions take the ops' schema arguments: ``axis`` < 0 means per-tensor, scale is
+float32 and zero_point int32 with one entry per channel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICES = ("cpu", "cuda")
+UNAVAILABLE = None
+SCALE_EPS = torch.finfo(torch.float32).eps
+
+
+def _along(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """A per-tensor (0-d) or per-channel ([C]) parameter shaped to broadcast against x."""
+    if axis < 0:
+        return t.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def check_qparams(op: str, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int) -> None:
+    """Values the kernels rely on: finite positive scales, zero points inside the range."""
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0])
+        where = f" at channel {i}" if scale.numel() > 1 else ""
+        raise ValueError(f"{op}: the scale must be finite and > 0, got {scale.flatten()[i].item()}{where}")
+    bad = (zero_point < quant_min) | (zero_point > quant_max)
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0])
+        where = f" at channel {i}" if zero_point.numel() > 1 else ""
+        raise ValueError(
+            f"{op}: the zero_point must lie in [{quant_min}, {quant_max}], got {zero_point.flatten()[i].item()}{where}"
+        )
+
+
+def _unclamped_code(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int):
+    """zero_point + round(x / scale) in float32, saturated to [qmin - 1, qmax + 1]
+    (NaN -> qmin - 1), as the kernels compute it."""
+    v = x.float() * torch.reciprocal(scale)
+    lo, hi = quant_min - zero_point - 1, quant_max - zero_point + 1
+    v = torch.where(v > lo, v, lo)
+    v = torch.where(v < hi, v, hi)
+    return torch.round(v) + zero_point
+
+
+def _fake_quant_float(x, scale, zero_point, quant_min, quant_max):
+    code = _unclamped_code(x, scale, zero_point, quant_min, quant_max)
+    return (code.clamp(quant_min, quant_max) - zero_point) * scale
+
+
+def fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
+    check_qparams("fake_quant", scale, zero_point, quant_min, quant_max)
+    s, z = _along(scale.float(), x.dim(), axis), _along(zero_point.float(), x.dim(), axis)
+    return _fake_quant_float(x, s, z, quant_min, quant_max).to(x.dtype)
+
+
+def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
+    check_qparams("fake_quant_backward", scale, zero_point, quant_min, quant_max)
+    s, z = _along(scale.float(), x.dim(), axis), _along(zero_point.float(), x.dim(), axis)
+    code = _unclamped_code(x, s, z, quant_min, quant_max)
+    mask = (code >= quant_min) & (code <= quant_max)
+    # grad * mask, as PyTorch computes it: a NaN gradient stays NaN where masked
+    return (grad.to(x.dtype) * mask).contiguous()
+
+
+def observe_range(op: str, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """min and max of x (per channel along axis, or of the whole tensor)."""
+    xf = x.float()
+    if axis < 0:
+        lo, hi = (xf.min(), xf.max()) if x.numel() else (torch.zeros(()), torch.zeros(()))
+    else:
+        dims = [d for d in range(x.dim()) if d != axis]
+        if x.numel():
+            lo, hi = xf.amin(dim=dims), xf.amax(dim=dims)
+        else:
+            lo = hi = torch.zeros(x.shape[axis], device=x.device)
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        raise ValueError(f"{op}: the input contains NaN or Inf, so its range cannot be observed")
+    return lo, hi
+
+
+def qparams_from_range(lo, hi, symmetric: bool, quant_min: int, quant_max: int):
+    """MinMaxObserver's scale (float32) and zero point (int32) for an observed range."""
+    lo_neg = torch.minimum(lo, torch.zeros_like(lo))
+    hi_pos = torch.maximum(hi, torch.zeros_like(hi))
+    eps = torch.tensor(SCALE_EPS, device=lo.device)
+    if symmetric:
+        half_range = torch.tensor((quant_max - quant_min) / 2, dtype=torch.float32, device=lo.device)
+        scale = torch.maximum(torch.maximum(-lo_neg, hi_pos) / half_range, eps)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        span = torch.tensor(float(quant_max - quant_min), dtype=torch.float32, device=lo.device)
+        scale = torch.maximum((hi_pos - lo_neg) / span, eps)
+        zero_point = (quant_min - torch.round(lo_neg / scale)).clamp(quant_min, quant_max).to(torch.int32)
+    return scale, zero_point
+
+
+def fake_quant_observed(x, quant_min, quant_max, symmetric, axis):
+    scale, zero_point = qparams_from_range(*observe_range("fake_quant", x, axis), symmetric, quant_min, quant_max)
+    return fake_quant(x, scale, zero_point, quant_min, quant_max, axis), scale, zero_point
+
+
+def _quantize_float(x, scale, zero_point, quant_min, quant_max, axis):
+    s, z = _along(scale, x.dim(), axis), _along(zero_point.float(), x.dim(), axis)
+    return _unclamped_code(x, s, z, quant_min, quant_max).clamp(quant_min, quant_max).to(torch.int8)
+
+
+def quantize(x, quant_min, quant_max, symmetric, axis):
+    scale, zero_point = qparams_from_range(*observe_range("quantize", x, axis), symmetric, quant_min, quant_max)
+    return _quantize_float(x, scale, zero_point, quant_min, quant_max, axis), scale, zero_point
+
+
+def _dequantize_float(codes, scale, zero_point, axis):
+    s, z = _along(scale.float(), codes.dim(), axis), _along(zero_point.float(), codes.dim(), axis)
+    return (codes.float() - z) * s
+
+
+def dequantize(codes, scale, zero_point, axis, dtype):
+    check_qparams("dequantize", scale, zero_point, -128, 127)
+    return _dequantize_float(codes, scale, zero_point, axis).to(dtype)
+
+
+def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names):
+    """Per tensor t: acc = sum over clients k, in order, of w_k * dequantize(client k's
+    codes) in float32; then requantize acc with its freshly observed range. Outputs are
+    packed: every tensor's codes flattened one after another, and its scales / zero
+    points likewise."""
+    tensors, clients = len(axes), weights.numel()
+    w = weights.float()
+    out_codes, out_scales, out_zero_points = [], [], []
+    for t in range(tensors):
+        axis = axes[t]
+        acc = torch.zeros(codes[t].shape, dtype=torch.float32, device=codes[t].device)
+        for k in range(clients):
+            e = k * tensors + t
+            check_qparams(f"aggregate: client {k}'s '{names[t]}'", scales[e], zero_points[e], quant_min, quant_max)
+            acc = acc + w[k] * _dequantize_float(codes[e], scales[e], zero_points[e], axis)
+        try:
+            lo, hi = observe_range("aggregate", acc, axis)
+        except ValueError:
+            raise ValueError(
+                f"aggregate: the weighted average of '{names[t]}' is not finite (client scales too large for float32)"
+            ) from None
+        scale, zero_point = qparams_from_range(lo, hi, symmetric, quant_min, quant_max)
+        out_codes.append(_quantize_float(acc, scale, zero_point, quant_min, quant_max, axis).flatten())
+        out_scales.append(scale.flatten())
+        out_zero_points.append(zero_point.flatten())
+    device = weights.device
+    empty = torch.empty(0, device=device)
+    return (
+        torch.cat(out_codes) if out_codes else empty.to(torch.int8),
+        torch.cat(out_scales) if out_scales else empty.float(),
+        torch.cat(out_zero_points) if out_zero_points else empty.to(torch.int32),
+    )
+
+
+KERNELS = {
+    "fake_quant": fake_quant,
+    "fake_quant_backward": fake_quant_backward,
+    "fake_quant_observed": fake_quant_observed,
+    "quantize": quantize,
+    "dequantize": dequantize,
+    "aggregate": aggregate,
+}
