@@ -12,8 +12,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/kernels.h"
 
@@ -40,6 +45,22 @@ T* ptr(const at::Tensor& t) {
 template <class T>
 const T* cptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+
+// A fresh output buffer is first touched by the kernel, and on Linux the 4 KiB page
+// faults of that first touch cost more than the kernel itself: 16M float32 outputs
+// took ~35 ms to fault in vs ~7 ms to copy into an existing buffer on the 2-core CI
+// machine. Asking for transparent huge pages on the (still untouched) buffer cuts
+// the faults 512-fold. Only the 2 MiB-aligned interior is advised; no-op elsewhere.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(out.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(out.data_ptr()) + out.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only: ignore errors
+#endif
+  return out;
 }
 
 TensorLayout layout_of(const at::Tensor& x, int64_t axis, int64_t segment_base = 0) {
@@ -78,7 +99,7 @@ at::Tensor fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, const 
   const at::Tensor x = x_in.contiguous(), scale = scale_in.contiguous(), zero_point = zero_point_in.contiguous();
   const TensorLayout layout = layout_of(x, axis);
   check_qparams("fake_quant", "the", scale, zero_point, layout.channels, qmin, qmax);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output(x.sizes(), x.options());
   dispatch_float_type(x.scalar_type(), "fake_quant", [&](auto tag) {
     using T = decltype(tag);
     cpu::fake_quant<T>(cptr<T>(x), ptr<T>(y), layout, cptr<float>(scale), cptr<int32_t>(zero_point), int32_t(qmin),
@@ -96,7 +117,7 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
                     " differs from input shape ", x.sizes());
   const TensorLayout layout = layout_of(x, axis);
   check_qparams("fake_quant_backward", "the", scale, zero_point, layout.channels, qmin, qmax);
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = empty_output(x.sizes(), x.options());
   dispatch_float_type(x.scalar_type(), "fake_quant_backward", [&](auto tag) {
     using T = decltype(tag);
     cpu::fake_quant_backward<T>(cptr<T>(grad), cptr<T>(x), ptr<T>(grad_x), layout, cptr<float>(scale),
@@ -116,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Ten
   check_range("fake_quant", qmin, qmax);
   const at::Tensor x = x_in.contiguous();
   auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output(x.sizes(), x.options());
   dispatch_float_type(x.scalar_type(), "fake_quant", [&](auto tag) {
     using T = decltype(tag);
     check_observed("fake_quant", cpu::fake_quant_observed<T>(cptr<T>(x), ptr<T>(y), layout_of(x, axis), symmetric,
@@ -133,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, 
                     ", quant_max=", qmax);
   const at::Tensor x = x_in.contiguous();
   auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor codes = empty_output(x.sizes(), x.options().dtype(at::kChar));
   dispatch_float_type(x.scalar_type(), "quantize", [&](auto tag) {
     using T = decltype(tag);
     check_observed("quantize", cpu::quantize<T>(cptr<T>(x), ptr<int8_t>(codes), layout_of(x, axis), symmetric,
@@ -151,7 +172,7 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, co
                    zero_point = zero_point_in.contiguous();
   const TensorLayout layout = layout_of(codes, axis);
   check_qparams("dequantize", "the", scale, zero_point, layout.channels, -128, 127);
-  at::Tensor y = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  at::Tensor y = empty_output(codes.sizes(), codes.options().dtype(dtype));
   dispatch_float_type(dtype, "dequantize", [&](auto tag) {
     using T = decltype(tag);
     cpu::dequantize<T>(cptr<int8_t>(codes), ptr<T>(y), layout, cptr<float>(scale), cptr<int32_t>(zero_point),
@@ -205,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
   }
 
   const auto options = weights.options();
-  at::Tensor out_codes = at::empty({elements}, options.dtype(at::kChar));
+  at::Tensor out_codes = empty_output({elements}, options.dtype(at::kChar));
   at::Tensor out_scale = at::empty({segments}, options.dtype(at::kFloat));
   at::Tensor out_zero_point = at::empty({segments}, options.dtype(at::kInt));
   const cpu::ClientUpdates updates{codes.data(), scales.data(), zero_points.data(), cptr<float>(weights), clients};

@@ -82,7 +82,9 @@ def observe_range(op: str, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, to
         lo, hi = (xf.min(), xf.max()) if x.numel() else (torch.zeros(()), torch.zeros(()))
     else:
         dims = [d for d in range(x.dim()) if d != axis]
-        if x.numel():
+        if not dims:  # 1-d, one channel per element (amin over no dims would reduce all)
+            lo = hi = xf
+        elif x.numel():
             lo, hi = xf.amin(dim=dims), xf.amax(dim=dims)
         else:
             lo = hi = torch.zeros(x.shape[axis], device=x.device)

@@ -1,0 +1,50 @@
+"""Shared fixtures. Tests run on the CPU; GPU tests carry the `gpu` marker and skip
+with a reason when no GPU is present (never touching CUDA at collection time)."""
+
+import os
+import zlib
+
+# Triton kernels can only run on CPU tensors under the interpreter, and only if this
+# is set before any @triton.jit function is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fedhq_kernels  # noqa: E402
+
+CPU_BACKENDS = [b for b in ("cpu", "reference") if b in fedhq_kernels.backends()]
+
+# Fresh random inputs every run; FEDHQ_TEST_SEED=<seed from the header> reproduces one.
+SESSION_SEED = int(os.environ.get("FEDHQ_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_report_header(config):
+    return f"fedhq: test seed {SESSION_SEED} (FEDHQ_TEST_SEED to repeat); backends {fedhq_kernels.backends()}"
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request, monkeypatch):
+    """Runs the test once per backend that can run on CPU tensors."""
+    monkeypatch.setenv("FEDHQ_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the session seed and the test's id."""
+    return torch.Generator().manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Bit-for-bit equality (NaNs equal where both are NaN), printing the first
+    mismatches when it fails."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    same = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected)) if actual.is_floating_point() else (
+        actual == expected
+    )
+    if not bool(same.all()):
+        idx = (~same).nonzero()[:5]
+        rows = [f"  at {tuple(i.tolist())}: got {actual[tuple(i)].item()!r}, expected {expected[tuple(i)].item()!r}" for i in idx]
+        raise AssertionError(f"{what}: {int((~same).sum())} of {same.numel()} elements differ\n" + "\n".join(rows))
