@@ -29,19 +29,23 @@ def _along(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def check_qparams(op: str, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int) -> None:
-    """Values the kernels rely on: finite positive scales, zero points inside the range."""
+def check_qparams(
+    op: str, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int, owner: str = "the"
+) -> None:
+    """Values the kernels rely on: finite positive scales, zero points inside the range.
+    ``owner`` says whose parameters they are in the message."""
     bad = ~(torch.isfinite(scale) & (scale > 0))
     if bool(bad.any()):
         i = int(bad.flatten().nonzero()[0])
         where = f" at channel {i}" if scale.numel() > 1 else ""
-        raise ValueError(f"{op}: the scale must be finite and > 0, got {scale.flatten()[i].item()}{where}")
+        raise ValueError(f"{op}: {owner} scale must be finite and > 0, got {scale.flatten()[i].item()}{where}")
     bad = (zero_point < quant_min) | (zero_point > quant_max)
     if bool(bad.any()):
         i = int(bad.flatten().nonzero()[0])
         where = f" at channel {i}" if zero_point.numel() > 1 else ""
         raise ValueError(
-            f"{op}: the zero_point must lie in [{quant_min}, {quant_max}], got {zero_point.flatten()[i].item()}{where}"
+            f"{op}: {owner} zero_point must lie in [{quant_min}, {quant_max}], "
+            f"got {zero_point.flatten()[i].item()}{where}"
         )
 
 
@@ -147,7 +151,8 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
         acc = torch.zeros(codes[t].shape, dtype=torch.float32, device=codes[t].device)
         for k in range(clients):
             e = k * tensors + t
-            check_qparams(f"aggregate: client {k}'s '{names[t]}'", scales[e], zero_points[e], quant_min, quant_max)
+            owner = f"client {k}'s '{names[t]}'"
+            check_qparams("aggregate", scales[e], zero_points[e], quant_min, quant_max, owner)
             acc = acc + w[k] * _dequantize_float(codes[e], scales[e], zero_points[e], axis)
         try:
             lo, hi = observe_range("aggregate", acc, axis)
