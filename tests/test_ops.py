@@ -1,0 +1,81 @@
+"""The torch.library registration: opcheck on every op (schema, fake kernel,
+autograd registration, AOT dispatch), and torch.compile without graph breaks."""
+
+import pytest
+import torch
+from conftest import assert_equal
+
+import fedhq_kernels as fk
+
+I32 = torch.int32
+
+
+def op_samples():
+    """(op, args) per op, per-tensor and per-channel, float32 and bfloat16."""
+    samples = []
+
+    def add(op, args, note):
+        samples.append(pytest.param(op, args, id=f"{op._qualified_op_name.split('::')[1]}-{note}"))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(6, 33).to(dtype)
+        per_tensor = (torch.tensor(0.02), torch.tensor(3, dtype=I32), -1)
+        per_channel = (torch.rand(33) * 0.05 + 0.01, torch.randint(-4, 4, (33,), dtype=I32), 1)
+        for scale, zero_point, axis in (per_tensor, per_channel):
+            note = f"{str(dtype)[6:]}-axis{axis}"
+            add(torch.ops.fedhq.fake_quant, (x.clone().requires_grad_(), scale, zero_point, -128, 127, axis), note)
+            grad = torch.randn(6, 33).to(dtype)
+            add(torch.ops.fedhq.fake_quant_backward, (grad, x, scale, zero_point, -8, 7, axis), note)
+            add(torch.ops.fedhq.fake_quant_observed, (x.clone().requires_grad_(), -128, 127, axis < 0, axis), note)
+            add(torch.ops.fedhq.quantize, (x, -8, 7, False, axis), note)
+            codes = torch.randint(-128, 128, (6, 33), dtype=torch.int8)
+            add(torch.ops.fedhq.dequantize, (codes, scale, zero_point, axis, dtype), note)
+    q = [fk.quantize(torch.randn(5, 7), axis=0) for _ in range(3)] + [fk.quantize(torch.randn(9)) for _ in range(3)]
+    agg_args = ([t.data for t in q], [t.scale for t in q], [t.zero_point for t in q], torch.tensor([0.2, 0.3, 0.5]),
+                [0, -1], -128, 127, True, ["w", "b"])
+    # client-major order: client k's tensors are entries k * 2 + t
+    order = [0, 3, 1, 4, 2, 5]
+    agg_args = tuple([a[i] for i in order] for a in agg_args[:3]) + agg_args[3:]
+    add(torch.ops.fedhq.aggregate, agg_args, "2-tensors")
+    return samples
+
+
+@pytest.mark.parametrize("op,args", op_samples())
+def test_opcheck(backend, op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_compiled_training_step_has_no_graph_break(backend):
+    def step(w, x):
+        wq = fk.fake_quant(w, axis=0)  # observed per-channel weights
+        xq = fk.fake_quant(x, 0.05, 2)  # given-scale activations
+        return (xq @ wq.t()).square().mean()
+
+    w = torch.randn(16, 32, requires_grad=True)
+    x = torch.randn(8, 32)
+    loss = step(w, x)
+    (grad,) = torch.autograd.grad(loss, w)
+    # fullgraph=True fails on any graph break
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(w, x)
+    (grad_c,) = torch.autograd.grad(loss_c, w)
+    assert_equal(loss_c, loss)
+    assert_equal(grad_c, grad)
+
+
+def test_inductor_compiles_fake_quant():
+    def f(x):
+        return fk.fake_quant(x, symmetric=False).relu() * 2
+
+    x = torch.randn(64, 65)
+    torch._dynamo.reset()
+    assert_equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_compile_quantize_and_dequantize(backend):
+    def roundtrip(x):
+        codes, scale, zero_point = torch.ops.fedhq.quantize(x, -128, 127, True, 0)
+        return torch.ops.fedhq.dequantize(codes, scale, zero_point, 0, x.dtype)
+
+    x = torch.randn(12, 40)
+    assert_equal(torch.compile(roundtrip, fullgraph=True, backend="aot_eager")(x), roundtrip(x))
