@@ -226,12 +226,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
   }
 
   const auto options = weights.options();
+  at::Tensor workspace = empty_output({elements}, options.dtype(at::kFloat));
   at::Tensor out_codes = empty_output({elements}, options.dtype(at::kChar));
   at::Tensor out_scale = at::empty({segments}, options.dtype(at::kFloat));
   at::Tensor out_zero_point = at::empty({segments}, options.dtype(at::kInt));
   const cpu::ClientUpdates updates{codes.data(), scales.data(), zero_points.data(), cptr<float>(weights), clients};
   const int64_t bad = cpu::aggregate(updates, layouts, element_base, symmetric, int32_t(qmin), int32_t(qmax),
-                                     ptr<int8_t>(out_codes), ptr<float>(out_scale), ptr<int32_t>(out_zero_point),
+                                     ptr<float>(workspace), ptr<int8_t>(out_codes), ptr<float>(out_scale), ptr<int32_t>(out_zero_point),
                                      at::get_num_threads());
   TORCH_CHECK_VALUE(bad < 0, "aggregate: the weighted average of '", bad < 0 ? "" : names[size_t(bad)],
                     "' is not finite (client scales too large for float32)");

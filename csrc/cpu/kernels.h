@@ -37,7 +37,8 @@ void dequantize(const int8_t* codes, T* y, const TensorLayout& layout, const flo
 
 // aggregate.cpp: clients' tensors are given client-major: entry k * T + t is client
 // k's tensor t. Writes the requantized average of every tensor into one packed
-// buffer (tensor t at element_base[t]) with its parameters at layouts[t].segment_base.
+// buffer (tensor t at element_base[t]) with its parameters at layouts[t].segment_base;
+// `workspace` holds one float per element (the average, between the two passes).
 struct ClientUpdates {
   const int8_t* const* codes;
   const float* const* scales;
@@ -47,7 +48,7 @@ struct ClientUpdates {
 };
 
 int64_t aggregate(const ClientUpdates& updates, const std::vector<TensorLayout>& layouts,
-                  const std::vector<int64_t>& element_base, bool symmetric, int32_t qmin, int32_t qmax, int8_t* codes,
-                  float* scale, int32_t* zero_point, int threads);
+                  const std::vector<int64_t>& element_base, bool symmetric, int32_t qmin, int32_t qmax, float* workspace,
+                  int8_t* codes, float* scale, int32_t* zero_point, int threads);
 
 }  // namespace fedhq::cpu

@@ -1,0 +1,526 @@
+"""Bandwidth benchmark of the fedhq_kernels ops against their PyTorch baselines.
+
+    python bench/bench_kernels.py [--size N] [--threads T] [--repeats R] [--quick] [--json PATH]
+
+One spec per case (runner, baseline, logical bytes, validate). Every case is checked
+for correctness first (bit for bit where the op is specified to match; the script
+aborts on a mismatch), then both sides are timed: warm-up calls outside the numbers,
+median and p10/p90 over the repeats. Throughput is *logical* bandwidth: the bytes an
+ideal kernel must move (each distinct tensor read or written once, scales included)
+divided by the median time; it is compared with a plain copy measured in the same run.
+
+Every op row allocates its output, as the API does (and as the torch baselines do):
+on this kind of machine first-touch page faults make allocating a fresh 64 MB tensor
+several times slower than writing into a preallocated one, so both a preallocated
+`copy_` and an allocating `clone` are reported; "% copy" is against the preallocated
+copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.ao.quantization import FakeQuantize, MinMaxObserver
+
+import fedhq_kernels as fk
+from fedhq_kernels import dispatch, reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from resnet18_shapes import (  # noqa: E402
+    RESNET18_CIFAR_PARAMS,
+    RESNET18_CIFAR_TENSORS,
+    count_params,
+    resnet18_cifar_shapes,
+)
+
+QMIN, QMAX = -128, 127  # 8-bit signed codes throughout
+FULL_SIZE = 16 * 2**20
+QUICK_SIZE = 2**20
+CHANNELS = 4096  # the per-channel case views the input as (CHANNELS, size / CHANNELS), axis 0
+CLIENTS = 10
+
+# torch.quantize_per_tensor is the baseline on purpose; its deprecation notice is noise here.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
+
+
+class Mismatch(AssertionError):
+    """Ours and the baseline disagree where they must not: the numbers would be meaningless."""
+
+
+# ---- timing ----
+
+
+def measure(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed
+    calls. CUDA work is asynchronous, so on a CUDA device the timer synchronizes
+    before starting and before stopping; on the CPU perf_counter alone is exact."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+        # Freed after the timer stops, so one call's munmap is not billed to the next.
+        del result
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+    return {"median_ms": statistics.median(times), "p10_ms": deciles[0], "p90_ms": deciles[-1], "repeats": len(times)}
+
+
+# ---- correctness ----
+
+
+def check_equal(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit-for-bit equality (NaN equal to NaN), or Mismatch naming the first differences."""
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        raise Mismatch(
+            f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
+        )
+    same = actual == expected
+    if actual.is_floating_point():
+        same |= torch.isnan(actual) & torch.isnan(expected)
+    if not bool(same.all()):
+        bad = (~same).flatten().nonzero()[:5].flatten().tolist()
+        firsts = ", ".join(f"[{i}] {actual.flatten()[i].item()!r} vs {expected.flatten()[i].item()!r}" for i in bad)
+        raise Mismatch(f"{what}: {int((~same).sum())} of {same.numel()} elements differ; first: {firsts}")
+
+
+# ---- the cases ----
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str  # shown as the row's size
+    elements: int
+    nbytes: int  # logical bytes read + written per call (each distinct tensor once)
+    ours: Callable[[], object]
+    baseline: Callable[[], object]
+    baseline_name: str  # what the baseline runs, e.g. "torch.fake_quantize_per_tensor_affine"
+    baseline_backend: str  # the backend column of its row
+    validate: Callable[[], None]  # raises Mismatch; runs before any timing
+    target: float | None = None  # the issue's speedup target over the baseline
+    aim_pct_of_copy: float | None = None  # the issue's bandwidth aim, % of the preallocated copy
+
+
+def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[Case]:
+    """Forward with a given scale, per tensor and per channel: read x, write y (4 + 4
+    bytes per float32 element; the per-channel scales and zero points are included)."""
+    scale = 0.02  # ~1% of randn's values fall outside 127 * scale: both clamp paths run
+    x2 = x.view(CHANNELS, -1)
+    scales = torch.rand(CHANNELS, generator=gen) * 0.02 + 0.01
+    zero_points = torch.zeros(CHANNELS, dtype=torch.int32)
+
+    def per_tensor_ours():
+        return fk.fake_quant(x, scale, 0)
+
+    def per_tensor_torch():
+        return torch.fake_quantize_per_tensor_affine(x, scale, 0, QMIN, QMAX)
+
+    def per_channel_ours():
+        return fk.fake_quant(x2, scales, zero_points, axis=0)
+
+    def per_channel_torch():
+        return torch.fake_quantize_per_channel_affine(x2, scales, zero_points, 0, QMIN, QMAX)
+
+    return [
+        Case(
+            "fake_quant fwd, given scale, per-tensor",
+            str(tuple(x.shape)),
+            x.numel(),
+            8 * x.numel(),
+            per_tensor_ours,
+            per_tensor_torch,
+            "torch.fake_quantize_per_tensor_affine",
+            "torch",
+            lambda: check_equal("fake_quant per-tensor", per_tensor_ours(), per_tensor_torch()),
+            target=2.5,
+            aim_pct_of_copy=60,
+        ),
+        Case(
+            "fake_quant fwd, given scale, per-channel axis 0",
+            str(tuple(x2.shape)),
+            x.numel(),
+            8 * x.numel() + 8 * CHANNELS,
+            per_channel_ours,
+            per_channel_torch,
+            "torch.fake_quantize_per_channel_affine",
+            "torch",
+            lambda: check_equal("fake_quant per-channel", per_channel_ours(), per_channel_torch()),
+            target=2.5,
+            aim_pct_of_copy=60,
+        ),
+    ]
+
+
+def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
+    """QAT's step: observe the range, fake-quantize, and the straight-through backward.
+    Bytes: each kernel's distinct tensors once: forward reads x and writes y, backward
+    reads grad and x and writes grad_x: 5 x 4 = 20 bytes per float32 element (the
+    range reduction's extra pass over x, if any, is not counted)."""
+    leaf = x.clone().requires_grad_()
+    grad = torch.randn(x.shape, generator=gen)
+
+    # torch.autograd.grad rather than y.backward(grad): same kernels, but nothing
+    # accumulates into leaf.grad (which would add a read-add-write pass from call 2 on).
+    def ours():
+        y = fk.fake_quant(leaf)  # scale=None: range observed, per-tensor symmetric
+        return y, torch.autograd.grad(y, leaf, grad)[0]
+
+    def torch_ao():
+        # A fresh module per call: its MinMaxObserver keeps a running min/max across
+        # calls, so a reused one would quantize with a stale range.
+        module = FakeQuantize(
+            MinMaxObserver, quant_min=QMIN, quant_max=QMAX, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric
+        )
+        y = module(leaf)
+        return y, torch.autograd.grad(y, leaf, grad)[0]
+
+    def validate():
+        (y, g), (y_ref, g_ref) = ours(), torch_ao()
+        check_equal("observed fake_quant forward", y, y_ref)
+        check_equal("observed fake_quant gradient", g, g_ref)
+
+    return Case(
+        "fake_quant fwd+bwd, observed range, per-tensor",
+        str(tuple(x.shape)),
+        x.numel(),
+        20 * x.numel(),
+        ours,
+        torch_ao,
+        "torch.ao FakeQuantize(MinMaxObserver) fwd+bwd",
+        "torch.ao",
+        validate,
+        target=3.0,
+    )
+
+
+def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
+    """quantize with an observed per-tensor range (read 4 + write 1 bytes per element)
+    and dequantize (read 1 + write 4), against MinMaxObserver + torch.quantize_per_tensor
+    and torch.dequantize."""
+
+    def torch_quantize():
+        observer = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        observer(x)
+        scale, zero_point = observer.calculate_qparams()
+        return torch.quantize_per_tensor(x, float(scale), int(zero_point), torch.qint8)
+
+    def ours_quantize():
+        return fk.quantize(x)
+
+    def validate_quantize():
+        q, theirs = ours_quantize(), torch_quantize()
+        observer = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        observer(x)
+        scale, zero_point = observer.calculate_qparams()
+        check_equal("quantize scale", q.scale, scale.reshape(()))
+        check_equal("quantize zero point", q.zero_point, zero_point.to(torch.int32).reshape(()))
+        # The specified codes are PyTorch's fake-quant codes (x * (1 / scale), rounded),
+        # so dequantize(quantize(x)) must equal torch's fake quantization exactly...
+        expected = torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero_point, QMIN, QMAX)
+        check_equal("dequantize(quantize(x))", fk.dequantize(q), expected)
+        # ...while torch.quantize_per_tensor rounds x / scale, which may differ by one
+        # code, and only within float32 rounding of a .5 tie (tests/test_quantize.py).
+        differ = (q.data.int() - theirs.int_repr().int()).abs()
+        ratio = x.double() / float(scale)
+        near_tie = (ratio - ratio.floor() - 0.5).abs() <= 4e-7 * ratio.abs().clamp(min=1)
+        if int(differ.max()) > 1 or not bool(near_tie[differ > 0].all()):
+            raise Mismatch("quantize codes differ from torch.quantize_per_tensor away from rounding ties")
+        print(
+            f"  quantize: {int((differ > 0).sum())} of {x.numel()} codes differ by one from "
+            "torch.quantize_per_tensor (allowed only at x/scale ties)"
+        )
+
+    # dequantize: both sides read the same codes, those torch produced.
+    torch_q = torch_quantize()
+    codes = torch_q.int_repr()
+    ours_q = fk.QuantizedTensor(
+        data=codes,
+        scale=torch.tensor(torch_q.q_scale(), dtype=torch.float32),
+        zero_point=torch.tensor(torch_q.q_zero_point(), dtype=torch.int32),
+        bits=8,
+        axis=None,
+        symmetric=True,
+        dtype=torch.float32,
+        shape=x.shape,
+    )
+
+    def ours_dequantize():
+        return fk.dequantize(ours_q)
+
+    def torch_dequantize():
+        return torch.dequantize(torch_q)
+
+    return [
+        Case(
+            "quantize, observed range, per-tensor",
+            str(tuple(x.shape)),
+            x.numel(),
+            5 * x.numel() + 8,
+            ours_quantize,
+            torch_quantize,
+            "MinMaxObserver + torch.quantize_per_tensor",
+            "torch",
+            validate_quantize,
+        ),
+        Case(
+            "dequantize, per-tensor",
+            str(tuple(x.shape)),
+            x.numel(),
+            5 * x.numel() + 8,
+            ours_dequantize,
+            torch_dequantize,
+            "torch.dequantize",
+            "torch",
+            lambda: check_equal("dequantize", ours_dequantize(), torch_dequantize()),
+        ),
+    ]
+
+
+def aggregate_case(width: int, gen: torch.Generator) -> Case:
+    """The server step over a whole model: CLIENTS quantized ResNet-18 (CIFAR) state
+    dicts -> dequantize, weighted float32 average, requantize. Bytes: every client's
+    int8 codes read once, the result's codes written once, plus every scale and zero
+    point read (clients x segments) and written (segments)."""
+    shapes = resnet18_cifar_shapes(width=width)
+    params = count_params(shapes)
+    if width == 64 and (len(shapes), params) != (RESNET18_CIFAR_TENSORS, RESNET18_CIFAR_PARAMS):
+        raise Mismatch(f"ResNet-18 shapes: {len(shapes)} tensors / {params} params, expected 62 / ~11.17M")
+    # Fresh random float weights per client, quantized as a client would upload them
+    # (per channel along axis 0 for conv / linear weights, per tensor for 1-d ones).
+    state_dicts = [
+        fk.quantize_state_dict({name: torch.randn(shape, generator=gen) * 0.1 for name, shape in shapes.items()})
+        for _ in range(CLIENTS)
+    ]
+    sample_counts = torch.randint(100, 1000, (CLIENTS,), generator=gen).tolist()
+
+    # The oracle's arguments, built as functional._aggregate_quantized builds them for
+    # ops.aggregate (client-major entries, weights normalized in float64 then float32),
+    # so the baseline is exactly the function the tests hold the kernels to.
+    names = list(shapes)
+    entries = [sd[name] for sd in state_dicts for name in names]
+    counts = torch.tensor(sample_counts, dtype=torch.float64)
+    args = (
+        [q.data for q in entries],
+        [q.scale for q in entries],
+        [q.zero_point for q in entries],
+        (counts / counts.sum()).float(),
+        [-1 if state_dicts[0][name].axis is None else state_dicts[0][name].axis for name in names],
+        QMIN,
+        QMAX,
+        True,
+        names,
+    )
+    segments = sum(q.scale.numel() for q in entries[: len(names)])
+
+    def ours():
+        return fk.aggregate_state_dicts(state_dicts, sample_counts)
+
+    def torch_loop():
+        return reference.aggregate(*args)
+
+    def validate():
+        result, (codes, scales, zero_points) = ours(), torch_loop()
+        check_equal("aggregate codes", torch.cat([result[n].data.flatten() for n in names]), codes)
+        check_equal("aggregate scales", torch.cat([result[n].scale.flatten() for n in names]), scales)
+        check_equal("aggregate zero points", torch.cat([result[n].zero_point.flatten() for n in names]), zero_points)
+
+    model = "ResNet-18 CIFAR" if width == 64 else f"ResNet-18 CIFAR, width {width}"
+    return Case(
+        f"aggregate_state_dicts, {CLIENTS} clients",
+        f"{model}: {len(shapes)} tensors, {params / 1e6:.2f}M params",
+        params,
+        (CLIENTS + 1) * params + (CLIENTS + 1) * segments * 8,
+        ours,
+        torch_loop,
+        "reference.aggregate (per-tensor torch loop)",
+        "torch",
+        validate,
+        target=4.0,
+    )
+
+
+# ---- running and reporting ----
+
+
+def machine() -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"machine": model or "unknown", "cores": os.cpu_count()}
+
+
+def make_row(op, shape, elements, backend, impl, nbytes, stats, **extra) -> dict:
+    return {
+        "op": op,
+        "size": shape,
+        "elements": elements,
+        "dtype": "float32",
+        "backend": backend,
+        "impl": impl,
+        "bytes": nbytes,
+        **stats,
+        "gbps": nbytes / (stats["median_ms"] * 1e-3) / 1e9,
+        **extra,
+    }
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cpu")
+    ours_backend = f"fedhq-{dispatch.select(device)}"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.size, generator=gen)
+
+    # Reference bandwidth: the ceiling for a one-read-one-write op, with and without
+    # allocating the output.
+    out = torch.empty_like(x)
+    references = [
+        ("copy_ into a preallocated tensor (reference)", "Tensor.copy_", lambda: out.copy_(x)),
+        ("clone, allocating (reference)", "Tensor.clone", x.clone),
+    ]
+    rows = [
+        make_row(op, str(tuple(x.shape)), x.numel(), "torch", impl, 8 * x.numel(), stats)
+        for op, impl, fn in references
+        for stats in [summarize(measure(fn, args.repeats, device))]
+    ]
+    copy_gbps = rows[0]["gbps"]
+
+    cases = [
+        *fake_quant_given_scale_cases(x, gen),
+        fake_quant_observed_case(x, gen),
+        *quantize_dequantize_cases(x),
+        aggregate_case(16 if args.quick else 64, gen),
+    ]
+    for case in cases:
+        print(f"checking, then timing: {case.op} ...", flush=True)
+        case.validate()  # raises Mismatch: no numbers for wrong results
+        base = summarize(measure(case.baseline, args.baseline_repeats, device))
+        ours = summarize(measure(case.ours, args.repeats, device))
+        speedup = base["median_ms"] / ours["median_ms"]
+        same = (case.op, case.shape, case.elements)
+        rows.append(
+            make_row(*same, case.baseline_backend, case.baseline_name, case.nbytes, base,
+                     baseline=case.baseline_name, speedup=1.0)
+        )
+        row = make_row(*same, ours_backend, f"fedhq_kernels ({ours_backend})", case.nbytes, ours,
+                       baseline=case.baseline_name, speedup=speedup)
+        if case.target is not None:
+            row["target"] = f">= {case.target}x {case.baseline_backend}"
+            row["target_met"] = speedup >= case.target
+        if case.aim_pct_of_copy is not None:
+            row["aim"] = f">= {case.aim_pct_of_copy}% of copy"
+            row["aim_met"] = 100 * row["gbps"] / copy_gbps >= case.aim_pct_of_copy
+        rows.append(row)
+
+    context = {
+        **machine(),
+        "torch": torch.__version__,
+        "fedhq_backends": fk.backends(),
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for row in rows:
+        row.setdefault("baseline", None)
+        row.setdefault("speedup", None)
+        row["copy_gbps"] = copy_gbps
+        row["pct_of_copy"] = 100 * row["gbps"] / copy_gbps
+        row.update(context)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["op", "size", "backend", "median ms", "p10-p90 ms", "GB/s", "% copy", "speedup"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(" --- " for _ in header) + "|")
+    for r in rows:
+        speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        cells = [
+            r["op"],
+            r["size"],
+            r["backend"],
+            f"{r['median_ms']:.2f}",
+            f"{r['p10_ms']:.2f}-{r['p90_ms']:.2f}",
+            f"{r['gbps']:.1f}",
+            f"{r['pct_of_copy']:.0f}%",
+            speedup,
+        ]
+        print("| " + " | ".join(cells) + " |")
+    r = rows[0]
+    print(
+        f"\nfloat32; {r['machine']}, {r['cores']} cores, {r['threads']} threads; torch {r['torch']}; "
+        f"fedhq backends {r['fedhq_backends']}. GB/s = logical bytes (each tensor read or written once) / median; "
+        "% copy is against the preallocated copy_ of this run. Every op row allocates its output (compare with clone)."
+    )
+    if r["quick"]:
+        print("--quick is a smoke test: its inputs fit in the caches, so these are not memory bandwidths.")
+
+
+def print_targets(rows: list[dict]) -> None:
+    print("\nTargets (from the issue):")
+    for r in rows:
+        if "target" in r:
+            print(f"  {r['op']}: {r['target']}: {r['speedup']:.2f}x -> {'MET' if r['target_met'] else 'NOT MET'}")
+        if "aim" in r:
+            print(f"  {r['op']}: aim {r['aim']}: {r['pct_of_copy']:.0f}% -> {'MET' if r['aim_met'] else 'not met'}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--size", type=int, help=f"float32 elements per input (default {FULL_SIZE}; --quick: {QUICK_SIZE})"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the C++ kernels share its pool)")
+    parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 30; --quick: 3)")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test (< 30 s)")
+    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "kernels-cpu.json")
+    args = parser.parse_args(argv)
+    args.size = args.size or (QUICK_SIZE if args.quick else FULL_SIZE)
+    args.repeats = args.repeats or (3 if args.quick else 30)
+    # The slow baselines (80-400 ms a call at 16M) get at most 15 repeats: ~25 s in all.
+    args.baseline_repeats = min(args.repeats, 15)
+    if args.size <= 0 or args.size % CHANNELS:
+        parser.error(f"--size must be a positive multiple of {CHANNELS}: the per-channel case uses {CHANNELS} channels")
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rows = run(args)
+    print()
+    print_table(rows)
+    print_targets(rows)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"\nwrote {len(rows)} rows to {args.json} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
