@@ -8,21 +8,39 @@ ran 2.4x slower on one core). A build failure never fails the install unless
 FEDHQ_REQUIRE_CPU_EXT=1: the package then runs on its reference backend and says so
 once at import.
 
+The CUDA extension (fedhq_kernels._C_cuda: csrc/cuda_ops.cpp + csrc/cuda/*.cu) is
+built when torch is a CUDA build and a CUDA toolkit of the same major version is
+found; otherwise it is skipped, saying why. Without it, CUDA tensors run on the
+triton or reference backend. Its nvcc flags keep results exact (NVCC_FLAGS below).
+The build ends with one line: what was built and what was skipped.
+
 Environment:
   FEDHQ_BUILD_CPU=0        skip the CPU extension
   FEDHQ_REQUIRE_CPU_EXT=1  fail the install if the CPU extension does not build (CI)
   FEDHQ_CPU_ARCH=native    value of -march (default native; e.g. x86-64-v3 for a
                            portable build, or "" to pass no -march)
+  FEDHQ_BUILD_CUDA=0|1     skip the CUDA extension / require it (the install fails if
+                           it cannot be built); unset: build it when possible
+  FEDHQ_CUDA_ARCHS         GPU architectures, e.g. "8.0;8.6;9.0" (else
+                           TORCH_CUDA_ARCH_LIST, else 8.0;8.6;9.0); "+PTX" on an entry
+                           also embeds its PTX; the newest one's PTX is always embedded
+                           so that newer GPUs can JIT-compile it
+  NVCC_THREADS=4           nvcc --threads (architectures compiled in parallel); torch's
+                           MAX_JOBS bounds the parallel compile jobs
 """
 
 import glob
 import os
+import re
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
 
 try:
-    import torch  # noqa: F401  (the extension compiles against the installed torch)
+    import torch
+    from torch.utils import cpp_extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError:
     sys.exit(
@@ -30,25 +48,53 @@ except ImportError:
         "pip install --no-build-isolation .)"
     )
 
+# nvcc flags of the CUDA kernels, chosen for results identical to the CPU backend:
+#   - no --use_fast_math: it flushes subnormals to zero and approximates division
+#     (1 / scale and the observer's scale formula must be IEEE-rounded);
+#   - -ftz=false -prec-div=true -prec-sqrt=true: nvcc's defaults, stated so that a
+#     fast-math habit in the environment cannot silently change them;
+#   - --fmad=false: csrc/quant_math.h already multiplies with __fmul_rn wherever FMA
+#     contraction would change the rounding (x * inv_scale before rounding; the
+#     aggregate's acc + w * value), and tests/test_cuda.py checks that the PTX built
+#     *with* contraction allowed holds no fma.rn.f32. The flag is a second guard for
+#     code added later; the kernels are memory-bound, so refusing FMAs should cost
+#     nothing (not yet measured on a GPU).
+# tests/test_cuda.py reads this list (with ast) to compile the kernels as the build does.
+NVCC_FLAGS = [
+    "-O3",
+    "-std=c++17",
+    "--fmad=false",
+    "-ftz=false",
+    "-prec-div=true",
+    "-prec-sqrt=true",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+]
+DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0"
+
+BUILT, SKIPPED = [], []  # extension names; "name (why)" lines, for the summary line
+
 
 def _flag(name, default):
     return os.environ.get(name, default).strip()
 
 
 class BuildExtensionOptional(BuildExtension):
-    """Builds what it can; reports in one line what it skipped and why."""
+    """Builds what it can; ends with one line saying what it built and skipped."""
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-            print(f"fedhq: built {ext.name}")
+            BUILT.append(ext.name)
         except Exception as error:  # a compiler error must not fail pip install by default
             if not ext.optional:
                 raise
-            print(
-                f"fedhq: WARNING: could not build {ext.name} ({error}); "
-                "fedhq_kernels will use its reference backend"
-            )
+            SKIPPED.append(f"{ext.name} (build failed: {error}; {ext.fallback})")
+            print(f"fedhq: WARNING: could not build {ext.name} ({error}); {ext.fallback}")
+
+    def run(self):
+        super().run()
+        print(f"fedhq: built {', '.join(BUILT) or 'nothing'}; skipped {'; '.join(SKIPPED) or 'nothing'}")
 
 
 def cpu_extension():
@@ -66,13 +112,82 @@ def cpu_extension():
     )
     # optional: setuptools then skips copying a library that failed to build
     extension.optional = _flag("FEDHQ_REQUIRE_CPU_EXT", "0") != "1"
+    extension.fallback = "fedhq_kernels will use its reference backend on CPU tensors"
     return extension
+
+
+def cuda_arch_flags():
+    """(-gencode flags, arch names) for FEDHQ_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST."""
+    spec = _flag("FEDHQ_CUDA_ARCHS", "") or _flag("TORCH_CUDA_ARCH_LIST", "") or DEFAULT_CUDA_ARCHS
+    flags, archs = [], []
+    for entry in (e for e in re.split(r"[;\s,]+", spec) if e):
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
+        if not match:
+            sys.exit(f"fedhq: cannot parse CUDA architecture {entry!r} in {spec!r} (expected e.g. 8.6 or 9.0+PTX)")
+        arch = "".join(match.group(1, 2, 3))
+        archs.append(arch)
+        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+        if match.group(4):
+            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+    newest = max(archs, key=lambda a: int(re.match(r"\d+", a).group()))
+    ptx = f"-gencode=arch=compute_{newest},code=compute_{newest}"
+    return flags + ([ptx] if ptx not in flags else []), archs
+
+
+def _nvcc_release(nvcc):
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return match.group(1, 2) if match else None
+
+
+def cuda_extension_or_reason():
+    """(the CUDA extension, None), or (None, why it cannot be built here)."""
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is a CPU build"
+    home = cpp_extension.CUDA_HOME
+    nvcc = home and shutil.which("nvcc", path=os.path.join(home, "bin"))
+    if not nvcc:
+        return None, "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    release = _nvcc_release(nvcc)
+    if release is None:
+        return None, f"cannot run {nvcc} --version"
+    # torch refuses (raises, failing the whole install) a toolkit of another major version
+    if release[0] != torch.version.cuda.split(".")[0]:
+        return None, f"nvcc {'.'.join(release)} does not match torch's CUDA {torch.version.cuda}"
+    arch_flags, archs = cuda_arch_flags()
+    extension = cpp_extension.CUDAExtension(
+        "fedhq_kernels._C_cuda",
+        ["csrc/cuda_ops.cpp"] + sorted(glob.glob("csrc/cuda/*.cu")),
+        extra_compile_args={
+            "cxx": ["-O3", "-g0"],
+            "nvcc": NVCC_FLAGS + arch_flags + ["--threads", _flag("NVCC_THREADS", "4")],
+        },
+        depends=glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True),
+    )
+    extension.optional = _flag("FEDHQ_BUILD_CUDA", "") != "1"
+    extension.fallback = "CUDA tensors will use the triton or reference backend"
+    print(f"fedhq: building fedhq_kernels._C_cuda for sm_{', sm_'.join(archs)} with nvcc {'.'.join(release)}")
+    return extension, None
 
 
 ext_modules = []
 if _flag("FEDHQ_BUILD_CPU", "1") != "0":
     ext_modules.append(cpu_extension())
 else:
-    print("fedhq: skipping the CPU extension (FEDHQ_BUILD_CPU=0)")
+    SKIPPED.append("fedhq_kernels._C (FEDHQ_BUILD_CPU=0)")
+
+if _flag("FEDHQ_BUILD_CUDA", "") == "0":
+    SKIPPED.append("fedhq_kernels._C_cuda (FEDHQ_BUILD_CUDA=0)")
+else:
+    cuda_ext, reason = cuda_extension_or_reason()
+    if cuda_ext is not None:
+        ext_modules.append(cuda_ext)
+    elif _flag("FEDHQ_BUILD_CUDA", "") == "1":
+        sys.exit(f"fedhq: FEDHQ_BUILD_CUDA=1, but the CUDA extension cannot be built: {reason}")
+    else:
+        SKIPPED.append(f"fedhq_kernels._C_cuda ({reason})")
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtensionOptional.with_options(use_ninja=True)})

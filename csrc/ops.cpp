@@ -4,7 +4,8 @@
 // allocates outputs; the kernels in csrc/cpu/ see only pointers.
 //
 // Argument conventions (shared with fedhq_kernels/ops.py): `axis` < 0 means
-// per-tensor; scale is float32 and zero_point int32, one entry per channel.
+// per-tensor; scale is float32 and zero_point int32, one entry per channel. Schemas
+// and argument checks are shared with the CUDA binding (binding.h).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -20,6 +21,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "binding.h"
 #include "cpu/kernels.h"
 
 namespace fedhq::binding {
@@ -29,11 +31,11 @@ using cpu::TensorLayout;
 
 template <class F>
 void dispatch_float_type(at::ScalarType type, const char* op, F&& f) {
+  check_float_type(type, op);
   switch (type) {
-    case at::kFloat: return f(float{});
     case at::kHalf: return f(half_t{});
     case at::kBFloat16: return f(bf16_t{});
-    default: TORCH_CHECK_TYPE(false, op, ": expected a float32, float16 or bfloat16 tensor, got ", type);
+    default: return f(float{});
   }
 }
 
@@ -67,32 +69,6 @@ TensorLayout layout_of(const at::Tensor& x, int64_t axis, int64_t segment_base =
   return cpu::make_layout(std::vector<int64_t>(x.sizes().begin(), x.sizes().end()), axis, segment_base);
 }
 
-void check_range(const char* op, int64_t qmin, int64_t qmax) {
-  TORCH_CHECK_VALUE(qmin < qmax && qmin >= -(1 << 15) && qmax < (1 << 15), op,
-                    ": need -32768 <= quant_min < quant_max < 32768, got quant_min=", qmin, ", quant_max=", qmax);
-}
-
-// scale: finite and > 0; zero point inside [qmin, qmax]. `what` names whose they are.
-void check_qparams(const char* op, const std::string& what, const at::Tensor& scale, const at::Tensor& zero_point,
-                   int64_t channels, int64_t qmin, int64_t qmax) {
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && zero_point.scalar_type() == at::kInt, op, ": ", what,
-                    " scale must be float32 and zero_point int32");
-  TORCH_CHECK_VALUE(scale.numel() == channels && zero_point.numel() == channels, op, ": ", what, " needs ",
-                    channels, " scale / zero_point entries, got ", scale.numel(), " / ", zero_point.numel());
-  const float* s = cptr<float>(scale);
-  const int32_t* z = cptr<int32_t>(zero_point);
-  for (int64_t c = 0; c < channels; ++c) {
-    TORCH_CHECK_VALUE(std::isfinite(s[c]) && s[c] > 0.0f, op, ": ", what, " scale must be finite and > 0, got ",
-                      s[c], channels > 1 ? " at channel " + std::to_string(c) : std::string());
-    TORCH_CHECK_VALUE(z[c] >= qmin && z[c] <= qmax, op, ": ", what, " zero_point must lie in [", qmin, ", ", qmax,
-                      "], got ", z[c], channels > 1 ? " at channel " + std::to_string(c) : std::string());
-  }
-}
-
-void check_observed(const char* op, int64_t bad) {
-  TORCH_CHECK_VALUE(bad < 0, op, ": the input contains NaN or Inf, so its range cannot be observed");
-}
-
 at::Tensor fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
                       int64_t qmin, int64_t qmax, int64_t axis) {
   check_range("fake_quant", qmin, qmax);
@@ -113,8 +89,7 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   check_range("fake_quant_backward", qmin, qmax);
   const at::Tensor x = x_in.contiguous(), scale = scale_in.contiguous(), zero_point = zero_point_in.contiguous();
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "fake_quant_backward: grad shape ", grad.sizes(),
-                    " differs from input shape ", x.sizes());
+  check_same_shape("fake_quant_backward", grad, x);
   const TensorLayout layout = layout_of(x, axis);
   check_qparams("fake_quant_backward", "the", scale, zero_point, layout.channels, qmin, qmax);
   at::Tensor grad_x = empty_output(x.sizes(), x.options());
@@ -124,12 +99,6 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
                                 cptr<int32_t>(zero_point), int32_t(qmin), int32_t(qmax), at::get_num_threads());
   });
   return grad_x;
-}
-
-std::tuple<at::Tensor, at::Tensor> empty_qparams(const at::Tensor& x, int64_t axis) {
-  const auto options = x.options().dtype(at::kFloat);
-  if (axis < 0) return {at::empty({}, options), at::empty({}, options.dtype(at::kInt))};
-  return {at::empty({x.size(axis)}, options), at::empty({x.size(axis)}, options.dtype(at::kInt))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
@@ -150,8 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
   check_range("quantize", qmin, qmax);
-  TORCH_CHECK_VALUE(qmin >= -128 && qmax <= 127, "quantize: codes are stored as int8, got quant_min=", qmin,
-                    ", quant_max=", qmax);
+  check_int8_codes("quantize", qmin, qmax);
   const at::Tensor x = x_in.contiguous();
   auto [scale, zero_point] = empty_qparams(x, axis);
   at::Tensor codes = empty_output(x.sizes(), x.options().dtype(at::kChar));
@@ -186,14 +154,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
                                                          at::IntArrayRef axes, int64_t qmin, int64_t qmax,
                                                          bool symmetric, std::vector<std::string> names) {
   check_range("aggregate", qmin, qmax);
-  TORCH_CHECK_VALUE(qmin >= -128 && qmax <= 127, "aggregate: codes are stored as int8");
+  check_int8_codes("aggregate", qmin, qmax);
   const int64_t tensors = int64_t(axes.size());
   const at::Tensor weights = weights_in.to(at::kFloat).contiguous();
-  const int64_t clients = weights.numel();
-  TORCH_CHECK_VALUE(clients > 0 && int64_t(codes_in.size()) == clients * tensors &&
-                        scales_in.size() == codes_in.size() && zero_points_in.size() == codes_in.size() &&
-                        int64_t(names.size()) == tensors,
-                    "aggregate: expected ", clients, " clients x ", tensors, " tensors of codes, scales and zero points");
+  const int64_t clients = check_aggregate_counts(codes_in, scales_in, zero_points_in, weights, tensors, names);
 
   std::vector<TensorLayout> layouts;
   std::vector<int64_t> element_base;
@@ -212,9 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
   for (int64_t k = 0; k < clients; ++k) {
     for (int64_t t = 0; t < tensors; ++t) {
       const size_t e = size_t(k * tensors + t);
-      const std::string who = "client " + std::to_string(k) + "'s '" + names[size_t(t)] + "'";
-      TORCH_CHECK_VALUE(codes_in[e].scalar_type() == at::kChar && codes_in[e].sizes() == codes_in[size_t(t)].sizes(),
-                        "aggregate: ", who, " must be int8 codes of shape ", codes_in[size_t(t)].sizes());
+      const std::string who = aggregate_owner(k, names[size_t(t)]);
+      check_aggregate_codes(who, codes_in[e], codes_in[size_t(t)]);
       keep.push_back(codes_in[e].contiguous());
       codes.push_back(cptr<int8_t>(keep.back()));
       keep.push_back(scales_in[e].contiguous());
@@ -234,27 +197,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
   const int64_t bad = cpu::aggregate(updates, layouts, element_base, symmetric, int32_t(qmin), int32_t(qmax),
                                      ptr<float>(workspace), ptr<int8_t>(out_codes), ptr<float>(out_scale), ptr<int32_t>(out_zero_point),
                                      at::get_num_threads());
-  TORCH_CHECK_VALUE(bad < 0, "aggregate: the weighted average of '", bad < 0 ? "" : names[size_t(bad)],
-                    "' is not finite (client scales too large for float32)");
+  check_finite_average(bad, names);
   return {out_codes, out_scale, out_zero_point};
 }
 
 }  // namespace
 
-TORCH_LIBRARY(fedhq_cpu, m) {
-  m.def("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int axis) -> Tensor");
-  m.def(
-      "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-      "int axis) -> Tensor");
-  m.def(
-      "fake_quant_observed(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, "
-      "Tensor)");
-  m.def("quantize(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)");
-  m.def("dequantize(Tensor codes, Tensor scale, Tensor zero_point, int axis, ScalarType dtype) -> Tensor");
-  m.def(
-      "aggregate(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
-      "int quant_max, bool symmetric, str[] names) -> (Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(fedhq_cpu, m) { define_ops(m); }
 
 TORCH_LIBRARY_IMPL(fedhq_cpu, CPU, m) {
   m.impl("fake_quant", &fake_quant);

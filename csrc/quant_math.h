@@ -14,6 +14,8 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #define FEDHQ_HD __host__ __device__ __forceinline__
 #else
 #define FEDHQ_HD inline
@@ -22,6 +24,13 @@
 namespace fedhq {
 
 // ---- 16-bit float storage types (bit patterns; converted with round-half-even) ----
+// On the device the conversions are the hardware's (cvt.f32.f16 is exact; cvt.rn.f16.f32
+// and cvt.rn.bf16.f32 round half to even and keep subnormals: IEEE 754, the same
+// function as the bit manipulation the host uses), one instruction instead of about
+// ten. That matters for 16-bit inputs: by estimate (132 SMs x 128 lanes x 1.98 GHz vs.
+// 3.35 TB/s over 4 bytes in + out per element), an H100 fake-quant kernel has ~40
+// instructions per element before it stops being memory-bound. NaN is mapped as on
+// the host (NaN payloads can still differ: GPU arithmetic returns a canonical NaN).
 struct half_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 
@@ -50,6 +59,9 @@ FEDHQ_HD float to_float(float v) { return v; }
 FEDHQ_HD float to_float(bf16_t v) { return bits_float(uint32_t(v.bits) << 16); }
 
 FEDHQ_HD float to_float(half_t v) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(v.bits));
+#else
   const uint32_t sign = uint32_t(v.bits & 0x8000u) << 16;
   const uint32_t exponent = (v.bits >> 10) & 0x1fu;
   const uint32_t mantissa = v.bits & 0x3ffu;
@@ -59,6 +71,7 @@ FEDHQ_HD float to_float(half_t v) {
     return bits_float(sign | float_bits(float(mantissa) * 5.9604644775390625e-8f));
   }
   return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+#endif
 }
 
 template <typename T> FEDHQ_HD T from_float(float f);
@@ -68,8 +81,12 @@ template <> FEDHQ_HD float from_float<float>(float f) { return f; }
 template <> FEDHQ_HD bf16_t from_float<bf16_t>(float f) {
   uint32_t u = float_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};  // quiet NaN
+#if defined(__CUDA_ARCH__)
+  return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
+#else
   u += 0x7fffu + ((u >> 16) & 1u);  // round half to even on the 16 dropped bits
   return bf16_t{uint16_t(u >> 16)};
+#endif
 }
 
 template <> FEDHQ_HD half_t from_float<half_t>(float f) {
@@ -77,6 +94,9 @@ template <> FEDHQ_HD half_t from_float<half_t>(float f) {
   const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   u &= 0x7fffffffu;
   if (u > 0x7f800000u) return half_t{uint16_t(sign | 0x7e00u)};  // NaN
+#if defined(__CUDA_ARCH__)
+  return half_t{__half_as_ushort(__float2half_rn(f))};
+#else
   if (u >= 0x477ff000u) return half_t{uint16_t(sign | 0x7c00u)};  // >= 65520 rounds to inf
   if (u < 0x38800000u) {
     // Below half's smallest normal (2^-14): adding 0.5f puts the value on a grid of
@@ -87,6 +107,7 @@ template <> FEDHQ_HD half_t from_float<half_t>(float f) {
   // Normal: rebias the exponent (127 -> 15) and round the 13 dropped bits half to even.
   u += 0xc8000fffu + ((u >> 13) & 1u);
   return half_t{uint16_t(sign | (u >> 13))};
+#endif
 }
 
 // ---- exact arithmetic helpers ----

@@ -12,11 +12,24 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fedhq_kernels  # noqa: E402
+from fedhq_kernels import dispatch  # noqa: E402
 
-CPU_BACKENDS = [b for b in ("cpu", "reference") if b in fedhq_kernels.backends()]
+
+def _runs_on_cpu(name: str) -> bool:
+    """Available here and able to take CPU tensors (triton: only under the interpreter)."""
+    return name in fedhq_kernels.backends() and "cpu" in dispatch._module(name).DEVICES
+
+
+CPU_BACKENDS = [b for b in ("cpu", "triton", "reference") if _runs_on_cpu(b)]
 
 # Fresh random inputs every run; FEDHQ_TEST_SEED=<seed from the header> reproduces one.
 SESSION_SEED = int(os.environ.get("FEDHQ_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+
+
+def pytest_configure(config):
+    # Kernels run by Triton's interpreter compute with numpy, which warns about the IEEE
+    # NaN / Inf arithmetic that the non-finite-input tests cause on purpose.
+    config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
 def pytest_report_header(config):

@@ -72,17 +72,22 @@ def test_matches_reference_bit_for_bit(backend, gen, clients, dtype, symmetric):
 
 def test_close_to_float64_average(backend, gen):
     """Independent of the float32 summation order: the aggregate dequantizes to within
-    one code of the exact weighted average."""
+    half a code of the exact weighted average, plus the float32 rounding of the
+    average itself (a few ulps of sum(w_i |x_i|): products, sums and the final scaling)."""
     sds = client_state_dicts(gen, 5)
     weights = [3, 1, 4, 1, 5]
     got = fk.aggregate_state_dicts(sds, weights)
+    eps32 = torch.finfo(torch.float32).eps
     for name, q in got.items():
-        exact = sum(w * fk.dequantize(sd[name]).double() for w, sd in zip(weights, sds)) / sum(weights)
+        clients = [fk.dequantize(sd[name]).double() for sd in sds]
+        exact = sum(w * x for w, x in zip(weights, clients)) / sum(weights)
+        magnitude = sum(w * x.abs() for w, x in zip(weights, clients)) / sum(weights)
         step = q.scale.double() if q.axis is None else q.scale.double().reshape(
             [-1 if d == q.axis else 1 for d in range(len(q.shape))]
         )
         error = (fk.dequantize(q).double() - exact).abs()
-        assert bool((error <= step * (0.5 + 1e-4)).all()), name
+        bound = 0.5 * step + 16 * eps32 * (magnitude + step)
+        assert bool((error <= bound).all()), f"{name}: worst excess {float((error - bound).max()):.3g}"
 
 
 def test_single_tensor_aggregate(backend, gen):

@@ -1,0 +1,141 @@
+// Torch-side helpers shared by the CPU binding (csrc/ops.cpp, torch.ops.fedhq_cpu)
+// and the CUDA binding (csrc/cuda_ops.cpp, torch.ops.fedhq_cuda): the op schemas,
+// the argument checks and their messages, so both backends reject the same input
+// with the same words. Checks here read metadata only; checks of values (scale > 0,
+// zero point in range) take the values from wherever the backend has them (the CPU
+// reads the tensors, the CUDA backend flags them on the device and reads back only
+// the offending entry).
+//
+// Argument conventions (shared with fedhq_kernels/ops.py): `axis` < 0 means
+// per-tensor; scale is float32 and zero_point int32, one entry per channel.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fedhq::binding {
+
+// The op schemas, identical for every backend's namespace.
+inline void define_ops(torch::Library& m) {
+  m.def("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int axis) -> Tensor");
+  m.def(
+      "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+      "int axis) -> Tensor");
+  m.def(
+      "fake_quant_observed(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, "
+      "Tensor)");
+  m.def("quantize(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)");
+  m.def("dequantize(Tensor codes, Tensor scale, Tensor zero_point, int axis, ScalarType dtype) -> Tensor");
+  m.def(
+      "aggregate(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
+      "int quant_max, bool symmetric, str[] names) -> (Tensor, Tensor, Tensor)");
+}
+
+// [outer, channels, inner] of a contiguous tensor quantized along `axis` (< 0: per
+// tensor, one channel with inner = numel). inner is at least 1.
+struct Dims {
+  int64_t numel;
+  int64_t channels;
+  int64_t inner;
+};
+
+inline Dims dims_of(const at::Tensor& x, int64_t axis) {
+  const int64_t numel = x.numel();
+  if (axis < 0) return Dims{numel, 1, std::max<int64_t>(numel, 1)};
+  int64_t inner = 1;
+  for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
+  return Dims{numel, x.size(axis), std::max<int64_t>(inner, 1)};
+}
+
+inline void check_float_type(at::ScalarType type, const char* op) {
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op,
+                   ": expected a float32, float16 or bfloat16 tensor, got ", type);
+}
+
+inline void check_range(const char* op, int64_t qmin, int64_t qmax) {
+  TORCH_CHECK_VALUE(qmin < qmax && qmin >= -(1 << 15) && qmax < (1 << 15), op,
+                    ": need -32768 <= quant_min < quant_max < 32768, got quant_min=", qmin, ", quant_max=", qmax);
+}
+
+inline void check_int8_codes(const char* op, int64_t qmin, int64_t qmax) {
+  TORCH_CHECK_VALUE(qmin >= -128 && qmax <= 127, op, ": codes are stored as int8, got quant_min=", qmin,
+                    ", quant_max=", qmax);
+}
+
+// dtypes and counts of one scale / zero-point pair. `what` names whose they are.
+inline void check_qparams_meta(const char* op, const std::string& what, const at::Tensor& scale,
+                               const at::Tensor& zero_point, int64_t channels) {
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && zero_point.scalar_type() == at::kInt, op, ": ", what,
+                    " scale must be float32 and zero_point int32");
+  TORCH_CHECK_VALUE(scale.numel() == channels && zero_point.numel() == channels, op, ": ", what, " needs ",
+                    channels, " scale / zero_point entries, got ", scale.numel(), " / ", zero_point.numel());
+}
+
+// Channel c's scale: finite and > 0; its zero point inside [qmin, qmax].
+inline void check_qparam_value(const char* op, const std::string& what, float scale, int32_t zero_point, int64_t c,
+                               int64_t channels, int64_t qmin, int64_t qmax) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0f, op, ": ", what, " scale must be finite and > 0, got ",
+                    scale, channels > 1 ? " at channel " + std::to_string(c) : std::string());
+  TORCH_CHECK_VALUE(zero_point >= qmin && zero_point <= qmax, op, ": ", what, " zero_point must lie in [", qmin, ", ",
+                    qmax, "], got ", zero_point, channels > 1 ? " at channel " + std::to_string(c) : std::string());
+}
+
+// Metadata and every value of contiguous CPU tensors, first bad channel first.
+inline void check_qparams(const char* op, const std::string& what, const at::Tensor& scale,
+                          const at::Tensor& zero_point, int64_t channels, int64_t qmin, int64_t qmax) {
+  check_qparams_meta(op, what, scale, zero_point, channels);
+  const float* s = scale.const_data_ptr<float>();
+  const int32_t* z = zero_point.const_data_ptr<int32_t>();
+  for (int64_t c = 0; c < channels; ++c) check_qparam_value(op, what, s[c], z[c], c, channels, qmin, qmax);
+}
+
+inline void check_observed(const char* op, int64_t bad) {
+  TORCH_CHECK_VALUE(bad < 0, op, ": the input contains NaN or Inf, so its range cannot be observed");
+}
+
+inline void check_same_shape(const char* op, const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), op, ": grad shape ", grad.sizes(), " differs from input shape ",
+                    x.sizes());
+}
+
+// Fresh scale / zero point outputs: 0-d per-tensor, [C] per-channel, on x's device.
+inline std::tuple<at::Tensor, at::Tensor> empty_qparams(const at::Tensor& x, int64_t axis) {
+  const auto options = x.options().dtype(at::kFloat);
+  if (axis < 0) return {at::empty({}, options), at::empty({}, options.dtype(at::kInt))};
+  return {at::empty({x.size(axis)}, options), at::empty({x.size(axis)}, options.dtype(at::kInt))};
+}
+
+// ---- aggregate ----
+
+// Counts of the client-major lists; returns the number of clients.
+inline int64_t check_aggregate_counts(at::TensorList codes, at::TensorList scales, at::TensorList zero_points,
+                                      const at::Tensor& weights, int64_t tensors, const std::vector<std::string>& names) {
+  const int64_t clients = weights.numel();
+  TORCH_CHECK_VALUE(clients > 0 && int64_t(codes.size()) == clients * tensors && scales.size() == codes.size() &&
+                        zero_points.size() == codes.size() && int64_t(names.size()) == tensors,
+                    "aggregate: expected ", clients, " clients x ", tensors, " tensors of codes, scales and zero points");
+  return clients;
+}
+
+inline std::string aggregate_owner(int64_t client, const std::string& name) {
+  return "client " + std::to_string(client) + "'s '" + name + "'";
+}
+
+// Entry e = k * tensors + t must hold int8 codes shaped like client 0's tensor t.
+inline void check_aggregate_codes(const std::string& owner, const at::Tensor& codes, const at::Tensor& first) {
+  TORCH_CHECK_VALUE(codes.scalar_type() == at::kChar && codes.sizes() == first.sizes(), "aggregate: ", owner,
+                    " must be int8 codes of shape ", first.sizes());
+}
+
+inline void check_finite_average(int64_t bad, const std::vector<std::string>& names) {
+  TORCH_CHECK_VALUE(bad < 0, "aggregate: the weighted average of '", bad < 0 ? "" : names[size_t(bad)],
+                    "' is not finite (client scales too large for float32)");
+}
+
+}  // namespace fedhq::binding

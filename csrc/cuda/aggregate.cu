@@ -1,0 +1,213 @@
+// The server's aggregation on the GPU, with the semantics of csrc/cpu/aggregate.cpp:
+// dequantize every client's update, average with the clients' weights in float32,
+//   acc = sum over clients k, in order, of w_k * ((q_k - zp_k) * s_k),
+// then requantize each segment with its freshly observed range. A whole model is one
+// packed index space (tiles.h), described by a table the host copies to the device,
+// so each pass is one launch however many tensors the model has (a ResNet-18 is 62).
+//   pass 1 (kAggregateObserve): checks every client scale / zero point, averages and
+//          observes the range (non-finite averages flagged per tensor); keeps the
+//          average in a float32 workspace when there are many clients;
+//   pass 2 (kAggregateQuantize): publishes the fresh scales / zero points and
+//          requantizes the average (re-read, or recomputed from the codes).
+#include <cstring>
+
+#include "common.cuh"
+
+namespace fedhq::cuda {
+namespace {
+
+constexpr int kVector = 16;  // elements per vector: one 16-byte load of each client's codes
+constexpr int64_t kTileElems = int64_t(kWarp) * kVector * 4;
+// Blocks per SM the kernels are compiled for. With only a 256-thread bound, ptxas
+// (CUDA 13, sm_90) aims at 4 blocks (64 registers) and spilled pass 1, which holds a
+// 16-float average per lane; 3 blocks let it use the ~80 registers it needs. An
+// estimate, not yet measured: 768 threads x 2 clients' 16-byte loads = 24 KB in
+// flight per SM, above the ~15 KB an H100 needs (3.35 TB/s x ~0.6 us / 132 SMs).
+constexpr int kMinBlocks = 3;
+
+struct Model {
+  const TensorDesc* descs;
+  const AggregateEntry* entries;  // client-major: entry k * tensors + t
+  const float* weights;
+  int64_t tensors, clients, segments;
+};
+
+__device__ __forceinline__ TensorDesc locate_tile(const Model& m, int64_t tile, int64_t* tensor) {
+  *tensor = find_tensor(m.descs, m.tensors, tile, false);
+  return m.descs[*tensor];
+}
+
+// One client's contribution, as the CPU computes it (the multiplies unfused: no FMA).
+__device__ __forceinline__ float term(float w, int8_t q, float zero_point, float scale) {
+  return mul_rn(w, mul_rn(float(q) - zero_point, scale));
+}
+
+// The average of tensor t's 16 elements from i (channel c), client by client in order.
+__device__ __forceinline__ void average_vec(const Model& m, int64_t t, int64_t c, int64_t i, float (&acc)[kVector]) {
+#pragma unroll
+  for (int j = 0; j < kVector; ++j) acc[j] = 0.0f;
+#pragma unroll 2
+  for (int64_t k = 0; k < m.clients; ++k) {
+    const AggregateEntry e = m.entries[k * m.tensors + t];
+    Vec<int8_t, kVector> q;
+    load_vec(e.codes + i, q);
+    const float w = __ldg(m.weights + k), s = __ldg(e.scale + c), z = float(__ldg(e.zero_point + c));
+#pragma unroll
+    for (int j = 0; j < kVector; ++j) acc[j] = acc[j] + term(w, q.v[j], z, s);
+  }
+}
+
+__device__ __forceinline__ float average_one(const Model& m, int64_t t, int64_t c, int64_t i) {
+  float acc = 0.0f;
+#pragma unroll 4
+  for (int64_t k = 0; k < m.clients; ++k) {
+    const AggregateEntry e = m.entries[k * m.tensors + t];
+    acc = acc + term(__ldg(m.weights + k), __ldg(e.codes + i), float(__ldg(e.zero_point + c)), __ldg(e.scale + c));
+  }
+  return acc;
+}
+
+// Pass 1 over one tile of tensor t: average, keep it in `average` if given, observe.
+struct AverageOp {
+  static constexpr int N = kVector, U = 1;
+  using Batch = Vec<float, kVector>;
+  Model m;
+  int64_t t, channel, base;  // channel: the tile's (rows) or the lane's (columns)
+  float* __restrict__ average;
+  bool vec;
+  RangeAcc* acc;
+  __device__ __forceinline__ void load(int64_t i, Batch& b) const {
+    average_vec(m, t, channel, i, b.v);
+    if (average != nullptr) store_vec(average + base + i, b);
+  }
+  __device__ __forceinline__ void use(int64_t, const Batch& b, const QParams&) const {
+#pragma unroll
+    for (int j = 0; j < N; ++j) acc->add(b.v[j]);
+  }
+  __device__ __forceinline__ void one(int64_t i, const QParams&) const {
+    const float v = average_one(m, t, channel, i);
+    if (average != nullptr) average[base + i] = v;
+    acc->add(v);
+  }
+};
+
+// Pass 2 over one tile of tensor t: requantize the average into the packed codes.
+struct RequantizeOp {
+  static constexpr int N = kVector, U = 1;
+  using Batch = Vec<float, kVector>;
+  Model m;
+  int64_t t, channel, base;
+  const float* __restrict__ average;
+  int8_t* __restrict__ codes;
+  bool vec;
+  __device__ __forceinline__ void load(int64_t i, Batch& b) const {
+    if (average != nullptr) load_vec(average + base + i, b);
+    else average_vec(m, t, channel, i, b.v);
+  }
+  __device__ __forceinline__ void use(int64_t i, const Batch& b, const QParams& p) const {
+    Vec<int8_t, N> out;
+#pragma unroll
+    for (int j = 0; j < N; ++j) out.v[j] = quantize_value(b.v[j], p);
+    store_vec(codes + base + i, out);
+  }
+  __device__ __forceinline__ void one(int64_t i, const QParams& p) const {
+    const float v = average != nullptr ? __ldg(average + base + i) : average_one(m, t, channel, i);
+    codes[base + i] = quantize_value(v, p);
+  }
+};
+
+__global__ void __launch_bounds__(kBlock, kMinBlocks) kAggregateObserve(Model m, int64_t tiles, int32_t qmin, int32_t qmax,
+                                                            float* average, bool vec, RangeSlots slots) {
+  // Every client's parameters, in the CPU binding's order: index k * segments + s.
+  for (int64_t j = global_thread(); j < m.clients * m.segments; j += total_threads()) {
+    const int64_t k = j / m.segments, s = j % m.segments;
+    const int64_t t = find_tensor(m.descs, m.tensors, s, true);
+    const AggregateEntry e = m.entries[k * m.tensors + t];
+    const int64_t c = s - m.descs[t].segment_base;
+    if (bad_qparam(__ldg(e.scale + c), __ldg(e.zero_point + c), qmin, qmax)) flag_bad_qparam(slots.status, j);
+  }
+  const QParams unused{};
+  const int lane = lane_id();
+  observe_tiles(
+      tiles, slots, [&](int64_t tile, int64_t* tensor) { return locate_tile(m, tile, tensor); },
+      [&](const TensorDesc& d, int64_t t, const Tile& tile, RangeAcc& acc) {
+        AverageOp op{m, t, tile.channel, d.element_base, average, vec && d.vectors, &acc};
+        walk_row(op, tile, lane, unused);
+      },
+      [&](const TensorDesc& d, int64_t t, const Tile& tile, RangeAcc& acc) {
+        AverageOp op{m, t, tile.channel + lane, d.element_base, average, false, &acc};
+        walk_column(op, d, tile, lane, unused);
+      });
+}
+
+__global__ void __launch_bounds__(kBlock, kMinBlocks) kAggregateQuantize(Model m, int64_t tiles, bool symmetric, int32_t qmin,
+                                                             int32_t qmax, const float* average, bool vec,
+                                                             RangeSlots slots, int8_t* codes, float* scale,
+                                                             int32_t* zero_point) {
+  const ObservedParams params{slots, m.segments, symmetric, qmin, qmax, scale, zero_point};
+  params.publish();
+  const int lane = lane_id();
+  for (int64_t i = global_warp(); i < tiles; i += total_warps()) {
+    int64_t t;
+    const TensorDesc d = locate_tile(m, i, &t);
+    const Tile tile = tile_at(d, i - d.tile_base);
+    if (!d.columns) {
+      RequantizeOp op{m, t, tile.channel, d.element_base, average, codes, vec && d.vectors};
+      walk_row(op, tile, lane, params(d.segment_base + tile.channel));
+    } else if (lane < tile.width) {
+      RequantizeOp op{m, t, tile.channel + lane, d.element_base, average, codes, false};
+      walk_column(op, d, tile, lane, params(d.segment_base + tile.channel + lane));
+    }
+  }
+}
+
+}  // namespace
+
+size_t aggregate_table_bytes(int64_t tensors, int64_t clients) {
+  return sizeof(TensorDesc) * size_t(tensors) + sizeof(AggregateEntry) * size_t(tensors * clients);
+}
+
+AggregatePlan aggregate_write_table(void* host_table, const Layout* layouts, int64_t tensors,
+                                    const AggregateEntry* entries, int64_t clients) {
+  TensorDesc* descs = static_cast<TensorDesc*>(host_table);
+  AggregatePlan plan{tensors, clients, 0, 0, 0};
+  for (int64_t t = 0; t < tensors; ++t) {
+    const Layout& l = layouts[t];
+    TensorDesc d = make_desc(l.numel, l.channels, l.inner, kTileElems, plan.elements, plan.segments, plan.tiles);
+    // 16-element vectors need every client's codes and the packed outputs at this
+    // tensor 16-byte aligned (the output base pointers are checked at launch).
+    bool vectors = plan.elements % kVector == 0;
+    for (int64_t k = 0; k < clients; ++k) vectors = vectors && aligned16(entries[k * tensors + t].codes);
+    d.vectors = vectors;
+    descs[t] = d;
+    plan.elements += l.numel;
+    plan.segments += l.channels;
+    plan.tiles += d.tiles;
+  }
+  std::memcpy(descs + tensors, entries, sizeof(AggregateEntry) * size_t(tensors * clients));
+  return plan;
+}
+
+cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const float* weights, bool symmetric,
+                      int32_t qmin, int32_t qmax, float* average, int8_t* codes, float* scale, int32_t* zero_point,
+                      void* workspace, cudaStream_t stream) {
+  const TensorDesc* descs = static_cast<const TensorDesc*>(device_table);
+  const Model m{descs, reinterpret_cast<const AggregateEntry*>(descs + plan.tensors), weights, plan.tensors,
+                plan.clients, plan.segments};
+  const RangeSlots slots = range_slots(workspace, plan.segments);
+  cudaError_t error = cudaMemsetAsync(workspace, 0, observe_workspace_bytes(plan.segments), stream);
+  if (error != cudaSuccess) return error;
+  const bool vec = aligned16(codes) && (average == nullptr || aligned16(average));
+  // pass 1 needs a thread per client parameter as well as a warp per tile
+  const int64_t check_warps = ceil_div(plan.clients * plan.segments, kBlock) * kWarpsPerBlock;
+  kAggregateObserve<<<grid_blocks<kAggregateObserve>(max64(plan.tiles, check_warps)), kBlock, 0, stream>>>(
+      m, plan.tiles, qmin, qmax, average, vec, slots);
+  if ((error = cudaGetLastError()) != cudaSuccess) return error;
+  kAggregateQuantize<<<grid_blocks<kAggregateQuantize>(max64(plan.tiles, ceil_div(plan.segments, kBlock) *
+                                                                              kWarpsPerBlock)),
+                       kBlock, 0, stream>>>(m, plan.tiles, symmetric, qmin, qmax, average, vec, slots, codes, scale,
+                                            zero_point);
+  return cudaGetLastError();
+}
+
+}  // namespace fedhq::cuda

@@ -1,0 +1,277 @@
+// Torch binding of the CUDA kernels: registers them as torch.ops.fedhq_cuda.*, which
+// fedhq_kernels/cuda.py hands to the dispatcher. Built only into the CUDA extension
+// fedhq_kernels._C_cuda. Same schemas, checks and messages as the CPU binding
+// (csrc/ops.cpp, both from binding.h); this layer unpacks tensors, allocates outputs
+// and workspaces with torch's caching allocator, and launches on the current stream
+// of the input's device through the launchers of csrc/cuda/launchers.h, which see
+// only pointers.
+//
+// Host synchronization: fake_quant and its backward never synchronize, so they do
+// not check the values of CUDA-resident scales / zero points (that would read them
+// back on every QAT step); parameters passed as CPU tensors are checked for free.
+// The other ops must look at values (a NaN / Inf seen by the observer, a bad client
+// scale): their kernels flag problems in a small device Status that is read back
+// once, after all their work is queued.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "binding.h"
+#include "cuda/launchers.h"
+
+namespace fedhq::binding {
+namespace {
+
+namespace fc = fedhq::cuda;
+
+fc::FloatType float_type(at::ScalarType type, const char* op) {
+  check_float_type(type, op);
+  return type == at::kHalf ? fc::FloatType::kFloat16
+                           : type == at::kBFloat16 ? fc::FloatType::kBFloat16 : fc::FloatType::kFloat32;
+}
+
+fc::Layout layout_of(const at::Tensor& x, int64_t axis) {
+  const Dims d = dims_of(x, axis);
+  return fc::Layout{d.numel, d.channels, d.inner};
+}
+
+cudaStream_t stream_of(const at::Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
+
+void check_launch(cudaError_t error, const char* op) {
+  TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
+}
+
+void check_device(const char* op, const char* what, const at::Tensor& t, const at::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", what, " is on ", t.device(), ", expected ", device);
+}
+
+// Scale / zero point on x's device, contiguous. CUDA tensors must be on x's device
+// and are not read (no synchronization); CPU tensors (e.g. 0-d parameters) are
+// checked on the host, where that costs nothing, and copied over.
+std::tuple<at::Tensor, at::Tensor> device_qparams(const char* op, const at::Tensor& x, const at::Tensor& scale_in,
+                                                  const at::Tensor& zero_point_in, int64_t channels, int64_t qmin,
+                                                  int64_t qmax) {
+  check_qparams_meta(op, "the", scale_in, zero_point_in, channels);
+  at::Tensor scale = scale_in.contiguous(), zero_point = zero_point_in.contiguous();
+  if (scale.is_cpu() && zero_point.is_cpu()) check_qparams(op, "the", scale, zero_point, channels, qmin, qmax);
+  for (at::Tensor* t : {&scale, &zero_point}) {
+    if (t->is_cpu()) *t = t->to(x.device(), /*non_blocking=*/true);
+  }
+  check_device(op, "scale", scale, x.device());
+  check_device(op, "zero_point", zero_point, x.device());
+  return {scale, zero_point};
+}
+
+// The one device -> host read of an op that can fail on its data.
+fc::Status read_status(const at::Tensor& workspace) {
+  const at::Tensor host = workspace.narrow(0, 0, sizeof(fc::Status)).to(at::kCPU);
+  fc::Status status;
+  std::memcpy(&status, host.const_data_ptr(), sizeof status);
+  return status;
+}
+
+at::Tensor empty_workspace(const at::Tensor& like, size_t bytes) {
+  return at::empty({int64_t(bytes)}, like.options().dtype(at::kByte));
+}
+
+at::Tensor fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
+                      int64_t qmin, int64_t qmax, int64_t axis) {
+  check_range("fake_quant", qmin, qmax);
+  const fc::FloatType type = float_type(x_in.scalar_type(), "fake_quant");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const fc::Layout layout = layout_of(x, axis);
+  const auto [scale, zero_point] =
+      device_qparams("fake_quant", x, scale_in, zero_point_in, layout.channels, qmin, qmax);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  check_launch(fc::fake_quant(type, x.const_data_ptr(), y.data_ptr(), layout, scale.const_data_ptr<float>(),
+                              zero_point.const_data_ptr<int32_t>(), int32_t(qmin), int32_t(qmax), stream_of(x)),
+               "fake_quant");
+  return y;
+}
+
+at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale_in,
+                               const at::Tensor& zero_point_in, int64_t qmin, int64_t qmax, int64_t axis) {
+  check_range("fake_quant_backward", qmin, qmax);
+  const fc::FloatType type = float_type(x_in.scalar_type(), "fake_quant_backward");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  check_device("fake_quant_backward", "grad", grad_in, x.device());
+  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
+  check_same_shape("fake_quant_backward", grad, x);
+  const fc::Layout layout = layout_of(x, axis);
+  const auto [scale, zero_point] =
+      device_qparams("fake_quant_backward", x, scale_in, zero_point_in, layout.channels, qmin, qmax);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  check_launch(fc::fake_quant_backward(type, grad.const_data_ptr(), x.const_data_ptr(), grad_x.data_ptr(), layout,
+                                       scale.const_data_ptr<float>(), zero_point.const_data_ptr<int32_t>(),
+                                       int32_t(qmin), int32_t(qmax), stream_of(x)),
+               "fake_quant_backward");
+  return grad_x;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
+                                                                   bool symmetric, int64_t axis) {
+  check_range("fake_quant", qmin, qmax);
+  const fc::FloatType type = float_type(x_in.scalar_type(), "fake_quant");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const fc::Layout layout = layout_of(x, axis);
+  auto [scale, zero_point] = empty_qparams(x, axis);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
+  check_launch(fc::fake_quant_observed(type, x.const_data_ptr(), y.data_ptr(), layout, symmetric, int32_t(qmin),
+                                       int32_t(qmax), scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(),
+                                       workspace.data_ptr(), stream_of(x)),
+               "fake_quant");
+  check_observed("fake_quant", fc::first_nonfinite_tensor(read_status(workspace)));
+  return {y, scale, zero_point};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
+                                                        bool symmetric, int64_t axis) {
+  check_range("quantize", qmin, qmax);
+  check_int8_codes("quantize", qmin, qmax);
+  const fc::FloatType type = float_type(x_in.scalar_type(), "quantize");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const fc::Layout layout = layout_of(x, axis);
+  auto [scale, zero_point] = empty_qparams(x, axis);
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
+  check_launch(fc::quantize(type, x.const_data_ptr(), codes.data_ptr<int8_t>(), layout, symmetric, int32_t(qmin),
+                            int32_t(qmax), scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(), workspace.data_ptr(),
+                            stream_of(x)),
+               "quantize");
+  check_observed("quantize", fc::first_nonfinite_tensor(read_status(workspace)));
+  return {codes, scale, zero_point};
+}
+
+at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
+                      int64_t axis, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kChar, "dequantize: codes must be int8, got ",
+                   codes_in.scalar_type());
+  const fc::FloatType type = float_type(dtype, "dequantize");
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const at::Tensor codes = codes_in.contiguous();
+  const fc::Layout layout = layout_of(codes, axis);
+  const auto [scale, zero_point] =
+      device_qparams("dequantize", codes, scale_in, zero_point_in, layout.channels, -128, 127);
+  at::Tensor y = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  const at::Tensor workspace = empty_workspace(codes, sizeof(fc::Status));
+  check_launch(fc::dequantize(type, codes.const_data_ptr<int8_t>(), y.data_ptr(), layout,
+                              scale.const_data_ptr<float>(), zero_point.const_data_ptr<int32_t>(),
+                              workspace.data_ptr(), stream_of(codes)),
+               "dequantize");
+  const int64_t bad = fc::first_bad_qparam(read_status(workspace));
+  if (bad >= 0) {  // the error path may read more: the offending entry's values
+    check_qparam_value("dequantize", "the", scale.reshape(-1)[bad].item<float>(),
+                       zero_point.reshape(-1)[bad].item<int32_t>(), bad, layout.channels, -128, 127);
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in, at::TensorList scales_in,
+                                                         at::TensorList zero_points_in, const at::Tensor& weights_in,
+                                                         at::IntArrayRef axes, int64_t qmin, int64_t qmax,
+                                                         bool symmetric, std::vector<std::string> names) {
+  check_range("aggregate", qmin, qmax);
+  check_int8_codes("aggregate", qmin, qmax);
+  const int64_t tensors = int64_t(axes.size());
+  const at::Device device = tensors > 0 ? codes_in[0].device() : weights_in.device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "aggregate: expected CUDA tensors, got codes on ", device);
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor weights = weights_in.to(device, at::kFloat).contiguous();
+  const int64_t clients = check_aggregate_counts(codes_in, scales_in, zero_points_in, weights, tensors, names);
+
+  std::vector<fc::Layout> layouts;
+  std::vector<int64_t> segment_base;
+  for (int64_t t = 0; t < tensors; ++t) {
+    segment_base.push_back(segment_base.empty() ? 0 : segment_base.back() + layouts.back().channels);
+    layouts.push_back(layout_of(codes_in[size_t(t)], axes[size_t(t)]));
+  }
+
+  std::vector<at::Tensor> keep;  // contiguous copies stay alive until the kernels have run
+  std::vector<fc::AggregateEntry> entries;
+  for (int64_t k = 0; k < clients; ++k) {
+    for (int64_t t = 0; t < tensors; ++t) {
+      const size_t e = size_t(k * tensors + t);
+      const std::string who = aggregate_owner(k, names[size_t(t)]);
+      check_aggregate_codes(who, codes_in[e], codes_in[size_t(t)]);
+      check_qparams_meta("aggregate", who, scales_in[e], zero_points_in[e], layouts[size_t(t)].channels);
+      for (const at::Tensor* in : {&codes_in[e], &scales_in[e], &zero_points_in[e]}) {
+        check_device("aggregate", who.c_str(), *in, device);
+        keep.push_back(in->contiguous());
+      }
+      const size_t n = keep.size();
+      entries.push_back(fc::AggregateEntry{keep[n - 3].const_data_ptr<int8_t>(), keep[n - 2].const_data_ptr<float>(),
+                                           keep[n - 1].const_data_ptr<int32_t>()});
+    }
+  }
+
+  // The model's table goes to the device through pinned memory, without a sync; the
+  // caching host allocator keeps the pinned block until the copy has run.
+  at::Tensor host_table =
+      at::empty({int64_t(fc::aggregate_table_bytes(tensors, clients))}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  const fc::AggregatePlan plan =
+      fc::aggregate_write_table(host_table.data_ptr(), layouts.data(), tensors, entries.data(), clients);
+  const at::Tensor table = host_table.to(device, /*non_blocking=*/true);
+
+  const auto options = weights.options();
+  at::Tensor out_codes = at::empty({plan.elements}, options.dtype(at::kChar));
+  at::Tensor out_scale = at::empty({plan.segments}, options.dtype(at::kFloat));
+  at::Tensor out_zero_point = at::empty({plan.segments}, options.dtype(at::kInt));
+  if (tensors == 0) return {out_codes, out_scale, out_zero_point};
+  at::Tensor average;
+  if (fc::aggregate_keeps_average(clients)) average = at::empty({plan.elements}, options.dtype(at::kFloat));
+  const at::Tensor workspace = empty_workspace(weights, fc::observe_workspace_bytes(plan.segments));
+  check_launch(fc::aggregate(table.const_data_ptr(), plan, weights.const_data_ptr<float>(), symmetric, int32_t(qmin),
+                             int32_t(qmax), average.defined() ? average.data_ptr<float>() : nullptr,
+                             out_codes.data_ptr<int8_t>(), out_scale.data_ptr<float>(),
+                             out_zero_point.data_ptr<int32_t>(), workspace.data_ptr(), stream_of(out_codes)),
+               "aggregate");
+
+  const fc::Status status = read_status(workspace);
+  const int64_t bad = fc::first_bad_qparam(status);
+  if (bad >= 0) {  // client k's parameter of packed segment s: name it as the CPU binding does
+    const int64_t k = bad / plan.segments, s = bad % plan.segments;
+    const int64_t t = int64_t(std::upper_bound(segment_base.begin(), segment_base.end(), s) - segment_base.begin()) - 1;
+    const int64_t c = s - segment_base[size_t(t)], e = k * tensors + t;
+    check_qparam_value("aggregate", aggregate_owner(k, names[size_t(t)]),
+                       scales_in[size_t(e)].reshape(-1)[c].item<float>(),
+                       zero_points_in[size_t(e)].reshape(-1)[c].item<int32_t>(), c, layouts[size_t(t)].channels, qmin,
+                       qmax);
+  }
+  check_finite_average(fc::first_nonfinite_tensor(status), names);
+  return {out_codes, out_scale, out_zero_point};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fedhq_cuda, m) { define_ops(m); }
+
+TORCH_LIBRARY_IMPL(fedhq_cuda, CUDA, m) {
+  m.impl("fake_quant", &fake_quant);
+  m.impl("fake_quant_backward", &fake_quant_backward);
+  m.impl("fake_quant_observed", &fake_quant_observed);
+  m.impl("quantize", &quantize);
+  m.impl("dequantize", &dequantize);
+  m.impl("aggregate", &aggregate);
+}
+
+}  // namespace fedhq::binding
+
+// Importing fedhq_kernels._C_cuda loads this library, which runs the registrations above.
+PyMODINIT_FUNC PyInit__C_cuda(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", "FedHQ CUDA kernels (torch.ops.fedhq_cuda)", -1,
+                               nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,49 @@
+"""The ``cuda`` backend: the CUDA kernels of csrc/cuda/ (fedhq_kernels._C_cuda, built
+at install time when torch is a CUDA build and a CUDA toolkit is present; see
+setup.py), registered as torch.ops.fedhq_cuda.*.
+
+Availability, most basic reason first: a CPU build of torch (silently unavailable:
+nothing to warn about), a CUDA torch without the extension (warned once, at import:
+the build skipped or failed it, and CUDA tensors fall back to triton or reference),
+no visible GPU.
+
+Results are bit-identical to the cpu and reference backends (NaN payloads aside).
+Host synchronization: fake_quant and its backward with given parameters never sync,
+so they do not check the values of CUDA-resident scales / zero points; the other ops
+read back one small status word per call (a NaN / Inf seen by the observer, a bad
+client parameter), after all their kernels are queued.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+DEVICES = ("cuda",)
+UNAVAILABLE: str | None = None
+KERNELS: dict = {}
+
+if torch.version.cuda is None:
+    UNAVAILABLE = f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+else:
+    try:
+        from fedhq_kernels import _C_cuda  # noqa: F401  (loading it registers torch.ops.fedhq_cuda)
+    except ImportError as error:
+        UNAVAILABLE = (
+            f"the CUDA extension fedhq_kernels._C_cuda did not load ({error}); rebuild with a CUDA toolkit "
+            "matching torch's CUDA version (`pip install --no-build-isolation -e .`, FEDHQ_BUILD_CUDA=1 to make a "
+            "failed build an error) and look for 'fedhq:' lines in the build log"
+        )
+        warnings.warn(
+            f"fedhq_kernels: {UNAVAILABLE}. CUDA tensors will use the triton or reference backend.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    else:
+        KERNELS = {
+            name: getattr(torch.ops.fedhq_cuda, name).default
+            for name in ("fake_quant", "fake_quant_backward", "fake_quant_observed", "quantize", "dequantize", "aggregate")
+        }
+        if not torch.cuda.is_available():
+            UNAVAILABLE = "no CUDA device is visible (torch.cuda.is_available() is False)"

@@ -1,0 +1,435 @@
+"""Triton backend specifics. The op test-suite already runs against the Triton kernels
+under the interpreter (the `backend` fixture); this file adds what is particular to
+them:
+
+- every kernel compiles to real GPU code (PTX and cubin) for sm_80 (A100), sm_86
+  (A6000) and sm_90 (H100) without a GPU, and the PTX keeps the arithmetic exact: no
+  FMA contraction, no contractible (unrounded) mul/add, exact division, the
+  round-half-even magic number intact, round-to-nearest-even float16 conversion, and
+  16-byte vector loads on the per-tensor path;
+- tile and block boundaries, multi-program reductions and the small-tensor one-program
+  path, forced with small tiles so they stay cheap under the interpreter;
+- on a real GPU (marked `gpu`, skipped without one): the compiled kernels against the
+  reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_equal
+
+from fedhq_kernels import dispatch, reference
+
+ARCHS = (80, 86, 90)
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _triton_modules():
+    from fedhq_kernels.triton import _common, aggregate, fake_quant, quantize
+
+    return _common, fake_quant, quantize, aggregate
+
+
+# ---------------------------------------------------------------------------------
+# Real GPU compilation (in a subprocess: under TRITON_INTERPRET=1 the kernels are
+# interpreter functions, which triton.compile cannot take)
+# ---------------------------------------------------------------------------------
+
+# argument name -> Triton type, for the arguments whose type does not depend on the data
+ARG_TYPES = {
+    "scale_ptr": "*fp32", "zp_ptr": "*i32", "flag_ptr": "*i32", "lo_ptr": "*fp32", "hi_ptr": "*fp32",
+    "seg_tensor_ptr": "*i64", "tiles_ptr": "*i64", "meta_ptr": "*i64", "code_ptrs": "*i64", "params_ptr": "*i64",
+    "w_ptr": "*fp32", "codes_ptr": "*i8", "nrows": "i32", "ncols": "i32", "C": "i32", "K": "i32", "T": "i32",
+    "S": "i32", "qmin": "fp32", "qmax": "fp32", "half_range": "fp32", "span": "fp32",
+}
+DATA_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*i16"}  # bfloat16 travels as int16 bits
+
+
+def _compile_specs(kind: str):
+    """(name, kernel, data-pointer types, constexprs, num_warps, expectations) for every
+    kernel, with the tile shapes the launchers pick for a per-tensor, an axis-0 and a
+    last-axis tensor. kind "fp32": every kernel x layout in float32; "half": the
+    per-tensor layout in float16 / bfloat16; "one": one variant per kernel."""
+    cm, fq, qz, ag = _triton_modules()
+    layouts = {"flat": cm.View.of((1_000_003,), -1), "row": cm.View.of((64, 576), 0), "col": cm.View.of((33, 1000), 1)}
+    variants = {
+        "fp32": [(name, "fp32") for name in layouts],
+        "half": [("flat", "fp16"), ("flat", "bf16")],
+        "one": [("flat", "fp32")],
+    }[kind]
+    specs = []
+    for lname, dt in variants:
+        view = layouts[lname]
+        br, bw = view.tile()
+        sbr, sbw = cm.View.of((4096,), -1).small_tile() if lname == "flat" else (br, bw)
+        d = DATA_TYPES[dt]
+        tile = dict(MODE=view.mode, BR=br, BW=bw, BF16=dt == "bf16")
+        small = dict(tile, BR=sbr, BW=sbw, SYMMETRIC=False)
+        expect = dict(rounds=True, vector=lname == "flat", f16=dt == "fp16")
+        specs += [
+            (f"fake_quant_fwd/{lname}/{dt}", fq._fake_quant_fwd_kernel, {"x_ptr": d, "y_ptr": d}, tile,
+             cm.NUM_WARPS, expect),
+            # grad * {0, 1}: LLVM may keep float16 throughout (exact either way)
+            (f"fake_quant_bwd/{lname}/{dt}", fq._fake_quant_bwd_kernel, {"grad_ptr": d, "x_ptr": d, "out_ptr": d},
+             tile, cm.NUM_WARPS, dict(expect, f16=False)),
+            (f"fake_quant_observed_small/{lname}/{dt}", fq._fake_quant_observed_small_kernel,
+             {"x_ptr": d, "y_ptr": d}, small, cm.NUM_WARPS, expect),
+            (f"range/{lname}/{dt}", cm._range_kernel, {"x_ptr": d}, tile, cm.NUM_WARPS,
+             dict(expect, rounds=False, f16=False)),
+            (f"quantize/{lname}/{dt}", qz._quantize_kernel, {"x_ptr": d}, tile, cm.NUM_WARPS, dict(expect, f16=False)),
+            (f"quantize_small/{lname}/{dt}", qz._quantize_small_kernel, {"x_ptr": d}, small, cm.NUM_WARPS,
+             dict(expect, f16=False)),
+            (f"dequantize/{lname}/{dt}", qz._dequantize_kernel, {"y_ptr": d}, tile, cm.NUM_WARPS,
+             dict(expect, rounds=False)),
+        ]
+    if kind != "half":
+        for symmetric in (True, False) if kind == "fp32" else (False,):
+            specs.append((f"qparams/{'sym' if symmetric else 'asym'}", cm._qparams_kernel, {},
+                          dict(SYMMETRIC=symmetric, PER_TENSOR_TABLE=True, BS=cm.FINALIZE_BLOCK), 4,
+                          dict(rounds=not symmetric, vector=False, f16=False)))
+        agg = dict(BR=ag.AGG_BR, BW=ag.AGG_BW)
+        specs += [
+            ("aggregate_range", ag._aggregate_range_kernel, {}, agg, ag.AGG_WARPS,
+             dict(rounds=False, vector=False, f16=False)),
+            ("aggregate_quantize", ag._aggregate_quantize_kernel, {"out_ptr": "*i8"}, agg, ag.AGG_WARPS,
+             dict(rounds=True, vector=False, f16=False)),
+        ]
+    return specs
+
+
+def _ptx_stats(ptx: str) -> dict:
+    lines = ptx.splitlines()
+    return {
+        "fma_f32": len(re.findall(r"\bfma\.rn(\.ftz)?\.f32\b", ptx)),
+        # no rounding modifier: ptxas may contract these into an FMA (PTX ISA, "mul")
+        "contractible": len(re.findall(r"\b(mul|add|sub)(\.ftz)?\.f32\b", ptx)),
+        "div_rn": len(re.findall(r"\bdiv\.rn(\.ftz)?\.f32\b", ptx)),
+        "div_inexact": len(re.findall(r"\bdiv\.(full|approx)(\.ftz)?\.f32\b", ptx)),
+        # round half to even: (v + 1.5 * 2^23) - 1.5 * 2^23, both steps rounded to nearest
+        "magic_add": sum(1 for ln in lines if re.search(r"\badd\.rn\.f32\b", ln) and "0f4B400000" in ln),
+        "magic_sub": sum(1 for ln in lines if re.search(r"\b(sub\.rn\.f32\b.*0f4B400000|add\.rn\.f32\b.*0fCB400000)", ln)),
+        "cvt_rn_f16": len(re.findall(r"\bcvt\.rn\.f16x?2?\.f32\b", ptx)),
+        "cvt_rz_16": len(re.findall(r"\bcvt\.rz\.(f16|bf16)", ptx)),
+        "vector_loads": len(re.findall(r"\bld\.global(\.\w+)*\.v[24]\.", ptx)),
+    }
+
+
+def _compile_main(jobs: list[str]) -> None:
+    """Subprocess entry: compile each "cc:kind" job, print one JSON record per kernel
+    variant and arch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import fedhq_kernels.triton as backend
+
+    records = [{"backend": {"devices": list(backend.DEVICES), "unavailable": backend.UNAVAILABLE}}]
+    for job in jobs:
+        cc, kind = int(job.split(":")[0]), job.split(":")[1]
+        for name, kernel, data_types, constexprs, num_warps, expect in _compile_specs(kind):
+            types = {**ARG_TYPES, **data_types}
+            signature = {a: "constexpr" if a in constexprs else types[a] for a in kernel.arg_names}
+            # what the JIT assumes of torch's allocations: 16-byte aligned pointers
+            attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]]
+                     for a, t in signature.items() if t.startswith("*")}
+            record = {"name": name, "cc": cc, "expect": expect}
+            try:
+                compiled = triton.compile(
+                    ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
+                    options={"num_warps": num_warps, "enable_fp_fusion": False},
+                )
+                record.update(_ptx_stats(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]))
+            except Exception as error:  # reported per kernel by the test
+                record["error"] = f"{type(error).__name__}: {error}"
+            records.append(record)
+    print(json.dumps(records))
+
+
+@pytest.fixture(scope="module")
+def gpu_builds():
+    """Compiles every kernel in two subprocesses run side by side (2 cores): every layout
+    and dtype for sm_90, one variant per kernel for sm_80 and sm_86. ~60 compiles of
+    ~0.3 s each; Triton's cache (~/.triton/cache) makes later runs near free."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    jobs = [
+        subprocess.Popen([sys.executable, __file__, "--compile", *job], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+        for job in (["90:fp32"], ["90:half", "80:one", "86:one"])
+    ]
+    records = []
+    for job in jobs:
+        out, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-4000:]
+        records += json.loads(out.strip().splitlines()[-1])
+    return records
+
+
+def test_every_kernel_compiles_for_sm80_sm86_sm90(gpu_builds):
+    builds = [r for r in gpu_builds if "name" in r]
+    errors = [f"{r['name']} sm_{r['cc']}: {r['error']}" for r in builds if "error" in r]
+    assert not errors, "\n".join(errors)
+    assert {r["cc"] for r in builds} == set(ARCHS)
+    names = {r["name"].split("/")[0] for r in builds}
+    assert names == {"fake_quant_fwd", "fake_quant_bwd", "fake_quant_observed_small", "range", "quantize",
+                     "quantize_small", "dequantize", "qparams", "aggregate_range", "aggregate_quantize"}
+    for r in builds:
+        assert r["cubin_bytes"] > 0, r["name"]
+
+
+def test_ptx_keeps_the_arithmetic_exact(gpu_builds):
+    """FMA contraction of x * inv + magic, or Triton's approximate division, would change
+    codes; so would losing the round-half-even steps or truncating float16 casts."""
+    problems = []
+    for r in (r for r in gpu_builds if "name" in r and "error" not in r):
+        what, expect = f"{r['name']} sm_{r['cc']}", r["expect"]
+        if r["fma_f32"] or r["contractible"]:
+            problems.append(f"{what}: {r['fma_f32']} fma.rn.f32, {r['contractible']} unrounded mul/add/sub.f32")
+        if r["div_inexact"]:
+            problems.append(f"{what}: {r['div_inexact']} approximate float32 divisions")
+        if expect["rounds"] and not (r["magic_add"] and r["magic_sub"] and r["div_rn"]):
+            problems.append(f"{what}: round-half-even steps or the exact 1 / scale missing ({r})")
+        if expect["f16"] and not r["cvt_rn_f16"]:
+            problems.append(f"{what}: no cvt.rn.f16.f32 (round to nearest even) for the float16 output")
+        if r["cvt_rz_16"]:
+            problems.append(f"{what}: a truncating 16-bit float conversion")
+        if expect["vector"] and not r["vector_loads"]:
+            problems.append(f"{what}: no vector loads on the per-tensor path")
+    assert not problems, "\n".join(problems)
+
+
+def test_backend_without_gpu_or_interpreter_says_why(gpu_builds):
+    """The subprocesses ran without TRITON_INTERPRET on a machine without a GPU (CI):
+    the backend imports, keeps its kernels, and is unavailable with a reason."""
+    info = gpu_builds[0]["backend"]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert info["devices"] == ["cuda"]
+    assert "no CUDA device" in info["unavailable"] and "TRITON_INTERPRET" in info["unavailable"]
+
+
+# ---------------------------------------------------------------------------------
+# Under the interpreter: tiles, blocks, splits, the small-tensor path
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    if "triton" not in dispatch.backends() or "cpu" not in dispatch._module("triton").DEVICES:
+        pytest.skip("the triton backend does not run on CPU tensors here (needs TRITON_INTERPRET=1)")
+    monkeypatch.setenv("FEDHQ_BACKEND", "triton")
+    return dispatch._module("triton").KERNELS
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 256 elements, pass 1 split over up to 3 programs per row / column block,
+    and the one-program path off unless a test turns it on: the multi-tile, multi-split
+    code paths of a GPU launch on tensors of a few thousand elements."""
+    cm, _, _, ag = _triton_modules()
+    monkeypatch.setattr(cm, "BLOCK", 256)
+    monkeypatch.setattr(cm, "FINALIZE_BLOCK", 16)
+    monkeypatch.setattr(cm, "SMALL_NUMEL", 0)
+    monkeypatch.setattr(cm, "range_splits", lambda device, programs, n_loop: min(n_loop, 3))
+    monkeypatch.setattr(ag, "AGG_BR", 4)
+    monkeypatch.setattr(ag, "AGG_BW", 32)
+    return cm
+
+
+# (shape, axis), with 256-element tiles: per-tensor over 3 tiles (the last partial);
+# axis 0 with rows longer than a tile; a middle axis (ROW with outer > 1, channels
+# repeating down the rows); last axis with more channels than a tile (COL); last axis
+# with few channels and many rows; one column per channel
+LAYOUTS = [((600,), -1), ((5, 300), 0), ((3, 7, 20), 1), ((3, 300), 1), ((100, 3), 1), ((9, 1), 0)]
+FLAT_ROW_COL = [((600,), -1), ((3, 7, 20), 1), ((3, 300), 1)]
+
+
+def _sample(shape, gen, dtype):
+    x = torch.randn(shape, generator=gen) * 3
+    ties = (torch.randint(-140, 140, shape, generator=gen) + 0.5) * 0.05
+    return torch.where(torch.rand(shape, generator=gen) < 0.3, ties, x).to(dtype)
+
+
+def _params(x, axis, gen):
+    channels = 1 if axis < 0 else x.shape[axis]
+    scale = (torch.rand(channels, generator=gen) * 0.1 + 1e-3).reshape(() if axis < 0 else (channels,))
+    zero_point = torch.randint(-8, 8, scale.shape, generator=gen, dtype=torch.int32)  # valid for 4 bits too
+    return scale, zero_point
+
+
+def _check_all_ops(kernels, x, axis, gen):
+    """Every single-tensor op of the triton backend against the reference, bit for bit."""
+    scale, zero_point = _params(x, axis, gen)
+    assert_equal(kernels["fake_quant"](x, scale, zero_point, -128, 127, axis),
+                 reference.fake_quant(x, scale, zero_point, -128, 127, axis), "fake_quant")
+    grad = torch.randn(x.shape, generator=gen).to(x.dtype)
+    assert_equal(kernels["fake_quant_backward"](grad, x, scale, zero_point, -8, 7, axis),
+                 reference.fake_quant_backward(grad, x, scale, zero_point, -8, 7, axis), "backward")
+    for symmetric in (True, False):
+        for op in ("fake_quant_observed", "quantize"):
+            got = kernels[op](x, -128, 127, symmetric, axis)
+            for g, e, what in zip(got, getattr(reference, op)(x, -128, 127, symmetric, axis), ("out", "scale", "zp")):
+                assert_equal(g, e, f"{op} symmetric={symmetric} {what}")
+    codes, s, z = reference.quantize(x, -128, 127, False, axis)
+    assert_equal(kernels["dequantize"](codes, s, z, axis, x.dtype), reference.dequantize(codes, s, z, axis, x.dtype),
+                 "dequantize")
+
+
+def test_real_block_boundary(triton_backend, gen):
+    """One full tile (run unmasked) plus one element, at the interpreter's real BLOCK."""
+    cm = _triton_modules()[0]
+    _check_all_ops(triton_backend, _sample((cm.BLOCK + 1,), gen, torch.float32), -1, gen)
+
+
+@pytest.mark.parametrize("size", [255, 256, 257, 513])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_boundaries(triton_backend, small_tiles, gen, size, dtype):
+    """Per-tensor sizes around 256-element tiles: full tiles run unmasked, the last masked."""
+    _check_all_ops(triton_backend, _sample((size,), gen, dtype), -1, gen)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_many_tiles_and_split_reductions(triton_backend, small_tiles, gen, shape, axis):
+    _check_all_ops(triton_backend, _sample(shape, gen, torch.float32), axis, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,axis", FLAT_ROW_COL)
+def test_many_tiles_16_bit(triton_backend, small_tiles, gen, shape, axis, dtype):
+    _check_all_ops(triton_backend, _sample(shape, gen, dtype), axis, gen)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS + [((), -1), ((1,), 0)])
+def test_one_program_path(triton_backend, small_tiles, monkeypatch, gen, shape, axis):
+    """The observed ops' one-launch path (View.small_tile), where the layout allows it."""
+    cm = small_tiles
+    monkeypatch.setattr(cm, "SMALL_NUMEL", 1 << 20)
+    monkeypatch.setattr(cm, "BLOCK", 1024)
+    view = cm.View.of(shape, axis)
+    expected_small = view.mode == cm.FLAT.value or view.mode == cm.COL.value or view.nrows == view.channels
+    assert (view.small_tile() is not None) == expected_small
+    _check_all_ops(triton_backend, _sample(shape, gen, torch.float32), axis, gen)
+
+
+@pytest.mark.parametrize("small", [False, True])
+@pytest.mark.parametrize("shape,axis", FLAT_ROW_COL)
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")])
+def test_non_finite_in_any_tile(triton_backend, small_tiles, monkeypatch, shape, axis, bad, small):
+    if small:
+        monkeypatch.setattr(small_tiles, "SMALL_NUMEL", 1 << 20)
+        monkeypatch.setattr(small_tiles, "BLOCK", 1024)
+    x = torch.randn(shape)
+    x.view(-1)[-1] = bad  # in the last, partial tile
+    for op in ("fake_quant_observed", "quantize"):
+        name = "fake_quant" if op == "fake_quant_observed" else op
+        with pytest.raises(ValueError, match=f"{name}: the input contains NaN or Inf"):
+            triton_backend[op](x, -128, 127, True, axis)
+    x = torch.randn(shape)
+    x.view(-1)[0] = bad
+    with pytest.raises(ValueError, match="quantize: the input contains NaN or Inf"):
+        triton_backend["quantize"](x, -128, 127, False, axis)
+
+
+def _aggregate_inputs(gen, shapes_axes, clients, bits=8, symmetric=True):
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes, scales, zero_points = [], [], []
+    for _ in range(clients):
+        for shape, axis in shapes_axes:
+            x = torch.randn(shape, generator=gen) * (1 + torch.rand((), generator=gen))
+            c, s, z = reference.quantize(x, qmin, qmax, symmetric, axis)
+            codes.append(c)
+            scales.append(s)
+            zero_points.append(z)
+    w = torch.rand(clients, generator=gen) + 0.1
+    return codes, scales, zero_points, (w / w.sum()).float(), [a for _, a in shapes_axes], qmin, qmax, symmetric
+
+
+@pytest.mark.parametrize("clients,symmetric", [(1, True), (3, False)])
+def test_aggregate_many_tiles(triton_backend, small_tiles, gen, clients, symmetric):
+    """Tiles of 4 x 32 codes: every tensor spans several tiles, rows and channels cross
+    tile edges, per-tensor matrices end mid-row, and one launch covers all of them."""
+    model = [((300,), -1), ((33,), -1), ((5, 70), 0), ((3, 5, 9), 1), ((3, 70), 1), ((40, 3), 1), ((), -1),
+             ((0, 4), 1), ((0, 3), -1), ((9, 1), 0)]
+    args = _aggregate_inputs(gen, model, clients, bits=4 if symmetric else 8, symmetric=symmetric)
+    names = [f"t{i}" for i in range(len(model))]
+    for got, expected, what in zip(triton_backend["aggregate"](*args, names), reference.aggregate(*args, names),
+                                   ("codes", "scales", "zero points")):
+        assert_equal(got, expected, what)
+
+
+def test_aggregate_names_the_first_non_finite_tensor(triton_backend, small_tiles, gen):
+    model = [((40,), -1), ((6, 20), 0), ((5, 40), 1)]
+    codes, scales, zero_points, *rest = _aggregate_inputs(gen, model, 2)
+    for k in range(2):  # tensors 1 and 2 overflow float32 when averaged
+        for t in (1, 2):
+            codes[k * 3 + t] = codes[k * 3 + t].clone().fill_(127)
+            scales[k * 3 + t] = torch.full_like(scales[k * 3 + t], 3e38)
+    with pytest.raises(ValueError, match="aggregate: the weighted average of 'b' is not finite"):
+        triton_backend["aggregate"](codes, scales, zero_points, *rest, ["a", "b", "c"])
+
+
+def test_bfloat16_rounding_is_half_to_even(triton_backend):
+    """The interpreter's own float32 -> bfloat16 cast truncates; ours rounds half to even.
+    259 lies halfway between the bfloat16 values 258 and 260: half to even gives 260,
+    truncation 258."""
+    codes = torch.tensor([1, -1, 3, 2, 127, 0], dtype=torch.int8)
+    scale, zero = torch.tensor(259.0), torch.tensor(0, dtype=torch.int32)
+    out = triton_backend["dequantize"](codes, scale, zero, -1, torch.bfloat16)
+    assert out[0].item() == 260.0 and out[1].item() == -260.0
+    assert_equal(out, (codes.float() * scale).to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------
+# On a GPU: the compiled kernels (a subprocess: this one runs the interpreter)
+# ---------------------------------------------------------------------------------
+
+_GPU_SCRIPT = """
+import torch
+from fedhq_kernels import reference
+import fedhq_kernels.triton as backend
+assert backend.UNAVAILABLE is None, backend.UNAVAILABLE
+K = backend.KERNELS
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for shape, axis in [(((1 << 22) + 3,), -1), ((1000,), -1), ((64, 576), 0), ((3, 7, 40), 1), ((33, 1000), 1)]:
+        x = (torch.randn(shape, generator=g) * 3).to(dtype)
+        c = 1 if axis < 0 else shape[axis]
+        s = (torch.rand(c, generator=g) * 0.1 + 1e-3).reshape(() if axis < 0 else (c,))
+        z = torch.randint(-8, 8, s.shape, generator=g, dtype=torch.int32)
+        xc, sc, zc = x.cuda(), s.cuda(), z.cuda()
+        def same(a, b, what):
+            a = a.cpu()
+            ok = (a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b
+            assert bool(ok.all()), (what, dtype, shape, axis, int((~ok).sum()))
+        same(K["fake_quant"](xc, sc, zc, -128, 127, axis), reference.fake_quant(x, s, z, -128, 127, axis), "fwd")
+        same(K["fake_quant_backward"](xc, xc, sc, zc, -8, 7, axis),
+             reference.fake_quant_backward(x, x, s, z, -8, 7, axis), "bwd")
+        for sym in (True, False):
+            for op in ("fake_quant_observed", "quantize"):
+                for a, b in zip(K[op](xc, -128, 127, sym, axis), getattr(reference, op)(x, -128, 127, sym, axis)):
+                    same(a, b, op)
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+def test_compiled_kernels_match_reference_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FEDHQ_BACKEND")}
+    result = subprocess.run([sys.executable, "-c", _GPU_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--compile":
+    _compile_main(sys.argv[2:])
