@@ -1,0 +1,347 @@
+"""QAT model preparation: every nn.Conv2d / nn.Linear becomes a fake-quantizing twin.
+
+    qat_model = prepare_qat(model, weight_bits=8, act_bits=8)   # a copy by default
+    float_model = strip_qat(qat_model)                          # plain modules, same weights
+
+What a prepared layer computes (paper §2.1, Fig. 1: "fake quantization between layers"):
+
+- **Weights**: ``fedhq_kernels.fake_quant(w, bits=weight_bits, axis=0)``: per output
+  channel, symmetric, with the range observed from the current weights inside the
+  kernel (MinMaxObserver semantics), on every forward.
+- **Input activations**: per-tensor affine fake quantization with a running range. In
+  training mode the batch's min and max (one ``aminmax`` pass) update an exponential
+  moving average kept in the buffer ``act_range`` = (min, max) (torch.ao's
+  MovingAverageMinMaxObserver rule: the first batch sets the range, later ones move it
+  by ``averaging_constant``); in eval mode the stored range is used and not updated.
+  Scale and zero point follow MinMaxObserver's formulas
+  (``fedhq_kernels.reference.qparams_from_range``, recomputed here with Python-scalar
+  constants so no tensor is copied from the host), then
+  ``fedhq_kernels.fake_quant(x, scale, zero_point, bits=act_bits)``. The update uses
+  ``torch.where`` on the ``act_observed`` flag instead of a Python ``if``: no ``.item()``
+  and no host synchronization in the forward.
+- Gradients are straight-through (those of fedhq_kernels.fake_quant); the bias is not
+  quantized; BatchNorm is not folded (it stays a float layer after the convolution).
+
+Only modules whose type is exactly nn.Conv2d or nn.Linear are swapped: subclasses
+(e.g. MultiheadAttention's out_proj, whose weight is read directly by the attention
+function) are left alone, since a swapped forward would never run for them.
+
+State dicts and federated aggregation
+-------------------------------------
+A prepared layer keeps the float layer's parameter names (``weight``, ``bias``), so the
+weights of PTQ and QAT clients aggregate together. It adds two buffers per layer,
+``act_range`` (float32 (min, max)) and ``act_observed`` (bool), named in
+``OBSERVER_BUFFERS``. The FL layer treats them as client-local state, like optimizer
+momentum:
+
+- upload ``float_state_dict(model)``: exactly the float model's names (observer
+  entries dropped), then ``fedhq_kernels.quantize_state_dict`` it;
+- load a global model with ``load_float_state_dict(model, state_dict)``: weights are
+  replaced, a QAT model's own observer ranges are kept (the EMA adapts to the new
+  weights within a few batches);
+- a client that switches PTQ -> QAT starts with fresh observers: its first training
+  batch sets every range. A full ``model.state_dict()`` (checkpoints) includes the
+  observers, so a restored QAT client evaluates with the ranges it had.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fedhq_kernels as fk
+from fedhq_kernels.quantized_tensor import MAX_BITS, MIN_BITS, quant_range
+
+OBSERVER_BUFFERS = ("act_range", "act_observed")
+_SCALE_EPS = torch.finfo(torch.float32).eps  # MinMaxObserver's (and fedhq_kernels') clamp
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How a prepared layer quantizes. Weights: symmetric, per output channel (axis 0).
+    Activations: per tensor, affine (``act_symmetric=False``, the usual choice after a
+    ReLU) over the signed ``act_bits`` range."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    averaging_constant: float = 0.01  # torch.ao MovingAverageMinMaxObserver's default
+    act_symmetric: bool = False
+
+    def __post_init__(self):
+        for field in ("weight_bits", "act_bits"):
+            bits = getattr(self, field)
+            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+                raise ValueError(f"QATConfig: {field} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+        c = self.averaging_constant
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+            raise ValueError(f"QATConfig: averaging_constant must be in (0, 1], got {c!r}")
+
+
+def qparams_from_range(lo: Tensor, hi: Tensor, symmetric: bool, quant_min: int, quant_max: int):
+    """MinMaxObserver's float32 scale and int32 zero point for a range: the same
+    operations as fedhq_kernels.reference.qparams_from_range (and bit-identical to it,
+    tested), with the constants as Python scalars so nothing is copied from the host.
+    A non-finite range gives a non-finite scale, which fake_quant rejects."""
+    return _qparams(torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0), symmetric, quant_min, quant_max)
+
+
+def _qparams(lo_neg: Tensor, hi_pos: Tensor, symmetric: bool, quant_min: int, quant_max: int):
+    if symmetric:
+        scale = torch.clamp(torch.maximum(-lo_neg, hi_pos) / ((quant_max - quant_min) / 2), min=_SCALE_EPS)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = torch.clamp((hi_pos - lo_neg) / float(quant_max - quant_min), min=_SCALE_EPS)
+        zero_point = (quant_min - torch.round(lo_neg / scale)).clamp(quant_min, quant_max).to(torch.int32)
+    return scale, zero_point
+
+
+class _QATMixin:
+    """The fake-quantization shared by QATConv2d and QATLinear."""
+
+    qat_config: QATConfig
+
+    def _init_qat(self, config: QATConfig, device) -> None:
+        self.qat_config = config
+        self._qat_name = ""  # set by prepare_qat, for error messages
+        # (min, max) of the input activations: one 2-element buffer, so the running
+        # update and the scale computation are a handful of small ops, not two sets.
+        self.register_buffer("act_range", torch.zeros(2, dtype=torch.float32, device=device))
+        self.register_buffer("act_observed", torch.zeros((), dtype=torch.bool, device=device))
+        # clamp bounds taking (min, max) to (min(min, 0), max(max, 0)); not state
+        inf = float("inf")
+        self.register_buffer("_range_lower", torch.tensor([-inf, 0.0], device=device), persistent=False)
+        self.register_buffer("_range_upper", torch.tensor([0.0, inf], device=device), persistent=False)
+
+    def _activation_range(self, x: Tensor) -> Tensor:
+        """(min, max) to quantize this input with; in training mode it also updates the
+        running range. No host synchronization."""
+        with torch.no_grad():
+            batch = torch.stack(torch.aminmax(x.detach())).float()
+            stored = self.act_range.float()
+            if not self.training:
+                # Eval uses the stored range; a layer that never saw a training batch
+                # falls back to this batch's range (as if it were its first observation).
+                return torch.where(self.act_observed, stored, batch)
+            # EMA (torch.ao MovingAverageMinMaxObserver's rule): the first batch sets
+            # the range, later ones move it by averaging_constant.
+            new = torch.where(self.act_observed, torch.lerp(stored, batch, self.qat_config.averaging_constant), batch)
+            # A non-finite batch must not poison the stored range; it still reaches
+            # fake_quant through ``new``, whose non-finite scale raises there.
+            finite = torch.isfinite(new).all()
+            self.act_range.copy_(torch.where(finite, new, stored))
+            self.act_observed.logical_or_(finite)
+            return new
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x
+        cfg = self.qat_config
+        quant_min, quant_max = quant_range(cfg.act_bits)
+        bounds = torch.clamp(self._activation_range(x), min=self._range_lower, max=self._range_upper)
+        scale, zero_point = _qparams(bounds[0], bounds[1], cfg.act_symmetric, quant_min, quant_max)
+        try:
+            return fk.fake_quant(x, scale, zero_point, bits=cfg.act_bits)
+        except ValueError as error:
+            if bool(torch.isfinite(scale)):
+                raise
+            raise ValueError(
+                f"{type(self).__name__} {self._qat_name or ''}: its input activations contain NaN or Inf, so "
+                "their range cannot be observed (the stored running range was left unchanged)"
+            ) from error
+
+    def quantize_weight(self) -> Tensor:
+        return fk.fake_quant(self.weight, bits=self.qat_config.weight_bits, axis=0)
+
+    def extra_repr(self) -> str:
+        cfg = self.qat_config
+        return (
+            f"{super().extra_repr()}, weight_bits={cfg.weight_bits} (per-channel), "
+            f"act_bits={cfg.act_bits} ({'symmetric' if cfg.act_symmetric else 'affine'}, running range)"
+        )
+
+
+class QATConv2d(_QATMixin, nn.Conv2d):
+    """nn.Conv2d whose input and weight are fake-quantized (module docstring)."""
+
+    def __init__(self, *args, qat_config: QATConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_qat(qat_config or QATConfig(), self.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantize_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, config: QATConfig) -> "QATConv2d":
+        """A QAT twin sharing ``conv``'s parameter objects (no copy)."""
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device="meta", dtype=conv.weight.dtype, qat_config=config,
+        )  # fmt: skip
+        new.weight, new.bias = conv.weight, conv.bias
+        new._init_qat(config, conv.weight.device)
+        return new.train(conv.training)
+
+    def to_float(self) -> nn.Conv2d:
+        new = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
+            device="meta", dtype=self.weight.dtype,
+        )  # fmt: skip
+        new.weight, new.bias = self.weight, self.bias
+        return new.train(self.training)
+
+
+class QATLinear(_QATMixin, nn.Linear):
+    """nn.Linear whose input and weight are fake-quantized (module docstring)."""
+
+    def __init__(self, *args, qat_config: QATConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_qat(qat_config or QATConfig(), self.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantize_input(x), self.quantize_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, config: QATConfig) -> "QATLinear":
+        new = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+            dtype=linear.weight.dtype, qat_config=config,
+        )  # fmt: skip
+        new.weight, new.bias = linear.weight, linear.bias
+        new._init_qat(config, linear.weight.device)
+        return new.train(linear.training)
+
+    def to_float(self) -> nn.Linear:
+        new = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=self.weight.dtype
+        )
+        new.weight, new.bias = self.weight, self.bias
+        return new.train(self.training)
+
+
+_FLOAT_TO_QAT = {nn.Conv2d: QATConv2d, nn.Linear: QATLinear}
+QAT_MODULES = (QATConv2d, QATLinear)
+
+
+def _swap(model: nn.Module, convert) -> nn.Module:
+    """Replaces every module for which ``convert(name, module)`` returns a new one
+    (a module shared by several parents is converted once and stays shared)."""
+    memo: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module, prefix: str) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        replacement = convert(prefix, module)
+        if replacement is not None:
+            memo[id(module)] = replacement
+            return replacement
+        memo[id(module)] = module
+        # _modules, not named_children(): the latter skips a child already seen, so a
+        # module shared by two parents would be replaced in only one of them.
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new = visit(child, f"{prefix}.{name}" if prefix else name)
+            if new is not child:
+                setattr(module, name, new)
+        return module
+
+    return visit(model, "")
+
+
+def prepare_qat(
+    model: nn.Module,
+    config: QATConfig | None = None,
+    *,
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+    averaging_constant: float | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """The model with every nn.Conv2d / nn.Linear replaced by QATConv2d / QATLinear.
+    Parameters are shared with the float modules (a copy of the model is made first
+    unless ``inplace``), so create the optimizer after preparing. Keyword overrides
+    take precedence over ``config``. Already-prepared layers are left as they are."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_qat: expected an nn.Module, got {type(model).__name__}")
+    base = config or QATConfig()
+    overrides = {
+        k: v
+        for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits), ("averaging_constant", averaging_constant))
+        if v is not None
+    }
+    cfg = QATConfig(**{**base.__dict__, **overrides})
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def convert(name: str, module: nn.Module):
+        qat_cls = _FLOAT_TO_QAT.get(type(module))
+        if qat_cls is None:
+            return None
+        new = qat_cls.from_float(module, cfg)
+        new._qat_name = name or "(root)"
+        return new
+
+    return _swap(model, convert)
+
+
+def strip_qat(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The float model: every QAT layer back to a plain nn.Conv2d / nn.Linear with the
+    same weights (observer ranges dropped). State dict names equal the float model's."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _swap(model, lambda name, m: m.to_float() if isinstance(m, QAT_MODULES) else None)
+
+
+def prepare_ptq(model: nn.Module, *, inplace: bool = True) -> nn.Module:
+    """A PTQ client trains the plain float model (paper §2.1): this returns ``model``
+    itself, or its stripped float twin if it had been prepared for QAT."""
+    if any(isinstance(m, QAT_MODULES) for m in model.modules()):
+        return strip_qat(model, inplace=inplace)
+    return model
+
+
+def prepare(model: nn.Module, strategy: str, *, inplace: bool = False, **qat_options) -> nn.Module:
+    """``prepare_ptq`` or ``prepare_qat`` by name ('ptq' | 'qat')."""
+    if strategy == "qat":
+        return prepare_qat(model, inplace=inplace, **qat_options)
+    if strategy == "ptq":
+        if qat_options:
+            raise TypeError(f"prepare: options {sorted(qat_options)} apply to strategy 'qat' only")
+        return prepare_ptq(model, inplace=inplace)
+    raise ValueError(f"prepare: strategy must be 'ptq' or 'qat', got {strategy!r}")
+
+
+def qat_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every QAT layer."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, QAT_MODULES))
+
+
+def observer_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys of the activation observers (client-local state)."""
+    return [f"{name}.{buf}" if name else buf for name, _ in qat_modules(model) for buf in OBSERVER_BUFFERS]
+
+
+def float_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` without the observer buffers: the names, shapes and
+    dtypes of the float model's state dict, whatever the client's strategy."""
+    drop = set(observer_keys(model))
+    return {k: v for k, v in model.state_dict().items() if k not in drop}
+
+
+def load_float_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Loads float-model weights (e.g. the dequantized global model) into ``model``,
+    PTQ or QAT. Strict about everything except the observer buffers: a QAT model keeps
+    its own ranges when ``state_dict`` has none; any other missing or unexpected key
+    raises (naming it)."""
+    observers = set(observer_keys(model))
+    missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
+    missing = [k for k in missing if k not in observers]
+    if missing or unexpected:
+        raise KeyError(f"load_float_state_dict: missing keys {missing}, unexpected keys {list(unexpected)}")

@@ -1,0 +1,5 @@
+import sys
+
+from fedhq_kernels.profile.cli import main
+
+sys.exit(main())
