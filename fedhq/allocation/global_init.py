@@ -1,0 +1,142 @@
+"""Coarse-grained global initialization: one PTQ/QAT strategy per client (paper §3.3, §4.2).
+
+The server receives each client's (Sig_speed, Sig_acc) (Eq. 4), min-max normalizes each
+list into (0, 1) (Eq. 5), and places client m at x = NormSig_speed, y = NormSig_acc. The
+point spans a right triangle with the axes, hypotenuse slope y / x and area x * y / 2.
+
+    Theta = xi * NormSig_speed + (1 - xi) * NormSig_acc,   xi = 0.2            (Eq. 6)
+
+Decision (ALGORITHM.md §4): "the slope of Theta" is the slope of the ray through
+(xi, 1 - xi), (1 - xi) / xi (4 at xi = 0.2). A client gets PTQ iff
+
+    y / x > (1 - xi) / xi   (hypotenuse steeper than Theta)   or   x * y / 2 < area_threshold
+
+and QAT otherwise. Raising xi lowers the slope, so it never turns a PTQ client into QAT
+(the paper's Table 3: xi = 0.1 trains slower than 0.2, i.e. has more QAT clients).
+
+Orientation (ALGORITHM.md §4, "Known tension"): Eq. 2 makes Sig_speed grow with the
+client's training time, while the paper's prose reads a high NormSig_speed as a fast
+client. `speed_orientation="time"` (default) uses Eq. 2 as printed, x = NormSig_speed;
+`"speed"` uses x = 1 - NormSig_speed, so a fast client sits at high x as the prose
+says. The end-to-end benchmark decides which default to keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+DEFAULT_XI = 0.2
+DEFAULT_AREA_THRESHOLD = 0.0625
+NORMALIZATION_MARGIN = 0.01
+
+SpeedOrientation = Literal["time", "speed"]
+_ORIENTATIONS = get_args(SpeedOrientation)
+
+
+class Strategy(str, Enum):
+    """A client's quantization strategy; compares equal to its string value."""
+
+    PTQ = "ptq"
+    QAT = "qat"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_BY_PTQ_FLAG = np.array([Strategy.QAT, Strategy.PTQ], dtype=object)  # index with the PTQ mask
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compare fields explicitly
+class Allocation:
+    """global_init's result: the strategies and what is needed to draw Fig. 3."""
+
+    strategies: list[Strategy]  # one per client, in input order
+    ptq: np.ndarray  # bool mask, True where the client got PTQ
+    x: np.ndarray  # NormSig_speed after orientation
+    y: np.ndarray  # NormSig_acc
+    xi: float
+    theta_slope: float  # (1 - xi) / xi, Eq. 6's threshold ray
+    area_threshold: float
+    speed_orientation: SpeedOrientation
+
+
+def _as_significances(values: Any, name: str) -> np.ndarray:
+    try:
+        v = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be numeric, got {type(values).__name__}: {err}") from err
+    if v.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one value per client), got shape {v.shape}")
+    if v.size == 0:
+        raise ValueError(f"{name} is empty: need at least one client")
+    bad = ~np.isfinite(v)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s), the first at client {first}")
+    return v
+
+
+def normalize_significance(values: Any, margin: float = NORMALIZATION_MARGIN) -> np.ndarray:
+    """Eq. 5: min-max map into [margin, 1 - margin], strictly inside (0, 1); all equal -> 0.5."""
+    if not 0 < margin < 0.5:
+        raise ValueError(f"margin must lie in (0, 0.5), got {margin}")
+    half = _as_significances(values, "significances") / 2  # so that hi - lo cannot overflow
+    lo, hi = half.min(), half.max()
+    if lo == hi:
+        return np.full_like(half, 0.5)
+    return margin + (1 - 2 * margin) * ((half - lo) / (hi - lo))
+
+
+def geometric_segmentation(x: np.ndarray, y: np.ndarray, xi: float, area_threshold: float) -> np.ndarray:
+    """The PTQ mask for normalized coordinates: steeper than Theta, or a small triangle.
+
+    y / x > (1 - xi) / xi is evaluated as y * xi > x * (1 - xi) (x > 0), which keeps the
+    monotonicity in xi exact in floating point as well.
+    """
+    steeper_than_theta = y * xi > x * (1 - xi)  # Eq. 6, slope of the ray (xi, 1 - xi)
+    small_triangle = x * y / 2 < area_threshold  # "unimportant" client
+    return steeper_than_theta | small_triangle
+
+
+def _validate_parameters(xi: float, area_threshold: float, speed_orientation: str) -> None:
+    if not 0 < xi < 1:
+        raise ValueError(f"xi must lie in (0, 1), got {xi}")
+    if not (np.isfinite(area_threshold) and area_threshold >= 0):
+        raise ValueError(f"area_threshold must be finite and >= 0, got {area_threshold}")
+    if speed_orientation not in _ORIENTATIONS:
+        raise ValueError(f"speed_orientation must be one of {_ORIENTATIONS}, got {speed_orientation!r}")
+
+
+def global_init(
+    speed_sig: Any,
+    acc_sig: Any,
+    xi: float = DEFAULT_XI,
+    area_threshold: float = DEFAULT_AREA_THRESHOLD,
+    *,
+    speed_orientation: SpeedOrientation = "time",
+    margin: float = NORMALIZATION_MARGIN,
+) -> Allocation:
+    """Assign PTQ or QAT to every client from its (Sig_speed, Sig_acc) pair (Eq. 4-6).
+
+    Vectorized over clients; the result depends on each client's own pair and the lists'
+    min and max only, so it does not depend on client order. `speed_orientation` is the
+    "time"/"speed" reading of Sig_speed (module docstring); `margin` is how far Eq. 5
+    keeps normalized values from 0 and 1.
+    """
+    _validate_parameters(xi, area_threshold, speed_orientation)
+    speed = _as_significances(speed_sig, "speed_sig")
+    acc = _as_significances(acc_sig, "acc_sig")
+    if speed.size != acc.size:
+        raise ValueError(f"speed_sig has {speed.size} clients but acc_sig has {acc.size}")
+    x = normalize_significance(speed, margin)  # Eq. 5
+    if speed_orientation == "speed":
+        x = 1 - x
+    y = normalize_significance(acc, margin)  # Eq. 5
+    ptq = geometric_segmentation(x, y, xi, area_threshold)
+    strategies = _BY_PTQ_FLAG[ptq.astype(np.intp)].tolist()
+    theta_slope = (1 - xi) / xi  # Eq. 6
+    return Allocation(strategies, ptq, x, y, float(xi), theta_slope, float(area_threshold), speed_orientation)

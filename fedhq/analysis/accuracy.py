@@ -1,0 +1,436 @@
+"""Accuracy significance of one client: Alg. 1 (distribution fitting) and Eq. 3.
+
+Runs on the client, once, before training (paper §3.2). The client reduces every local
+sample to one scalar statistic (by default its class-label index, since label skew is
+what non-IID partitions create; any per-sample function can be plugged in), fits those
+values to each family of Table 1, keeps the best fit F_out, and computes
+
+    Sig_acc = sum_{v=1..V} V^(-a) * |x_v - mean(F_out)|,   0 < a < 1   (Eq. 3)
+
+Privacy: the data, the statistic values and the fitted distribution never leave the
+client; only the float returned by `accuracy_significance` is sent to the server.
+
+Decisions (ALGORITHM.md §3 leaves them open):
+
+- AutoFit: scipy.stats maximum likelihood for the continuous families, moments or MLE
+  for the discrete ones (Poisson: lambda = mean, which is both; Binomial: moments).
+- Goodness: the Kolmogorov-Smirnov statistic sup_x |F_n(x) - F(x)| (lower is better),
+  computed exactly for discrete families too (scipy's `kstest` assumes a continuous
+  CDF and overstates it on tied, integer data, which would unfairly favour the
+  continuous families on labels).
+- Support: a family whose support the data do not fit is fitted on affinely mapped
+  values z = (x - offset) / scale; its KS statistic is the same in either coordinate
+  (the map is increasing) and its mean is mapped back for Eq. 3. The map is applied
+  only when needed, and each fit records it in `transform`:
+  * Log-normal, Gamma, Power-law (support x > 0, location fixed at 0): data with
+    min <= 0 are shifted so their minimum becomes POSITIVE_SHIFT_FRACTION of their
+    range (labels 0..9 -> 0.9..9.9); a fraction of the range keeps the choice
+    independent of the data's units.
+  * Beta (support (0, 1), no location/scale parameters as in Table 1): data outside
+    (0, 1) are min-max rescaled into [m, 1 - m] with m = BETA_MARGIN / (1 + 2 BETA_MARGIN),
+    i.e. a margin of BETA_MARGIN times the range on each side, so no value sits on the
+    boundary where the Beta log-likelihood is infinite.
+  * Binomial and Poisson need non-negative integers; otherwise they are skipped.
+- Power-law: the paper's Table 1 prints f(x) = c x^(-alpha-1) (a Pareto tail with
+  x >= x_min, c = alpha x_min^alpha); fitted with scipy's `pareto` (alpha = b,
+  x_min = scale, both MLE).
+- Student t: fitted with location and scale (df, loc, scale), since Table 1's bare
+  t(n) is centred at 0 with unit scale and would never fit a label histogram.
+- Fallback: a family that cannot be fitted (support, over-dispersion, a Student t
+  whose MLE is the Normal limit, an optimizer failure, a non-finite parameter, or no
+  finite mean for Eq. 3) is skipped with its reason recorded in
+  `DistributionFit.skipped`; the analysis never fails for it. Zero-variance data (e.g.
+  a client holding a single class) have no spread for any family to fit: the result
+  is the point mass at that value, with KS 0, and Eq. 3 gives 0.
+- Selection: Alg. 1 keeps the smallest KS, read up to sampling noise. A correctly
+  specified fit has KS about 0.87 / sqrt(V) on average (Kolmogorov distribution, sd
+  0.26 / sqrt(V)), so families within TIE_FRACTION / sqrt(V) of the smallest KS are
+  tied, and among them the one with the fewest free parameters wins (the parameters
+  a support map takes from the data count: +1 for a shift, +2 for the Beta rescale),
+  then the smaller KS. Without it, nested families (Student t -> Normal as
+  df -> infinity, Binomial -> Poisson as n -> infinity, a rescaled Beta with large a, b
+  -> Normal) win or lose on noise. Measured on the samplers of
+  tests/test_accuracy_analysis.py at V = 3,000, 25 seeds: with TIE_FRACTION = 0 normal
+  samples picked Normal 16 times, Poisson samples Poisson 12 times, logistic samples
+  Logistic 15 times; with 0.5 all nine families were recovered every time (and 40 of 40
+  seeds at V = 5,000).
+- Speed: the MLE fits (Student t is the slow one, 0.1-0.3 s for scipy's optimizer) use
+  at most `max_fit_samples` values: evenly spaced order statistics of the sorted data,
+  a deterministic sample that keeps the empirical distribution's shape and makes the
+  result independent of sample order. KS and Eq. 3 always use every sample.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+from scipy import stats
+
+DEFAULT_A = 0.5
+MAX_FIT_SAMPLES = 2000
+TIE_FRACTION = 0.5
+POSITIVE_SHIFT_FRACTION = 0.1
+BETA_MARGIN = 0.05
+
+_FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError)  # scipy's FitError is a RuntimeError
+
+
+@dataclass(frozen=True)
+class FamilyFit:
+    """One fitted family: parameters in the fitted coordinate, KS, mean in data units."""
+
+    family: str
+    params: Mapping[str, float]
+    ks: float
+    mean: float
+    free_params: int  # the family's own plus those of its support map
+    transform: str
+
+
+@dataclass(frozen=True)
+class DistributionFit:
+    """Alg. 1's output: the best family F_out plus the per-family table for diagnostics."""
+
+    family: str
+    params: Mapping[str, float]
+    ks: float
+    mean: float
+    transform: str
+    table: tuple[FamilyFit, ...]  # every family fitted, by KS (the tie rule may pick a later one)
+    skipped: Mapping[str, str]  # family -> why it was not fitted
+
+
+@dataclass(frozen=True)
+class _Coordinates:
+    """Affine map z = (x - offset) / scale from data units to a family's support."""
+
+    offset: float = 0.0
+    scale: float = 1.0
+    free_params: int = 0  # taken from the data (counted by the tie rule)
+
+    def to_fit(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.offset) / self.scale
+
+    def to_data(self, z: float) -> float:
+        return self.offset + self.scale * z
+
+    def describe(self) -> str:
+        if self.free_params == 0:
+            return "none"
+        sign = "-" if self.offset > 0 else "+"
+        shifted = f"x {sign} {abs(self.offset):.6g}"
+        return f"z = {shifted}" if self.scale == 1.0 else f"z = ({shifted}) / {self.scale:.6g}"
+
+
+_IDENTITY = _Coordinates()
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """The client's values, summarized once for every family."""
+
+    values: np.ndarray  # sorted, float64
+    fit_sample: np.ndarray  # sorted subsample for the MLE fits
+    unique: np.ndarray  # sorted distinct values
+    ecdf: np.ndarray  # F_n at each distinct value
+    is_count_data: bool  # non-negative integers: the discrete families apply
+
+
+class _Fitted(NamedTuple):
+    dist: Any  # a frozen scipy.stats distribution in the fitted coordinate
+    params: dict[str, float]
+    coords: _Coordinates
+
+
+class _Unfittable(Exception):
+    """A family does not apply to these data; the message is the recorded reason."""
+
+
+class _Family(NamedTuple):
+    name: str
+    n_params: int
+    discrete: bool
+    fit: Callable[[_Sample], _Fitted]
+
+
+# ---- support maps -------------------------------------------------------------------
+
+
+def _positive_coordinates(values: np.ndarray) -> _Coordinates:
+    lo, hi = values[0], values[-1]
+    if lo > 0:
+        return _IDENTITY
+    return _Coordinates(offset=lo - POSITIVE_SHIFT_FRACTION * (hi - lo), free_params=1)
+
+
+def _unit_interval_coordinates(values: np.ndarray) -> _Coordinates:
+    lo, hi = values[0], values[-1]
+    if lo > 0 and hi < 1:
+        return _IDENTITY
+    margin = BETA_MARGIN * (hi - lo)
+    return _Coordinates(offset=lo - margin, scale=(hi - lo) + 2 * margin, free_params=2)
+
+
+# ---- AutoFit, one function per Table 1 family ---------------------------------------
+
+
+def _fit_normal(s: _Sample) -> _Fitted:
+    mu, sigma = stats.norm.fit(s.fit_sample)
+    return _Fitted(stats.norm(mu, sigma), {"mu": mu, "sigma": sigma}, _IDENTITY)
+
+
+def _fit_power_law(s: _Sample) -> _Fitted:
+    coords = _positive_coordinates(s.values)
+    alpha, _, x_min = stats.pareto.fit(coords.to_fit(s.fit_sample), floc=0)
+    return _Fitted(stats.pareto(alpha, scale=x_min), {"alpha": alpha, "x_min": x_min}, coords)
+
+
+def _require_counts(s: _Sample) -> None:
+    if not s.is_count_data:
+        raise _Unfittable("needs non-negative integer values")
+
+
+def _fit_binomial(s: _Sample) -> _Fitted:
+    _require_counts(s)
+    mean, var = s.values.mean(), s.values.var()
+    if var >= mean:
+        raise _Unfittable(
+            f"variance {var:.4g} >= mean {mean:.4g}: no Binomial is that dispersed (Poisson is its limit)"
+        )
+    # Moments: mean = n p, var = n p (1 - p); n at least the largest count observed.
+    n = max(round(mean / (1 - var / mean)), int(s.values[-1]))
+    p = mean / n
+    return _Fitted(stats.binom(n, p), {"n": float(n), "p": p}, _IDENTITY)
+
+
+def _fit_poisson(s: _Sample) -> _Fitted:
+    _require_counts(s)
+    lam = s.values.mean()  # MLE and moments agree
+    return _Fitted(stats.poisson(lam), {"lambda": lam}, _IDENTITY)
+
+
+def _fit_lognormal(s: _Sample) -> _Fitted:
+    coords = _positive_coordinates(s.values)
+    sigma, _, scale = stats.lognorm.fit(coords.to_fit(s.fit_sample), floc=0)
+    return _Fitted(stats.lognorm(sigma, scale=scale), {"mu": float(np.log(scale)), "sigma": sigma}, coords)
+
+
+def _fit_student_t(s: _Sample) -> _Fitted:
+    # With the Normal MLE plugged in, d loglik / d(1/df) at 1/df = 0 is (V/4) * (excess
+    # kurtosis): when that is <= 0 the likelihood climbs towards df -> infinity, the Normal
+    # fit already in the table, and scipy's optimizer spends its 600 evaluations (~0.3 s)
+    # chasing it.
+    excess_kurtosis = stats.kurtosis(s.fit_sample)
+    if excess_kurtosis <= 0:
+        raise _Unfittable(f"excess kurtosis {excess_kurtosis:.3g} <= 0: MLE df -> infinity, i.e. the Normal")
+    df, loc, scale = stats.t.fit(s.fit_sample)
+    return _Fitted(stats.t(df, loc, scale), {"df": df, "loc": loc, "scale": scale}, _IDENTITY)
+
+
+def _fit_logistic(s: _Sample) -> _Fitted:
+    mu, scale = stats.logistic.fit(s.fit_sample)
+    return _Fitted(stats.logistic(mu, scale), {"mu": mu, "s": scale}, _IDENTITY)
+
+
+def _fit_beta(s: _Sample) -> _Fitted:
+    coords = _unit_interval_coordinates(s.values)
+    a, b, _, _ = stats.beta.fit(coords.to_fit(s.fit_sample), floc=0, fscale=1)
+    return _Fitted(stats.beta(a, b), {"a": a, "b": b}, coords)
+
+
+def _fit_gamma(s: _Sample) -> _Fitted:
+    coords = _positive_coordinates(s.values)
+    k, _, theta = stats.gamma.fit(coords.to_fit(s.fit_sample), floc=0)
+    return _Fitted(stats.gamma(k, scale=theta), {"k": k, "theta": theta}, coords)
+
+
+# Table 1, in the paper's order (the order also breaks exact ties).
+TABLE_1 = (
+    _Family("normal", 2, False, _fit_normal),
+    _Family("power_law", 2, False, _fit_power_law),
+    _Family("binomial", 2, True, _fit_binomial),
+    _Family("poisson", 1, True, _fit_poisson),
+    _Family("lognormal", 2, False, _fit_lognormal),
+    _Family("student_t", 3, False, _fit_student_t),
+    _Family("logistic", 2, False, _fit_logistic),
+    _Family("beta", 2, False, _fit_beta),
+    _Family("gamma", 2, False, _fit_gamma),
+)
+FAMILIES = tuple(f.name for f in TABLE_1)
+
+
+# ---- goodness of fit (Alg. 1's evaluation function E) -------------------------------
+
+
+def ks_statistic(unique: np.ndarray, ecdf: np.ndarray, dist: Any, discrete: bool) -> float:
+    """sup_x |F_n(x) - F(x)| for an empirical CDF given at its distinct sorted values.
+
+    Both CDFs are right-continuous and F_n is flat between data points, so the supremum
+    is reached at a data point u or just left of it: compare F_n(u) with F(u) and the
+    previous F_n with F(u-). For a continuous F, F(u-) = F(u) and this is the usual
+    statistic; for an integer-valued F, F(u-) = F(u - 1).
+    """
+    cdf = dist.cdf(unique)
+    cdf_left = dist.cdf(unique - 1) if discrete else cdf
+    ecdf_left = np.concatenate(([0.0], ecdf[:-1]))
+    return float(max(np.max(np.abs(ecdf - cdf)), np.max(np.abs(ecdf_left - cdf_left))))
+
+
+def _evaluate(family: _Family, sample: _Sample) -> FamilyFit:
+    """AutoFit one family, then score it; raises _Unfittable with the reason to record."""
+    with warnings.catch_warnings():
+        # Optimizer overflow warnings: the outcome is checked for finiteness below.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            fitted = family.fit(sample)
+            params = {k: float(v) for k, v in fitted.params.items()}
+            mean = float(fitted.dist.mean())
+            ks = ks_statistic(fitted.coords.to_fit(sample.unique), sample.ecdf, fitted.dist, family.discrete)
+        except _FIT_ERRORS as err:
+            raise _Unfittable(f"fit failed: {type(err).__name__}: {err}") from err
+    if not all(np.isfinite(v) for v in params.values()):
+        raise _Unfittable(f"fit gave non-finite parameters {params}")
+    if not np.isfinite(mean):
+        raise _Unfittable(f"fitted distribution has no finite mean (Eq. 3 needs one): {params}")
+    if not np.isfinite(ks):
+        raise _Unfittable(f"fitted CDF is not finite on the data: {params}")
+    coords = fitted.coords
+    free = family.n_params + coords.free_params
+    return FamilyFit(family.name, params, ks, float(coords.to_data(mean)), free, coords.describe())
+
+
+# ---- Alg. 1 -------------------------------------------------------------------------
+
+
+def _validate_values(values: Any) -> np.ndarray:
+    try:
+        x = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"statistic values must be numeric, got {type(values).__name__}: {err}") from err
+    if x.ndim != 1:
+        raise ValueError(f"expected one scalar statistic per sample (a 1-D array), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError("the client has no samples: accuracy significance needs at least one")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(f"{int(bad.sum())} non-finite statistic value(s), the first at index {first}")
+    return x
+
+
+def _summarize(values: np.ndarray, max_fit_samples: int) -> _Sample:
+    x = np.sort(values)
+    unique, counts = np.unique(x, return_counts=True)
+    if x.size > max_fit_samples:
+        fit_sample = x[np.linspace(0, x.size - 1, max_fit_samples).round().astype(np.intp)]
+    else:
+        fit_sample = x
+    return _Sample(
+        values=x,
+        fit_sample=fit_sample,
+        unique=unique,
+        ecdf=np.cumsum(counts) / x.size,
+        is_count_data=bool(x[0] >= 0 and np.all(unique == np.round(unique))),
+    )
+
+
+def _point_mass(value: float) -> DistributionFit:
+    reason = f"zero variance: every value is {value:.6g}, a point mass"
+    params = {"value": value}
+    return DistributionFit("point_mass", params, 0.0, value, "none", (), {f: reason for f in FAMILIES})
+
+
+def _select(table: list[FamilyFit], tie_tolerance: float) -> FamilyFit:
+    """Smallest KS; within tie_tolerance of it, fewest free parameters, then smaller KS."""
+    best_ks = min(f.ks for f in table)
+    tied = [f for f in table if f.ks <= best_ks + tie_tolerance]
+    return min(tied, key=lambda f: (f.free_params, f.ks))
+
+
+def fit_distribution(
+    values: Any, *, max_fit_samples: int = MAX_FIT_SAMPLES, tie_fraction: float = TIE_FRACTION
+) -> DistributionFit:
+    """Alg. 1: fit 1-D per-sample values to each Table 1 family and keep the best by KS.
+
+    Families that cannot be fitted are listed in `skipped` with the reason; see the module
+    docstring for the support transformations, the tie rule and the fit subsample.
+    """
+    x = _validate_values(values)
+    if max_fit_samples < 2:
+        raise ValueError(f"max_fit_samples must be >= 2, got {max_fit_samples}")
+    if not tie_fraction >= 0:
+        raise ValueError(f"tie_fraction must be >= 0, got {tie_fraction}")
+    sample = _summarize(x, max_fit_samples)
+    if sample.unique.size == 1:
+        return _point_mass(float(sample.unique[0]))
+    table, skipped = [], {}
+    for family in TABLE_1:
+        try:
+            table.append(_evaluate(family, sample))
+        except _Unfittable as why:
+            skipped[family.name] = str(why)
+    if not table:
+        raise RuntimeError(f"no Table 1 family could be fitted: {skipped}")
+    best = _select(table, tie_fraction / np.sqrt(x.size))
+    table.sort(key=lambda f: f.ks)
+    return DistributionFit(
+        best.family, best.params, best.ks, best.mean, best.transform, tuple(table), skipped
+    )
+
+
+# ---- Eq. 3 --------------------------------------------------------------------------
+
+
+def _validate_a(a: float) -> None:
+    if not 0 < a < 1:
+        raise ValueError(f"a must lie in (0, 1) (Eq. 3), got {a}")
+
+
+def weighted_distance(values: Any, center: float, a: float = DEFAULT_A) -> float:
+    """Eq. 3: sum_v V^(-a) * |x_v - center|, over all V values, with center = mean(F_out)."""
+    _validate_a(a)
+    x = _validate_values(values)
+    if not np.isfinite(center):
+        raise ValueError(f"center must be finite, got {center}")
+    with np.errstate(over="ignore"):
+        sig = float(x.size ** (-a) * np.abs(x - center).sum())
+    if not np.isfinite(sig):
+        raise ValueError("Eq. 3 overflows float64 for these values (near 1e308): rescale the statistic")
+    return sig
+
+
+# ---- per-sample statistics (pluggable) ----------------------------------------------
+
+
+def class_label(labels: Any) -> np.ndarray:
+    """The default statistic: each sample's class-label index (validated by the caller)."""
+    return np.asarray(labels)
+
+
+def feature_mean(features: Any) -> np.ndarray:
+    """Mean of each sample's features (e.g. mean pixel intensity); axis 0 is the sample."""
+    x = np.asarray(features, dtype=np.float64)
+    return x.reshape(x.shape[0], -1).mean(axis=1)
+
+
+def accuracy_significance(
+    data: Any,
+    *,
+    statistic: Callable[[Any], Any] = class_label,
+    a: float = DEFAULT_A,
+    max_fit_samples: int = MAX_FIT_SAMPLES,
+) -> float:
+    """The client's Sig_acc in one call: statistic -> Alg. 1 -> Eq. 3.
+
+    `data` is whatever `statistic` takes: class labels for the default `class_label`,
+    a samples-first feature array for `feature_mean`. Alg. 1 may fit on a subsample
+    (`max_fit_samples`); Eq. 3 uses every sample. Only the returned float is meant to
+    leave the client.
+    """
+    _validate_a(a)
+    values = _validate_values(statistic(data))
+    fit = fit_distribution(values, max_fit_samples=max_fit_samples)
+    return weighted_distance(values, fit.mean, a)  # Eq. 3
