@@ -120,9 +120,13 @@ def fake_quant(
         if zero_point is not None:
             raise ValueError("fake_quant: zero_point was given without a scale; give both, or neither to observe")
         _check_symmetric_range("fake_quant", symmetric, quant_min, quant_max)
+        if ops.eager_fast_path(x):
+            return ops.FakeQuantObservedEager.apply(x, quant_min, quant_max, symmetric, axis)[0]
         return ops.fake_quant_observed(x, quant_min, quant_max, symmetric, axis)[0]
     scale = _qparam_tensor("fake_quant", "scale", scale, torch.float32, x, axis)
     zero_point = _qparam_tensor("fake_quant", "zero_point", 0 if zero_point is None else zero_point, torch.int32, x, axis)
+    if ops.eager_fast_path(x):
+        return ops.FakeQuantEager.apply(x, scale, zero_point, quant_min, quant_max, axis)
     return ops.fake_quant(x, scale, zero_point, quant_min, quant_max, axis)
 
 

@@ -79,3 +79,42 @@ def test_compile_quantize_and_dequantize(backend):
 
     x = torch.randn(12, 40)
     assert_equal(torch.compile(roundtrip, fullgraph=True, backend="aot_eager")(x), roundtrip(x))
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the names of the ops dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("observed", [False, True], ids=["given", "observed"])
+def test_eager_fast_path_equals_registered_op(backend, gen, observed):
+    """Eager calls skip the dispatcher (fedhq_kernels.ops.eager_fast_path); under a
+    dispatch mode they go through torch.ops.fedhq, and both give the same bits,
+    forward and gradient."""
+    x = torch.randn(6, 5, 7, generator=gen).mul(3)[:, ::2]  # non-contiguous
+    grad = torch.randn(x.shape, generator=gen)
+    kwargs = {"axis": 1} if observed else {"scale": torch.rand(3, generator=gen) + 0.05, "zero_point": torch.tensor([0, 3, -2]), "axis": 1}
+
+    def run(recorder):
+        leaf = x.clone().requires_grad_(True)
+        if recorder is None:
+            y = fk.fake_quant(leaf, **kwargs)
+        else:
+            with recorder:
+                y = fk.fake_quant(leaf, **kwargs)
+        y.backward(grad)
+        return y.detach(), leaf.grad
+
+    recorder = _OpRecorder()
+    eager, registered = run(None), run(recorder)
+    expected = "fedhq.fake_quant_observed.default" if observed else "fedhq.fake_quant.default"
+    assert expected in recorder.ops
+    for a, b in zip(eager, registered):
+        assert_equal(a, b)
