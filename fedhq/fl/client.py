@@ -1,0 +1,152 @@
+"""One client's round: load the global model, train with its strategy, upload.
+
+``train_local`` is a pure function of its arguments (model spec, global float
+weights, local data, round plan, client-local state), so the embedded engine and the
+Flower ClientApp run the same code. Randomness (shuffling) comes from a generator
+seeded by (run seed, round, client): a run is reproducible and resumable without
+saving any RNG state.
+
+What is quantized and what stays float (docs/fl.md): a PTQ client trains the float
+model; a QAT client trains ``fedhq.quant.prepare_qat(model)`` (weights per channel and
+input activations per tensor through ``fedhq_kernels.fake_quant``). Both upload
+``fedhq_kernels.quantize_state_dict`` of the float model's state dict: every float
+tensor (weights, biases, BatchNorm's affine parameters *and* running statistics) as
+INT``bits`` codes, integer buffers (``num_batches_tracked``) as they are. The QAT
+activation observers never leave the client (``ClientState``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fedhq_kernels as fk
+from fedhq.data.base import Split
+from fedhq.models import ModelSpec
+from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys, prepare_qat
+
+CLIENT_STRATEGIES = ("ptq", "qat", "fp32")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server asks of a client in one round."""
+
+    round: int
+    strategy: str  # 'ptq' | 'qat' | 'fp32' (float training, float upload)
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    bits: int
+    seed: int
+
+    def __post_init__(self):
+        if self.strategy not in CLIENT_STRATEGIES:
+            raise ValueError(f"RoundPlan: strategy must be one of {CLIENT_STRATEGIES}, got {self.strategy!r}")
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds: its QAT observers' ranges."""
+
+    observers: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Update:
+    """A client's upload: ``state`` maps the float model's names to QuantizedTensors
+    (float tensors for fp32), plus what the server weighs and reports it by."""
+
+    client: int
+    state: dict
+    num_samples: int
+    train_loss: float
+    steps: int
+    wall_s: float
+
+    @property
+    def nbytes(self) -> int:
+        return payload_bytes(self.state)
+
+
+def payload_bytes(state: Mapping) -> int:
+    """Bytes on the wire: codes + scales + zero points, or raw tensor bytes."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, fk.QuantizedTensor):
+            total += value.nbytes
+        elif isinstance(value, Tensor):
+            total += value.numel() * value.element_size()
+    return total
+
+
+def round_seed(seed: int, round_: int, client: int) -> int:
+    """A distinct, reproducible seed per (run, round, client)."""
+    return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63 - 1)
+
+
+def build_client_model(spec: ModelSpec, strategy: str, state: ClientState | None) -> nn.Module:
+    model = spec.build()
+    if strategy == "qat":
+        model = prepare_qat(model, inplace=True)
+        if state is not None and state.observers:
+            model.load_state_dict(state.observers, strict=False)
+    return model
+
+
+def train_local(
+    spec: ModelSpec,
+    global_state: Mapping[str, Tensor],
+    data: Split,
+    plan: RoundPlan,
+    client: int,
+    state: ClientState | None = None,
+) -> tuple[Update, ClientState]:
+    """Trains ``plan.epochs`` epochs of SGD from ``global_state`` (float tensors) on
+    ``data``; returns the upload and the client's new local state."""
+    started = time.perf_counter()
+    model = build_client_model(spec, plan.strategy, state)
+    load_float_state_dict(model, global_state)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum)
+    generator = torch.Generator().manual_seed(round_seed(plan.seed, plan.round, client))
+    n = len(data)
+    losses, steps = [], 0
+    for _ in range(plan.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, plan.batch_size):
+            idx = order[start : start + plan.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            steps += 1
+    weights = {k: v.detach().clone() for k, v in float_state_dict(model).items()}
+    upload = weights if plan.strategy == "fp32" else fk.quantize_state_dict(weights, bits=plan.bits)
+    keys = observer_keys(model)
+    new_state = ClientState({k: v.detach().clone() for k, v in model.state_dict().items() if k in keys})
+    train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+    update = Update(client, upload, n, train_loss, steps, time.perf_counter() - started)
+    return update, new_state
+
+
+@torch.no_grad()
+def evaluate(spec: ModelSpec, weights: Mapping[str, Tensor], data: Split, batch_size: int = 512) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the float model with ``weights`` on ``data``."""
+    model = spec.build()
+    model.load_state_dict(dict(weights))
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(data), batch_size):
+        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return correct / max(1, len(data)), loss_sum / max(1, len(data))

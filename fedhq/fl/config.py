@@ -1,0 +1,151 @@
+"""RunConfig: every setting of a federated run, validated in one place.
+
+A config comes from CLI flags, a JSON file, or both (flags override the file); every
+bad value is a ``ConfigError`` naming the setting, so the CLI can print one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
+PARTITIONS = ("iid", "dirichlet", "quantity")
+SPEED_ORIENTATIONS = ("time", "speed")
+# A heterogeneous mix: a workstation GPU, an edge GPU module and a phone (fedhq/devices).
+DEFAULT_DEVICES = ("rtx-a6000", "jetson-orin-nano-8gb", "phone-snapdragon-8-gen-2")
+# Defaults of the per-client memory / compute fractions when none are given: drawn per
+# client from the seed, so clients differ in how much of their device FL may use.
+ALPHA_RANGE = (0.3, 1.0)
+BETA_RANGE = (0.3, 1.0)
+# Default dataset -> model: the small CNN sized to the dataset's images.
+DEFAULT_MODELS = {"digits": "small_cnn@8x8x1:10", "cifar10": "small_cnn@32x32x3:10",
+                  "cifar100": "small_cnn@32x32x3:100", "svhn": "small_cnn@32x32x3:10",
+                  "synthetic": "small_cnn@8x8x1:10"}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
+@dataclass
+class RunConfig:
+    strategy: str = "fedhq"
+    dataset: str = "digits"
+    data_root: str | None = None
+    model: str | None = None  # None: DEFAULT_MODELS[dataset]
+    clients: int = 10
+    rounds: int = 25
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    quantity_sigma: float = 1.0  # spread of log client sizes for partition = quantity
+    devices: list[str] = field(default_factory=lambda: list(DEFAULT_DEVICES))
+    alphas: list[float] | None = None  # per client; None: drawn from ALPHA_RANGE
+    betas: list[float] | None = None
+    xi: float = 0.2
+    area_threshold: float = 0.0625
+    speed_orientation: str = "time"
+    bits: int = 8
+    seed: int = 0
+    output_dir: str = "results/run"
+    reference_profile: str | None = None  # measured profile of this machine; None: measure one
+    uplink_mbps: float = 20.0  # for a device whose profile has no network figure
+    client_timeout_s: float | None = None
+    threads: int = 2
+
+    # ---- construction ----
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(names)}")
+        return cls(**values).validated()
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"config file {path} is not readable JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of settings")
+        values.update(overrides or {})
+        return cls.from_dict(values, where=f"config file {path}")
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes).validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def model_spec_text(self) -> str:
+        return self.model or DEFAULT_MODELS.get(self.dataset, "small_cnn")
+
+    @property
+    def quantized(self) -> bool:
+        return self.strategy != "fp32"
+
+    # ---- validation ----
+
+    def validated(self) -> "RunConfig":
+        self.devices = list(self.devices)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("partition", self.partition, PARTITIONS)
+        _choice("speed_orientation", self.speed_orientation, SPEED_ORIENTATIONS)
+        for name in ("clients", "rounds", "local_epochs", "batch_size", "threads"):
+            _int_at_least(name, getattr(self, name), 1)
+        _int_at_least("seed", self.seed, 0)
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits must be an int in [2, 8], got {self.bits!r}")
+        for name in ("lr", "dirichlet_alpha", "quantity_sigma", "uplink_mbps"):
+            _positive(name, getattr(self, name))
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not (isinstance(self.xi, (int, float)) and 0 < self.xi < 1):
+            raise ConfigError(f"xi must be in (0, 1), got {self.xi!r}")
+        _positive("area_threshold", self.area_threshold)
+        if self.client_timeout_s is not None:
+            _positive("client_timeout_s", self.client_timeout_s)
+        if not self.devices or not all(isinstance(d, str) and d for d in self.devices):
+            raise ConfigError(f"devices must be a non-empty list of preset names or profile paths, got {self.devices!r}")
+        for name in ("alphas", "betas"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            values = list(values)
+            if len(values) != self.clients:
+                raise ConfigError(f"{name} has {len(values)} values for {self.clients} clients")
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1):
+                    raise ConfigError(f"{name}: every value must be in (0, 1], got {v!r}")
+            setattr(self, name, [float(v) for v in values])
+        return self
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")

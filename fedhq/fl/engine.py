@@ -1,0 +1,344 @@
+"""The embedded engine: every client in this process, synchronous rounds.
+
+    results = run(RunConfig(strategy="fedhq"))     # also writes output_dir/results.json
+
+Setup (once): load and partition the data, give every client a device, alpha and
+beta, measure this machine's reference profile of the model (or reuse one), run the
+client-side analyses (Eq. 1-3), allocate PTQ/QAT per strategy. Then every round:
+each client trains from the global model with its strategy and uploads; the server
+validates and aggregates; the global model is evaluated; a checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedhq.allocation import global_init, normalize_significance
+from fedhq.analysis import speed as speed_analysis
+from fedhq.analysis.accuracy import accuracy_significance
+from fedhq.data import DatasetNotFoundError, load_dataset, partition
+from fedhq.data.base import Dataset, Split
+from fedhq.fl import checkpoint
+from fedhq.fl.client import ClientState, RoundPlan, Update, evaluate, train_local
+from fedhq.fl.config import ALPHA_RANGE, BETA_RANGE, ConfigError, RunConfig
+from fedhq.fl.server import Rejection, Server
+from fedhq.fl.timing import COST_STRATEGY, ClientDevice, ClientTime, synchronous_round
+from fedhq.models import ModelSpec
+
+log = logging.getLogger("fedhq.engine")
+
+RESULTS_SCHEMA = "fedhq.run/1"
+REFERENCE_FILE = "profile-reference.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+RESULTS_FILE = "results.json"
+# Batch sizes at which the reference profile measures the model's training step
+# (two or more: B_m reads peak memory off an affine fit).
+REFERENCE_BATCHES = (4, 16, 64)
+# Settings a resumed run may change: extending a run is resuming it with more rounds.
+RESUMABLE_CHANGES = ("rounds", "output_dir")
+
+TrainFn = Callable[..., tuple[Update, ClientState]]
+
+
+@dataclass
+class Client:
+    id: int
+    data: Split
+    device: ClientDevice
+    device_source: str
+    alpha: float
+    beta: float
+    batch: int
+    strategy: str = "ptq"
+
+
+# ---- setup ----
+
+
+def load_data(config: RunConfig) -> Dataset:
+    options = {"seed": config.seed}
+    try:
+        return load_dataset(config.dataset, config.data_root, **options)
+    except DatasetNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    except ValueError as error:
+        raise ConfigError(f"dataset {config.dataset!r}: {error}") from None
+
+
+def model_spec(config: RunConfig, dataset: Dataset) -> ModelSpec:
+    try:
+        spec = ModelSpec.parse(config.model_spec_text)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
+    if spec.input_shape != dataset.input_shape or spec.num_classes != dataset.num_classes:
+        raise ConfigError(
+            f"model {spec.key} takes {spec.input_shape} inputs and {spec.num_classes} classes, but dataset "
+            f"{dataset.name} has {dataset.input_shape} images and {dataset.num_classes} classes"
+        )
+    return spec
+
+
+def client_fractions(config: RunConfig) -> tuple[list[float], list[float]]:
+    """alpha_m, beta_m per client: given, or drawn from the seed."""
+    rng = np.random.default_rng([config.seed, 0xA1FA])
+    alphas = config.alphas or [round(float(v), 3) for v in rng.uniform(*ALPHA_RANGE, config.clients)]
+    betas = config.betas or [round(float(v), 3) for v in rng.uniform(*BETA_RANGE, config.clients)]
+    return list(alphas), list(betas)
+
+
+def reference_profile(config: RunConfig, spec: ModelSpec, out: Path, echo: Callable[[str], None]) -> tuple[dict, str]:
+    """This machine's measured profile of the model: the given file, the one an
+    earlier (resumed) run saved, or a fresh measurement (a few seconds)."""
+    from fedhq_kernels.profile import run as profile_run
+    from fedhq_kernels.profile import schema
+
+    path = Path(config.reference_profile) if config.reference_profile else out / REFERENCE_FILE
+    if path.exists():
+        try:
+            doc = schema.load(path)
+        except schema.ProfileError as error:
+            raise ConfigError(f"reference_profile: {error}") from None
+        if spec.key not in doc.get("models", {}):
+            raise ConfigError(f"reference_profile {path} has no measurements of model {spec.key}")
+        return doc, str(path)
+    if config.reference_profile:
+        raise ConfigError(f"reference_profile {path} does not exist")
+    echo(f"measuring this machine's training step of {spec.key} (reference profile) ...")
+    sizes = {"bandwidth_bytes": 1 << 24, "matmul_n": 256, "matmul_low_precision_n": 32, "quant_elements": 1 << 20}
+    doc = profile_run.run_profile(models=[spec.key], batches=list(REFERENCE_BATCHES), repeats=5, micro_sizes=sizes)
+    out.mkdir(parents=True, exist_ok=True)
+    schema.dump(doc, path)
+    return doc, str(path)
+
+
+def make_clients(config: RunConfig, dataset: Dataset, spec: ModelSpec, reference: dict) -> list[Client]:
+    labels = dataset.train.y.numpy()
+    options = {"iid": {}, "dirichlet": {"alpha": config.dirichlet_alpha}, "quantity": {"sigma": config.quantity_sigma}}
+    try:
+        parts = partition(config.partition, labels, config.clients, config.seed, **options[config.partition])
+    except ValueError as error:
+        raise ConfigError(f"partition: {error}") from None
+    alphas, betas = client_fractions(config)
+    clients = []
+    for cid, indices in enumerate(parts):
+        source = config.devices[cid % len(config.devices)]
+        try:
+            device = ClientDevice(source, reference, beta=betas[cid], default_uplink_mbps=config.uplink_mbps)
+            limit = min(config.batch_size, len(indices))
+            # B_m (Eq. 1): the configured batch, unless the client's memory budget holds less
+            batch = min(device.speed.max_batch(spec.key, "qat", alphas[cid], limit=limit),
+                        device.speed.max_batch(spec.key, "ptq", alphas[cid], limit=limit))  # fmt: skip
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"client {cid} on device {source!r}: {error}") from None
+        clients.append(Client(cid, dataset.train.subset(indices), device, source, alphas[cid], betas[cid], batch))
+    return clients
+
+
+def analyze(clients: list[Client], spec: ModelSpec, config: RunConfig) -> tuple[list[float], list[float], list[float]]:
+    """The client-side analyses: T_m (Eq. 1, for the cost of training with QAT, the
+    strategy being decided), Sig_speed (Eq. 2) and Sig_acc (Alg. 1 + Eq. 3 on the
+    client's labels). Only the two significances would leave a real client."""
+    times = []
+    for c in clients:
+        estimate = c.device.speed.estimate(
+            spec.key, "qat", alpha=c.alpha, beta=c.beta, samples=len(c.data), epochs=config.local_epochs, batch=c.batch
+        )
+        times.append(estimate.time_s)
+    speed_sig = speed_analysis.speed_significance(times)
+    acc_sig = [accuracy_significance(c.data.y.numpy()) for c in clients]
+    return times, speed_sig, acc_sig
+
+
+def allocate(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) -> list[str]:
+    n = len(speed_sig)
+    if config.strategy == "fedhq":
+        allocation = global_init(
+            speed_sig, acc_sig, config.xi, config.area_threshold, speed_orientation=config.speed_orientation
+        )
+        return [str(s) for s in allocation.strategies]
+    if config.strategy == "fedaqt":
+        return ["qat"] * n
+    if config.strategy == "fedfq":
+        return ["ptq"] * n
+    if config.strategy == "fedrh":
+        draws = np.random.default_rng([config.seed, 0x4D]).random(n)
+        return ["ptq" if d < 0.5 else "qat" for d in draws]
+    return ["fp32"] * n
+
+
+# ---- the run ----
+
+
+def _progress(echo: Callable[[str], None], row: dict, rounds: int) -> None:
+    width = 20
+    done = round(width * row["round"] / rounds)
+    bar = "#" * done + "." * (width - done)
+    rejected = f" | {len(row['rejected'])} rejected" if row["rejected"] else ""
+    echo(
+        f"round {row['round']:>3}/{rounds} [{bar}] acc {100 * row['accuracy']:5.1f}% loss {row['loss']:.3f} | "
+        f"wall {row['cum_wall_s']:7.1f} s | simulated {row['cum_sim_s']:9.1f} s{rejected}"
+    )
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    echo: Callable[[str], None] = _stderr,
+    train_fn: TrainFn = train_local,
+) -> dict:
+    """Runs ``config`` to its last round and returns the results dict (also written
+    to output_dir/results.json). ``resume`` continues from output_dir's checkpoint.
+    ``train_fn`` replaces the client's training (tests inject faulty clients)."""
+    config = config.validated()
+    torch.set_num_threads(config.threads)
+    out = Path(config.output_dir)
+    saved = _load_checkpoint(config, out) if resume else None
+
+    started = time.perf_counter()
+    dataset = load_data(config)
+    spec = model_spec(config, dataset)
+    reference, reference_path = reference_profile(config, spec, out, echo)
+    clients = make_clients(config, dataset, spec, reference)
+    setup_s = time.perf_counter() - started
+
+    t0 = time.perf_counter()
+    times, speed_sig, acc_sig = analyze(clients, spec, config)
+    analysis_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    strategies = allocate(config, speed_sig, acc_sig)
+    allocation_s = time.perf_counter() - t0
+    for c, s in zip(clients, strategies):
+        c.strategy = s
+    norm_speed = normalize_significance(speed_sig).tolist()
+    norm_acc = normalize_significance(acc_sig).tolist()
+    if config.speed_orientation == "speed":
+        norm_speed = [1 - x for x in norm_speed]
+
+    torch.manual_seed(config.seed)
+    server = Server(spec.build().state_dict(), bits=None if config.strategy == "fp32" else config.bits)
+    states = {c.id: ClientState() for c in clients}
+    history: list[dict] = []
+    training_s = 0.0
+    if saved is not None:
+        server.state = saved["server_state"]
+        states = {int(k): ClientState(v) for k, v in saved["client_states"].items()}
+        history = saved["history"]
+        training_s = saved["training_s"]
+        echo(f"resuming {out / CHECKPOINT_FILE} after round {len(history)}")
+
+    echo(f"{config.strategy}: {dataset.summary()}; model {spec.key}; {len(clients)} clients "
+         f"({strategies.count('ptq')} PTQ, {strategies.count('qat')} QAT)")  # fmt: skip
+    for r in range(len(history) + 1, config.rounds + 1):
+        row, round_wall = _round(r, config, spec, server, clients, states, dataset, train_fn)
+        training_s += round_wall
+        row["cum_wall_s"] = (history[-1]["cum_wall_s"] if history else 0.0) + row["wall_s"]
+        row["cum_sim_s"] = (history[-1]["cum_sim_s"] if history else 0.0) + row["sim_s"]
+        history.append(row)
+        checkpoint.save(out / CHECKPOINT_FILE, {
+            "config": config.to_dict(), "server_state": server.state, "history": history, "training_s": training_s,
+            "client_states": {str(cid): s.observers for cid, s in states.items()},
+        })  # fmt: skip
+        _progress(echo, row, config.rounds)
+
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "config": config.to_dict(),
+        "strategy": config.strategy,
+        "model": spec.key,
+        "dataset": dataset.name,
+        "clients": [
+            {"id": c.id, "device": c.device_source, "device_name": c.device.name, "alpha": c.alpha, "beta": c.beta,
+             "samples": len(c.data), "batch": c.batch, "strategy": c.strategy, "speed_time_s": times[i],
+             "speed_sig": speed_sig[i], "acc_sig": acc_sig[i], "norm_speed": norm_speed[i], "norm_acc": norm_acc[i]}
+            for i, c in enumerate(clients)
+        ],  # fmt: skip
+        "allocation": {
+            "xi": config.xi, "area_threshold": config.area_threshold, "speed_orientation": config.speed_orientation,
+            "ptq": [c.id for c in clients if c.strategy == "ptq"], "qat": [c.id for c in clients if c.strategy == "qat"],
+        },  # fmt: skip
+        "rounds": history,
+        "final_accuracy": history[-1]["accuracy"] if history else None,
+        "best_accuracy": max(h["accuracy"] for h in history) if history else None,
+        "wall_time_s": history[-1]["cum_wall_s"] if history else 0.0,
+        "sim_time_s": history[-1]["cum_sim_s"] if history else 0.0,
+        "upload_bytes": sum(h["upload_bytes"] for h in history),
+        "timing": {"setup_s": setup_s, "analysis_s": analysis_s, "allocation_s": allocation_s, "training_s": training_s},
+        "reference_profile": reference_path,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _round(r, config, spec, server, clients, states, dataset, train_fn) -> tuple[dict, float]:
+    started = time.perf_counter()
+    global_weights = server.global_weights()
+    updates: list[Update] = []
+    rejected: list[Rejection] = []
+    sim: dict[int, ClientTime] = {}
+    for c in clients:
+        plan = RoundPlan(round=r, strategy=c.strategy, epochs=config.local_epochs, batch_size=c.batch, lr=config.lr,
+                         momentum=config.momentum, bits=config.bits, seed=config.seed)  # fmt: skip
+        try:
+            update, new_state = train_fn(spec, global_weights, c.data, plan, c.id, states[c.id])
+        except Exception as error:  # a failing client must not end the round
+            rejected.append(Server.reject(c.id, f"client raised {type(error).__name__}: {error}"))
+            continue
+        if config.client_timeout_s is not None and update.wall_s > config.client_timeout_s:
+            rejected.append(Server.reject(c.id, f"timed out: {update.wall_s:.2f} s > {config.client_timeout_s} s"))
+            continue
+        states[c.id] = new_state
+        updates.append(update)
+        sim[c.id] = c.device.round_time(spec.key, c.strategy, c.batch, update.steps, update.nbytes)
+    accepted, bad = server.aggregate(updates)
+    rejected.extend(bad)
+    accuracy, loss = evaluate(spec, server.global_weights(), dataset.test)
+    wall = time.perf_counter() - started
+    # the synchronous round waits for every client that trained, accepted or not
+    sim_s, slowest = synchronous_round(sim)
+    epoch_s = max((t.compute_s for t in sim.values()), default=0.0) / config.local_epochs
+    row = {
+        "round": r, "accuracy": accuracy, "loss": loss, "wall_s": wall, "sim_s": sim_s, "sim_epoch_s": epoch_s,
+        "upload_bytes": sum(u.nbytes for u in updates), "participants": accepted,
+        "rejected": [x.as_dict() for x in rejected], "slowest_client": slowest,
+        "train_loss": _mean([u.train_loss for u in updates if u.client in accepted]),
+    }  # fmt: skip
+    return row, wall
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _load_checkpoint(config: RunConfig, out: Path) -> dict:
+    path = out / CHECKPOINT_FILE
+    if not path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {path}")
+    saved = checkpoint.load(path)
+    before, now = dict(saved["config"]), config.to_dict()
+    for key in RESUMABLE_CHANGES:
+        before.pop(key, None)
+        now.pop(key, None)
+    changed = sorted(k for k in now if before.get(k) != now[k])
+    if changed:
+        raise ConfigError(f"--resume: the checkpoint at {path} was written with different settings: {changed}")
+    if len(saved["history"]) > config.rounds:
+        raise ConfigError(f"--resume: the checkpoint is at round {len(saved['history'])}, past rounds={config.rounds}")
+    return saved
+

@@ -1,0 +1,141 @@
+"""The server: validates every client update before it touches the global model,
+then aggregates with ``fedhq_kernels`` (dequantize, weighted float32 average by sample
+count, requantize). A bad update is left out with a logged reason; if none is usable
+the global model stays as it was."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import fedhq_kernels as fk
+
+log = logging.getLogger("fedhq.server")
+
+
+@dataclass
+class Rejection:
+    client: int
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"client": self.client, "reason": self.reason}
+
+
+def validate_update(state: object, num_samples: object, template: Mapping[str, Tensor], *, bits: int | None) -> str | None:
+    """Why ``state`` cannot be aggregated into a model shaped like ``template`` (the
+    global float state dict), or None. ``bits`` None: a float (fp32) update is expected."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        return f"num_samples must be an int > 0, got {num_samples!r}"
+    if not isinstance(state, Mapping):
+        return f"the update must be a mapping of tensors, got {type(state).__name__}"
+    missing = sorted(set(template) - set(state))
+    extra = sorted(set(state) - set(template))
+    if missing or extra:
+        return f"names differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}"
+    for name, reference in template.items():
+        reason = _check_entry(state[name], reference, bits)
+        if reason:
+            return f"'{name}': {reason}"
+    return None
+
+
+def _check_entry(value: object, reference: Tensor, bits: int | None) -> str | None:
+    shape = tuple(reference.shape)
+    if not reference.is_floating_point():  # integer buffers travel as they are
+        if not isinstance(value, Tensor) or value.dtype != reference.dtype or tuple(value.shape) != shape:
+            return f"expected a {reference.dtype} tensor of shape {shape}, got {_describe(value)}"
+        return None
+    if bits is None:
+        if not isinstance(value, Tensor) or value.dtype != reference.dtype or tuple(value.shape) != shape:
+            return f"expected a {reference.dtype} tensor of shape {shape}, got {_describe(value)}"
+        if not bool(torch.isfinite(value).all()):
+            return "contains NaN or Inf"
+        return None
+    if not isinstance(value, fk.QuantizedTensor):
+        return f"expected a QuantizedTensor, got {_describe(value)}"
+    if tuple(value.shape) != shape or value.dtype != reference.dtype:
+        return f"expected shape {shape} and dtype {reference.dtype}, got {tuple(value.shape)} {value.dtype}"
+    if value.bits != bits:
+        return f"expected {bits}-bit codes, got {value.bits}-bit"
+    try:
+        value.check_codes()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, fk.QuantizedTensor):
+        return f"a QuantizedTensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def float_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """FedAvg of float state dicts (the fp32 ceiling): float tensors averaged in
+    float32 weighted by ``weights``; integer buffers averaged and rounded."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    w = (w / w.sum()).to(torch.float32)
+    out = {}
+    for name in states[0]:
+        stacked = torch.stack([s[name].to(torch.float32) for s in states])
+        mean = torch.tensordot(w, stacked, dims=1)
+        ref = states[0][name]
+        out[name] = mean.to(ref.dtype) if ref.is_floating_point() else mean.round().to(ref.dtype)
+    return out
+
+
+class Server:
+    """Holds the global model (quantized state dict, or float for fp32) and runs the
+    validate -> aggregate step of every round."""
+
+    def __init__(self, initial: Mapping[str, Tensor], *, bits: int | None):
+        self.bits = bits
+        self.template = {k: v.detach().clone() for k, v in initial.items()}
+        self.state = dict(self.template) if bits is None else fk.quantize_state_dict(self.template, bits=bits)
+
+    def global_weights(self) -> dict[str, Tensor]:
+        """The global model as float tensors: what clients load and evaluation uses."""
+        return dict(self.state) if self.bits is None else fk.dequantize_state_dict(self.state)
+
+    def aggregate(self, updates: Sequence) -> tuple[list[int], list[Rejection]]:
+        """Validates every update (objects with client, state, num_samples), aggregates
+        the good ones into the global model, and returns (accepted ids, rejections)."""
+        accepted, rejected = [], []
+        for update in updates:
+            reason = validate_update(update.state, update.num_samples, self.template, bits=self.bits)
+            if reason is None:
+                accepted.append(update)
+            else:
+                rejected.append(self.reject(update.client, f"bad update: {reason}"))
+        if not accepted:
+            if updates:
+                log.warning("no usable update this round: the global model is kept")
+            return [], rejected
+        weights = [u.num_samples for u in accepted]
+        try:
+            if self.bits is None:
+                new_state = float_average([u.state for u in accepted], weights)
+            else:
+                new_state = fk.aggregate_state_dicts([u.state for u in accepted], weights)
+        except (ValueError, TypeError, RuntimeError) as error:  # never corrupt the model
+            rejected.extend(self.reject(u.client, f"aggregation failed: {error}") for u in accepted)
+            return [], rejected
+        self.state = new_state
+        return [u.client for u in accepted], rejected
+
+    @staticmethod
+    def reject(client: int, reason: str) -> Rejection:
+        log.warning("client %d left out of this round: %s", client, reason)
+        return Rejection(client, reason)
+
+
+def is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,62 @@
+"""Simulated time of a heterogeneous system.
+
+Nobody here owns the clients' devices, so each client's training time is this
+machine's *measured* step time of the model (the reference profile), scaled to the
+client's device by the speed model (``fedhq.analysis.speed.SpeedModel``: a preset is
+scaled by its roofline ratio to the reference) and divided by the client's compute
+share beta, exactly as Eq. 1 does: T = steps * step_time(B) / beta. Uploading takes
+its bytes over the device's uplink. A synchronous round lasts as long as its slowest
+client (training + upload); the server's aggregation is not counted (milliseconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedhq.analysis.speed import SpeedModel
+
+# The cost model of each client strategy: fp32 clients train like PTQ clients.
+COST_STRATEGY = {"ptq": "ptq", "qat": "qat", "fp32": "ptq"}
+
+
+@dataclass
+class ClientTime:
+    compute_s: float
+    upload_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.upload_s
+
+
+class ClientDevice:
+    """A client's device: its speed model (measured profile or preset, scaled from
+    ``reference``), its compute share ``beta`` and its uplink."""
+
+    def __init__(self, source: Any, reference: dict, *, beta: float, default_uplink_mbps: float):
+        self.speed = SpeedModel(source, reference=reference)
+        self.beta = beta
+        network = self.speed.profile.get("network", {}).get("uplink_mbps", {})
+        self.uplink_mbps = float(network.get("median", default_uplink_mbps))
+
+    @property
+    def name(self) -> str:
+        return self.speed.device
+
+    def compute_seconds(self, model_key: str, strategy: str, batch: int, steps: int) -> float:
+        return steps * self.speed.step_time(model_key, COST_STRATEGY[strategy], batch) / self.beta
+
+    def upload_seconds(self, nbytes: int) -> float:
+        return nbytes * 8 / (self.uplink_mbps * 1e6)
+
+    def round_time(self, model_key: str, strategy: str, batch: int, steps: int, nbytes: int) -> ClientTime:
+        return ClientTime(self.compute_seconds(model_key, strategy, batch, steps), self.upload_seconds(nbytes))
+
+
+def synchronous_round(times: dict[int, ClientTime]) -> tuple[float, int | None]:
+    """(round seconds, slowest client): the slowest client's training + upload."""
+    if not times:
+        return 0.0, None
+    slowest = max(times, key=lambda c: (times[c].total_s, -c))
+    return times[slowest].total_s, slowest
