@@ -1,9 +1,12 @@
 """The ``fedhq`` command.
 
     fedhq profile [--quick] [--device cuda] [--out PATH] [--no-validate]
+    fedhq run [--config FILE] [--strategy fedhq] [--dataset digits] ... [--resume]
+    fedhq compare [--config FILE] [--strategies fedhq,fedaqt,...] ... [--resume]
 
 Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function
-below; later issues add ``run`` and ``compare`` the same way.
+below. ``run`` and ``compare`` share their settings (``_add_run_settings``): each flag
+overrides the same-named setting of the JSON config file (fedhq.fl.config.RunConfig).
 
 OpenMP threads: unless OMP_WAIT_POLICY is already set, ``main`` sets it to PASSIVE
 before torch is imported. Measured on a 2-core machine shared with other jobs: with
@@ -107,12 +110,132 @@ def _add_profile(subparsers) -> None:
     parser.set_defaults(handler=_profile)
 
 
+# ---- run / compare ----
+
+# flag -> (RunConfig field, type, help); lists are comma-separated
+_RUN_SETTINGS = {
+    "--dataset": ("dataset", str, "digits (bundled, default), cifar10, cifar100, svhn (read from --data-root), synthetic"),
+    "--data-root": ("data_root", str, "directory holding the dataset's files (nothing is downloaded)"),
+    "--model": ("model", str, "model spec name[@HxWxC][:classes]; default: the small CNN sized to the dataset"),
+    "--clients": ("clients", int, "number of clients (default 10)"),
+    "--rounds": ("rounds", int, "communication rounds (default 25)"),
+    "--local-epochs": ("local_epochs", int, "local epochs per round (default 2)"),
+    "--batch-size": ("batch_size", int, "local batch size, capped by each client's memory budget (default 16)"),
+    "--lr": ("lr", float, "SGD learning rate (default 0.05)"),
+    "--momentum": ("momentum", float, "SGD momentum (default 0.9)"),
+    "--partition": ("partition", str, "iid, dirichlet (default) or quantity"),
+    "--dirichlet-alpha": ("dirichlet_alpha", float, "Dirichlet label-skew concentration (default 0.5)"),
+    "--quantity-sigma": ("quantity_sigma", float, "log-normal spread of client sizes for --partition quantity"),
+    "--devices": ("devices", "list:str", "device presets or measured profile paths, assigned to clients in turn"),
+    "--alphas": ("alphas", "list:float", "per-client memory fraction alpha in (0, 1]; default drawn from the seed"),
+    "--betas": ("betas", "list:float", "per-client compute fraction beta in (0, 1]; default drawn from the seed"),
+    "--xi": ("xi", float, "Theta's weight of speed significance (Eq. 6, default 0.2)"),
+    "--area-threshold": ("area_threshold", float, "triangle area below which a client is PTQ (default 0.0625)"),
+    "--speed-orientation": ("speed_orientation", str, "read Sig_speed as 'time' (Eq. 2 as printed) or 'speed'"),
+    "--bits": ("bits", int, "bits of the uploaded weights, 2..8 (default 8)"),
+    "--seed": ("seed", int, "seed of the partition, clients, initialization and shuffling (default 0)"),
+    "--output": ("output_dir", str, "output directory (results.json, checkpoint, plots)"),
+    "--reference-profile": ("reference_profile", str, "measured profile of this machine to reuse (else measured)"),
+    "--uplink-mbps": ("uplink_mbps", float, "uplink of devices whose profile has none (default 20)"),
+    "--client-timeout": ("client_timeout_s", float, "seconds after which a client's update is dropped"),
+    "--threads": ("threads", int, "torch threads (default 2)"),
+}
+
+
+def _parse_list(kind: str, text: str) -> list:
+    cast = float if kind == "list:float" else str
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+
+
+def _add_run_settings(parser) -> None:
+    parser.add_argument("--config", help="JSON file of settings (flags override it)")
+    for flag, (dest, kind, help_text) in _RUN_SETTINGS.items():
+        if isinstance(kind, str):
+            parser.add_argument(flag, dest=dest, type=lambda t, k=kind: _parse_list(k, t), help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, help=help_text)
+    parser.add_argument("--resume", action="store_true", help="continue from the output directory's checkpoint")
+
+
+def _run_config(args, **fixed):
+    from fedhq.fl.config import RunConfig
+
+    overrides = {dest: getattr(args, dest) for dest, _, _ in _RUN_SETTINGS.values() if getattr(args, dest) is not None}
+    overrides.update(fixed)
+    if args.config:
+        return RunConfig.from_file(args.config, overrides)
+    return RunConfig.from_dict(overrides, where="flags")
+
+
+def _run(args) -> int:
+    from fedhq import report
+    from fedhq.fl import engine
+
+    fixed = {"strategy": args.strategy} if args.strategy else {}
+    config = _run_config(args, **fixed)
+    results = engine.run(config, resume=args.resume)
+    print(report.format_run_table(results))
+    paths = report.write_run_report(results, config.output_dir)
+    print(f"wrote {config.output_dir}/{engine.RESULTS_FILE}, " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _compare(args) -> int:
+    from fedhq import report
+    from fedhq.fl.compare import COMPARISON_FILE, compare
+
+    config = _run_config(args)
+    strategies = args.strategies or list(_strategies())
+    comparison = compare(config, strategies, resume=args.resume)
+    print(report.format_comparison_table(comparison))
+    paths = report.write_report(comparison, config.output_dir)
+    print(f"wrote {config.output_dir}/{COMPARISON_FILE}, " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _strategies():
+    from fedhq.fl.config import STRATEGIES
+
+    return STRATEGIES
+
+
+def _add_run(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run federated training with one strategy",
+        description="Federated training where each client is PTQ or QAT (strategy fedhq: chosen by FedHQ's "
+        "analysis; fedaqt: all QAT; fedfq: all PTQ; fedrh: random; fp32: no quantization). Writes "
+        "results.json, a checkpoint after every round, and plots to the output directory.",
+    )  # fmt: skip
+    parser.add_argument("--strategy", help="fedhq (default), fedaqt, fedfq, fedrh or fp32")
+    _add_run_settings(parser)
+    parser.set_defaults(handler=_run)
+
+
+def _add_compare(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="run every strategy on the same partition and devices and compare them",
+        description="Runs fedhq, fedaqt, fedfq, fedrh and fp32 (or --strategies) on the same data, partition, "
+        "devices and reference profile; prints one table (accuracy, wall and simulated time, bytes, PTQ/QAT per "
+        "client) and writes comparison.json and PNG plots.",
+    )  # fmt: skip
+    parser.add_argument("--strategies", type=lambda t: _parse_list("list:str", t),
+                        help="comma-separated subset of fedhq,fedaqt,fedfq,fedrh,fp32 (default all)")  # fmt: skip
+    _add_run_settings(parser)
+    parser.set_defaults(handler=_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedhq", description="FedHQ: hybrid runtime quantization for federated learning"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_profile(subparsers)
+    _add_run(subparsers)
+    _add_compare(subparsers)
     return parser
 
 
