@@ -131,7 +131,7 @@ _RUN_SETTINGS = {
     "--betas": ("betas", "list:float", "per-client compute fraction beta in (0, 1]; default drawn from the seed"),
     "--xi": ("xi", float, "Theta's weight of speed significance (Eq. 6, default 0.2)"),
     "--area-threshold": ("area_threshold", float, "triangle area below which a client is PTQ (default 0.0625)"),
-    "--speed-orientation": ("speed_orientation", str, "read Sig_speed as 'time' (Eq. 2 as printed) or 'speed'"),
+    "--speed-orientation": ("speed_orientation", str, "read Sig_speed as 'speed' (default, measured better) or 'time' (Eq. 2 as printed)"),
     "--bits": ("bits", int, "bits of the uploaded weights, 2..8 (default 8)"),
     "--seed": ("seed", int, "seed of the partition, clients, initialization and shuffling (default 0)"),
     "--output": ("output_dir", str, "output directory (results.json, checkpoint, plots)"),

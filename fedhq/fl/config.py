@@ -52,7 +52,7 @@ class RunConfig:
     betas: list[float] | None = None
     xi: float = 0.2
     area_threshold: float = 0.0625
-    speed_orientation: str = "time"
+    speed_orientation: str = "speed"  # measured default: see README, "Reading Sig_speed"
     bits: int = 8
     seed: int = 0
     output_dir: str = "results/run"

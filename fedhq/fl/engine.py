@@ -69,9 +69,7 @@ def load_data(config: RunConfig) -> Dataset:
     options = {"seed": config.seed}
     try:
         return load_dataset(config.dataset, config.data_root, **options)
-    except DatasetNotFoundError as error:
-        raise ConfigError(str(error)) from None
-    except ValueError as error:
+    except (DatasetNotFoundError, ValueError) as error:
         raise ConfigError(f"dataset {config.dataset!r}: {error}") from None
 
 

@@ -52,7 +52,7 @@ def plot_accuracy_vs_time(comparison: Mapping, path: str | Path) -> Path:
 def plot_allocation(run: Mapping, path: str | Path) -> Path:
     check_run(run)
     xi, area = run["allocation"]["xi"], run["allocation"]["area_threshold"]
-    fig, ax = plt.subplots(figsize=(5.6, 5.2))
+    fig, ax = plt.subplots(figsize=(7.8, 5.2))
     grid = np.linspace(1e-3, 1, 400)
     gx, gy = np.meshgrid(grid, grid)
     ax.contourf(gx, gy, ptq_region(gx, gy, xi, area), levels=[0.5, 1.5], colors=[COLORS["ptq"]], alpha=0.08)
@@ -78,7 +78,7 @@ def plot_allocation(run: Mapping, path: str | Path) -> Path:
     ptq, qat = strategy_counts(run)
     note = f"; {skipped} without significances not shown" if skipped else ""
     ax.set_title(f"{run['strategy']}: xi = {xi:g}, {ptq} PTQ / {qat} QAT (shaded: PTQ region){note}", fontsize=9)
-    ax.legend(loc="upper right", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, borderaxespad=0)
     fig.tight_layout()
     return _save(fig, path)
 
