@@ -86,6 +86,16 @@ def payload_bytes(state: Mapping) -> int:
     return total
 
 
+def quantized_names(model: nn.Module) -> set[str]:
+    """The state-dict entries that travel quantized: the float parameters."""
+    return {name for name, p in model.named_parameters() if p.is_floating_point()}
+
+
+def quantize_upload(weights: Mapping[str, Tensor], names: set[str], bits: int) -> dict:
+    quantized = fk.quantize_state_dict({k: v for k, v in weights.items() if k in names}, bits=bits)
+    return {k: quantized[k] if k in names else v for k, v in weights.items()}
+
+
 def round_seed(seed: int, round_: int, client: int) -> int:
     """A distinct, reproducible seed per (run, round, client)."""
     return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63 - 1)
@@ -129,7 +139,7 @@ def train_local(
             losses.append(loss.detach())
             steps += 1
     weights = {k: v.detach().clone() for k, v in float_state_dict(model).items()}
-    upload = weights if plan.strategy == "fp32" else fk.quantize_state_dict(weights, bits=plan.bits)
+    upload = weights if plan.strategy == "fp32" else quantize_upload(weights, quantized_names(model), plan.bits)
     keys = observer_keys(model)
     new_state = ClientState({k: v.detach().clone() for k, v in model.state_dict().items() if k in keys})
     train_loss = float(torch.stack(losses).mean()) if losses else float("nan")

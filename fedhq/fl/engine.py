@@ -29,7 +29,7 @@ from fedhq.analysis.accuracy import accuracy_significance
 from fedhq.data import DatasetNotFoundError, load_dataset, partition
 from fedhq.data.base import Dataset, Split
 from fedhq.fl import checkpoint
-from fedhq.fl.client import ClientState, RoundPlan, Update, evaluate, train_local
+from fedhq.fl.client import ClientState, RoundPlan, Update, evaluate, quantized_names, train_local
 from fedhq.fl.config import ALPHA_RANGE, BETA_RANGE, ConfigError, RunConfig
 from fedhq.fl.server import Rejection, Server
 from fedhq.fl.timing import COST_STRATEGY, ClientDevice, ClientTime, synchronous_round
@@ -228,7 +228,9 @@ def run(
         norm_speed = [1 - x for x in norm_speed]
 
     torch.manual_seed(config.seed)
-    server = Server(spec.build().state_dict(), bits=None if config.strategy == "fp32" else config.bits)
+    initial = spec.build()
+    server = Server(initial.state_dict(), bits=None if config.strategy == "fp32" else config.bits,
+                    quantized=quantized_names(initial))  # fmt: skip
     states = {c.id: ClientState() for c in clients}
     history: list[dict] = []
     training_s = 0.0

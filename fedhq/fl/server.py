@@ -6,7 +6,6 @@ the global model stays as it was."""
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor
 
 import fedhq_kernels as fk
+from fedhq.fl.client import quantize_upload
 
 log = logging.getLogger("fedhq.server")
 
@@ -27,9 +27,12 @@ class Rejection:
         return {"client": self.client, "reason": self.reason}
 
 
-def validate_update(state: object, num_samples: object, template: Mapping[str, Tensor], *, bits: int | None) -> str | None:
+def validate_update(
+    state: object, num_samples: object, template: Mapping[str, Tensor], *, bits: int | None, quantized: set[str]
+) -> str | None:
     """Why ``state`` cannot be aggregated into a model shaped like ``template`` (the
-    global float state dict), or None. ``bits`` None: a float (fp32) update is expected."""
+    global float state dict), or None. The entries named in ``quantized`` must be
+    ``bits``-bit QuantizedTensors (``bits`` None: a float fp32 update, nothing quantized)."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
         return f"num_samples must be an int > 0, got {num_samples!r}"
     if not isinstance(state, Mapping):
@@ -39,7 +42,7 @@ def validate_update(state: object, num_samples: object, template: Mapping[str, T
     if missing or extra:
         return f"names differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}"
     for name, reference in template.items():
-        reason = _check_entry(state[name], reference, bits)
+        reason = _check_entry(state[name], reference, bits if name in quantized else None)
         if reason:
             return f"'{name}': {reason}"
     return None
@@ -96,21 +99,24 @@ class Server:
     """Holds the global model (quantized state dict, or float for fp32) and runs the
     validate -> aggregate step of every round."""
 
-    def __init__(self, initial: Mapping[str, Tensor], *, bits: int | None):
+    def __init__(self, initial: Mapping[str, Tensor], *, bits: int | None, quantized: set[str]):
         self.bits = bits
+        self.quantized = set() if bits is None else set(quantized)
         self.template = {k: v.detach().clone() for k, v in initial.items()}
-        self.state = dict(self.template) if bits is None else fk.quantize_state_dict(self.template, bits=bits)
+        self.state = dict(self.template) if bits is None else quantize_upload(self.template, self.quantized, bits)
 
     def global_weights(self) -> dict[str, Tensor]:
         """The global model as float tensors: what clients load and evaluation uses."""
-        return dict(self.state) if self.bits is None else fk.dequantize_state_dict(self.state)
+        return fk.dequantize_state_dict(self.state)
 
     def aggregate(self, updates: Sequence) -> tuple[list[int], list[Rejection]]:
         """Validates every update (objects with client, state, num_samples), aggregates
         the good ones into the global model, and returns (accepted ids, rejections)."""
         accepted, rejected = [], []
         for update in updates:
-            reason = validate_update(update.state, update.num_samples, self.template, bits=self.bits)
+            reason = validate_update(
+                update.state, update.num_samples, self.template, bits=self.bits, quantized=self.quantized
+            )
             if reason is None:
                 accepted.append(update)
             else:
@@ -135,7 +141,3 @@ class Server:
     def reject(client: int, reason: str) -> Rejection:
         log.warning("client %d left out of this round: %s", client, reason)
         return Rejection(client, reason)
-
-
-def is_finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,106 @@
+"""Server validation and aggregation on a model with BatchNorm: parameters travel
+quantized, buffers float; every kind of bad update is rejected with its reason and
+never reaches the global model."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import fedhq_kernels as fk
+from fedhq.fl.client import Update, quantize_upload, quantized_names
+from fedhq.fl.server import Server, validate_update
+
+
+def model():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+@pytest.fixture
+def setup(gen):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    net = model()
+    names = quantized_names(net)
+    updates = []
+    for client in range(3):
+        weights = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + client
+                   for k, v in net.state_dict().items()}  # fmt: skip
+        weights["1.running_var"] = weights["1.running_var"].abs() + 1e-3
+        updates.append(Update(client, quantize_upload(weights, names, 8), 10 * (client + 1), 0.0, 1, 0.0))
+    return net, names, updates
+
+
+def test_parameters_are_quantized_and_buffers_float(setup):
+    net, names, updates = setup
+    assert names == {n for n, _ in net.named_parameters()} and "1.running_mean" not in names
+    state = updates[0].state
+    assert isinstance(state["0.weight"], fk.QuantizedTensor) and state["0.weight"].axis == 0
+    assert isinstance(state["1.weight"], fk.QuantizedTensor)  # BatchNorm's affine scale is a parameter
+    assert state["1.running_var"].dtype == torch.float32 and state["1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_good_updates_aggregate_exactly_as_fedhq_kernels(setup):
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    accepted, rejected = server.aggregate(updates)
+    assert accepted == [0, 1, 2] and rejected == []
+    expected = fk.aggregate_state_dicts([u.state for u in updates], [10, 20, 30])
+    for name, value in expected.items():
+        got = server.state[name]
+        if isinstance(value, fk.QuantizedTensor):
+            assert torch.equal(got.data, value.data) and torch.equal(got.scale, value.scale), name
+        else:
+            assert torch.equal(got, value), name
+
+
+def _breakages(update):
+    """(what is wrong, the broken update, words the reason must contain)."""
+    s = dict(update.state)
+    q = s["3.weight"]
+    yield "nan scale", {**s, "3.weight": dataclasses.replace(q, scale=torch.full_like(q.scale, float("nan")))}, "finite"
+    yield "zero scale", {**s, "3.weight": dataclasses.replace(q, scale=torch.zeros_like(q.scale))}, "finite and > 0"
+    yield "codes out of range", {**s, "3.weight": dataclasses.replace(q, bits=4)}, "4-bit"
+    yield "buffer quantized", {**s, "1.running_var": fk.quantize(s["1.running_var"])}, "expected a torch.float32 tensor"
+    yield "nan buffer", {**s, "1.running_mean": torch.full_like(s["1.running_mean"], float("nan"))}, "NaN"
+    yield "float parameter", {**s, "0.bias": fk.dequantize(s["0.bias"])}, "expected a QuantizedTensor"
+    yield "wrong shape", {**s, "0.weight": fk.quantize(torch.randn(4, 1, 2, 2), axis=0)}, "expected shape"
+    yield "missing name", {k: v for k, v in s.items() if k != "0.bias"}, "missing ['0.bias']"
+    yield "extra name", {**s, "x": torch.zeros(1)}, "unexpected ['x']"
+    yield "int buffer dtype", {**s, "1.num_batches_tracked": torch.tensor(1.0)}, "torch.int64"
+    yield "not a mapping", [1, 2], "mapping"
+
+
+def test_each_bad_update_is_rejected_and_the_others_aggregate(setup):
+    net, names, updates = setup
+    good = fk.aggregate_state_dicts([u.state for u in updates[1:]], [20, 30])
+    for what, state, words in _breakages(updates[0]):
+        server = Server(net.state_dict(), bits=8, quantized=names)
+        accepted, rejected = server.aggregate([Update(0, state, 10, 0.0, 1, 0.0), *updates[1:]])
+        assert accepted == [1, 2], what
+        assert [r.client for r in rejected] == [0] and words in rejected[0].reason, (what, rejected[0].reason)
+        assert torch.equal(server.state["3.weight"].data, good["3.weight"].data), what
+
+
+def test_bad_sample_counts_and_all_bad_rounds(setup):
+    net, names, updates = setup
+    for count in (0, -3, 2.5, True):
+        assert "num_samples" in validate_update(updates[0].state, count, net.state_dict(), bits=8, quantized=names)
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    before = {k: v.data.clone() if isinstance(v, fk.QuantizedTensor) else v.clone() for k, v in server.state.items()}
+    broken = [Update(u.client, u.state, 0, 0.0, 1, 0.0) for u in updates]
+    accepted, rejected = server.aggregate(broken)
+    assert accepted == [] and len(rejected) == 3
+    for k, v in server.state.items():
+        assert torch.equal(v.data if isinstance(v, fk.QuantizedTensor) else v, before[k]), k
+
+
+def test_fp32_server_averages_floats(setup):
+    net, _, _ = setup
+    states = [{k: v.float() + i if v.is_floating_point() else v for k, v in net.state_dict().items()} for i in range(2)]
+    server = Server(net.state_dict(), bits=None, quantized=set())
+    accepted, _ = server.aggregate([Update(i, s, n, 0.0, 1, 0.0) for i, (s, n) in enumerate(zip(states, (1, 3)))])
+    assert accepted == [0, 1]
+    torch.testing.assert_close(server.state["0.weight"], net.state_dict()["0.weight"] + 0.75)
+    bad = {**states[0], "0.weight": fk.quantize(states[0]["0.weight"])}
+    assert "expected a torch.float32 tensor" in validate_update(bad, 1, net.state_dict(), bits=None, quantized=set())
