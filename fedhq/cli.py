@@ -116,6 +116,7 @@ def _add_profile(subparsers) -> None:
 _RUN_SETTINGS = {
     "--dataset": ("dataset", str, "digits (bundled, default), cifar10, cifar100, svhn (read from --data-root), synthetic"),
     "--data-root": ("data_root", str, "directory holding the dataset's files (nothing is downloaded)"),
+    "--max-train": ("max_train", int, "keep a seeded stratified subset of this many training images"),
     "--model": ("model", str, "model spec name[@HxWxC][:classes]; default: the small CNN sized to the dataset"),
     "--clients": ("clients", int, "number of clients (default 10)"),
     "--rounds": ("rounds", int, "communication rounds (default 25)"),

@@ -37,6 +37,7 @@ class RunConfig:
     strategy: str = "fedhq"
     dataset: str = "digits"
     data_root: str | None = None
+    max_train: int | None = None  # keep a seeded stratified subset of the training set (CIFAR/SVHN on a CPU)
     model: str | None = None  # None: DEFAULT_MODELS[dataset]
     clients: int = 10
     rounds: int = 25
@@ -118,6 +119,8 @@ class RunConfig:
         if not (isinstance(self.xi, (int, float)) and 0 < self.xi < 1):
             raise ConfigError(f"xi must be in (0, 1), got {self.xi!r}")
         _positive("area_threshold", self.area_threshold)
+        if self.max_train is not None:
+            _int_at_least("max_train", self.max_train, 1)
         if self.client_timeout_s is not None:
             _positive("client_timeout_s", self.client_timeout_s)
         if not self.devices or not all(isinstance(d, str) and d for d in self.devices):

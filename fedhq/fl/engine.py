@@ -67,6 +67,8 @@ class Client:
 
 def load_data(config: RunConfig) -> Dataset:
     options = {"seed": config.seed}
+    if config.max_train is not None:
+        options["max_train"] = config.max_train
     try:
         return load_dataset(config.dataset, config.data_root, **options)
     except (DatasetNotFoundError, ValueError) as error:
