@@ -1,6 +1,11 @@
 """Bandwidth benchmark of the fedhq_kernels ops against their PyTorch baselines.
 
-    python bench/bench_kernels.py [--size N] [--threads T] [--repeats R] [--quick] [--json PATH]
+    python bench/bench_kernels.py [--device cpu|cuda] [--backends a,b] [--size N] [--threads T]
+                                  [--repeats R] [--quick] [--json PATH]
+
+On a GPU (``--device cuda``, 64M elements by default) every GPU backend that can run
+(cuda, triton) gets its own row per op, beside PyTorch's ops and a device-to-device
+copy measured in the same run; on the CPU the cpu backend runs.
 
 One spec per case (runner, baseline, logical bytes, validate). Every case is checked
 for correctness first (bit for bit where the op is specified to match; the script
@@ -46,13 +51,23 @@ from resnet18_shapes import (  # noqa: E402
 )
 
 QMIN, QMAX = -128, 127  # 8-bit signed codes throughout
-FULL_SIZE = 16 * 2**20
+FULL_SIZE = {"cpu": 16 * 2**20, "cuda": 64 * 2**20}
 QUICK_SIZE = 2**20
 CHANNELS = 4096  # the per-channel case views the input as (CHANNELS, size / CHANNELS), axis 0
 CLIENTS = 10
 
 # torch.quantize_per_tensor is the baseline on purpose; its deprecation notice is noise here.
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
+
+
+# The issues' goals per device: case key -> (speedup over its baseline, % of the copy's
+# bandwidth); None where the issue sets none.
+GOALS = {
+    "cpu": {"fq_tensor": (2.5, 60), "fq_channel": (2.5, 60), "fq_observed": (3.0, None), "quantize": (None, None),
+            "dequantize": (None, None), "aggregate": (4.0, None)},
+    "cuda": {"fq_tensor": (None, 85), "fq_channel": (None, 85), "fq_observed": (2.0, None), "quantize": (None, 85),
+             "dequantize": (None, 85), "aggregate": (None, 80)},
+}  # fmt: skip
 
 
 class Mismatch(AssertionError):
@@ -109,6 +124,7 @@ def check_equal(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None
 
 @dataclass
 class Case:
+    key: str  # names the case's goals in GOALS
     op: str
     shape: str  # shown as the row's size
     elements: int
@@ -118,8 +134,6 @@ class Case:
     baseline_name: str  # what the baseline runs, e.g. "torch.fake_quantize_per_tensor_affine"
     baseline_backend: str  # the backend column of its row
     validate: Callable[[], None]  # raises Mismatch; runs before any timing
-    target: float | None = None  # the issue's speedup target over the baseline
-    aim_pct_of_copy: float | None = None  # the issue's bandwidth aim, % of the preallocated copy
 
 
 def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[Case]:
@@ -127,8 +141,8 @@ def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[
     bytes per float32 element; the per-channel scales and zero points are included)."""
     scale = 0.02  # ~1% of randn's values fall outside 127 * scale: both clamp paths run
     x2 = x.view(CHANNELS, -1)
-    scales = torch.rand(CHANNELS, generator=gen) * 0.02 + 0.01
-    zero_points = torch.zeros(CHANNELS, dtype=torch.int32)
+    scales = (torch.rand(CHANNELS, generator=gen) * 0.02 + 0.01).to(x.device)
+    zero_points = torch.zeros(CHANNELS, dtype=torch.int32, device=x.device)
 
     def per_tensor_ours():
         return fk.fake_quant(x, scale, 0)
@@ -144,6 +158,7 @@ def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[
 
     return [
         Case(
+            "fq_tensor",
             "fake_quant fwd, given scale, per-tensor",
             str(tuple(x.shape)),
             x.numel(),
@@ -153,10 +168,9 @@ def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[
             "torch.fake_quantize_per_tensor_affine",
             "torch",
             lambda: check_equal("fake_quant per-tensor", per_tensor_ours(), per_tensor_torch()),
-            target=2.5,
-            aim_pct_of_copy=60,
         ),
         Case(
+            "fq_channel",
             "fake_quant fwd, given scale, per-channel axis 0",
             str(tuple(x2.shape)),
             x.numel(),
@@ -166,8 +180,6 @@ def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[
             "torch.fake_quantize_per_channel_affine",
             "torch",
             lambda: check_equal("fake_quant per-channel", per_channel_ours(), per_channel_torch()),
-            target=2.5,
-            aim_pct_of_copy=60,
         ),
     ]
 
@@ -178,7 +190,7 @@ def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
     reads grad and x and writes grad_x: 5 x 4 = 20 bytes per float32 element (the
     range reduction's extra pass over x, if any, is not counted)."""
     leaf = x.clone().requires_grad_()
-    grad = torch.randn(x.shape, generator=gen)
+    grad = torch.randn(x.shape, generator=gen).to(x.device)
 
     # torch.autograd.grad rather than y.backward(grad): same kernels, but nothing
     # accumulates into leaf.grad (which would add a read-add-write pass from call 2 on).
@@ -201,6 +213,7 @@ def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
         check_equal("observed fake_quant gradient", g, g_ref)
 
     return Case(
+        "fq_observed",
         "fake_quant fwd+bwd, observed range, per-tensor",
         str(tuple(x.shape)),
         x.numel(),
@@ -210,7 +223,6 @@ def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
         "torch.ao FakeQuantize(MinMaxObserver) fwd+bwd",
         "torch.ao",
         validate,
-        target=3.0,
     )
 
 
@@ -256,8 +268,8 @@ def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
     codes = torch_q.int_repr()
     ours_q = fk.QuantizedTensor(
         data=codes,
-        scale=torch.tensor(torch_q.q_scale(), dtype=torch.float32),
-        zero_point=torch.tensor(torch_q.q_zero_point(), dtype=torch.int32),
+        scale=torch.tensor(torch_q.q_scale(), dtype=torch.float32, device=x.device),
+        zero_point=torch.tensor(torch_q.q_zero_point(), dtype=torch.int32, device=x.device),
         bits=8,
         axis=None,
         symmetric=True,
@@ -273,6 +285,7 @@ def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
 
     return [
         Case(
+            "quantize",
             "quantize, observed range, per-tensor",
             str(tuple(x.shape)),
             x.numel(),
@@ -284,6 +297,7 @@ def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
             validate_quantize,
         ),
         Case(
+            "dequantize",
             "dequantize, per-tensor",
             str(tuple(x.shape)),
             x.numel(),
@@ -297,7 +311,7 @@ def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
     ]
 
 
-def aggregate_case(width: int, gen: torch.Generator) -> Case:
+def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Case:
     """The server step over a whole model: CLIENTS quantized ResNet-18 (CIFAR) state
     dicts -> dequantize, weighted float32 average, requantize. Bytes: every client's
     int8 codes read once, the result's codes written once, plus every scale and zero
@@ -309,7 +323,9 @@ def aggregate_case(width: int, gen: torch.Generator) -> Case:
     # Fresh random float weights per client, quantized as a client would upload them
     # (per channel along axis 0 for conv / linear weights, per tensor for 1-d ones).
     state_dicts = [
-        fk.quantize_state_dict({name: torch.randn(shape, generator=gen) * 0.1 for name, shape in shapes.items()})
+        fk.quantize_state_dict(
+            {name: (torch.randn(shape, generator=gen) * 0.1).to(device) for name, shape in shapes.items()}
+        )
         for _ in range(CLIENTS)
     ]
     sample_counts = torch.randint(100, 1000, (CLIENTS,), generator=gen).tolist()
@@ -324,7 +340,7 @@ def aggregate_case(width: int, gen: torch.Generator) -> Case:
         [q.data for q in entries],
         [q.scale for q in entries],
         [q.zero_point for q in entries],
-        (counts / counts.sum()).float(),
+        (counts / counts.sum()).float().to(device),
         [-1 if state_dicts[0][name].axis is None else state_dicts[0][name].axis for name in names],
         QMIN,
         QMAX,
@@ -347,6 +363,7 @@ def aggregate_case(width: int, gen: torch.Generator) -> Case:
 
     model = "ResNet-18 CIFAR" if width == 64 else f"ResNet-18 CIFAR, width {width}"
     return Case(
+        "aggregate",
         f"aggregate_state_dicts, {CLIENTS} clients",
         f"{model}: {len(shapes)} tensors, {params / 1e6:.2f}M params",
         params,
@@ -356,14 +373,15 @@ def aggregate_case(width: int, gen: torch.Generator) -> Case:
         "reference.aggregate (per-tensor torch loop)",
         "torch",
         validate,
-        target=4.0,
     )
 
 
 # ---- running and reporting ----
 
 
-def machine() -> dict:
+def machine(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"machine": torch.cuda.get_device_name(device), "cores": torch.cuda.get_device_properties(device).multi_processor_count}
     model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -388,17 +406,41 @@ def make_row(op, shape, elements, backend, impl, nbytes, stats, **extra) -> dict
     }
 
 
+def runnable_backends(device: torch.device) -> list[str]:
+    """fedhq_kernels backends that run on ``device`` here, reference excluded (and, on
+    the CPU, triton: its interpreter is a correctness tool, far too slow to time)."""
+    names = [n for n in fk.backends() if n != "reference" and device.type in dispatch._module(n).DEVICES]
+    return [n for n in names if not (device.type == "cpu" and n == "triton")]
+
+
+def forced(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with FEDHQ_BACKEND set to ``backend`` (dispatch reads it at every call)."""
+
+    def call():
+        previous = os.environ.get("FEDHQ_BACKEND")
+        os.environ["FEDHQ_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["FEDHQ_BACKEND"]
+            else:
+                os.environ["FEDHQ_BACKEND"] = previous
+
+    return call
+
+
 def run(args) -> list[dict]:
-    device = torch.device("cpu")
-    ours_backend = f"fedhq-{dispatch.select(device)}"
+    device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.size, generator=gen)
+    x = torch.randn(args.size, generator=gen).to(device)
 
     # Reference bandwidth: the ceiling for a one-read-one-write op, with and without
     # allocating the output.
     out = torch.empty_like(x)
+    copy_name = "device-to-device copy_" if device.type == "cuda" else "copy_ into a preallocated tensor"
     references = [
-        ("copy_ into a preallocated tensor (reference)", "Tensor.copy_", lambda: out.copy_(x)),
+        (f"{copy_name} (reference)", "Tensor.copy_", lambda: out.copy_(x)),
         ("clone, allocating (reference)", "Tensor.clone", x.clone),
     ]
     rows = [
@@ -412,31 +454,35 @@ def run(args) -> list[dict]:
         *fake_quant_given_scale_cases(x, gen),
         fake_quant_observed_case(x, gen),
         *quantize_dequantize_cases(x),
-        aggregate_case(16 if args.quick else 64, gen),
+        aggregate_case(16 if args.quick else 64, gen, device),
     ]
     for case in cases:
         print(f"checking, then timing: {case.op} ...", flush=True)
-        case.validate()  # raises Mismatch: no numbers for wrong results
+        for backend in args.backends:
+            forced(backend, case.validate)()  # raises Mismatch: no numbers for wrong results
         base = summarize(measure(case.baseline, args.baseline_repeats, device))
-        ours = summarize(measure(case.ours, args.repeats, device))
-        speedup = base["median_ms"] / ours["median_ms"]
         same = (case.op, case.shape, case.elements)
         rows.append(
             make_row(*same, case.baseline_backend, case.baseline_name, case.nbytes, base,
                      baseline=case.baseline_name, speedup=1.0)
-        )
-        row = make_row(*same, ours_backend, f"fedhq_kernels ({ours_backend})", case.nbytes, ours,
-                       baseline=case.baseline_name, speedup=speedup)
-        if case.target is not None:
-            row["target"] = f">= {case.target}x {case.baseline_backend}"
-            row["target_met"] = speedup >= case.target
-        if case.aim_pct_of_copy is not None:
-            row["aim"] = f">= {case.aim_pct_of_copy}% of copy"
-            row["aim_met"] = 100 * row["gbps"] / copy_gbps >= case.aim_pct_of_copy
-        rows.append(row)
+        )  # fmt: skip
+        target, aim = GOALS[device.type][case.key]
+        for backend in args.backends:
+            ours = summarize(measure(forced(backend, case.ours), args.repeats, device))
+            speedup = base["median_ms"] / ours["median_ms"]
+            row = make_row(*same, f"fedhq-{backend}", f"fedhq_kernels ({backend})", case.nbytes, ours,
+                           baseline=case.baseline_name, speedup=speedup)  # fmt: skip
+            if target is not None:
+                row["target"] = f">= {target}x {case.baseline_backend}"
+                row["target_met"] = speedup >= target
+            if aim is not None:
+                row["aim"] = f">= {aim}% of copy"
+                row["aim_met"] = 100 * row["gbps"] / copy_gbps >= aim
+            rows.append(row)
 
     context = {
-        **machine(),
+        **machine(device),
+        "device": device.type,
         "torch": torch.__version__,
         "fedhq_backends": fk.backends(),
         "threads": torch.get_num_threads(),
@@ -471,9 +517,9 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(cells) + " |")
     r = rows[0]
     print(
-        f"\nfloat32; {r['machine']}, {r['cores']} cores, {r['threads']} threads; torch {r['torch']}; "
+        f"\nfloat32 on {r['device']}; {r['machine']}, {r['cores']} cores/SMs, {r['threads']} threads; torch {r['torch']}; "
         f"fedhq backends {r['fedhq_backends']}. GB/s = logical bytes (each tensor read or written once) / median; "
-        "% copy is against the preallocated copy_ of this run. Every op row allocates its output (compare with clone)."
+        "% copy is against the copy_ row of this run. Every op row allocates its output (compare with clone)."
     )
     if r["quick"]:
         print("--quick is a smoke test: its inputs fit in the caches, so these are not memory bandwidths.")
@@ -483,22 +529,35 @@ def print_targets(rows: list[dict]) -> None:
     print("\nTargets (from the issue):")
     for r in rows:
         if "target" in r:
-            print(f"  {r['op']}: {r['target']}: {r['speedup']:.2f}x -> {'MET' if r['target_met'] else 'NOT MET'}")
+            met = "MET" if r["target_met"] else "NOT MET"
+            print(f"  {r['op']} [{r['backend']}]: {r['target']}: {r['speedup']:.2f}x -> {met}")
         if "aim" in r:
-            print(f"  {r['op']}: aim {r['aim']}: {r['pct_of_copy']:.0f}% -> {'MET' if r['aim_met'] else 'not met'}")
+            met = "MET" if r["aim_met"] else "not met"
+            print(f"  {r['op']} [{r['backend']}]: aim {r['aim']}: {r['pct_of_copy']:.0f}% -> {met}")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the tensors live (default cpu)")
+    parser.add_argument("--backends", help="comma-separated fedhq_kernels backends to time (default: all that run there)")
     parser.add_argument(
         "--size", type=int, help=f"float32 elements per input (default {FULL_SIZE}; --quick: {QUICK_SIZE})"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the C++ kernels share its pool)")
     parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 30; --quick: 3)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test (< 30 s)")
-    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "kernels-cpu.json")
+    parser.add_argument("--json", type=Path, help="where to write the rows (default bench/results/kernels-<device>.json)")
     args = parser.parse_args(argv)
-    args.size = args.size or (QUICK_SIZE if args.quick else FULL_SIZE)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver)")
+    device = torch.device(args.device)
+    available = runnable_backends(device)
+    args.backends = args.backends.split(",") if args.backends else available
+    unknown = [b for b in args.backends if b not in available]
+    if unknown or not args.backends:
+        parser.error(f"--backends {','.join(args.backends)}: runnable on {args.device} here: {', '.join(available) or 'none'}")
+    args.json = args.json or Path(__file__).resolve().parent / "results" / f"kernels-{args.device}.json"
+    args.size = args.size or (QUICK_SIZE if args.quick else FULL_SIZE[args.device])
     args.repeats = args.repeats or (3 if args.quick else 30)
     # The slow baselines (80-400 ms a call at 16M) get at most 15 repeats: ~25 s in all.
     args.baseline_repeats = min(args.repeats, 15)

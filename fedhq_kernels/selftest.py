@@ -1,4 +1,4 @@
-"""One-command GPU self test: ``python -m fedhq_kernels.selftest [extra pytest args]``.
+"""One-command GPU self test: ``python -m fedhq_kernels.selftest [--no-bench] [extra pytest args]``.
 
 Run from a source checkout on a machine with a CUDA GPU, after installing (it builds
 nothing). It says which GPU backends can run here and why the others cannot, then:
@@ -8,7 +8,12 @@ nothing). It says which GPU backends can run here and why the others cannot, the
      a pytest plugin: each op call the suite makes on CPU tensors is run by that
      backend on CUDA copies of its arguments and the results are copied back, so the
      suite's exact comparisons against PyTorch and the reference hold on the GPU.
-and prints a summary. Exit status 0 when everything that could run passed.
+and prints a summary, then
+  3. runs the GPU benchmarks (bench/bench_kernels.py --device cuda: every op on every
+     GPU backend against PyTorch's ops and a device-to-device copy, 64M elements; and
+     bench/bench_qat_step.py --device cuda: a ResNet-18 QAT step against FP32 and
+     torch.ao's QAT) and prints their tables (``--no-bench`` skips them).
+Exit status 0 when everything that could run passed.
 
 One deliberate difference is marked as an expected failure in step 2: on a GPU,
 fake_quant with given parameters does not read the scale / zero point back to check
@@ -123,9 +128,25 @@ def _pytest(args: list[str], env: dict[str, str]) -> tuple[int, str, float]:
     return result.returncode, (lines[-1].strip("= ") if lines else "no result"), elapsed
 
 
+BENCHMARKS = (("bench_kernels.py", "--device", "cuda"), ("bench_qat_step.py", "--device", "cuda"))
+
+
+def _benchmarks(bench: Path, env: dict[str, str]) -> list[tuple]:
+    """Runs each GPU benchmark with its output shown; a row per benchmark for the summary."""
+    rows = []
+    for script, *args in BENCHMARKS:
+        print(f"\n$ python bench/{script} {' '.join(args)}", flush=True)
+        started = time.perf_counter()
+        code = subprocess.run([sys.executable, str(bench / script), *args], env=env).returncode
+        rows.append(("benchmark", script, code, "table above" if code == 0 else f"exit {code}", time.perf_counter() - started))
+    return rows
+
+
 def main(argv: list[str]) -> int:
     from fedhq_kernels import dispatch
 
+    run_benchmarks = "--no-bench" not in argv
+    argv = [a for a in argv if a != "--no-bench"]
     tests = Path(__file__).resolve().parents[1] / "tests"
     if not (tests / "test_cuda.py").exists():
         print(f"fedhq selftest: no test-suite at {tests}; run it from a source checkout")
@@ -147,6 +168,8 @@ def main(argv: list[str]) -> int:
     for name in available:
         suite = [str(tests / f) for f in OP_SUITE]
         rows.append(("op test-suite", name, *_pytest([*suite, "-p", __name__, *argv], {**env, _ENV: name})))
+    if run_benchmarks and available:
+        rows.extend(_benchmarks(tests.parent / "bench", env))
 
     print("\nfedhq selftest summary")
     for step, backend, code, result, seconds in rows:
