@@ -140,6 +140,12 @@ _RUN_SETTINGS = {
     "--uplink-mbps": ("uplink_mbps", float, "uplink of devices whose profile has none (default 20)"),
     "--client-timeout": ("client_timeout_s", float, "seconds after which a client's update is dropped"),
     "--threads": ("threads", int, "torch threads (default 2)"),
+    "--topology": ("topology", str, "hierarchical system: 'hierarchical:AxL' or a JSON file of parents (default flat)"),
+    "--adjust-after": ("adjust_after", int, "rounds observed before the adjustment (default 2)"),
+    "--adjust-time-tolerance": ("adjust_time_tolerance", float, "straggler: round time > (1 + tol) x median (0.5)"),
+    "--adjust-acc-tolerance": ("adjust_acc_tolerance", float, "validation accuracy a client may cost (0.01)"),
+    "--adjust-budget": ("adjust_budget", int, "candidate trainings the cost model may run (default 8; 0: leaves only)"),
+    "--adjust-trial-rounds": ("adjust_trial_rounds", int, "rounds per candidate trial (default 1)"),
 }
 
 
@@ -159,13 +165,16 @@ def _add_run_settings(parser) -> None:
             parser.add_argument(flag, dest=dest, type=lambda t, k=kind: _parse_list(k, t), help=help_text)
         else:
             parser.add_argument(flag, dest=dest, type=kind, help=help_text)
+    parser.add_argument("--adjust", action="store_true", default=None,
+                        help="FedHQ's fine-grained adjustment after --adjust-after rounds (strategy fedhq)")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from the output directory's checkpoint")
 
 
 def _run_config(args, **fixed):
     from fedhq.fl.config import RunConfig
 
-    overrides = {dest: getattr(args, dest) for dest, _, _ in _RUN_SETTINGS.values() if getattr(args, dest) is not None}
+    dests = [dest for dest, _, _ in _RUN_SETTINGS.values()] + ["adjust"]
+    overrides = {dest: getattr(args, dest) for dest in dests if getattr(args, dest) is not None}
     overrides.update(fixed)
     if args.config:
         return RunConfig.from_file(args.config, overrides)

@@ -61,6 +61,15 @@ class RunConfig:
     uplink_mbps: float = 20.0  # for a device whose profile has no network figure
     client_timeout_s: float | None = None
     threads: int = 2
+    # hierarchical systems and the fine-grained adjustment (fedhq.fl.topology, fedhq.allocation.adjust)
+    topology: str | None = None  # None: flat; "hierarchical:AxL"; or a JSON file of parents
+    adjust: bool = False
+    adjust_after: int = 2  # rounds observed before detection
+    adjust_time_tolerance: float = 0.5  # straggler: round time > (1 + tol) x the median client's
+    adjust_acc_tolerance: float = 0.01  # validation accuracy a client's update may cost, and a candidate may lose
+    adjust_budget: int = 8  # few-round trainings the cost model may run in all; 0: Situation 1 only
+    adjust_trial_rounds: int = 1  # rounds of training per candidate trial
+    validation_fraction: float = 0.1  # of the training set, held out for detection and trials when adjusting
 
     # ---- construction ----
 
@@ -119,6 +128,21 @@ class RunConfig:
         if not (isinstance(self.xi, (int, float)) and 0 < self.xi < 1):
             raise ConfigError(f"xi must be in (0, 1), got {self.xi!r}")
         _positive("area_threshold", self.area_threshold)
+        _int_at_least("adjust_after", self.adjust_after, 1)
+        _int_at_least("adjust_budget", self.adjust_budget, 0)
+        _int_at_least("adjust_trial_rounds", self.adjust_trial_rounds, 1)
+        for name in ("adjust_time_tolerance", "adjust_acc_tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.validation_fraction, float) and 0 < self.validation_fraction < 0.5):
+            raise ConfigError(f"validation_fraction must be in (0, 0.5), got {self.validation_fraction!r}")
+        if not isinstance(self.adjust, bool):
+            raise ConfigError(f"adjust must be true or false, got {self.adjust!r}")
+        if self.adjust and self.strategy != "fedhq":
+            raise ConfigError(f"adjust refines FedHQ's allocation: it needs strategy fedhq, not {self.strategy!r}")
+        if self.adjust and self.adjust_after >= self.rounds:
+            raise ConfigError(f"adjust_after ({self.adjust_after}) must be below rounds ({self.rounds})")
         if self.max_train is not None:
             _int_at_least("max_train", self.max_train, 1)
         if self.client_timeout_s is not None:

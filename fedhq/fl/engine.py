@@ -27,12 +27,15 @@ from fedhq.allocation import global_init, normalize_significance
 from fedhq.analysis import speed as speed_analysis
 from fedhq.analysis.accuracy import accuracy_significance
 from fedhq.data import DatasetNotFoundError, load_dataset, partition
-from fedhq.data.base import Dataset, Split
+from fedhq.data.base import Dataset, Split, stratified_split
 from fedhq.fl import checkpoint
-from fedhq.fl.client import ClientState, RoundPlan, Update, evaluate, quantized_names, train_local
+from fedhq.fl.adjustment import adjust_allocation
+from fedhq.fl.client import ClientState, evaluate, quantized_names, train_local
+from fedhq.fl.rounds import Client, RoundContext, TrainFn, play_round
 from fedhq.fl.config import ALPHA_RANGE, BETA_RANGE, ConfigError, RunConfig
-from fedhq.fl.server import Rejection, Server
-from fedhq.fl.timing import COST_STRATEGY, ClientDevice, ClientTime, synchronous_round
+from fedhq.fl.server import Server
+from fedhq.fl.timing import ClientDevice
+from fedhq.fl.topology import Topology, TopologyError
 from fedhq.models import ModelSpec
 
 log = logging.getLogger("fedhq.engine")
@@ -46,21 +49,6 @@ RESULTS_FILE = "results.json"
 REFERENCE_BATCHES = (4, 16, 64)
 # Settings a resumed run may change: extending a run is resuming it with more rounds.
 RESUMABLE_CHANGES = ("rounds", "output_dir")
-
-TrainFn = Callable[..., tuple[Update, ClientState]]
-
-
-@dataclass
-class Client:
-    id: int
-    data: Split
-    device: ClientDevice
-    device_source: str
-    alpha: float
-    beta: float
-    batch: int
-    strategy: str = "ptq"
-
 
 # ---- setup ----
 
@@ -121,8 +109,18 @@ def reference_profile(config: RunConfig, spec: ModelSpec, out: Path, echo: Calla
     return doc, str(path)
 
 
-def make_clients(config: RunConfig, dataset: Dataset, spec: ModelSpec, reference: dict) -> list[Client]:
-    labels = dataset.train.y.numpy()
+def split_validation(config: RunConfig, dataset: Dataset) -> tuple[Split, Split | None]:
+    """(the split clients share, the server's validation split): with --adjust a
+    stratified validation_fraction of the training set is held out for detection and
+    candidate trials, so the test split is never used to make decisions."""
+    if not config.adjust:
+        return dataset.train, None
+    keep, held = stratified_split(dataset.train.y.numpy(), config.validation_fraction, config.seed)
+    return dataset.train.subset(keep), dataset.train.subset(held)
+
+
+def make_clients(config: RunConfig, train: Split, spec: ModelSpec, reference: dict) -> list[Client]:
+    labels = train.y.numpy()
     options = {"iid": {}, "dirichlet": {"alpha": config.dirichlet_alpha}, "quantity": {"sigma": config.quantity_sigma}}
     try:
         parts = partition(config.partition, labels, config.clients, config.seed, **options[config.partition])
@@ -140,7 +138,7 @@ def make_clients(config: RunConfig, dataset: Dataset, spec: ModelSpec, reference
                         device.speed.max_batch(spec.key, "ptq", alphas[cid], limit=limit))  # fmt: skip
         except (ValueError, TypeError) as error:
             raise ConfigError(f"client {cid} on device {source!r}: {error}") from None
-        clients.append(Client(cid, dataset.train.subset(indices), device, source, alphas[cid], betas[cid], batch))
+        clients.append(Client(cid, train.subset(indices), device, source, alphas[cid], betas[cid], batch))
     return clients
 
 
@@ -213,7 +211,12 @@ def run(
     dataset = load_data(config)
     spec = model_spec(config, dataset)
     reference, reference_path = reference_profile(config, spec, out, echo)
-    clients = make_clients(config, dataset, spec, reference)
+    try:
+        topology = Topology.parse(config.topology, config.clients)
+    except TopologyError as error:
+        raise ConfigError(str(error)) from None
+    train, validation = split_validation(config, dataset)
+    clients = make_clients(config, train, spec, reference)
     setup_s = time.perf_counter() - started
 
     t0 = time.perf_counter()
@@ -236,24 +239,34 @@ def run(
     states = {c.id: ClientState() for c in clients}
     history: list[dict] = []
     training_s = 0.0
+    adjustment: dict | None = None
     if saved is not None:
         server.state = saved["server_state"]
         states = {int(k): ClientState(v) for k, v in saved["client_states"].items()}
         history = saved["history"]
         training_s = saved["training_s"]
+        adjustment = saved["adjustment"]
+        for c, s in zip(clients, saved["strategies"]):
+            c.strategy = s
         echo(f"resuming {out / CHECKPOINT_FILE} after round {len(history)}")
+    context = RoundContext(config, spec, server, clients, states, topology, train_fn)
 
     echo(f"{config.strategy}: {dataset.summary()}; model {spec.key}; {len(clients)} clients "
          f"({strategies.count('ptq')} PTQ, {strategies.count('qat')} QAT)")  # fmt: skip
     for r in range(len(history) + 1, config.rounds + 1):
-        row, round_wall = _round(r, config, spec, server, clients, states, dataset, train_fn)
-        training_s += round_wall
+        outcome = play_round(context, r)
+        accuracy, loss = evaluate(spec, server.global_weights(), dataset.test)
+        row = outcome.row(accuracy, loss, config.local_epochs)
+        training_s += row["wall_s"]
         row["cum_wall_s"] = (history[-1]["cum_wall_s"] if history else 0.0) + row["wall_s"]
         row["cum_sim_s"] = (history[-1]["cum_sim_s"] if history else 0.0) + row["sim_s"]
         history.append(row)
+        if config.adjust and r == config.adjust_after and adjustment is None:
+            adjustment = adjust_allocation(context, outcome, validation, next_round=r + 1, echo=echo)
         checkpoint.save(out / CHECKPOINT_FILE, {
             "config": config.to_dict(), "server_state": server.state, "history": history, "training_s": training_s,
             "client_states": {str(cid): s.observers for cid, s in states.items()},
+            "strategies": [c.strategy for c in clients], "adjustment": adjustment,
         })  # fmt: skip
         _progress(echo, row, config.rounds)
 
@@ -273,59 +286,24 @@ def run(
             "xi": config.xi, "area_threshold": config.area_threshold, "speed_orientation": config.speed_orientation,
             "ptq": [c.id for c in clients if c.strategy == "ptq"], "qat": [c.id for c in clients if c.strategy == "qat"],
         },  # fmt: skip
+        "topology": {"spec": config.topology, "parents": list(topology.parents), "trains": list(topology.trains),
+                     "levels": [topology.level(n) for n in range(topology.size)]},  # fmt: skip
+        "assignment_before": strategies,
+        "assignment_after": [c.strategy for c in clients],
+        "adjustment": adjustment,
         "rounds": history,
         "final_accuracy": history[-1]["accuracy"] if history else None,
         "best_accuracy": max(h["accuracy"] for h in history) if history else None,
         "wall_time_s": history[-1]["cum_wall_s"] if history else 0.0,
         "sim_time_s": history[-1]["cum_sim_s"] if history else 0.0,
         "upload_bytes": sum(h["upload_bytes"] for h in history),
-        "timing": {"setup_s": setup_s, "analysis_s": analysis_s, "allocation_s": allocation_s, "training_s": training_s},
+        "timing": {"setup_s": setup_s, "analysis_s": analysis_s, "allocation_s": allocation_s,
+                   "adjustment_s": adjustment["time_s"] if adjustment else 0.0, "training_s": training_s},  # fmt: skip
         "reference_profile": reference_path,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     return results
-
-
-def _round(r, config, spec, server, clients, states, dataset, train_fn) -> tuple[dict, float]:
-    started = time.perf_counter()
-    global_weights = server.global_weights()
-    updates: list[Update] = []
-    rejected: list[Rejection] = []
-    sim: dict[int, ClientTime] = {}
-    for c in clients:
-        plan = RoundPlan(round=r, strategy=c.strategy, epochs=config.local_epochs, batch_size=c.batch, lr=config.lr,
-                         momentum=config.momentum, bits=config.bits, seed=config.seed)  # fmt: skip
-        try:
-            update, new_state = train_fn(spec, global_weights, c.data, plan, c.id, states[c.id])
-        except Exception as error:  # a failing client must not end the round
-            rejected.append(Server.reject(c.id, f"client raised {type(error).__name__}: {error}"))
-            continue
-        if config.client_timeout_s is not None and update.wall_s > config.client_timeout_s:
-            rejected.append(Server.reject(c.id, f"timed out: {update.wall_s:.2f} s > {config.client_timeout_s} s"))
-            continue
-        states[c.id] = new_state
-        updates.append(update)
-        sim[c.id] = c.device.round_time(spec.key, c.strategy, c.batch, update.steps, update.nbytes)
-    accepted, bad = server.aggregate(updates)
-    rejected.extend(bad)
-    accuracy, loss = evaluate(spec, server.global_weights(), dataset.test)
-    wall = time.perf_counter() - started
-    # the synchronous round waits for every client that trained, accepted or not
-    sim_s, slowest = synchronous_round(sim)
-    epoch_s = max((t.compute_s for t in sim.values()), default=0.0) / config.local_epochs
-    row = {
-        "round": r, "accuracy": accuracy, "loss": loss, "wall_s": wall, "sim_s": sim_s, "sim_epoch_s": epoch_s,
-        "upload_bytes": sum(u.nbytes for u in updates), "participants": accepted,
-        "rejected": [x.as_dict() for x in rejected], "slowest_client": slowest,
-        "train_loss": _mean([u.train_loss for u in updates if u.client in accepted]),
-    }  # fmt: skip
-    return row, wall
-
-
-def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
 
 
 def _load_checkpoint(config: RunConfig, out: Path) -> dict:

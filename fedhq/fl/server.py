@@ -14,6 +14,7 @@ from torch import Tensor
 
 import fedhq_kernels as fk
 from fedhq.fl.client import quantize_upload
+from fedhq.fl.topology import Topology
 
 log = logging.getLogger("fedhq.server")
 
@@ -109,9 +110,11 @@ class Server:
         """The global model as float tensors: what clients load and evaluation uses."""
         return fk.dequantize_state_dict(self.state)
 
-    def aggregate(self, updates: Sequence) -> tuple[list[int], list[Rejection]]:
+    def aggregate(self, updates: Sequence, topology: Topology | None = None) -> tuple[list[int], list[Rejection]]:
         """Validates every update (objects with client, state, num_samples), aggregates
-        the good ones into the global model, and returns (accepted ids, rejections)."""
+        the good ones into the global model, and returns (accepted ids, rejections).
+        With a hierarchical ``topology`` the good updates are aggregated bottom-up, each
+        inner node combining its own update with its children's subtree aggregates."""
         accepted, rejected = [], []
         for update in updates:
             reason = validate_update(
@@ -125,17 +128,36 @@ class Server:
             if updates:
                 log.warning("no usable update this round: the global model is kept")
             return [], rejected
-        weights = [u.num_samples for u in accepted]
         try:
-            if self.bits is None:
-                new_state = float_average([u.state for u in accepted], weights)
+            if topology is None or topology.is_flat:
+                new_state = self.combine([(u.state, u.num_samples) for u in accepted])
             else:
-                new_state = fk.aggregate_state_dicts([u.state for u in accepted], weights)
+                new_state = self.combine_tree(accepted, topology)
         except (ValueError, TypeError, RuntimeError) as error:  # never corrupt the model
             rejected.extend(self.reject(u.client, f"aggregation failed: {error}") for u in accepted)
             return [], rejected
         self.state = new_state
         return [u.client for u in accepted], rejected
+
+    def combine(self, parts: Sequence[tuple[Mapping, int]]) -> dict:
+        """One aggregation step: (state, sample count) pairs -> their weighted average,
+        requantized (float for fp32)."""
+        states, weights = [p[0] for p in parts], [p[1] for p in parts]
+        if self.bits is None:
+            return float_average(states, weights)
+        return fk.aggregate_state_dicts(states, weights)
+
+    def combine_tree(self, accepted: Sequence, topology: Topology) -> dict:
+        """Bottom-up: every inner node aggregates its own update and its children's
+        subtree results (weighted by the samples under them); the server aggregates its
+        children's. A node whose own update was rejected still forwards its subtree."""
+        own = {u.client: (u.state, u.num_samples) for u in accepted}
+        below: dict[int, tuple[Mapping, int]] = {}
+        for node in topology.bottom_up():
+            parts = ([own[node]] if node in own else []) + [below[c] for c in topology.children(node) if c in below]
+            if parts:
+                below[node] = parts[0] if len(parts) == 1 else (self.combine(parts), sum(p[1] for p in parts))
+        return self.combine([below[c] for c in topology.children(None) if c in below])
 
     @staticmethod
     def reject(client: int, reason: str) -> Rejection:
