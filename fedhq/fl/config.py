@@ -70,6 +70,7 @@ class RunConfig:
     adjust_budget: int = 8  # few-round trainings the cost model may run in all; 0: Situation 1 only
     adjust_trial_rounds: int = 1  # rounds of training per candidate trial
     validation_fraction: float = 0.1  # of the training set, held out for detection and trials when adjusting
+    hold_out_validation: bool = False  # hold it out without adjusting (comparisons against an adjusted run)
 
     # ---- construction ----
 

@@ -112,8 +112,9 @@ def reference_profile(config: RunConfig, spec: ModelSpec, out: Path, echo: Calla
 def split_validation(config: RunConfig, dataset: Dataset) -> tuple[Split, Split | None]:
     """(the split clients share, the server's validation split): with --adjust a
     stratified validation_fraction of the training set is held out for detection and
-    candidate trials, so the test split is never used to make decisions."""
-    if not config.adjust:
+    candidate trials, so the test split is never used to make decisions (runs compared
+    with an adjusted one hold out the same samples: hold_out_validation)."""
+    if not (config.adjust or config.hold_out_validation):
         return dataset.train, None
     keep, held = stratified_split(dataset.train.y.numpy(), config.validation_fraction, config.seed)
     return dataset.train.subset(keep), dataset.train.subset(held)
