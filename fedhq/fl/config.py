@@ -25,7 +25,7 @@ BETA_RANGE = (0.3, 1.0)
 # Default dataset -> model: the small CNN sized to the dataset's images.
 DEFAULT_MODELS = {"digits": "small_cnn@8x8x1:10", "cifar10": "small_cnn@32x32x3:10",
                   "cifar100": "small_cnn@32x32x3:100", "svhn": "small_cnn@32x32x3:10",
-                  "synthetic": "small_cnn@8x8x1:10"}  # fmt: skip
+                  "synthetic": "small_cnn@32x32x3:10"}  # fmt: skip
 
 
 class ConfigError(ValueError):

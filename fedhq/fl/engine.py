@@ -211,11 +211,11 @@ def run(
     started = time.perf_counter()
     dataset = load_data(config)
     spec = model_spec(config, dataset)
-    reference, reference_path = reference_profile(config, spec, out, echo)
     try:
         topology = Topology.parse(config.topology, config.clients)
     except TopologyError as error:
         raise ConfigError(str(error)) from None
+    reference, reference_path = reference_profile(config, spec, out, echo)
     train, validation = split_validation(config, dataset)
     clients = make_clients(config, train, spec, reference)
     setup_s = time.perf_counter() - started
