@@ -220,3 +220,9 @@ def test_adjust_settings_are_validated():
         RunConfig(adjust=True, rounds=2, adjust_after=2).validated()
     with pytest.raises(ConfigError, match="adjust_budget must be an int >= 0"):
         RunConfig(adjust=True, adjust_budget=-1).validated()
+
+
+def test_detection_against_the_prediction():
+    times = {0: 1.0, 1: 1.0, 2: 1.0}
+    flags = adjust.detect(times, {}, time_tolerance=0.2, acc_tolerance=0.01, predicted={0: 1.0, 1: 0.5, 2: 0.9})
+    assert [f.client for f in flags] == [1] and "predicted 0.5" in flags[0].reasons[0]

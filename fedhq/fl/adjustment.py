@@ -22,6 +22,7 @@ from fedhq.allocation.adjust import detect, flip_leaf, search_subtree
 from fedhq.data.base import Split
 from fedhq.fl.client import evaluate
 from fedhq.fl.rounds import RoundContext, RoundOutcome, play_round
+from fedhq.fl.timing import COST_STRATEGY
 
 log = logging.getLogger("fedhq.adjust")
 
@@ -44,6 +45,21 @@ def contributions(ctx: RoundContext, outcome: RoundOutcome, validation: Split) -
                    else ctx.server.combine_tree(others, ctx.topology))  # fmt: skip
         result[update.client] = full - _validation_accuracy(ctx, without, validation)
     return result
+
+
+def predicted_round_times(ctx: RoundContext, outcome: RoundOutcome) -> dict[int, float]:
+    """What the initialization expected of each client that trained: Eq. 1 for its
+    strategy (fp32 costs as PTQ) plus the upload of the bytes it sent."""
+    config, predicted = ctx.config, {}
+    nbytes = {u.client: u.nbytes for u in outcome.updates}
+    for c in ctx.clients:
+        if c.id in outcome.times:
+            estimate = c.device.speed.estimate(
+                ctx.spec.key, COST_STRATEGY[c.strategy], alpha=c.alpha, beta=c.beta, samples=len(c.data),
+                epochs=config.local_epochs, batch=c.batch,
+            )  # fmt: skip
+            predicted[c.id] = estimate.time_s + c.device.upload_seconds(nbytes[c.id])
+    return predicted
 
 
 def trial(ctx: RoundContext, assignment: dict[int, str], first_round: int, validation: Split) -> tuple[float, float]:
@@ -70,6 +86,7 @@ def adjust_allocation(
         contributions(ctx, outcome, validation),
         time_tolerance=config.adjust_time_tolerance,
         acc_tolerance=config.adjust_acc_tolerance,
+        predicted=predicted_round_times(ctx, outcome),
     )
     report = {"after_round": outcome.round, "flagged": [], "searches": [], "ranked": 0, "trained": 0}
     if flags and len(flags) == len(ctx.clients):
