@@ -7,6 +7,9 @@ import zlib
 # Triton kernels can only run on CPU tensors under the interpreter, and only if this
 # is set before any @triton.jit function is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# As the fedhq command does (fedhq/cli.py): a spinning OpenMP team stalls badly when
+# the 2 cores are shared with other processes; libgomp reads this when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
