@@ -1,19 +1,26 @@
-"""One-command GPU self test: ``python -m fedhq_kernels.selftest [--no-bench] [extra pytest args]``.
+"""One-command GPU self test: ``python -m fedhq_kernels.selftest [--build] [--no-bench] [extra pytest args]``.
 
-Run from a source checkout on a machine with a CUDA GPU, after installing (it builds
-nothing). It says which GPU backends can run here and why the others cannot, then:
+Run from a source checkout on a machine with a CUDA GPU. ``--build`` first compiles
+the extensions in place for this GPU (``setup.py build_ext --inplace`` with
+FEDHQ_BUILD_CUDA=1, so a failed CUDA build stops here instead of leaving the cuda
+backend silently unavailable; FEDHQ_CUDA_ARCHS defaults to this GPU's architecture
+only, the quickest build): a fresh checkout then needs this one command. Without it,
+install first (``pip install --no-build-isolation -e .``). It says which GPU backends
+can run here and why the others cannot, then:
   1. runs every test marked ``gpu`` (tests/test_cuda.py and any other GPU tests), and
   2. runs the op test-suite (tests/test_fake_quant.py, test_quantize.py,
      test_aggregate.py, test_ops.py) once per GPU backend, with this module loaded as
      a pytest plugin: each op call the suite makes on CPU tensors is run by that
      backend on CUDA copies of its arguments and the results are copied back, so the
-     suite's exact comparisons against PyTorch and the reference hold on the GPU.
-and prints a summary, then
-  3. runs the GPU benchmarks (bench/bench_kernels.py --device cuda: every op on every
-     GPU backend against PyTorch's ops and a device-to-device copy, 64M elements; and
-     bench/bench_qat_step.py --device cuda: a ResNet-18 QAT step against FP32 and
-     torch.ao's QAT) and prints their tables (``--no-bench`` skips them).
-Exit status 0 when everything that could run passed.
+     suite's exact comparisons against PyTorch and the reference hold on the GPU;
+  3. runs the GPU benchmarks (BENCHMARKS below; ``--no-bench`` skips them), showing
+     their tables: bench/bench_kernels.py --device cuda (every op on every GPU backend
+     against PyTorch's ops and a device-to-device copy, 64M elements), and
+     bench/bench_qat_step.py --device cuda (a QAT training step against FP32 and
+     torch.ao's QAT: ResNet-18 at batch 32, then the FL default small CNN). Their JSON
+     rows go to bench/results/*-cuda*.json;
+and prints a summary. Exit status 0 when everything that could run passed; 2 when
+there is no GPU (nothing is built or run then).
 
 One deliberate difference is marked as an expected failure in step 2: on a GPU,
 fake_quant with given parameters does not read the scale / zero point back to check
@@ -35,6 +42,13 @@ import torch
 GPU_BACKENDS = ("cuda", "triton")
 OP_SUITE = ("test_fake_quant.py", "test_quantize.py", "test_aggregate.py", "test_ops.py")
 _ENV = "FEDHQ_SELFTEST_BACKEND"  # set for step 2: the backend the plugin routes op calls to
+# The plugin's import name. Not __name__: under ``python -m`` that is "__main__", and
+# ``pytest -p __main__`` registers pytest's own __main__ without a word, so the suite
+# would run on the CPU and pass. The plugin also reports how many calls it rerouted,
+# and step 2 fails when that line is missing or says none.
+PLUGIN = "fedhq_kernels.selftest"
+_REROUTED = re.compile(r"fedhq selftest: (\d+) op calls rerouted to (\w+) on the GPU")
+_calls = 0  # op calls the plugin ran on the GPU in this pytest process
 
 
 # ---- the pytest plugin (step 2) ----
@@ -68,12 +82,19 @@ def pytest_configure(config):
         run = module.KERNELS[op]
 
         def on_gpu(*args):
+            global _calls
+            _calls += 1
             return _move(run(*_move(args, "cuda")), device)
 
         return on_gpu
 
     dispatch.kernel = kernel
     config.addinivalue_line("markers", "selftest: rerouted to a GPU backend by fedhq_kernels.selftest")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if os.environ.get(_ENV):
+        terminalreporter.write_line(f"fedhq selftest: {_calls} op calls rerouted to {os.environ[_ENV]} on the GPU")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -117,18 +138,35 @@ def _bad_tensor_qparams(kwargs) -> bool:
 # ---- the command ----
 
 
-def _pytest(args: list[str], env: dict[str, str]) -> tuple[int, str, float]:
+def _pytest(args: list[str], env: dict[str, str], rerouted_to: str | None = None) -> tuple[int, str, float]:
+    """Runs pytest; with ``rerouted_to``, the run fails unless the plugin reports op calls
+    it ran on the GPU with that backend."""
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
                             env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    code = result.returncode
     lines = [line for line in result.stdout.splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", line)]
-    if result.returncode not in (0, 5):  # 5: nothing collected
+    summary = lines[-1].strip("= ") if lines else "no result"
+    if rerouted_to is not None:
+        match = _REROUTED.search(result.stdout)
+        if match is None or match.group(2) != rerouted_to or int(match.group(1)) == 0:
+            code, summary = code or 1, f"{summary}; but no op call ran on the GPU (plugin {PLUGIN} not active?)"
+        else:
+            summary = f"{summary}; {match.group(1)} op calls on the GPU"
+    if code not in (0, 5):  # 5: nothing collected
         sys.stdout.write(result.stdout[-6000:] + result.stderr[-2000:])
-    return result.returncode, (lines[-1].strip("= ") if lines else "no result"), elapsed
+    return code, summary, elapsed
 
 
-BENCHMARKS = (("bench_kernels.py", "--device", "cuda"), ("bench_qat_step.py", "--device", "cuda"))
+# Run from the checkout's root. The second QAT row is the FL default model and batch
+# (fedhq.fl.config), a few seconds more on a GPU.
+BENCHMARKS = (
+    ("bench_kernels.py", "--device", "cuda"),
+    ("bench_qat_step.py", "--device", "cuda"),
+    ("bench_qat_step.py", "--device", "cuda", "--model", "small_cnn@8x8x1:10", "--batch", "16",
+     "--json", "bench/results/qat-step-cuda-small_cnn.json"),
+)  # fmt: skip
 
 
 def _benchmarks(bench: Path, env: dict[str, str]) -> list[tuple]:
@@ -137,17 +175,36 @@ def _benchmarks(bench: Path, env: dict[str, str]) -> list[tuple]:
     for script, *args in BENCHMARKS:
         print(f"\n$ python bench/{script} {' '.join(args)}", flush=True)
         started = time.perf_counter()
-        code = subprocess.run([sys.executable, str(bench / script), *args], env=env).returncode
-        rows.append(("benchmark", script, code, "table above" if code == 0 else f"exit {code}", time.perf_counter() - started))
+        code = subprocess.run([sys.executable, str(bench / script), *args], env=env, cwd=bench.parent).returncode
+        label = f"{script} {args[args.index('--model') + 1]}" if "--model" in args else script
+        rows.append(("benchmark", label, code, "table above" if code == 0 else f"exit {code}", time.perf_counter() - started))
     return rows
 
 
-def main(argv: list[str]) -> int:
-    from fedhq_kernels import dispatch
+def _build(root: Path) -> int:
+    """``--build``: compiles the extensions into the checkout; returns setup.py's exit
+    status, showing the end of its log (and all of it on failure)."""
+    major, minor = torch.cuda.get_device_capability()
+    env = {**os.environ, "FEDHQ_BUILD_CUDA": "1"}
+    env.setdefault("FEDHQ_CUDA_ARCHS", f"{major}.{minor}")
+    print(f"\n$ FEDHQ_BUILD_CUDA=1 FEDHQ_CUDA_ARCHS={env['FEDHQ_CUDA_ARCHS']} python setup.py build_ext --inplace",
+          flush=True)  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    log = result.stdout + result.stderr
+    fedhq_lines = [line for line in log.splitlines() if line.startswith("fedhq:")]
+    sys.stdout.write(log[-8000:] if result.returncode else "\n".join(fedhq_lines) + "\n")
+    print(f"build: exit {result.returncode} after {time.perf_counter() - started:.0f} s", flush=True)
+    return result.returncode
 
+
+def main(argv: list[str]) -> int:
+    build = "--build" in argv
     run_benchmarks = "--no-bench" not in argv
-    argv = [a for a in argv if a != "--no-bench"]
-    tests = Path(__file__).resolve().parents[1] / "tests"
+    argv = [a for a in argv if a not in ("--build", "--no-bench")]
+    root = Path(__file__).resolve().parents[1]
+    tests = root / "tests"
     if not (tests / "test_cuda.py").exists():
         print(f"fedhq selftest: no test-suite at {tests}; run it from a source checkout")
         return 2
@@ -155,6 +212,19 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("fedhq selftest: no CUDA GPU visible (torch.cuda.is_available() is False); nothing to test")
         return 2
+    # The checkout first on the path of every child (tests, benchmarks, the re-run below),
+    # whether or not the package is installed: the code under test is this tree.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    if build:
+        if _build(root) != 0:
+            print("fedhq selftest: the build failed; nothing tested")
+            return 1
+        # This process loaded fedhq_kernels before the build: start afresh so the new
+        # extensions are the ones imported.
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", PLUGIN, *argv] + ([] if run_benchmarks else ["--no-bench"]))
+    from fedhq_kernels import dispatch
+
     print(f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     available = [b for b in GPU_BACKENDS if b in dispatch.backends()]
     for name in GPU_BACKENDS:
@@ -167,7 +237,7 @@ def main(argv: list[str]) -> int:
     rows = [("gpu-marked tests", "all", *_pytest([str(tests), "-m", "gpu", *argv], env))]
     for name in available:
         suite = [str(tests / f) for f in OP_SUITE]
-        rows.append(("op test-suite", name, *_pytest([*suite, "-p", __name__, *argv], {**env, _ENV: name})))
+        rows.append(("op test-suite", name, *_pytest([*suite, "-p", PLUGIN, *argv], {**env, _ENV: name}, name)))
     if run_benchmarks and available:
         rows.extend(_benchmarks(tests.parent / "bench", env))
 

@@ -1,0 +1,54 @@
+"""The one-command GPU self test, checked where no GPU is: it refuses clearly, its
+benchmark steps name scripts that exist, and its op-suite step cannot pass without
+the rerouting plugin having run op calls on the GPU (under ``python -m`` the module's
+``__name__`` is "__main__", and ``pytest -p __main__`` loaded no plugin, silently)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedhq_kernels import selftest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the self test would run")
+def test_refuses_without_a_gpu_before_building():
+    result = subprocess.run([sys.executable, "-m", "fedhq_kernels.selftest", "--build", "--no-bench"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no CUDA GPU visible" in result.stdout and "setup.py" not in result.stdout
+
+
+def test_plugin_is_named_by_its_import_name():
+    assert selftest.PLUGIN == selftest.__name__ == "fedhq_kernels.selftest"
+
+
+def test_benchmark_steps_exist():
+    for script, *args in selftest.BENCHMARKS:
+        assert (ROOT / "bench" / script).is_file() and args[args.index("--device") + 1] == "cuda"
+
+
+def _suite(tmp_path: Path, conftest: str) -> Path:
+    (tmp_path / "conftest.py").write_text(conftest)
+    (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
+    return tmp_path / "test_x.py"
+
+
+def test_op_suite_step_fails_when_nothing_ran_on_the_gpu(tmp_path):
+    test = _suite(tmp_path, "")
+    code, summary, _ = selftest._pytest([str(test)], dict(os.environ), rerouted_to="cuda")
+    assert code == 1 and "no op call ran on the GPU" in summary
+
+
+def test_op_suite_step_reads_the_plugins_count(tmp_path):
+    line = "fedhq selftest: 7 op calls rerouted to cuda on the GPU"
+    test = _suite(tmp_path, f"def pytest_terminal_summary(terminalreporter):\n    terminalreporter.write_line({line!r})\n")
+    code, summary, _ = selftest._pytest([str(test)], dict(os.environ), rerouted_to="cuda")
+    assert code == 0 and "1 passed" in summary and "7 op calls on the GPU" in summary
+    code, _, _ = selftest._pytest([str(test)], dict(os.environ), rerouted_to="triton")  # another backend's count
+    assert code == 1
