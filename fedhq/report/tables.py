@@ -3,124 +3,183 @@ accuracy and allocation), for the terminal and comparison.txt."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
-RUN_SCHEMA = "fedhq.run/1"
-COMPARE_SCHEMA = "fedhq.compare/1"
-_RUN_KEYS = ("strategy", "clients", "rounds", "final_accuracy", "best_accuracy", "wall_time_s", "sim_time_s",
-             "upload_bytes", "allocation")  # fmt: skip
+from fedhq.report.schema import check_comparison, check_run
+
+BASELINE = "fedaqt"  # speedups are against all-QAT, as the paper's claim (1.50x-2.47x) is
+LETTERS = {"ptq": "P", "qat": "Q", "fp32": "F"}
+LEGEND = "P = PTQ, Q = QAT, F = fp32 unquantized, . = not in this run"
+IDS_PER_LINE = 30  # keeps a 100-client strategy line under ~100 characters
 
 
-def check_run(run: Mapping, where: str = "run") -> None:
-    if not isinstance(run, Mapping) or run.get("schema") != RUN_SCHEMA:
-        raise ValueError(f"{where}: expected a results dict with schema {RUN_SCHEMA!r}")
-    missing = [k for k in _RUN_KEYS if k not in run]
-    if missing:
-        raise ValueError(f"{where}: missing {missing}")
-
-
-def check_comparison(comparison: Mapping) -> Mapping[str, Mapping]:
-    if not isinstance(comparison, Mapping) or comparison.get("schema") != COMPARE_SCHEMA:
-        raise ValueError(f"expected a comparison dict with schema {COMPARE_SCHEMA!r}")
-    runs = comparison.get("runs")
-    if not isinstance(runs, Mapping) or not runs:
-        raise ValueError("the comparison has no runs")
-    for name, run in runs.items():
-        check_run(run, f"run {name!r}")
-    return runs
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Columns padded to their widest cell; the first ``left`` columns (names) flush
+    left, the rest (numbers) flush right so that digits line up."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(padded).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def _seconds(s: float) -> str:
+def _seconds(s: float | None) -> str:
+    """Seconds below ten minutes, minutes above (the paper's Table 2 is in minutes)."""
+    if s is None:
+        return "-"
     return f"{s / 60:.1f} min" if s >= 600 else f"{s:.1f} s"
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
+def _percent(fraction: float | None, digits: int = 2) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.{digits}f}"
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def speedup(baseline_s: float, run_s: float) -> float | None:
+    """How many times faster ``run_s`` is than ``baseline_s`` (None if either is not > 0)."""
+    return baseline_s / run_s if baseline_s > 0 and run_s > 0 else None
 
 
 def strategy_counts(run: Mapping) -> tuple[int, int]:
+    """(#PTQ, #QAT) clients as the run's allocation reports them."""
     return len(run["allocation"]["ptq"]), len(run["allocation"]["qat"])
+
+
+def pick_rounds(count: int, max_rows: int = 12) -> list[int]:
+    """Round numbers to show when there are too many for one screen: every k-th round
+    plus the first and the last."""
+    if count <= 0:
+        return []
+    step = max(1, math.ceil(count / max_rows))
+    return sorted({1, count, *range(step, count + 1, step)})
 
 
 def format_comparison_table(comparison: Mapping) -> str:
     """Per strategy: accuracy, simulated time per epoch / round / end to end, wall time,
     bytes uploaded, PTQ/QAT counts and speedup against fedaqt; then accuracy per round;
-    then each client's strategy."""
+    then each client's strategy and any rejected updates."""
     runs = check_comparison(comparison)
-    base = runs.get("fedaqt")
+    base = runs.get(BASELINE)
+    header = ["strategy", "final acc %", "best acc %", "sim/epoch", "sim/round", "sim total"]
+    header += [f"vs {BASELINE}"] if base else []
+    header += ["wall here", "upload MB", "PTQ/QAT"]
     rows = []
     for name, run in runs.items():
         rounds = run["rounds"]
         ptq, qat = strategy_counts(run)
-        speedup = f"{base['sim_time_s'] / run['sim_time_s']:.2f}x" if base and run["sim_time_s"] > 0 else "-"
-        rows.append([
-            name, f"{100 * run['final_accuracy']:.2f}", f"{100 * run['best_accuracy']:.2f}",
-            _seconds(_mean([r["sim_epoch_s"] for r in rounds])), _seconds(_mean([r["sim_s"] for r in rounds])),
-            _seconds(run["sim_time_s"]), speedup, _seconds(run["wall_time_s"]),
-            f"{run['upload_bytes'] / 1e6:.2f}", f"{ptq}/{qat}",
-        ])  # fmt: skip
-    header = ["strategy", "final acc %", "best acc %", "sim/epoch", "sim/round", "sim total", "vs fedaqt",
-              "wall here", "upload MB", "PTQ/QAT"]  # fmt: skip
+        row = [name, _percent(run["final_accuracy"]), _percent(run["best_accuracy"]),
+               _seconds(_mean([r["sim_epoch_s"] for r in rounds])), _seconds(_mean([r["sim_s"] for r in rounds])),
+               _seconds(run["sim_time_s"])]  # fmt: skip
+        if base:
+            x = speedup(base["sim_time_s"], run["sim_time_s"])
+            row.append("-" if x is None else f"{x:.2f}x")
+        row += [_seconds(run["wall_time_s"]), f"{run['upload_bytes'] / 1e6:.2f}", f"{ptq}/{qat}" if ptq or qat else "-"]
+        rows.append(row)
     first = next(iter(runs.values()))
+    count = max(len(run["rounds"]) for run in runs.values())
     parts = [
-        f"{first['dataset']}, {first['model']}, {len(first['clients'])} clients, {len(first['rounds'])} rounds "
-        f"(simulated time: heterogeneous devices; wall: this machine)",
+        f"{first['dataset']}, {first['model']}, {len(first['clients'])} clients, {count} rounds",
         _table(header, rows),
+        "sim: simulated time on the clients' devices (per epoch and per round: mean over rounds); "
+        "wall: this machine" + (f"; vs {BASELINE}: its simulated total / this one's" if base else ""),
         "",
-        "accuracy (%) per round",
         _accuracy_per_round(runs),
         "",
-        "client strategies (P = PTQ, Q = QAT, F = fp32), clients " + " ".join(str(c["id"]) for c in first["clients"]),
+        *_client_strategies(runs),
     ]
-    for name, run in runs.items():
-        parts.append(f"  {name:<8} " + " ".join(c["strategy"][0].upper() for c in run["clients"]))
-    rejected = {name: sum(len(r["rejected"]) for r in run["rounds"]) for name, run in runs.items()}
-    if any(rejected.values()):
-        parts.append("rejected updates: " + ", ".join(f"{n} {k}" for n, k in rejected.items() if k))
+    rejected = _rejected_summary(runs)
+    if rejected:
+        parts.append(rejected)
     return "\n".join(parts)
 
 
 def _accuracy_per_round(runs: Mapping[str, Mapping], max_rows: int = 12) -> str:
     count = max(len(run["rounds"]) for run in runs.values())
-    step = max(1, -(-count // max_rows))
-    picks = sorted(set(range(step, count + 1, step)) | {1, count})
-    rows = []
-    for r in picks:
-        cells = [str(r)]
-        for run in runs.values():
-            row = run["rounds"][r - 1] if r <= len(run["rounds"]) else None
-            cells.append(f"{100 * row['accuracy']:.1f}" if row else "-")
-        rows.append(cells)
-    return _table(["round", *runs], rows)
+    picks = pick_rounds(count, max_rows)
+    by_round = {name: {r["round"]: r for r in run["rounds"]} for name, run in runs.items()}
+    rows = [[str(n), *(_percent(by_round[name][n]["accuracy"], 1) if n in by_round[name] else "-" for name in runs)]
+            for n in picks]  # fmt: skip
+    step = math.ceil(count / max_rows) if count else 1
+    title = "test accuracy (%) by round" + (f" (every {step} rounds, and the last)" if len(picks) < count else "")
+    return title + "\n" + _table(["round", *runs], rows)
 
 
-def format_run_table(run: Mapping) -> str:
-    """One run: its clients (device, fractions, batch, strategy, significances) and
-    the per-round progress."""
+def _client_strategies(runs: Mapping[str, Mapping]) -> list[str]:
+    """One line per strategy, a letter under each client id; long lists wrap in blocks."""
+    ids = sorted({c["id"] for run in runs.values() for c in run["clients"]})
+    letters = {name: {c["id"]: LETTERS.get(c["strategy"], "?") for c in run["clients"]} for name, run in runs.items()}
+    width = max(len(str(i)) for i in ids) if ids else 1
+    name_width = max(len("client"), *(len(n) for n in runs))
+    lines = [f"strategy of each client ({LEGEND})"]
+    for start in range(0, len(ids), IDS_PER_LINE):
+        block = ids[start:start + IDS_PER_LINE]
+        lines.append("  " + "client".ljust(name_width) + "  " + " ".join(str(i).rjust(width) for i in block))
+        for name in runs:
+            cells = " ".join(letters[name].get(i, ".").rjust(width) for i in block)
+            lines.append("  " + name.ljust(name_width) + "  " + cells)
+    return lines
+
+
+def _rejected_summary(runs: Mapping[str, Mapping], max_reasons: int = 3) -> str | None:
+    """One short line: how many updates the server rejected per strategy, with the most
+    frequent (client, reason) pairs."""
+    parts = []
+    for name, run in runs.items():
+        seen = Counter((x.get("client"), x.get("reason", "?")) for r in run["rounds"] for x in r["rejected"])
+        if not seen:
+            continue
+        common = "; ".join(f"client {c} x{k}: {reason}" for (c, reason), k in seen.most_common(max_reasons))
+        more = f"; +{len(seen) - max_reasons} more" if len(seen) > max_reasons else ""
+        parts.append(f"{name} {sum(seen.values())} ({common}{more})")
+    return "rejected updates: " + ", ".join(parts) if parts else None
+
+
+def format_run_table(run: Mapping, max_rounds: int = 60) -> str:
+    """One run: its clients (device, fractions, batch, strategy, significances) and the
+    per-round progress (every k-th round when there are more than ``max_rounds``)."""
     check_run(run)
+    norm = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     client_rows = [
-        [str(c["id"]), c["device"], f"{c['alpha']:.2f}", f"{c['beta']:.2f}", str(c["samples"]), str(c["batch"]),
-         c["strategy"], f"{c['speed_time_s']:.3g}", f"{c['speed_sig']:.3f}", f"{c['acc_sig']:.3f}"]
+        [str(c["id"]), str(c["device"]), c["strategy"], f"{c['alpha']:.2f}", f"{c['beta']:.2f}", str(c["samples"]),
+         str(c["batch"]), f"{c['speed_time_s']:.3g}", f"{c['speed_sig']:.3f}", f"{c['acc_sig']:.3f}",
+         norm(c.get("norm_speed")), norm(c.get("norm_acc"))]
         for c in run["clients"]
     ]  # fmt: skip
+    by_round = {r["round"]: r for r in run["rounds"]}
+    shown = [by_round[n] for n in pick_rounds(max(by_round, default=0), max_rounds) if n in by_round]
     round_rows = [
-        [str(r["round"]), f"{100 * r['accuracy']:.2f}", f"{r['loss']:.3f}", f"{r['wall_s']:.2f}", f"{r['sim_s']:.2f}",
-         f"{r['cum_sim_s']:.1f}", f"{r['upload_bytes'] / 1e6:.2f}", str(len(r["rejected"]))]
-        for r in run["rounds"]
+        [str(r["round"]), _percent(r["accuracy"]), f"{r['loss']:.3f}", f"{r['wall_s']:.2f}", _seconds(r["sim_s"]),
+         _seconds(r["cum_sim_s"]), f"{r['upload_bytes'] / 1e6:.2f}", str(len(r.get("participants", []))),
+         str(len(r["rejected"])), str(r.get("slowest_client", "-"))]
+        for r in shown
     ]  # fmt: skip
     ptq, qat = strategy_counts(run)
-    return "\n".join([
-        f"{run['strategy']}: {run['dataset']}, {run['model']}, {ptq} PTQ / {qat} QAT clients",
-        _table(["client", "device", "alpha", "beta", "samples", "batch", "strategy", "T_m s", "Sig_speed", "Sig_acc"],
-               client_rows),
+    alloc = run["allocation"]
+    lines = [
+        f"{run['strategy']}: {run['dataset']}, {run['model']}, {len(run['clients'])} clients ({ptq} PTQ / {qat} QAT); "
+        f"xi = {alloc['xi']:g}, area threshold {alloc['area_threshold']:g}, "
+        f"Sig_speed read as {alloc.get('speed_orientation', '?')}",
+        _table(["client", "device", "strategy", "alpha", "beta", "samples", "batch", "T_m s", "Sig_speed", "Sig_acc",
+                "norm x", "norm y"], client_rows, left=3),
+        "T_m: Eq. 1 local training time; Sig: Eq. 2 / Eq. 3; norm x, y: the normalized pair placed in Fig. 3",
         "",
-        _table(["round", "acc %", "loss", "wall s", "sim s", "sim total s", "upload MB", "rejected"], round_rows),
-        f"final accuracy {100 * run['final_accuracy']:.2f}% (best {100 * run['best_accuracy']:.2f}%), "
-        f"simulated {_seconds(run['sim_time_s'])}, wall {_seconds(run['wall_time_s'])}",
-    ])  # fmt: skip
+        _table(["round", "acc %", "loss", "wall s", "sim", "sim total", "upload MB", "clients", "rejected", "slowest"],
+               round_rows),
+    ]  # fmt: skip
+    if len(shown) < len(run["rounds"]):
+        lines.append(f"({len(shown)} of {len(run['rounds'])} rounds shown)")
+    pct = lambda v: "-" if v is None else _percent(v) + "%"  # noqa: E731
+    lines.append(f"final accuracy {pct(run['final_accuracy'])} (best {pct(run['best_accuracy'])}), "
+                 f"simulated {_seconds(run['sim_time_s'])}, wall {_seconds(run['wall_time_s'])}, "
+                 f"uploaded {run['upload_bytes'] / 1e6:.2f} MB")  # fmt: skip
+    rejected = _rejected_summary({run["strategy"]: run})
+    if rejected:
+        lines.append(rejected)
+    return "\n".join(lines)
