@@ -12,12 +12,12 @@ from fedhq.report.plots import plot_accuracy_vs_time, plot_allocation, ptq_regio
 from fedhq.report.schema import COMPARE_SCHEMA, RUN_SCHEMA, check_comparison, check_run
 from fedhq.report.tables import format_comparison_table, format_run_table
 
-ALLOCATED = ("fedhq", "fedrh")  # strategies whose clients differ, so their Fig. 3 picture says something
+ALLOCATED = ("fedhq", "fedhq+adjust", "fedrh")  # strategies whose clients differ, so their Fig. 3 picture says something
 
 
 def write_report(comparison: Mapping, out_dir: str | Path) -> list[Path]:
-    """comparison.txt, accuracy_vs_time.png and allocation_<strategy>.png for fedhq and
-    fedrh when present; returns the paths written."""
+    """comparison.txt, accuracy_vs_time.png and allocation_<strategy>.png for fedhq,
+    fedhq+adjust and fedrh when present; returns the paths written."""
     runs = check_comparison(comparison)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -26,7 +26,7 @@ def write_report(comparison: Mapping, out_dir: str | Path) -> list[Path]:
     paths = [table, plot_accuracy_vs_time(comparison, out / "accuracy_vs_time.png")]
     for name in ALLOCATED:
         if name in runs:
-            paths.append(plot_allocation(runs[name], out / f"allocation_{name}.png"))
+            paths.append(plot_allocation(runs[name], out / f"allocation_{name.replace('+', '_')}.png"))
     return paths
 
 

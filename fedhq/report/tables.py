@@ -115,15 +115,26 @@ def _client_strategies(runs: Mapping[str, Mapping]) -> list[str]:
     """One line per strategy, a letter under each client id; long lists wrap in blocks."""
     ids = sorted({c["id"] for run in runs.values() for c in run["clients"]})
     letters = {name: {c["id"]: LETTERS.get(c["strategy"], "?") for c in run["clients"]} for name, run in runs.items()}
+    for name, run in list(runs.items()):  # an adjusted run also shows its assignment before the adjustment
+        if run.get("adjustment"):
+            letters[f"{name} (before)"] = {i: LETTERS.get(s, "?") for i, s in enumerate(run["assignment_before"])}
     width = max(len(str(i)) for i in ids) if ids else 1
-    name_width = max(len("client"), *(len(n) for n in runs))
+    name_width = max(len("client"), *(len(n) for n in letters))
     lines = [f"strategy of each client ({LEGEND})"]
     for start in range(0, len(ids), IDS_PER_LINE):
         block = ids[start:start + IDS_PER_LINE]
         lines.append("  " + "client".ljust(name_width) + "  " + " ".join(str(i).rjust(width) for i in block))
-        for name in runs:
+        for name in letters:
             cells = " ".join(letters[name].get(i, ".").rjust(width) for i in block)
             lines.append("  " + name.ljust(name_width) + "  " + cells)
+    for name, run in runs.items():
+        adjustment = run.get("adjustment")
+        if adjustment:
+            total = sum(v for v in run.get("timing", {}).values() if isinstance(v, (int, float)))
+            share = f", {100 * adjustment['time_s'] / total:.0f}% of the run" if total > 0 else ""
+            lines.append(f"  {name}: {len(adjustment['flagged'])} flagged after round {adjustment['after_round']}, "
+                         f"{adjustment['before']} -> {adjustment['after']}; {adjustment['trained']} candidates trained "
+                         f"of {adjustment['ranked']} ranked; {adjustment['time_s']:.1f} s{share}")  # fmt: skip
     return lines
 
 
