@@ -6,17 +6,27 @@
 The ratio QAT/FP32 of a training step is the number FedHQ's speed model lives on
 (a QAT client's cost). A step is zero_grad, forward, cross-entropy, backward and an
 SGD(momentum 0.9) update, on rotating random batches. The three variants are timed
-round-robin (fedhq_kernels.profile.timing.measure_interleaved), so load that comes and
-goes on a shared machine hits all three alike and their ratios hold:
+round-robin, one step each per round (fedhq_kernels.profile.timing.measure_interleaved),
+so load that comes and goes on a shared machine hits all three alike and their ratios
+hold. Two ratios are reported: of the medians, and paired (the median over rounds of
+the round's QAT / FP32 quotient). The goal is judged on the paired one: on a shared
+machine (this project's CPU runs) it cancels load that drifts between rounds, which
+can move the ratio of medians by tens of percent; on a quiet machine the two agree.
+Its p10-p90 shows how steady the machine was; the 1-minute load average before and
+after the run is recorded on the CPU.
 
 - fp32: the plain model (a PTQ client's step);
 - fedhq-qat: ``fedhq.quant.prepare_qat`` (weights per channel and input activations per
   tensor through fedhq_kernels.fake_quant);
 - torch.ao-qat: ``torch.ao.quantization.prepare_qat`` with the default 'x86' QAT qconfig
-  (fused observer + fake-quant on weights per channel and on every module's output).
-  No QuantStub and no Conv-BN fusion: the model is prepared as it is, which is how a
-  QAT client would use it without rewriting the model; fusion would change the FP32
-  model being compared against.
+  on a train-mode model: fused observer + fake-quant modules on the weights of every
+  Conv2d / Linear (per channel) and on the output of every Conv2d, BatchNorm2d and
+  Linear (per tensor). prepare_qat does not need a QuantStub to run, so none is added
+  and the model input itself is not fake-quantized; no Conv-BN fusion either: the model
+  is prepared as it is, as a QAT client would use it without rewriting it, and fusion
+  would change the FP32 model being compared against. For ResNet-18 that is 21 weight
+  + 41 activation fake-quants against fedhq's 21 + 21 (fedhq quantizes each
+  Conv2d / Linear input once), so the two QAT rows are not the same amount of work.
 
 Goal (issue 3): fedhq-qat at most 1.3x the FP32 step (ResNet-18, CIFAR stem, batch 32).
 """
@@ -26,8 +36,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,10 +49,14 @@ import fedhq_kernels as fk
 from fedhq.models import ModelSpec, count_parameters
 from fedhq.quant import prepare_qat as fedhq_prepare_qat
 from fedhq_kernels.profile.steps import make_step
-from fedhq_kernels.profile.timing import measure_interleaved, randn_nonzero
+from fedhq_kernels.profile.timing import Timing, measure_interleaved, randn_nonzero
 
 GOAL_RATIO = 1.3
 ROTATING_BATCHES = 4
+
+# torch.ao's deprecation notices (eager QAT is the baseline on purpose) are noise here.
+warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization is deprecated")
+warnings.filterwarnings("ignore", message=r"(?s).*reduce_range will be deprecated")
 
 
 def torch_ao_qat(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,6 +66,25 @@ def torch_ao_qat(model: torch.nn.Module) -> torch.nn.Module:
 
 
 VARIANTS = {"fp32": lambda m: m, "fedhq-qat": lambda m: fedhq_prepare_qat(m, inplace=True), "torch.ao-qat": torch_ao_qat}
+
+
+def timed_rounds(steps: dict, batches: list, device: torch.device, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of every variant, ``repeats`` rounds of one step each
+    (measure_interleaved with one repeat per round; warm-up steps before round 0).
+    Each round starts with a different variant and shifts the rotating batches, so no
+    variant always follows the same one or gets the same batch; and sample r of every
+    variant comes from the same moment, so sample-by-sample ratios (the paired ratio)
+    cancel load that drifts over the run."""
+    names = list(steps)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        k = r % len(batches)
+        timings = measure_interleaved({name: steps[name] for name in order}, device=device, repeats=1,
+                                      warmup=warmup if r == 0 else 0, inputs=batches[k:] + batches[:k])  # fmt: skip
+        for name, timing in timings.items():
+            samples[name].append(timing.median_s)
+    return samples
 
 
 def run(args) -> list[dict]:
@@ -67,24 +102,37 @@ def run(args) -> list[dict]:
          torch.randint(0, spec.num_classes, (args.batch,), generator=gen).to(device))
         for _ in range(ROTATING_BATCHES)
     ]  # fmt: skip
-    timings = measure_interleaved(steps, device=device, repeats=args.repeats, warmup=args.warmup, inputs=batches)
+    load_before = _load_average()
+    samples = timed_rounds(steps, batches, device, args.repeats, args.warmup)
+    timings = {name: Timing.from_samples(s) for name, s in samples.items()}
     fp32 = timings["fp32"].median_s
     context = {
         "model": spec.key, "params": count_parameters(spec.build()), "batch": args.batch, "device": device.type,
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "fedhq_backends": fk.backends(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_1m": [load_before, _load_average()] if device.type == "cpu" else None,
     }  # fmt: skip
     rows = []
     for name, t in timings.items():
+        paired = Timing.from_samples([a / b for a, b in zip(samples[name], samples["fp32"])])
         row = {"variant": name, "median_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3,
-               "repeats": t.repeats, "ratio_to_fp32": t.median_s / fp32, **context}  # fmt: skip
+               "repeats": t.repeats, "ratio_to_fp32": t.median_s / fp32, "paired_ratio_median": paired.median_s,
+               "paired_ratio_p10": paired.p10_s, "paired_ratio_p90": paired.p90_s, **context}  # fmt: skip
         if name == "fedhq-qat":
             row["goal"] = f"<= {GOAL_RATIO}x fp32"
-            row["goal_met"] = row["ratio_to_fp32"] <= GOAL_RATIO
+            row["goal_figure"] = "paired_ratio_median"
+            row["goal_met"] = row["paired_ratio_median"] <= GOAL_RATIO
             row["speedup_vs_torch_ao"] = timings["torch.ao-qat"].median_s / t.median_s
         rows.append(row)
     return rows
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _cpu_name() -> str:
@@ -99,12 +147,18 @@ def print_table(rows: list[dict]) -> None:
     r = rows[0]
     print(f"\nOne training step of {r['model']} ({r['params'] / 1e6:.2f}M params), batch {r['batch']}, "
           f"on {r['machine']} ({r['device']}, {r['threads']} threads), torch {r['torch']}")  # fmt: skip
-    print("| variant | median ms | p10-p90 ms | / fp32 |")
-    print("| --- | --- | --- | --- |")
+    print("| variant | median ms | p10-p90 ms | / fp32 (medians) | / fp32 paired: median [p10-p90] |")
+    print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {r['ratio_to_fp32']:.2f}x |")
+        print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {r['ratio_to_fp32']:.2f}x | "
+              f"{r['paired_ratio_median']:.2f}x [{r['paired_ratio_p10']:.2f}-{r['paired_ratio_p90']:.2f}] |")  # fmt: skip
     ours = next(r for r in rows if r["variant"] == "fedhq-qat")
-    print(f"\nGoal: fedhq-qat {ours['goal']}: {ours['ratio_to_fp32']:.2f}x -> {'MET' if ours['goal_met'] else 'NOT MET'}; "
+    load = rows[0]["load_average_1m"]
+    if load and None not in load and max(load) > (os.cpu_count() or 1) + 0.5:  # more runnable threads than cores
+        print(f"\nThe machine was busy (1-minute load average {load[0]:.1f} before, {load[1]:.1f} after, on "
+              f"{os.cpu_count()} cores): trust the paired ratios, not the medians")  # fmt: skip
+    print(f"\nGoal: fedhq-qat {ours['goal']} (paired ratio): {ours['paired_ratio_median']:.2f}x -> "
+          f"{'MET' if ours['goal_met'] else 'NOT MET'}; "
           f"{ours['speedup_vs_torch_ao']:.2f}x faster than torch.ao's QAT step")  # fmt: skip
 
 
