@@ -104,6 +104,11 @@ def reference_profile(config: RunConfig, spec: ModelSpec, out: Path, echo: Calla
     echo(f"measuring this machine's training step of {spec.key} (reference profile) ...")
     sizes = {"bandwidth_bytes": 1 << 24, "matmul_n": 256, "matmul_low_precision_n": 32, "quant_elements": 1 << 20}
     doc = profile_run.run_profile(models=[spec.key], batches=list(REFERENCE_BATCHES), repeats=5, micro_sizes=sizes)
+    warning = profile_run.contention_warning(doc)
+    if warning:
+        # Measured: at load ~10 on 2 cores the scaled simulated times came out ~4x below an idle machine's.
+        echo(f"{warning} Simulated times scale with this profile: to compare runs, pass one measured on an idle "
+             "machine with --reference-profile (any run's profile-reference.json).")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     schema.dump(doc, path)
     return doc, str(path)
@@ -147,15 +152,27 @@ def analyze(clients: list[Client], spec: ModelSpec, config: RunConfig) -> tuple[
     """The client-side analyses: T_m (Eq. 1, for the cost of training with QAT, the
     strategy being decided), Sig_speed (Eq. 2) and Sig_acc (Alg. 1 + Eq. 3 on the
     client's labels). Only the two significances would leave a real client."""
-    times = []
-    for c in clients:
-        estimate = c.device.speed.estimate(
-            spec.key, "qat", alpha=c.alpha, beta=c.beta, samples=len(c.data), epochs=config.local_epochs, batch=c.batch
-        )
-        times.append(estimate.time_s)
-    speed_sig = speed_analysis.speed_significance(times)
-    acc_sig = [accuracy_significance(c.data.y.numpy()) for c in clients]
-    return times, speed_sig, acc_sig
+    pairs = [client_analysis(c, spec, config) for c in clients]
+    times, acc_sig = [p[0] for p in pairs], [p[1] for p in pairs]
+    return times, speed_analysis.speed_significance(times), acc_sig
+
+
+def client_analysis(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[float, float]:
+    """What one client computes on its own: (T_m, Sig_acc). Eq. 2 turns everyone's
+    T_m into Sig_speed on the server (it needs T_max and T_min)."""
+    estimate = c.device.speed.estimate(
+        spec.key, "qat", alpha=c.alpha, beta=c.beta, samples=len(c.data), epochs=config.local_epochs, batch=c.batch
+    )
+    return estimate.time_s, accuracy_significance(c.data.y.numpy())
+
+
+def normalized_significance(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) -> tuple[list, list]:
+    """The (x, y) of Fig. 3 that global_init placed each client at."""
+    norm_speed = normalize_significance(speed_sig).tolist()
+    norm_acc = normalize_significance(acc_sig).tolist()
+    if config.speed_orientation == "speed":
+        norm_speed = [1 - x for x in norm_speed]
+    return norm_speed, norm_acc
 
 
 def allocate(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) -> list[str]:
@@ -178,7 +195,8 @@ def allocate(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) ->
 # ---- the run ----
 
 
-def _progress(echo: Callable[[str], None], row: dict, rounds: int) -> None:
+def echo_progress(echo: Callable[[str], None], row: dict, rounds: int) -> None:
+    """One progress line per round (both engines)."""
     width = 20
     done = round(width * row["round"] / rounds)
     bar = "#" * done + "." * (width - done)
@@ -228,10 +246,7 @@ def run(
     allocation_s = time.perf_counter() - t0
     for c, s in zip(clients, strategies):
         c.strategy = s
-    norm_speed = normalize_significance(speed_sig).tolist()
-    norm_acc = normalize_significance(acc_sig).tolist()
-    if config.speed_orientation == "speed":
-        norm_speed = [1 - x for x in norm_speed]
+    norm_speed, norm_acc = normalized_significance(config, speed_sig, acc_sig)
 
     torch.manual_seed(config.seed)
     initial = spec.build()
@@ -257,11 +272,8 @@ def run(
     for r in range(len(history) + 1, config.rounds + 1):
         outcome = play_round(context, r)
         accuracy, loss = evaluate(spec, server.global_weights(), dataset.test)
-        row = outcome.row(accuracy, loss, config.local_epochs)
+        row = add_round(history, outcome.row(accuracy, loss, config.local_epochs))
         training_s += row["wall_s"]
-        row["cum_wall_s"] = (history[-1]["cum_wall_s"] if history else 0.0) + row["wall_s"]
-        row["cum_sim_s"] = (history[-1]["cum_sim_s"] if history else 0.0) + row["sim_s"]
-        history.append(row)
         if config.adjust and r == config.adjust_after and adjustment is None:
             adjustment = adjust_allocation(context, outcome, validation, next_round=r + 1, echo=echo)
         checkpoint.save(out / CHECKPOINT_FILE, {
@@ -269,28 +281,52 @@ def run(
             "client_states": {str(cid): s.observers for cid, s in states.items()},
             "strategies": [c.strategy for c in clients], "adjustment": adjustment,
         })  # fmt: skip
-        _progress(echo, row, config.rounds)
+        echo_progress(echo, row, config.rounds)
 
-    results = {
+    client_rows = [
+        {"id": c.id, "device": c.device_source, "device_name": c.device.name, "alpha": c.alpha, "beta": c.beta,
+         "samples": len(c.data), "batch": c.batch, "strategy": c.strategy, "speed_time_s": times[i],
+         "speed_sig": speed_sig[i], "acc_sig": acc_sig[i], "norm_speed": norm_speed[i], "norm_acc": norm_acc[i]}
+        for i, c in enumerate(clients)
+    ]  # fmt: skip
+    timing = {"setup_s": setup_s, "analysis_s": analysis_s, "allocation_s": allocation_s,
+              "adjustment_s": adjustment["time_s"] if adjustment else 0.0, "training_s": training_s}  # fmt: skip
+    results = results_document(config, spec, dataset.name, client_rows, strategies, topology, adjustment, history,
+                               timing, reference_path)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def add_round(history: list[dict], row: dict) -> dict:
+    """Appends a round's row with the cumulative wall and simulated times."""
+    row["cum_wall_s"] = (history[-1]["cum_wall_s"] if history else 0.0) + row["wall_s"]
+    row["cum_sim_s"] = (history[-1]["cum_sim_s"] if history else 0.0) + row["sim_s"]
+    history.append(row)
+    return row
+
+
+def results_document(
+    config: RunConfig, spec: ModelSpec, dataset_name: str, client_rows: list[dict], assignment_before: list[str],
+    topology: Topology, adjustment: dict | None, history: list[dict], timing: dict, reference_path: str,
+) -> dict:  # fmt: skip
+    """The results.json document (schema fedhq.run/1) of a finished run, from any engine."""
+    return {
         "schema": RESULTS_SCHEMA,
         "config": config.to_dict(),
         "strategy": config.strategy,
         "model": spec.key,
-        "dataset": dataset.name,
-        "clients": [
-            {"id": c.id, "device": c.device_source, "device_name": c.device.name, "alpha": c.alpha, "beta": c.beta,
-             "samples": len(c.data), "batch": c.batch, "strategy": c.strategy, "speed_time_s": times[i],
-             "speed_sig": speed_sig[i], "acc_sig": acc_sig[i], "norm_speed": norm_speed[i], "norm_acc": norm_acc[i]}
-            for i, c in enumerate(clients)
-        ],  # fmt: skip
+        "dataset": dataset_name,
+        "clients": client_rows,
         "allocation": {
             "xi": config.xi, "area_threshold": config.area_threshold, "speed_orientation": config.speed_orientation,
-            "ptq": [c.id for c in clients if c.strategy == "ptq"], "qat": [c.id for c in clients if c.strategy == "qat"],
+            "ptq": [c["id"] for c in client_rows if c["strategy"] == "ptq"],
+            "qat": [c["id"] for c in client_rows if c["strategy"] == "qat"],
         },  # fmt: skip
         "topology": {"spec": config.topology, "parents": list(topology.parents), "trains": list(topology.trains),
                      "levels": [topology.level(n) for n in range(topology.size)]},  # fmt: skip
-        "assignment_before": strategies,
-        "assignment_after": [c.strategy for c in clients],
+        "assignment_before": assignment_before,
+        "assignment_after": [c["strategy"] for c in client_rows],
         "adjustment": adjustment,
         "rounds": history,
         "final_accuracy": history[-1]["accuracy"] if history else None,
@@ -298,13 +334,9 @@ def run(
         "wall_time_s": history[-1]["cum_wall_s"] if history else 0.0,
         "sim_time_s": history[-1]["cum_sim_s"] if history else 0.0,
         "upload_bytes": sum(h["upload_bytes"] for h in history),
-        "timing": {"setup_s": setup_s, "analysis_s": analysis_s, "allocation_s": allocation_s,
-                   "adjustment_s": adjustment["time_s"] if adjustment else 0.0, "training_s": training_s},  # fmt: skip
+        "timing": timing,
         "reference_profile": reference_path,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
-    return results
 
 
 def _load_checkpoint(config: RunConfig, out: Path) -> dict:
