@@ -1,7 +1,7 @@
 """The ``fedhq`` command.
 
     fedhq profile [--quick] [--device cuda] [--out PATH] [--no-validate]
-    fedhq run [--config FILE] [--strategy fedhq] [--dataset digits] ... [--resume]
+    fedhq run [--config FILE] [--strategy fedhq] [--dataset digits] ... [--resume] [--engine flower]
     fedhq compare [--config FILE] [--strategies fedhq,fedaqt,...] ... [--resume]
 
 Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function
@@ -187,11 +187,24 @@ def _run(args) -> int:
 
     fixed = {"strategy": args.strategy} if args.strategy else {}
     config = _run_config(args, **fixed)
-    results = engine.run(config, resume=args.resume)
+    if args.engine == "flower":
+        results = _flower_run(config, args.resume)
+    else:
+        results = engine.run(config, resume=args.resume)
     print(report.format_run_table(results))
     paths = report.write_run_report(results, config.output_dir)
     print(f"wrote {config.output_dir}/{engine.RESULTS_FILE}, " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _flower_run(config, resume: bool) -> dict:
+    if resume:
+        raise ValueError("--resume: the Flower engine keeps no checkpoint; resume runs on the embedded engine")
+    try:
+        from fedhq.flower import simulation
+    except ImportError as error:
+        raise RuntimeError(f"--engine flower needs Flower: pip install 'fedhq[flower]' ({error})") from None
+    return simulation.run(config)
 
 
 def _compare(args) -> int:
@@ -221,6 +234,9 @@ def _add_run(subparsers) -> None:
         "results.json, a checkpoint after every round, and plots to the output directory.",
     )  # fmt: skip
     parser.add_argument("--strategy", help="fedhq (default), fedaqt, fedfq, fedrh or fp32")
+    parser.add_argument("--engine", choices=("embedded", "flower"), default="embedded",
+                        help="embedded (default): every client in this process; flower: Flower's simulation "
+                        "engine, clients in Ray actors of --threads CPUs (pip install 'fedhq[flower]'; docs/flower.md)")  # fmt: skip
     _add_run_settings(parser)
     parser.set_defaults(handler=_run)
 

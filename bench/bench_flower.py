@@ -1,0 +1,117 @@
+"""The Flower engine against the embedded engine, and what INT8 saves on Flower's wire.
+
+    python bench/bench_flower.py [--clients 10] [--rounds 25] [--threads 2] [--out results/bench-flower]
+
+1. Records: one client's upload as Flower records (``ArrayRecord.count_bytes`` +
+   ``ConfigRecord.count_bytes`` of the layout: what a Flower message carries), float32
+   state dict against the INT8 upload, for the small CNN and ResNet-18.
+2. Engines: one config (seed, partition, devices, alpha/beta, reference profile) run by
+   the embedded engine and by Flower's simulation engine (``fedhq.flower.simulation``):
+   the allocation each gives, accuracy per round, wall time per round, and the Flower
+   run's one-off cost (Ray start, nodes' setup and the query round: its wall time
+   outside the rounds). ``--threads`` is each client's threads on both engines (the
+   embedded engine's torch threads, the Flower actors' CPUs).
+
+Prints markdown tables and writes ``<out>/bench_flower.json`` with the load average
+before and after (a shared machine inflates wall times; the ratios say more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from fedhq.fl import engine
+from fedhq.fl.client import quantize_upload, quantized_names
+from fedhq.fl.config import RunConfig
+from fedhq.flower import simulation
+from fedhq.flower.records import encode_state
+from fedhq.models import ModelSpec
+
+MODELS = ("small_cnn@8x8x1:10", "resnet18@32x32x3:10")
+
+
+def record_sizes() -> list[dict]:
+    rows = []
+    for key in MODELS:
+        model = ModelSpec.parse(key).build()
+        fp32 = sum(r.count_bytes() for r in encode_state(model.state_dict()))
+        int8 = sum(r.count_bytes() for r in encode_state(quantize_upload(model.state_dict(), quantized_names(model), 8)))
+        rows.append({"model": key, "fp32_bytes": fp32, "int8_bytes": int8, "ratio": fp32 / int8})
+    return rows
+
+
+def engines(config: RunConfig, out: Path) -> dict:
+    quiet = lambda line: None  # noqa: E731
+    started = time.perf_counter()
+    embedded = engine.run(config.replace(output_dir=str(out / "embedded")), echo=quiet)
+    embedded_s = time.perf_counter() - started
+    started = time.perf_counter()
+    flower = simulation.run(config.replace(output_dir=str(out / "flower")), echo=quiet)
+    flower_s = time.perf_counter() - started
+    rows = []
+    for e, f in zip(embedded["rounds"], flower["rounds"], strict=True):
+        rows.append({"round": e["round"], "embedded_acc": e["accuracy"], "flower_acc": f["accuracy"],
+                     "embedded_wall_s": e["wall_s"], "flower_wall_s": f["wall_s"],
+                     "upload_bytes": f["upload_bytes"], "record_bytes": f["record_bytes"]})  # fmt: skip
+    return {
+        "same_allocation": embedded["assignment_before"] == flower["assignment_before"],
+        "allocation": flower["assignment_before"],
+        "max_accuracy_gap": max(abs(r["embedded_acc"] - r["flower_acc"]) for r in rows),
+        "final": {"embedded": embedded["final_accuracy"], "flower": flower["final_accuracy"]},
+        "median_round_s": {"embedded": statistics.median(r["embedded_wall_s"] for r in rows),
+                           "flower": statistics.median(r["flower_wall_s"] for r in rows)},  # fmt: skip
+        "total_s": {"embedded": embedded_s, "flower": flower_s},
+        "flower_outside_rounds_s": flower_s - sum(r["flower_wall_s"] for r in rows),
+        "rounds": rows,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="results/bench-flower")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    load_before = os.getloadavg()[0]
+    sizes = record_sizes()
+    print("| model | fp32 records, bytes | INT8 records, bytes | fp32 / INT8 |")
+    print("| --- | --- | --- | --- |")
+    for r in sizes:
+        print(f"| {r['model']} | {r['fp32_bytes']:,} | {r['int8_bytes']:,} | {r['ratio']:.2f}x |")
+    config = RunConfig(clients=args.clients, rounds=args.rounds, threads=args.threads, output_dir=str(out / "embedded"))
+    config = config.replace(reference_profile=_reference(config, out))
+    result = engines(config, out)
+    med, tot, final = result["median_round_s"], result["total_s"], result["final"]
+    print(f"\n{args.clients} clients, {args.rounds} rounds, {args.threads} threads: "
+          f"same allocation: {result['same_allocation']} {result['allocation']}; "
+          f"largest per-round accuracy gap {100 * result['max_accuracy_gap']:.2f} points; "
+          f"final {100 * final['embedded']:.2f}% (embedded) / {100 * final['flower']:.2f}% (Flower)")  # fmt: skip
+    print("| engine | median round, s | whole run, s |")
+    print("| --- | --- | --- |")
+    print(f"| embedded | {med['embedded']:.2f} | {tot['embedded']:.1f} |")
+    print(f"| Flower simulation | {med['flower']:.2f} | {tot['flower']:.1f} "
+          f"(of which {result['flower_outside_rounds_s']:.1f} outside the rounds) |")
+    doc = {"records": sizes, "engines": result, "clients": args.clients, "rounds": args.rounds,
+           "threads": args.threads, "load_before": load_before, "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
+           "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_flower.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nload average {load_before:.1f} before, {doc['load_after']:.1f} after; wrote {out / 'bench_flower.json'}")
+    return 0
+
+
+def _reference(config: RunConfig, out: Path) -> str:
+    """One measured reference profile for both engines (simulated times agree)."""
+    spec = engine.model_spec(config, engine.load_data(config))
+    return engine.reference_profile(config, spec, out, echo=print)[1]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""FedHQStrategy and the ClientApp on an in-process grid: the Flower engine gives the
+embedded engine's numbers exactly (it is an adapter around the same client and
+server code), and nodes that answer badly, not at all, or with non-finite
+significance are logged, left out, and never stop the run or corrupt the model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the Flower adapter needs the flower extra: pip install 'fedhq[flower]'")
+
+from flower_support import LocalGrid, measure_reference  # noqa: E402
+from flwr.app import Array, Error, Message  # noqa: E402
+
+from fedhq.fl import engine  # noqa: E402
+from fedhq.fl.client import evaluate, quantized_names  # noqa: E402
+from fedhq.fl.config import ConfigError, RunConfig  # noqa: E402
+from fedhq.fl.server import Server  # noqa: E402
+from fedhq.flower import client_app  # noqa: E402
+from fedhq.flower.server_app import run_config_from_flower, run_on_grid  # noqa: E402
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return measure_reference(tmp_path_factory.mktemp("reference"))
+
+
+def tiny(reference, tmp_path, **changes) -> RunConfig:
+    settings = {"clients": 4, "rounds": 2, "local_epochs": 1, "output_dir": str(tmp_path), "reference_profile": reference}
+    return RunConfig(**{**settings, **changes}).validated()
+
+
+def test_flower_engine_gives_the_embedded_engines_numbers(reference, tmp_path):
+    config = tiny(reference, tmp_path / "embedded", strategy="fedhq")
+    embedded = engine.run(config, echo=quiet)
+    flower = run_on_grid(LocalGrid(client_app.app, 4), config.replace(output_dir=str(tmp_path / "flower")), echo=quiet)
+    assert flower["schema"] == embedded["schema"] and flower["engine"] == "flower" and flower["excluded"] == []
+    assert flower["assignment_before"] == embedded["assignment_before"]
+    assert {"ptq", "qat"} <= set(flower["assignment_before"])  # both strategies travel
+    for f, e in zip(flower["clients"], embedded["clients"], strict=True):
+        assert {k: f[k] for k in e} == e
+    for f, e in zip(flower["rounds"], embedded["rounds"], strict=True):
+        for key in ("accuracy", "loss", "upload_bytes", "participants", "sim_s", "train_loss", "slowest_client"):
+            assert f[key] == e[key], key
+        assert f["record_bytes"] > f["upload_bytes"]  # + npy headers, names, layout and metrics
+    assert json.loads((tmp_path / "flower" / "results.json").read_text())["final_accuracy"] == flower["final_accuracy"]
+
+
+def _not_for_query(fault):
+    return lambda reply, msg: fault(reply, msg) if msg.metadata.message_type.startswith("train") else reply
+
+
+def _delete(key):
+    def fault(reply, msg):
+        del reply.content["update"][key]
+        return reply
+
+    return fault
+
+
+def _replace(key, array):
+    def fault(reply, msg):
+        reply.content["update"][key] = array
+        return reply
+
+    return fault
+
+
+def _node_error(reply, msg):
+    return Message(Error(code=3, reason="node unavailable"), reply_to=msg)
+
+
+def test_bad_replies_are_left_out_and_the_run_goes_on(reference, tmp_path, caplog):
+    faults = {
+        1: _delete("fc1.weight"),  # a quantized entry's codes missing
+        2: _replace("fc2.weight", Array(np.zeros((10, 128), dtype=np.float32))),  # wrong dtype
+        3: _replace("conv1.weight:scale", Array(np.full((32,), np.nan, dtype=np.float32))),  # NaN scale
+        4: lambda reply, msg: None,  # disconnected: no reply before the timeout
+        5: _node_error,  # disconnected: the SuperLink answers for it with an error
+        6: _delete("fc2.bias:zero_point"),
+    }
+    config = tiny(reference, tmp_path, clients=7, strategy="fedfq", partition="iid")
+    grid = LocalGrid(client_app.app, 7, {p: _not_for_query(f) for p, f in faults.items()})
+    with caplog.at_level("WARNING", logger="fedhq"):
+        results = run_on_grid(grid, config, echo=quiet)
+    expected = {1: "missing", 2: "int8", 3: "finite", 4: "no reply", 5: "node unavailable", 6: "missing"}
+    for row in results["rounds"]:
+        assert row["participants"] == [0]
+        reasons = {r["client"]: r["reason"] for r in row["rejected"]}
+        assert sorted(reasons) == sorted(expected)
+        for client, words in expected.items():
+            assert words in reasons[client], (client, reasons[client])
+    assert all(f"client {c} left out" in caplog.text for c in expected)
+    initial = tiny_initial_accuracy(config)
+    assert math.isfinite(results["final_accuracy"]) and results["final_accuracy"] > initial + 0.2
+
+
+def tiny_initial_accuracy(config: RunConfig) -> float:
+    """The accuracy of the run's initial global model (INT8, as the server holds it)."""
+    dataset = engine.load_data(config)
+    spec = engine.model_spec(config, dataset)
+    torch.manual_seed(config.seed)
+    model = spec.build()
+    server = Server(model.state_dict(), bits=config.bits, quantized=quantized_names(model))
+    return evaluate(spec, server.global_weights(), dataset.test)[0]
+
+
+def test_when_every_reply_is_bad_the_model_is_kept(reference, tmp_path):
+    config = tiny(reference, tmp_path, clients=2)
+    grid = LocalGrid(client_app.app, 2, {p: _not_for_query(_node_error) for p in range(2)})
+    results = run_on_grid(grid, config, echo=quiet)
+    initial = tiny_initial_accuracy(config)
+    assert [row["accuracy"] for row in results["rounds"]] == [initial, initial]
+    assert all(row["participants"] == [] and len(row["rejected"]) == 2 for row in results["rounds"])
+
+
+def _significance(key, value):
+    def fault(reply, msg):
+        reply.content["significance"][key] = value
+        return reply
+
+    return fault
+
+
+def _claims_partition(partition):
+    def fault(reply, msg):
+        reply.content["node"]["partition-id"] = partition
+        return reply
+
+    return fault
+
+
+def _drop_record(reply, msg):
+    del reply.content["node"]
+    return reply
+
+
+def test_nodes_with_unusable_significance_are_left_out_of_the_run(reference, tmp_path, caplog):
+    faults = {1: _significance("acc", float("nan")), 2: _significance("time-s", float("inf")),
+              3: _drop_record, 4: _claims_partition(0), 5: lambda reply, msg: None}  # fmt: skip
+    config = tiny(reference, tmp_path, clients=7, rounds=1)
+    with caplog.at_level("WARNING", logger="fedhq"):
+        results = run_on_grid(LocalGrid(client_app.app, 7, faults), config, echo=quiet)
+    reasons = {e["node_id"] - 1000: e["reason"] for e in results["excluded"]}
+    assert sorted(reasons) == [1, 2, 3, 4, 5]
+    for node, words in {1: "finite", 2: "finite", 3: "lacks", 4: "already", 5: "no answer"}.items():
+        assert words in reasons[node], (node, reasons[node])
+    assert [c["id"] for c in results["clients"]] == [0, 6]
+    assert results["rounds"][0]["participants"] == [0, 6]
+    assert "left out of the run" in caplog.text
+
+
+def test_settings_from_a_flower_run_config(reference, tmp_path):
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"rounds": 7, "lr": 0.01, "seed": 3}))
+    values = {"config-file": str(file), "rounds": 2, "local-epochs": 1, "devices": "rtx-a6000, jetson-orin-nano-8gb",
+              "alphas": "0.5,1", "model": "", "client-timeout-s": 30.0}  # fmt: skip
+    config = run_config_from_flower({**values, "clients": 2})
+    assert (config.rounds, config.lr, config.seed, config.local_epochs) == (2, 0.01, 3, 1)
+    assert config.devices == ["rtx-a6000", "jetson-orin-nano-8gb"] and config.alphas == [0.5, 1.0]
+    assert config.model is None and config.client_timeout_s == 30.0
+    with pytest.raises(ConfigError, match="alphas"):
+        run_config_from_flower({"alphas": "0.5,x"})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        run_config_from_flower({"roundz": 3})
+    with pytest.raises(ConfigError, match="flat systems"):
+        run_on_grid(LocalGrid(client_app.app, 2), tiny(reference, tmp_path, topology="hierarchical:2x1"), echo=quiet)
