@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -158,10 +159,35 @@ class LocalDeployment:
             time.sleep(0.2)
         raise TimeoutError(f"the SuperLink did not listen on port {port} within {wait_s} s:\n{self.log('superlink')}")
 
-    def run_app(self, app_dir: Path, run_config: str, timeout_s: float) -> subprocess.CompletedProcess:
-        """``flwr run --stream``, which returns when the run ends."""
-        return subprocess.run([str(BIN / "flwr"), "run", str(app_dir), "local", "--stream", "--run-config", run_config],
-                              env=self.env, cwd=self.home, capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+    def run_app(self, app_dir: Path, run_config: str, timeout_s: float,
+                on_line: Callable[[str], None] = lambda line: None) -> tuple[int, str]:
+        """``flwr run --stream``, which returns when the run ends: (exit code, output).
+        ``on_line`` sees each output line as it comes (the ServerApp's log among them);
+        past ``timeout_s`` the ``flwr`` process is killed."""
+        proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app_dir), "local", "--stream", "--run-config", run_config],
+                                env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+        watchdog = threading.Timer(timeout_s, proc.kill)
+        watchdog.start()
+        lines = []
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                on_line(line)
+        finally:
+            watchdog.cancel()
+            proc.stdout.close()
+            code = proc.wait()
+        return code, "".join(lines)
+
+    def stop_node(self, index: int) -> None:
+        """SIGTERM to SuperNode ``index`` and every process below it: a node that goes away."""
+        node = self.processes[1 + index]
+        for pid in [node.pid, *descendants(node.pid)]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def log(self, name: str) -> str:
         path = self.home / f"{name}.log"
