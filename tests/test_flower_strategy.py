@@ -22,6 +22,8 @@ from fedhq.fl.server import Server  # noqa: E402
 from fedhq.flower import client_app  # noqa: E402
 from fedhq.flower.server_app import run_config_from_flower, run_on_grid  # noqa: E402
 
+SUPERLINK_NODE_ID = 1  # flwr.common.constant (not public): the sender of the SuperLink's own replies
+
 
 def quiet(line: str) -> None:
     pass
@@ -74,7 +76,10 @@ def _replace(key, array):
 
 
 def _node_error(reply, msg):
-    return Message(Error(code=3, reason="node unavailable"), reply_to=msg)
+    """What the SuperLink sends for a node that stopped: an error reply from itself."""
+    error = Message(Error(code=5, reason="node unavailable"), reply_to=msg)
+    error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    return error
 
 
 def test_bad_replies_are_left_out_and_the_run_goes_on(reference, tmp_path, caplog):
