@@ -139,6 +139,8 @@ _RUN_SETTINGS = {
     "--reference-profile": ("reference_profile", str, "measured profile of this machine to reuse (else measured)"),
     "--uplink-mbps": ("uplink_mbps", float, "uplink of devices whose profile has none (default 20)"),
     "--client-timeout": ("client_timeout_s", float, "seconds after which a client's update is dropped"),
+    "--max-weight-growth": ("max_weight_growth", float, "reject an update holding a weight above this many times the "
+                            "global model's largest in that tensor, or 1.0 (default 100; null in a config file: no bound)"),
     "--threads": ("threads", int, "torch threads (default 2)"),
     "--topology": ("topology", str, "hierarchical system: 'hierarchical:AxL' or a JSON file of parents (default flat)"),
     "--adjust-after": ("adjust_after", int, "rounds observed before the adjustment (default 2)"),

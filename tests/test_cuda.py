@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_equal
-from test_fake_quant import DTYPES, PER_CHANNEL, SHAPES, random_qparams, sample
+from test_fake_quant import DTYPES, PER_CHANNEL, random_qparams, sample
 
 import fedhq_kernels as fk
 from fedhq_kernels import dispatch, reference

@@ -10,7 +10,8 @@ from torch import nn
 
 import fedhq_kernels as fk
 from fedhq.fl.client import Update, quantize_upload, quantized_names
-from fedhq.fl.server import Server, validate_update
+from fedhq.fl.config import ConfigError, RunConfig
+from fedhq.fl.server import Server, growth_limits, magnitude, validate_update
 
 
 def model():
@@ -69,6 +70,9 @@ def _breakages(update):
     yield "extra name", {**s, "x": torch.zeros(1)}, "unexpected ['x']"
     yield "int buffer dtype", {**s, "1.num_batches_tracked": torch.tensor(1.0)}, "torch.int64"
     yield "not a mapping", [1, 2], "mapping"
+    diverged = fk.quantize(fk.dequantize(q) * 1e6, axis=0)  # finite, but training blew up
+    yield "diverged weights", {**s, "3.weight": diverged}, "growth limit"
+    yield "diverged buffer", {**s, "1.running_var": s["1.running_var"] * 1e6}, "growth limit"
 
 
 def test_each_bad_update_is_rejected_and_the_others_aggregate(setup):
@@ -104,3 +108,39 @@ def test_fp32_server_averages_floats(setup):
     torch.testing.assert_close(server.state["0.weight"], net.state_dict()["0.weight"] + 0.75)
     bad = {**states[0], "0.weight": fk.quantize(states[0]["0.weight"])}
     assert "expected a torch.float32 tensor" in validate_update(bad, 1, net.state_dict(), bits=None, quantized=set())
+
+
+@pytest.mark.parametrize("bits, symmetric, axis", [(8, True, None), (8, False, 0), (4, True, 0), (3, False, None)])
+def test_magnitude_from_the_scales_bounds_the_values_tightly(gen, bits, symmetric, axis):
+    x = torch.randn(6, 33, generator=gen) * torch.rand(6, 1, generator=gen) * 5 + 0.3
+    q = fk.quantize(x, bits=bits, symmetric=symmetric, axis=axis)
+    largest = float(fk.dequantize(q).abs().max())
+    assert largest <= magnitude(q) <= float(x.abs().max()) * (1 + 2 ** (1 - bits)) * 1.0001
+    assert magnitude(x) == float(x.abs().max()) and magnitude(torch.zeros(0)) == 0.0
+
+
+def test_growth_limit_follows_the_global_model_and_can_be_lifted(setup):
+    net, names, updates = setup
+    u = updates[0]
+    grown = {**u.state, "3.weight": fk.quantize(fk.dequantize(u.state["3.weight"]) * 500, axis=0)}
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    limits = growth_limits(server.state, server.max_growth)
+    assert limits["0.weight"] == 100.0  # small weights: 100 x the floor of 1.0
+    assert "1.num_batches_tracked" not in limits and limits["1.running_var"] == 100.0
+    assert server.aggregate([Update(0, grown, 10, 0.0, 1, 0.0)])[0] == []
+    legit = {**u.state, "3.weight": fk.quantize(fk.dequantize(u.state["3.weight"]) * 5, axis=0)}  # fast, not diverged
+    assert server.aggregate([Update(0, legit, 10, 0.0, 1, 0.0)])[0] == [0]
+    unbounded = Server(net.state_dict(), bits=8, quantized=names, max_growth=None)
+    assert unbounded.aggregate([Update(0, grown, 10, 0.0, 1, 0.0)])[0] == [0]
+    fp32 = Server(net.state_dict(), bits=None, quantized=set())
+    exploded = {k: v * 1e9 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    accepted, rejected = fp32.aggregate([Update(0, exploded, 10, 0.0, 1, 0.0)])
+    assert accepted == [] and "growth limit" in rejected[0].reason
+
+
+def test_max_weight_growth_setting():
+    assert Server.for_run(RunConfig(max_weight_growth=7.0), model()).max_growth == 7.0
+    assert Server.for_run(RunConfig(max_weight_growth=None, strategy="fp32"), model()).bits is None
+    for bad in (0.5, float("inf"), "10", True):
+        with pytest.raises(ConfigError, match="max_weight_growth"):
+            RunConfig(max_weight_growth=bad).validated()

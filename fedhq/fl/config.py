@@ -60,6 +60,7 @@ class RunConfig:
     reference_profile: str | None = None  # measured profile of this machine; None: measure one
     uplink_mbps: float = 20.0  # for a device whose profile has no network figure
     client_timeout_s: float | None = None
+    max_weight_growth: float | None = 100.0  # fedhq.fl.server: updates beyond it are rejected; None: no bound
     threads: int = 2
     # hierarchical systems and the fine-grained adjustment (fedhq.fl.topology, fedhq.allocation.adjust)
     topology: str | None = None  # None: flat; "hierarchical:AxL"; or a JSON file of parents
@@ -148,6 +149,10 @@ class RunConfig:
             _int_at_least("max_train", self.max_train, 1)
         if self.client_timeout_s is not None:
             _positive("client_timeout_s", self.client_timeout_s)
+        if self.max_weight_growth is not None:
+            value = self.max_weight_growth
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 1):
+                raise ConfigError(f"max_weight_growth must be a finite number >= 1 (or null: no bound), got {value!r}")
         if not self.devices or not all(isinstance(d, str) and d for d in self.devices):
             raise ConfigError(f"devices must be a non-empty list of preset names or profile paths, got {self.devices!r}")
         for name in ("alphas", "betas"):

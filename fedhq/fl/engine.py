@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from fedhq.data import DatasetNotFoundError, load_dataset, partition
 from fedhq.data.base import Dataset, Split, stratified_split
 from fedhq.fl import checkpoint
 from fedhq.fl.adjustment import adjust_allocation
-from fedhq.fl.client import ClientState, evaluate, quantized_names, train_local
+from fedhq.fl.client import ClientState, evaluate, train_local
 from fedhq.fl.rounds import Client, RoundContext, TrainFn, play_round
 from fedhq.fl.config import ALPHA_RANGE, BETA_RANGE, ConfigError, RunConfig
 from fedhq.fl.server import Server
@@ -250,8 +248,7 @@ def run(
 
     torch.manual_seed(config.seed)
     initial = spec.build()
-    server = Server(initial.state_dict(), bits=None if config.strategy == "fp32" else config.bits,
-                    quantized=quantized_names(initial))  # fmt: skip
+    server = Server.for_run(config, initial)
     states = {c.id: ClientState() for c in clients}
     history: list[dict] = []
     training_s = 0.0

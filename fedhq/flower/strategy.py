@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedhq.analysis.speed import speed_significance
 from fedhq.fl import engine
-from fedhq.fl.client import Update, quantized_names
+from fedhq.fl.client import Update
 from fedhq.fl.config import ConfigError, RunConfig
 from fedhq.fl.rounds import RoundOutcome
 from fedhq.fl.server import Rejection, Server
@@ -75,8 +75,7 @@ class FedHQStrategy(Strategy):
         self.config, self.reference = config, reference
         torch.manual_seed(config.seed)  # the embedded engine's initial model
         initial = spec.build()
-        self.server = Server(initial.state_dict(), bits=None if config.strategy == "fp32" else config.bits,
-                             quantized=quantized_names(initial))  # fmt: skip
+        self.server = Server.for_run(config, initial)
         self.members: dict[int, Member] = {}
         self.excluded: list[dict] = []
         self.client_rows: list[dict] = []
