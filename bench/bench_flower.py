@@ -4,7 +4,7 @@
 
 1. Records: one client's upload as Flower records (``ArrayRecord.count_bytes`` +
    ``ConfigRecord.count_bytes`` of the layout: what a Flower message carries), float32
-   state dict against the INT8 upload, for the small CNN and ResNet-18.
+   state dict against the INT8 and the (packed) INT4 upload, for the small CNN and ResNet-18.
 2. Engines: one config (seed, partition, devices, alpha/beta, reference profile) run by
    the embedded engine and by Flower's simulation engine (``fedhq.flower.simulation``):
    the allocation each gives, accuracy per round, wall time per round, and the Flower
@@ -39,9 +39,11 @@ def record_sizes() -> list[dict]:
     rows = []
     for key in MODELS:
         model = ModelSpec.parse(key).build()
-        fp32 = sum(r.count_bytes() for r in encode_state(model.state_dict()))
-        int8 = sum(r.count_bytes() for r in encode_state(quantize_upload(model.state_dict(), quantized_names(model), 8)))
-        rows.append({"model": key, "fp32_bytes": fp32, "int8_bytes": int8, "ratio": fp32 / int8})
+        names = quantized_names(model)
+        fp32, int8, int4 = (sum(r.count_bytes() for r in encode_state(state)) for state in (
+            model.state_dict(), quantize_upload(model.state_dict(), names, 8), quantize_upload(model.state_dict(), names, 4)))  # fmt: skip
+        rows.append({"model": key, "fp32_bytes": fp32, "int8_bytes": int8, "int4_bytes": int4, "ratio": fp32 / int8,
+                     "int8_over_int4": int8 / int4})  # fmt: skip
     return rows
 
 
@@ -81,10 +83,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     load_before = os.getloadavg()[0]
     sizes = record_sizes()
-    print("| model | fp32 records, bytes | INT8 records, bytes | fp32 / INT8 |")
-    print("| --- | --- | --- | --- |")
+    print("| model | fp32 records, bytes | INT8 records, bytes | fp32 / INT8 | INT4 records, bytes | INT8 / INT4 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in sizes:
-        print(f"| {r['model']} | {r['fp32_bytes']:,} | {r['int8_bytes']:,} | {r['ratio']:.2f}x |")
+        print(f"| {r['model']} | {r['fp32_bytes']:,} | {r['int8_bytes']:,} | {r['ratio']:.2f}x | {r['int4_bytes']:,} | "
+              f"{r['int8_over_int4']:.2f}x |")  # fmt: skip
     config = RunConfig(clients=args.clients, rounds=args.rounds, threads=args.threads, output_dir=str(out / "embedded"))
     config = config.replace(reference_profile=_reference(config, out))
     result = engines(config, out)

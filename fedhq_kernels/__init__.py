@@ -6,6 +6,7 @@
     aggregate(updates, weights) -> QuantizedTensor
     aggregate_state_dicts(state_dicts, weights) -> dict
     backends() -> list of backends that run here; FEDHQ_BACKEND forces one
+    pack_codes(codes, bits) / unpack_codes(packed, bits, shape): the wire format of codes
 
 The ops are torch.library custom ops (torch.ops.fedhq.*) with fake kernels and a
 straight-through autograd, so they work under torch.compile; fedhq_kernels.reference
@@ -23,6 +24,7 @@ from fedhq_kernels.functional import (
     quantize,
     quantize_state_dict,
 )
+from fedhq_kernels.packing import pack_codes, unpack_codes
 from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range
 
 __all__ = [
@@ -33,7 +35,9 @@ __all__ = [
     "dequantize",
     "dequantize_state_dict",
     "fake_quant",
+    "pack_codes",
     "quant_range",
     "quantize",
     "quantize_state_dict",
+    "unpack_codes",
 ]

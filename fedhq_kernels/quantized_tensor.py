@@ -19,7 +19,8 @@ class QuantizedTensor:
     """A tensor quantized with ``bits`` bits, per-tensor (``axis`` None) or per channel
     along ``axis``; ``dequantize`` gives back (code - zero_point) * scale as ``dtype``.
 
-    Codes below 8 bits are still stored one per int8 (no bit packing yet).
+    In memory every code takes one int8; on the wire (``nbytes``, Flower records) codes
+    are packed to ``bits`` bits each (``fedhq_kernels.packing``).
     """
 
     data: torch.Tensor  # int8 codes, shape == self.shape
@@ -56,8 +57,10 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on the wire: codes, scales and zero points."""
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero_point))
+        """Bytes on the wire: the codes packed to ``bits`` bits each, scales and zero points."""
+        from fedhq_kernels.packing import packed_size
+
+        return packed_size(self.data.numel(), self.bits) + sum(t.numel() * t.element_size() for t in (self.scale, self.zero_point))
 
     def dequantize(self) -> torch.Tensor:
         from fedhq_kernels.functional import dequantize

@@ -46,7 +46,10 @@ def assert_same(a: dict, b: dict) -> None:
 def test_round_trip_is_exact(state):
     arrays, layout = encode_state(state)
     assert_same(decode_state(arrays, layout), state)
-    assert arrays["conv.weight"].dtype == "int8" and arrays["conv.weight:scale"].shape == (6,)
+    assert arrays["conv.weight:scale"].shape == (6,)
+    # codes travel packed: 162 8-bit codes in 162 bytes, 6 4-bit codes in 3, 35 6-bit codes in 27
+    assert [(arrays[n].dtype, arrays[n].shape) for n in ("conv.weight", "conv.bias", "fc.weight")] == [
+        ("uint8", (162,)), ("uint8", (3,)), ("uint8", (27,))]  # fmt: skip
 
 
 def test_float_state_has_an_empty_layout():
@@ -63,6 +66,9 @@ def test_int8_records_are_about_four_times_smaller():
     ratio = sum(r.count_bytes() for r in fp32) / sum(r.count_bytes() for r in int8)
     # 53k parameters: per-channel scales and ~128-byte npy headers per array cost ~8%
     assert 3.5 < ratio < 4.0, ratio
+    int4 = encode_state(quantize_upload(model.state_dict(), quantized_names(model), 4))
+    halved = sum(r.count_bytes() for r in int8) / sum(r.count_bytes() for r in int4)
+    assert 1.8 < halved < 2.0, halved  # 4-bit codes are packed two to a byte
 
 
 def _breakages(state):
@@ -83,13 +89,22 @@ def _breakages(state):
         return ConfigRecord({**layout, **changes})
 
     float_codes = Array(np.zeros((6, 3, 3, 3), dtype=np.float32))
-    lying = Array(dtype="int8", shape=(6, 3, 3, 3), stype="numpy.ndarray", data=float_codes.data)
+    lying = Array(dtype="uint8", shape=(162,), stype="numpy.ndarray", data=Array(np.zeros(162, np.float32)).data)
+    short = Array(np.zeros(2, dtype=np.uint8))  # conv.bias: 6 4-bit codes take 3 bytes
+    padded = Array(np.array([0, 0, 0xF0], dtype=np.uint8))  # 5 codes in 3 bytes: the last nibble is padding
+    shapes = list(layout["shape"])
     garbage = Array(dtype="int8", shape=(2,), stype="numpy.ndarray", data=b"not an npy file")
     return [
         ("codes missing", without("conv.weight"), layout, "missing"),
         ("scale missing", without("fc.weight:scale"), layout, "missing"),
         ("orphan scale", replaced("other:scale", arrays["conv.bias:scale"]), layout, "no quantized entry"),
-        ("float codes", replaced("conv.weight", float_codes), layout, "int8"),
+        ("float codes", replaced("conv.weight", float_codes), layout, "uint8"),
+        ("unpacked int8 codes", replaced("conv.weight", Array(state["conv.weight"].data.numpy())), layout, "uint8"),
+        ("packed codes too short", replaced("conv.bias", short), layout, "take 3 bytes, got 2"),
+        ("padding bits set", replaced("conv.bias", padded), layout_with(shape=[shapes[0], "5", shapes[2]]), "padding"),
+        ("shape not dimensions", arrays, layout_with(shape=[shapes[0], "6x?", shapes[2]]), "not dimensions"),
+        ("negative dimension", arrays, layout_with(shape=["-6x27", shapes[1], shapes[2]]), "negative"),
+        ("shape of another size", arrays, layout_with(shape=["6x3x3x4", shapes[1], shapes[2]]), "take 216 bytes"),
         ("float64 scale", replaced("conv.bias:scale", Array(np.full((), 0.1))), layout, "scale"),
         ("scale of the wrong shape", replaced("conv.weight:scale", arrays["conv.bias:scale"]), layout, "scale"),
         ("declared dtype is not the content's", replaced("conv.weight", lying), layout, "declares"),

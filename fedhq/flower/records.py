@@ -3,13 +3,14 @@
 A state dict (``fedhq_kernels.QuantizedTensor`` for parameters, plain tensors for
 buffers, or all plain tensors for fp32) travels as two records:
 
-- an ``ArrayRecord``: every entry's tensor under its own name (int8 codes for a
-  quantized entry), plus ``<name>:scale`` (float32) and ``<name>:zero_point``
-  (int32) for each quantized entry;
+- an ``ArrayRecord``: every entry's tensor under its own name (for a quantized entry
+  its codes packed to ``bits`` bits each, ``fedhq_kernels.pack_codes``: 1-D uint8),
+  plus ``<name>:scale`` (float32) and ``<name>:zero_point`` (int32) for each
+  quantized entry;
 - a ``ConfigRecord`` "layout" naming the quantized entries, with parallel lists of
-  their bits, axis (-1 per tensor), symmetric flag and original float dtype; empty
-  when nothing is quantized (fp32), as Flower 1.41's ``ConfigRecord.count_bytes``
-  fails on empty lists.
+  their bits, axis (-1 per tensor), symmetric flag, original float dtype and shape
+  ("64x3x3x3"; "" for a 0-d tensor); empty when nothing is quantized (fp32), as Flower
+  1.41's ``ConfigRecord.count_bytes`` fails on empty lists.
 
 ``decode_state`` is strict about structure (keys, array dtypes and shapes, list
 types): a malformed record raises ``RecordError`` with the reason, which the strategy
@@ -29,7 +30,7 @@ import fedhq_kernels as fk
 
 SCALE = ":scale"
 ZERO_POINT = ":zero_point"
-LAYOUT_LISTS = {"quantized": str, "bits": int, "axis": int, "symmetric": bool, "dtype": str}
+LAYOUT_LISTS = {"quantized": str, "bits": int, "axis": int, "symmetric": bool, "dtype": str, "shape": str}
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -43,7 +44,7 @@ def encode_state(state: Mapping[str, object]) -> tuple[ArrayRecord, ConfigRecord
     layout: dict[str, list] = {key: [] for key in LAYOUT_LISTS}
     for name, value in state.items():
         if isinstance(value, fk.QuantizedTensor):
-            arrays[name] = Array(value.data.cpu().numpy())
+            arrays[name] = Array(fk.pack_codes(value.data, value.bits).cpu().numpy())
             arrays[name + SCALE] = Array(value.scale.cpu().numpy())
             arrays[name + ZERO_POINT] = Array(value.zero_point.cpu().numpy())
             layout["quantized"].append(name)
@@ -51,6 +52,7 @@ def encode_state(state: Mapping[str, object]) -> tuple[ArrayRecord, ConfigRecord
             layout["axis"].append(-1 if value.axis is None else int(value.axis))
             layout["symmetric"].append(bool(value.symmetric))
             layout["dtype"].append(str(value.dtype).removeprefix("torch."))
+            layout["shape"].append("x".join(str(d) for d in value.shape))
         elif isinstance(value, torch.Tensor):
             arrays[name] = Array(value.detach().cpu().numpy())
         else:
@@ -63,7 +65,7 @@ def decode_state(arrays: object, layout: object) -> dict:
     if not isinstance(arrays, ArrayRecord):
         raise RecordError(f"expected an ArrayRecord of the model, got {type(arrays).__name__}")
     lists = _layout_lists(layout)
-    quantized = dict(zip(lists["quantized"], zip(*(lists[k] for k in ("bits", "axis", "symmetric", "dtype")))))
+    quantized = dict(zip(lists["quantized"], zip(*(lists[k] for k in ("bits", "axis", "symmetric", "dtype", "shape")))))
     if len(quantized) != len(lists["quantized"]):
         raise RecordError("layout names a quantized entry twice")
     companions = {name + suffix for name in quantized for suffix in (SCALE, ZERO_POINT)}
@@ -80,14 +82,16 @@ def decode_state(arrays: object, layout: object) -> dict:
         if name not in quantized:
             state[name] = codes
             continue
-        bits, axis, symmetric, dtype = quantized[name]
+        bits, axis, symmetric, dtype, shape = quantized[name]
         if dtype not in FLOAT_DTYPES:
             raise RecordError(f"'{name}': unknown float dtype {dtype!r}")
         try:
+            shape = _shape(shape)
+            data = fk.unpack_codes(codes, bits, shape)
             state[name] = fk.QuantizedTensor(
-                data=codes, scale=_array(arrays, name + SCALE), zero_point=_array(arrays, name + ZERO_POINT),
+                data=data, scale=_array(arrays, name + SCALE), zero_point=_array(arrays, name + ZERO_POINT),
                 bits=bits, axis=None if axis == -1 else axis, symmetric=symmetric, dtype=FLOAT_DTYPES[dtype],
-                shape=codes.shape,
+                shape=data.shape,
             )  # fmt: skip
         except (TypeError, ValueError) as error:
             raise RecordError(f"'{name}': {error}") from None
@@ -109,6 +113,17 @@ def _layout_lists(layout: object) -> dict[str, list]:
     if len(lengths) != 1:
         raise RecordError(f"layout lists differ in length: { {k: len(v) for k, v in lists.items()} }")
     return lists
+
+
+def _shape(text: str) -> torch.Size:
+    """"64x3x3x3" -> torch.Size([64, 3, 3, 3]); "" -> torch.Size([])."""
+    try:
+        dims = [int(t) for t in text.split("x")] if text else []
+    except ValueError:
+        raise ValueError(f"shape {text!r} is not dimensions joined by 'x'") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape {text!r} has a negative dimension")
+    return torch.Size(dims)
 
 
 def _array(arrays: ArrayRecord, name: str) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""Bit packing of codes (fedhq_kernels.packing) against a bit-by-bit reference in plain
+Python, every width, odd sizes, non-contiguous input, and bad input."""
+
+import pytest
+import torch
+
+import fedhq_kernels as fk
+from fedhq_kernels.packing import packed_size
+
+SIZES = (0, 1, 7, 8, 9, 63, 1001)
+
+
+def reference_pack(codes: list[int], bits: int) -> bytes:
+    """The stream written one bit at a time: code i at bits [i*bits, (i+1)*bits), LSB first."""
+    qmin = fk.quant_range(bits)[0]
+    stream = [((c - qmin) >> k) & 1 for c in codes for k in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return bytes(sum(stream[i + k] << k for k in range(8)) for i in range(0, len(stream), 8))
+
+
+def random_codes(gen, bits: int, shape) -> torch.Tensor:
+    qmin, qmax = fk.quant_range(bits)
+    return torch.randint(qmin, qmax + 1, shape, generator=gen, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("n", SIZES)
+def test_pack_matches_the_bitwise_reference_and_unpacks_exactly(gen, bits, n):
+    codes = random_codes(gen, bits, (n,))
+    packed = fk.pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (packed_size(n, bits),)
+    assert bytes(packed.tolist()) == reference_pack(codes.tolist(), bits)
+    assert torch.equal(fk.unpack_codes(packed, bits, (n,)), codes)
+
+
+@pytest.mark.parametrize("bits", (3, 4, 8))
+def test_shapes_and_non_contiguous_codes(gen, bits):
+    codes = random_codes(gen, bits, (5, 7, 3)).transpose(0, 2)  # non-contiguous
+    packed = fk.pack_codes(codes, bits)
+    assert bytes(packed.tolist()) == reference_pack(codes.reshape(-1).tolist(), bits)
+    assert torch.equal(fk.unpack_codes(packed, bits, codes.shape), codes)
+    scalar = random_codes(gen, bits, ())
+    assert torch.equal(fk.unpack_codes(fk.pack_codes(scalar, bits), bits, ()), scalar)
+
+
+def test_extremes_of_the_range_survive(gen):
+    for bits in range(2, 9):
+        qmin, qmax = fk.quant_range(bits)
+        codes = torch.tensor([qmin, qmax, qmin, qmax, 0, -1, qmax, qmin, qmin], dtype=torch.int8)
+        assert torch.equal(fk.unpack_codes(fk.pack_codes(codes, bits), bits, (9,)), codes), bits
+
+
+@pytest.mark.parametrize("bits, symmetric, axis", [(8, True, 0), (4, True, 0), (3, False, None), (2, True, None)])
+def test_nbytes_is_what_travels(gen, bits, symmetric, axis):
+    q = fk.quantize(torch.randn(6, 13, generator=gen), bits=bits, symmetric=symmetric, axis=axis)
+    channels = 6 if axis == 0 else 1
+    assert q.nbytes == fk.pack_codes(q.data, bits).numel() + 8 * channels
+    assert q.nbytes == -(-78 * bits // 8) + 8 * channels
+
+
+def test_bad_input_is_refused(gen):
+    with pytest.raises(TypeError, match="int8 tensor"):
+        fk.pack_codes(torch.zeros(4), 4)
+    with pytest.raises(ValueError, match=r"4-bit range \[-8, 7\]"):
+        fk.pack_codes(torch.tensor([0, 8], dtype=torch.int8), 4)
+    for bits in (1, 9, True, 4.0):
+        with pytest.raises(ValueError, match="bits must be an int"):
+            fk.pack_codes(torch.zeros(4, dtype=torch.int8), bits)
+    packed = fk.pack_codes(random_codes(gen, 5, (10,)), 5)
+    with pytest.raises(ValueError, match="take 7 bytes, got 6"):
+        fk.unpack_codes(packed[:6], 5, (10,))
+    with pytest.raises(TypeError, match="1-D uint8"):
+        fk.unpack_codes(packed.to(torch.int8), 5, (10,))
+    with pytest.raises(TypeError, match="1-D uint8"):
+        fk.unpack_codes(packed.view(1, 7), 5, (10,))
+    with pytest.raises(ValueError, match="padding bits"):
+        fk.unpack_codes(torch.tensor([0, 0x80], dtype=torch.uint8), 3, (5,))  # 15 bits used, bit 15 set
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_bytes_are_the_cpus(gen):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)")
+    for bits in range(2, 9):
+        codes = random_codes(gen, bits, (4099,))
+        packed = fk.pack_codes(codes.cuda(), bits)
+        assert packed.is_cuda and torch.equal(packed.cpu(), fk.pack_codes(codes, bits)), bits
+        assert torch.equal(fk.unpack_codes(packed, bits, codes.shape).cpu(), codes), bits
