@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fedhq_kernels import ops
-from fedhq_kernels.quantized_tensor import MAX_BITS, MIN_BITS, QuantizedTensor, quant_range
+from fedhq_kernels.quantized_tensor import QuantizedTensor, check_bits, quant_range
 
 # ---- argument checks shared by the ops ----
 
@@ -26,15 +26,10 @@ def _check_tensor(op: str, x) -> None:
         raise TypeError(f"{op}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
 
 
-def _check_bits(op: str, bits) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{op}: bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-
-
 def _resolve_range(op: str, bits, quant_min, quant_max) -> tuple[int, int]:
     """quant_min / quant_max if given (both, spanning at most 2^bits codes), else the
     signed range of ``bits``."""
-    _check_bits(op, bits)
+    check_bits(op, bits)
     if quant_min is None and quant_max is None:
         return quant_range(bits)
     if quant_min is None or quant_max is None:

@@ -14,20 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from fedhq_kernels.quantized_tensor import MAX_BITS, MIN_BITS, quant_range
+from fedhq_kernels.quantized_tensor import _describe, check_bits, packed_size, quant_range
 
 GROUP = 8  # codes per group; a group is exactly ``bits`` bytes
-
-
-def packed_size(numel: int, bits: int) -> int:
-    """Bytes that ``numel`` codes of ``bits`` bits take packed."""
-    return -(-numel * _check_bits(bits) // 8)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """The packed bytes (1-D uint8) of ``codes``, an int8 tensor of any shape whose values
     lie in the signed ``bits``-bit range; ValueError names a code outside it."""
-    bits = _check_bits(bits)
+    bits = check_bits("pack_codes", bits)
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8:
         raise TypeError(f"pack_codes: codes must be an int8 tensor, got {_describe(codes)}")
     qmin, qmax = quant_range(bits)
@@ -50,7 +45,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """The int8 codes of ``shape`` held by ``packed`` (1-D uint8 from ``pack_codes``);
     ValueError if its length is not exactly what ``shape`` needs or its padding bits are set."""
-    bits = _check_bits(bits)
+    bits = check_bits("unpack_codes", bits)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TypeError(f"unpack_codes: packed must be a 1-D uint8 tensor, got {_describe(packed)}")
     shape = torch.Size(shape)
@@ -71,15 +66,3 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size | tuple[int,
     if bool((unsigned[n:] != 0).any()):
         raise ValueError("unpack_codes: the padding bits after the last code are not zero")
     return (unsigned[:n] + quant_range(bits)[0]).to(torch.int8).reshape(shape)
-
-
-def _check_bits(bits: object) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-    return bits
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

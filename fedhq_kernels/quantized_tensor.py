@@ -14,6 +14,18 @@ def quant_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def check_bits(op: str, bits: object) -> int:
+    """``bits`` if it is an int in [MIN_BITS, MAX_BITS], else ValueError naming ``op``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{op}: bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return bits
+
+
+def packed_size(numel: int, bits: int) -> int:
+    """Bytes that ``numel`` codes of ``bits`` bits take packed (``fedhq_kernels.packing``)."""
+    return -(-numel * check_bits("packed_size", bits) // 8)
+
+
 @dataclass(frozen=True)
 class QuantizedTensor:
     """A tensor quantized with ``bits`` bits, per-tensor (``axis`` None) or per channel
@@ -58,8 +70,6 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes on the wire: the codes packed to ``bits`` bits each, scales and zero points."""
-        from fedhq_kernels.packing import packed_size
-
         return packed_size(self.data.numel(), self.bits) + sum(t.numel() * t.element_size() for t in (self.scale, self.zero_point))
 
     def dequantize(self) -> torch.Tensor:

@@ -52,6 +52,7 @@ class LocalGrid(Grid):
             for i in range(partitions)
         }  # fmt: skip
 
+    # Grid's other abstract methods: run_on_grid never calls them, so they refuse.
     def set_run(self, run) -> None:
         raise NotImplementedError
 

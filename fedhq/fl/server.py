@@ -59,11 +59,17 @@ def validate_update(
         return f"names differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}"
     for name, reference in template.items():
         reason = _check_entry(state[name], reference, bits if name in quantized else None)
-        if reason is None and limits and name in limits and magnitude(state[name]) > limits[name]:
-            reason = (f"its largest magnitude {magnitude(state[name]):.3g} exceeds {limits[name]:.3g}, the "
-                      f"growth limit over the global model (a diverged or forged update)")  # fmt: skip
+        if reason is None and limits and name in limits:
+            reason = _check_growth(magnitude(state[name]), limits[name])
         if reason:
             return f"'{name}': {reason}"
+    return None
+
+
+def _check_growth(largest: float, limit: float) -> str | None:
+    if largest > limit:
+        return (f"its largest magnitude {largest:.3g} exceeds {limit:.3g}, the growth limit over the global "
+                "model (a diverged or forged update)")  # fmt: skip
     return None
 
 
