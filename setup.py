@@ -21,10 +21,12 @@ Environment:
                            portable build, or "" to pass no -march)
   FEDHQ_BUILD_CUDA=0|1     skip the CUDA extension / require it (the install fails if
                            it cannot be built); unset: build it when possible
-  FEDHQ_CUDA_ARCHS         GPU architectures, e.g. "8.0;8.6;9.0" (else
-                           TORCH_CUDA_ARCH_LIST, else 8.0;8.6;9.0); "+PTX" on an entry
-                           also embeds its PTX; the newest one's PTX is always embedded
-                           so that newer GPUs can JIT-compile it
+  FEDHQ_CUDA_ARCHS         GPU architectures, e.g. "8.6;9.0" or "Hopper" (else
+                           TORCH_CUDA_ARCH_LIST, else 7.5;8.0;8.6;9.0); "+PTX" on an
+                           entry also embeds its PTX; the newest one's PTX is always
+                           embedded so that newer GPUs can JIT-compile it; entries this
+                           nvcc cannot compile are left out with a warning
+  CUDA_HOME                the CUDA toolkit (else the one of the nvcc on PATH)
   NVCC_THREADS=4           nvcc --threads (architectures compiled in parallel); torch's
                            MAX_JOBS bounds the parallel compile jobs
 """
@@ -70,7 +72,7 @@ NVCC_FLAGS = [
     "--expt-relaxed-constexpr",
     "-lineinfo",
 ]
-DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0"
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;9.0"  # Turing (T4) to Hopper; newer GPUs JIT the 9.0 PTX
 
 BUILT, SKIPPED = [], []  # extension names; "name (why)" lines, for the summary line
 
@@ -116,48 +118,100 @@ def cpu_extension():
     return extension
 
 
-def cuda_arch_flags():
-    """(-gencode flags, arch names) for FEDHQ_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST."""
+# torch's names for architecture families (TORCH_CUDA_ARCH_LIST accepts them too)
+NAMED_CUDA_ARCHS = {"turing": "7.5", "ampere": "8.0;8.6", "ada": "8.9", "hopper": "9.0",
+                    "blackwell": "10.0;12.0"}
+
+
+def cuda_arch_flags(nvcc_archs):
+    """(-gencode flags, arch names, warnings) for FEDHQ_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST.
+
+    nvcc_archs: the compute_XX names this nvcc accepts (nvcc --list-gpu-arch). Entries it
+    cannot compile (base images often list 7.0, which nvcc 13 dropped) are left out with
+    a warning rather than failing the build; flags are empty when nothing is left.
+    """
     spec = _flag("FEDHQ_CUDA_ARCHS", "") or _flag("TORCH_CUDA_ARCH_LIST", "") or DEFAULT_CUDA_ARCHS
-    flags, archs = [], []
+    flags, archs, warnings = [], [], []
     for entry in (e for e in re.split(r"[;\s,]+", spec) if e):
-        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
-        if not match:
-            sys.exit(f"fedhq: cannot parse CUDA architecture {entry!r} in {spec!r} (expected e.g. 8.6 or 9.0+PTX)")
-        arch = "".join(match.group(1, 2, 3))
-        archs.append(arch)
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-        if match.group(4):
-            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+        base, ptx = (entry[:-4], True) if entry.endswith("+PTX") else (entry, False)
+        for version in NAMED_CUDA_ARCHS.get(base.lower(), base).split(";"):
+            match = re.fullmatch(r"(\d+)\.(\d+)([af]?)", version)
+            if not match:
+                warnings.append(f"cannot parse CUDA architecture {entry!r} in {spec!r} (expected e.g. 8.6 or 9.0+PTX)")
+                continue
+            arch = "".join(match.group(1, 2, 3))
+            if f"compute_{arch}" not in nvcc_archs:
+                warnings.append(f"nvcc cannot compile for sm_{arch}: left out")
+                continue
+            archs.append(arch)
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+            if ptx:
+                flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+    if not archs:
+        return [], [], warnings
     newest = max(archs, key=lambda a: int(re.match(r"\d+", a).group()))
     ptx = f"-gencode=arch=compute_{newest},code=compute_{newest}"
-    return flags + ([ptx] if ptx not in flags else []), archs
+    return flags + ([ptx] if ptx not in flags else []), archs, warnings
 
 
-def _nvcc_release(nvcc):
+def _run(command):
     try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"release (\d+)\.(\d+)", out)
-    return match.group(1, 2) if match else None
+        return ""
+    return result.stdout + result.stderr
+
+
+def _is_toolkit(home):
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")) and bool(
+        shutil.which("nvcc", path=os.path.join(home, "bin")))
+
+
+def cuda_toolkit_root():
+    """(the CUDA toolkit's root, None) or (None, why none was found).
+
+    CUDA_HOME / CUDA_PATH when set; else the toolkit of the nvcc on PATH, as nvcc itself
+    reports it. torch guesses the parent of nvcc's directory, which is wrong when that
+    nvcc is a wrapper script (/usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc
+    makes torch look for headers in /usr/local/include and fail to compile).
+    """
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(name)
+        if home:
+            return (home, None) if _is_toolkit(home) else (
+                None, f"{name}={home} holds no CUDA toolkit (bin/nvcc and include/cuda_runtime_api.h)")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        match = re.search(r"^#\$ _HERE_=(.+)$", _run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull]), re.M)
+        home = os.path.dirname(match.group(1).strip()) if match else os.path.dirname(os.path.dirname(nvcc))
+        if _is_toolkit(home):
+            return home, None
+    if _is_toolkit("/usr/local/cuda"):
+        return "/usr/local/cuda", None
+    return None, "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
 
 
 def cuda_extension_or_reason():
     """(the CUDA extension, None), or (None, why it cannot be built here)."""
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU build"
-    home = cpp_extension.CUDA_HOME
-    nvcc = home and shutil.which("nvcc", path=os.path.join(home, "bin"))
-    if not nvcc:
-        return None, "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
-    release = _nvcc_release(nvcc)
+    home, reason = cuda_toolkit_root()
+    if home is None:
+        return None, reason
+    cpp_extension.CUDA_HOME = home  # torch's build reads its headers, libraries and nvcc from here
+    nvcc = os.path.join(home, "bin", "nvcc")
+    release = re.search(r"release (\d+)\.(\d+)", _run([nvcc, "--version"]))
     if release is None:
         return None, f"cannot run {nvcc} --version"
+    release = release.group(1, 2)
     # torch refuses (raises, failing the whole install) a toolkit of another major version
     if release[0] != torch.version.cuda.split(".")[0]:
         return None, f"nvcc {'.'.join(release)} does not match torch's CUDA {torch.version.cuda}"
-    arch_flags, archs = cuda_arch_flags()
+    arch_flags, archs, warnings = cuda_arch_flags(_run([nvcc, "--list-gpu-arch"]).split())
+    for warning in warnings:
+        print(f"fedhq: WARNING: {warning}")
+    if not archs:
+        return None, "none of the requested CUDA architectures can be compiled by this nvcc"
     extension = cpp_extension.CUDAExtension(
         "fedhq_kernels._C_cuda",
         ["csrc/cuda_ops.cpp"] + sorted(glob.glob("csrc/cuda/*.cu")),
@@ -169,19 +223,21 @@ def cuda_extension_or_reason():
     )
     extension.optional = _flag("FEDHQ_BUILD_CUDA", "") != "1"
     extension.fallback = "CUDA tensors will use the triton or reference backend"
-    print(f"fedhq: building fedhq_kernels._C_cuda for sm_{', sm_'.join(archs)} with nvcc {'.'.join(release)}")
+    print(f"fedhq: building fedhq_kernels._C_cuda for sm_{', sm_'.join(archs)} with nvcc {'.'.join(release)} "
+          f"from {home}")
     return extension, None
 
 
-ext_modules = []
-if _flag("FEDHQ_BUILD_CPU", "1") != "0":
-    ext_modules.append(cpu_extension())
-else:
-    SKIPPED.append("fedhq_kernels._C (FEDHQ_BUILD_CPU=0)")
-
-if _flag("FEDHQ_BUILD_CUDA", "") == "0":
-    SKIPPED.append("fedhq_kernels._C_cuda (FEDHQ_BUILD_CUDA=0)")
-else:
+def extensions():
+    """The extensions to build here; records what is skipped, and why, in SKIPPED."""
+    ext_modules = []
+    if _flag("FEDHQ_BUILD_CPU", "1") != "0":
+        ext_modules.append(cpu_extension())
+    else:
+        SKIPPED.append("fedhq_kernels._C (FEDHQ_BUILD_CPU=0)")
+    if _flag("FEDHQ_BUILD_CUDA", "") == "0":
+        SKIPPED.append("fedhq_kernels._C_cuda (FEDHQ_BUILD_CUDA=0)")
+        return ext_modules
     cuda_ext, reason = cuda_extension_or_reason()
     if cuda_ext is not None:
         ext_modules.append(cuda_ext)
@@ -189,5 +245,9 @@ else:
         sys.exit(f"fedhq: FEDHQ_BUILD_CUDA=1, but the CUDA extension cannot be built: {reason}")
     else:
         SKIPPED.append(f"fedhq_kernels._C_cuda ({reason})")
+    return ext_modules
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtensionOptional.with_options(use_ninja=True)})
+
+# pip and `python setup.py` run this file as __main__; tests import it to check the helpers
+if __name__ == "__main__":
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExtensionOptional.with_options(use_ninja=True)})

@@ -18,9 +18,9 @@ fake_quant with given parameters, and launch on the current stream.
 
 from __future__ import annotations
 
-import ast
 import concurrent.futures
 import dataclasses
+import importlib.util
 import os
 import re
 import shutil
@@ -45,11 +45,11 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (a CUDA toolkit) is n
 
 
 def setup_nvcc_flags() -> list[str]:
-    """NVCC_FLAGS as setup.py defines them (read, not imported: importing runs setup())."""
-    for node in ast.parse((ROOT / "setup.py").read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError("setup.py defines no NVCC_FLAGS list")
+    """NVCC_FLAGS as setup.py defines them (it calls setup() only when run as a script)."""
+    spec = importlib.util.spec_from_file_location("fedhq_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NVCC_FLAGS
 
 
 def toolkit_include() -> str:
