@@ -257,6 +257,11 @@ def _check_aggregate(codes, scales, zero_points, weights, axes, names) -> None:
             raise ValueError(f"{owner} must be int8 codes of shape {tuple(codes[t].shape)}, got {c.dtype} {tuple(c.shape)}")
         channels = 1 if axes[t] < 0 else c.shape[axes[t]]
         s, z = scales[e], zero_points[e]
+        # GPU kernels read every client's tensors through a table of raw addresses, so a
+        # tensor on another device must be refused here, not dereferenced there
+        if c.device != weights.device or s.device != weights.device or z.device != weights.device:
+            raise ValueError(f"{owner}: codes, scale and zero point must be on the weights' device {weights.device}, "
+                             f"got {c.device}, {s.device} and {z.device}")
         if s.dtype != torch.float32 or z.dtype != torch.int32 or s.numel() != channels or z.numel() != channels:
             check_qparams_shape(owner, c, s, z, axes[t])
 

@@ -194,6 +194,20 @@ def test_rejects_bad_qparams(backend, gen, what, value, message):
         fk.aggregate_state_dicts(sds, [1, 1, 1])
 
 
+@pytest.mark.parametrize("what", ["data", "scale", "zero_point"])
+def test_rejects_a_tensor_on_another_device(backend, gen, what):
+    # GPU kernels would dereference another device's address: refused before any kernel
+    sds = client_state_dicts(gen, 3)
+    q = sds[2]["fc.weight"]
+    fields = dict(data=q.data, scale=q.scale, zero_point=q.zero_point, bits=q.bits, axis=q.axis,
+                  symmetric=q.symmetric, dtype=q.dtype, shape=q.shape)
+    fields[what] = fields[what].to("meta")
+    sds[2]["fc.weight"] = fk.QuantizedTensor(**fields)
+    with pytest.raises(ValueError, match="client 2's 'fc.weight': codes, scale and zero point must be on the "
+                       "weights' device cpu, got (meta|cpu), (meta|cpu) and (meta|cpu)"):
+        fk.aggregate_state_dicts(sds, [1, 1, 1])
+
+
 def test_rejects_overflowing_average(backend, gen):
     sds = client_state_dicts(gen, 2)
     for sd in sds:
