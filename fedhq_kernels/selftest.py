@@ -20,7 +20,13 @@ can run here and why the others cannot, then:
      torch.ao's QAT: ResNet-18 at batch 32, then the FL default small CNN). Their JSON
      rows go to bench/results/*-cuda*.json;
 and prints a summary. Exit status 0 when everything that could run passed; 2 when
-there is no GPU (nothing is built or run then).
+there is no GPU (nothing is built or run then); 1 otherwise, also when ``--build`` built
+the CUDA extension but the cuda backend then does not load.
+
+Each step runs under a time limit (FEDHQ_SELFTEST_STEP_TIMEOUT seconds, default 300),
+so that on a lent GPU one hung step cannot take the others' time; a step that runs
+out is a failure showing what it printed. Every pytest step uses one test seed,
+printed at the start (FEDHQ_TEST_SEED to repeat it).
 
 One deliberate difference is marked as an expected failure in step 2: on a GPU,
 fake_quant with given parameters does not read the scale / zero point back to check
@@ -49,6 +55,7 @@ _ENV = "FEDHQ_SELFTEST_BACKEND"  # set for step 2: the backend the plugin routes
 PLUGIN = "fedhq_kernels.selftest"
 _REROUTED = re.compile(r"fedhq selftest: (\d+) op calls rerouted to (\w+) on the GPU")
 _calls = 0  # op calls the plugin ran on the GPU in this pytest process
+_BUILT = "--built"  # passed to the re-run after --build: the cuda backend must load
 
 
 # ---- the pytest plugin (step 2) ----
@@ -138,24 +145,40 @@ def _bad_tensor_qparams(kwargs) -> bool:
 # ---- the command ----
 
 
+def _step_timeout() -> float:
+    return float(os.environ.get("FEDHQ_SELFTEST_STEP_TIMEOUT", "300"))
+
+
+def _run(command: list[str], env: dict[str, str], capture: bool, cwd: Path | None = None) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a step; status 124 when it ran out of time."""
+    try:
+        result = subprocess.run(command, env=env, cwd=cwd, capture_output=capture, text=True, timeout=_step_timeout())
+    except subprocess.TimeoutExpired as expired:
+        def text(out):
+            return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+        return 124, text(expired.stdout), text(expired.stderr) + f"\n(stopped after {_step_timeout():.0f} s)\n"
+    return result.returncode, result.stdout or "", result.stderr or ""
+
+
 def _pytest(args: list[str], env: dict[str, str], rerouted_to: str | None = None) -> tuple[int, str, float]:
     """Runs pytest; with ``rerouted_to``, the run fails unless the plugin reports op calls
     it ran on the GPU with that backend."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-                            env=env, capture_output=True, text=True)
+    code, stdout, stderr = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], env, True)
     elapsed = time.perf_counter() - start
-    code = result.returncode
-    lines = [line for line in result.stdout.splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", line)]
+    lines = [line for line in stdout.splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", line)]
     summary = lines[-1].strip("= ") if lines else "no result"
-    if rerouted_to is not None:
-        match = _REROUTED.search(result.stdout)
+    if code == 124:
+        summary = f"timed out after {_step_timeout():.0f} s"
+    if rerouted_to is not None and code != 124:
+        match = _REROUTED.search(stdout)
         if match is None or match.group(2) != rerouted_to or int(match.group(1)) == 0:
             code, summary = code or 1, f"{summary}; but no op call ran on the GPU (plugin {PLUGIN} not active?)"
         else:
             summary = f"{summary}; {match.group(1)} op calls on the GPU"
     if code not in (0, 5):  # 5: nothing collected
-        sys.stdout.write(result.stdout[-6000:] + result.stderr[-2000:])
+        sys.stdout.write(stdout[-6000:] + stderr[-2000:])
     return code, summary, elapsed
 
 
@@ -175,9 +198,11 @@ def _benchmarks(bench: Path, env: dict[str, str]) -> list[tuple]:
     for script, *args in BENCHMARKS:
         print(f"\n$ python bench/{script} {' '.join(args)}", flush=True)
         started = time.perf_counter()
-        code = subprocess.run([sys.executable, str(bench / script), *args], env=env, cwd=bench.parent).returncode
+        code, _, stderr = _run([sys.executable, str(bench / script), *args], env, False, cwd=bench.parent)
+        sys.stderr.write(stderr)
         label = f"{script} {args[args.index('--model') + 1]}" if "--model" in args else script
-        rows.append(("benchmark", label, code, "table above" if code == 0 else f"exit {code}", time.perf_counter() - started))
+        result = "table above" if code == 0 else "timed out" if code == 124 else f"exit {code}"
+        rows.append(("benchmark", label, code, result, time.perf_counter() - started))
     return rows
 
 
@@ -200,9 +225,9 @@ def _build(root: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    build = "--build" in argv
+    build, built = "--build" in argv, _BUILT in argv
     run_benchmarks = "--no-bench" not in argv
-    argv = [a for a in argv if a not in ("--build", "--no-bench")]
+    argv = [a for a in argv if a not in ("--build", "--no-bench", _BUILT)]
     root = Path(__file__).resolve().parents[1]
     tests = root / "tests"
     if not (tests / "test_cuda.py").exists():
@@ -222,7 +247,8 @@ def main(argv: list[str]) -> int:
         # This process loaded fedhq_kernels before the build: start afresh so the new
         # extensions are the ones imported.
         sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", PLUGIN, *argv] + ([] if run_benchmarks else ["--no-bench"]))
+        rerun = [sys.executable, "-m", PLUGIN, _BUILT, *argv] + ([] if run_benchmarks else ["--no-bench"])
+        os.execv(sys.executable, rerun)
     from fedhq_kernels import dispatch
 
     print(f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
@@ -230,11 +256,17 @@ def main(argv: list[str]) -> int:
     for name in GPU_BACKENDS:
         print(f"  {name:7s} {'available' if name in available else 'unavailable: ' + dispatch.unavailable_backends()[name]}")
 
+    # one seed for every step, so that a failure can be repeated (tests/conftest.py)
+    os.environ.setdefault("FEDHQ_TEST_SEED", str(int.from_bytes(os.urandom(4), "little")))
+    print(f"test seed {os.environ['FEDHQ_TEST_SEED']} (FEDHQ_TEST_SEED={os.environ['FEDHQ_TEST_SEED']} repeats it)")
     # real Triton kernels, not its CPU interpreter (tests/conftest.py defaults to it)
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     env.pop("FEDHQ_BACKEND", None)
     env.pop(_ENV, None)
-    rows = [("gpu-marked tests", "all", *_pytest([str(tests), "-m", "gpu", *argv], env))]
+    rows = []
+    if built and "cuda" not in available:  # built, yet not loadable: the GPU run must not look complete
+        rows.append(("cuda extension", "cuda", 1, dispatch.unavailable_backends()["cuda"], 0.0))
+    rows.append(("gpu-marked tests", "all", *_pytest([str(tests), "-m", "gpu", *argv], env)))
     for name in available:
         suite = [str(tests / f) for f in OP_SUITE]
         rows.append(("op test-suite", name, *_pytest([*suite, "-p", PLUGIN, *argv], {**env, _ENV: name}, name)))

@@ -52,3 +52,12 @@ def test_op_suite_step_reads_the_plugins_count(tmp_path):
     assert code == 0 and "1 passed" in summary and "7 op calls on the GPU" in summary
     code, _, _ = selftest._pytest([str(test)], dict(os.environ), rerouted_to="triton")  # another backend's count
     assert code == 1
+
+
+def test_a_step_that_runs_out_of_time_fails_and_shows_its_output(tmp_path, monkeypatch, capsys):
+    test = tmp_path / "test_slow.py"
+    test.write_text("import time\n\ndef test_slow():\n    print('started', flush=True)\n    time.sleep(60)\n")
+    monkeypatch.setenv("FEDHQ_SELFTEST_STEP_TIMEOUT", "5")
+    code, summary, elapsed = selftest._pytest([str(test), "-s"], dict(os.environ))
+    assert code == 124 and summary == "timed out after 5 s" and elapsed < 30
+    assert "started" in capsys.readouterr().out
