@@ -81,7 +81,8 @@ def _qparam_tensor(op: str, name: str, value, dtype: torch.dtype, x: Tensor, axi
             raise ValueError(f"{op}: the scale must be finite and > 0, got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: zero_point must be an int, got {value!r}")
-    return torch.tensor(value, dtype=dtype, device=x.device)
+    # a fill kernel, not torch.tensor's host-to-device copy, which waits for the GPU
+    return torch.full((), value, dtype=dtype, device=x.device)
 
 
 # ---- fake quantization ----

@@ -457,6 +457,8 @@ def test_fake_quant_does_not_synchronize(cuda_backend):
         try:
             y = torch.ops.fedhq.fake_quant(x, scale, zero_point, -128, 127, axis)
             y.backward(grad)
+            if axis < 0:  # Python numbers too: made on the device, not copied there
+                fk.fake_quant(x, 0.02, 1).backward(grad)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
         torch.cuda.synchronize()
