@@ -28,6 +28,13 @@ after the run is recorded on the CPU.
   + 41 activation fake-quants against fedhq's 21 + 21 (fedhq quantizes each
   Conv2d / Linear input once), so the two QAT rows are not the same amount of work.
 
+On a GPU, cuDNN picks its convolution algorithms by timing them (cudnn.benchmark, as a
+client training on fixed shapes would; the warm-up steps absorb that), and PyTorch's
+defaults for TF32 are kept; both settings are recorded in the rows. One thing to watch
+there: a fedhq weight fake-quant observes its range and reads back a status word that
+says whether the weights were finite (so that a diverged client fails with a clear
+error), one host synchronization per quantized layer per step (21 for ResNet-18).
+
 Goal (issue 3): fedhq-qat at most 1.3x the FP32 step (ResNet-18, CIFAR stem, batch 32).
 """
 
@@ -90,6 +97,8 @@ def timed_rounds(steps: dict, batches: list, device: torch.device, repeats: int,
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     spec = ModelSpec.parse(args.model)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     steps = {}
     for name, prepare in VARIANTS.items():
         torch.manual_seed(0)
@@ -112,6 +121,9 @@ def run(args) -> list[dict]:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "fedhq_backends": fk.backends(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_1m": [load_before, _load_average()] if device.type == "cpu" else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+        if device.type == "cuda" else None,
     }  # fmt: skip
     rows = []
     for name, t in timings.items():

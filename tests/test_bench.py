@@ -37,7 +37,8 @@ def test_bench_kernels_quick(tmp_path):
         assert fields <= set(row), fields - set(row)
         assert row["median_ms"] > 0 and row["gbps"] > 0 and row["pct_of_copy"] > 0 and row["device"] == "cpu"
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
-    assert {row["backend"] for row in rows} >= {"torch", "torch.ao", "fedhq-cpu"}
+    assert {row["backend"] for row in rows} >= {"torch", "torch.ao", "torch.ao-fused", "fedhq-cpu"}
+    assert "end of run" in rows[-1]["op"] and rows[-1]["copy_gbps"] == max(rows[0]["gbps"], rows[-1]["gbps"])
     assert "fedhq-triton" not in {row["backend"] for row in rows}  # its CPU interpreter is not timed
     ours = [row for row in rows if row["backend"].startswith("fedhq-")]
     assert len(ours) == 6 and all(row["speedup"] > 0 for row in ours)
@@ -47,7 +48,8 @@ def test_bench_kernels_quick(tmp_path):
     assert result.stdout.count("-> MET") + result.stdout.count("-> NOT MET") + result.stdout.count("-> not met") == 6
 
 
-def test_gpu_goals_are_the_issues():
+@pytest.fixture(scope="module")
+def bench_kernels():
     spec = importlib.util.spec_from_file_location("bench_kernels", BENCH / "bench_kernels.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
@@ -55,6 +57,41 @@ def test_gpu_goals_are_the_issues():
         spec.loader.exec_module(module)
     finally:
         del sys.modules[spec.name]
+    return module
+
+
+def test_a_failed_check_skips_that_side_only(bench_kernels):
+    m = bench_kernels
+
+    def fails_on_reference():
+        if m.dispatch.forced_backend() == "reference":
+            raise m.Mismatch("planted")
+
+    def broken_check():
+        raise m.Mismatch("x")
+
+    slow = m.Baseline("slow", "torch", lambda: sum(range(20000)))
+    fast = m.Baseline("fast", "torch-fast", lambda: None)
+    broken = m.Baseline("broken", "torch-broken", lambda: None, validate=broken_check)
+    case = m.Case("fq_observed", "op", "(1,)", 1, 8, lambda: None, [slow, broken, fast], fails_on_reference)
+    args = m.parse_args(["--quick", "--backends", "cpu", "--repeats", "2"])
+    args.backends = ["cpu", "reference"]  # reference is not timed by default; here it is the failing side
+    rows, failures = m.time_case(case, args, torch.device("cpu"))
+    assert [r["backend"] for r in rows] == ["torch", "torch-fast", "fedhq-cpu"]
+    assert failures == ["op [torch-broken]: x", "op [fedhq-reference]: planted"]
+    ours = rows[-1]
+    assert ours["baseline"] == "fast"  # speedup against the strongest baseline...
+    assert ours["target_speedup"] == pytest.approx(rows[0]["median_ms"] / ours["median_ms"])  # ...the goal against the issue's
+    assert rows[1]["speedup"] == 1.0 and rows[0]["speedup"] < 1.0
+
+
+def test_gpu_samples_queue_a_few_milliseconds(bench_kernels):
+    assert bench_kernels.calls_per_sample(0.1) == 50 and bench_kernels.calls_per_sample(20.0) == 1
+    assert bench_kernels.calls_per_sample(0.0) == 1000
+
+
+def test_gpu_goals_are_the_issues(bench_kernels):
+    module = bench_kernels
     gpu = module.GOALS["cuda"]
     assert {key: aim for key, (_, aim) in gpu.items() if aim is not None} == {
         "fq_tensor": 85, "fq_channel": 85, "quantize": 85, "dequantize": 85, "aggregate": 80
