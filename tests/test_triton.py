@@ -3,7 +3,10 @@ under the interpreter (the `backend` fixture); this file adds what is particular
 them:
 
 - every kernel compiles to real GPU code (PTX and cubin) for sm_80 (A100), sm_86
-  (A6000) and sm_90 (H100) without a GPU, and the PTX keeps the arithmetic exact: no
+  (A6000) and sm_90 (H100) without a GPU, in each variant the launchers really launch
+  (recorded from them, specialized as Triton's JIT would: every dtype, layout, tile,
+  constant and alignment of the recorded calls; ~170 for sm_90), and the PTX keeps the
+  arithmetic exact: no
   FMA contraction, no contractible (unrounded) mul/add, exact division, the
   round-half-even magic number intact, round-to-nearest-even float16 conversion, and
   16-byte vector loads on the per-tensor path;
@@ -45,66 +48,102 @@ def _triton_modules():
 # interpreter functions, which triton.compile cannot take)
 # ---------------------------------------------------------------------------------
 
-# argument name -> Triton type, for the arguments whose type does not depend on the data
-ARG_TYPES = {
-    "scale_ptr": "*fp32", "zp_ptr": "*i32", "flag_ptr": "*i32", "lo_ptr": "*fp32", "hi_ptr": "*fp32",
-    "seg_tensor_ptr": "*i64", "tiles_ptr": "*i64", "meta_ptr": "*i64", "code_ptrs": "*i64", "params_ptr": "*i64",
-    "w_ptr": "*fp32", "codes_ptr": "*i8", "nrows": "i32", "ncols": "i32", "C": "i32", "K": "i32", "T": "i32",
-    "S": "i32", "qmin": "fp32", "qmax": "fp32", "half_range": "fp32", "span": "fp32",
-}
-DATA_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*i16"}  # bfloat16 travels as int16 bits
+# The calls whose kernel launches CI compiles for real GPUs: every op, in float32,
+# float16 and bfloat16, on the layouts a GPU run takes: per-tensor above and below the
+# one-program limit (SMALL_NUMEL), a 0-d tensor, axis 0 with long rows (conv weights),
+# a middle axis, a last axis wider than a tile and one with few channels, a size-1
+# channel axis, and a view whose data is not 16-byte aligned; aggregate over a small
+# mixed model in both schemes.
+RECORDED_LAYOUTS = [((100_003,), -1), ((1000,), -1), ((), -1), ((64, 576), 0), ((3, 7, 40), 1), ((33, 1000), 1),
+                    ((100, 3), 1), ((9, 1), 0)]  # fmt: skip
+AGGREGATE_MODEL = [((300,), -1), ((64, 3, 3, 3), 0), ((512, 10), 1), ((), -1), ((7,), 0)]
+# kernels that compute codes (round half to even, exact 1 / scale), that write a float
+# output (float16: cvt.rn), and that stream a tensor (vector loads when all aligned)
+CODE_KERNELS = {"_fake_quant_fwd_kernel", "_fake_quant_observed_small_kernel", "_quantize_kernel",
+                "_quantize_small_kernel", "_aggregate_quantize_kernel"}  # fmt: skip
+FLOAT_OUT_KERNELS = {"_fake_quant_fwd_kernel", "_fake_quant_observed_small_kernel", "_dequantize_kernel"}
+STREAM_KERNELS = {"_fake_quant_fwd_kernel", "_fake_quant_bwd_kernel", "_range_kernel", "_quantize_kernel",
+                  "_dequantize_kernel"}  # fmt: skip
 
 
-def _compile_specs(kind: str):
-    """(name, kernel, data-pointer types, constexprs, num_warps, expectations) for every
-    kernel, with the tile shapes the launchers pick for a per-tensor, an axis-0 and a
-    last-axis tensor. kind "fp32": every kernel x layout in float32; "half": the
-    per-tensor layout in float16 / bfloat16; "one": one variant per kernel."""
+def _recorded_launches(dtypes: list[torch.dtype], with_aggregate: bool) -> list[tuple]:
+    """(kernel, args, constexprs, num_warps) of every launch the GPU launchers make for
+    the recorded calls. Run without TRITON_INTERPRET: the launchers choose their GPU
+    tiles and one-program limits; ``launch`` records instead of running, so CPU tensors
+    stand in for CUDA ones and no GPU is needed."""
     cm, fq, qz, ag = _triton_modules()
-    layouts = {"flat": cm.View.of((1_000_003,), -1), "row": cm.View.of((64, 576), 0), "col": cm.View.of((33, 1000), 1)}
-    variants = {
-        "fp32": [(name, "fp32") for name in layouts],
-        "half": [("flat", "fp16"), ("flat", "bf16")],
-        "one": [("flat", "fp32")],
-    }[kind]
-    specs = []
-    for lname, dt in variants:
-        view = layouts[lname]
-        br, bw = view.tile()
-        sbr, sbw = cm.View.of((4096,), -1).small_tile() if lname == "flat" else (br, bw)
-        d = DATA_TYPES[dt]
-        tile = dict(MODE=view.mode, BR=br, BW=bw, BF16=dt == "bf16")
-        small = dict(tile, BR=sbr, BW=sbw, SYMMETRIC=False)
-        expect = dict(rounds=True, vector=lname == "flat", f16=dt == "fp16")
-        specs += [
-            (f"fake_quant_fwd/{lname}/{dt}", fq._fake_quant_fwd_kernel, {"x_ptr": d, "y_ptr": d}, tile,
-             cm.NUM_WARPS, expect),
-            # grad * {0, 1}: LLVM may keep float16 throughout (exact either way)
-            (f"fake_quant_bwd/{lname}/{dt}", fq._fake_quant_bwd_kernel, {"grad_ptr": d, "x_ptr": d, "out_ptr": d},
-             tile, cm.NUM_WARPS, dict(expect, f16=False)),
-            (f"fake_quant_observed_small/{lname}/{dt}", fq._fake_quant_observed_small_kernel,
-             {"x_ptr": d, "y_ptr": d}, small, cm.NUM_WARPS, expect),
-            (f"range/{lname}/{dt}", cm._range_kernel, {"x_ptr": d}, tile, cm.NUM_WARPS,
-             dict(expect, rounds=False, f16=False)),
-            (f"quantize/{lname}/{dt}", qz._quantize_kernel, {"x_ptr": d}, tile, cm.NUM_WARPS, dict(expect, f16=False)),
-            (f"quantize_small/{lname}/{dt}", qz._quantize_small_kernel, {"x_ptr": d}, small, cm.NUM_WARPS,
-             dict(expect, f16=False)),
-            (f"dequantize/{lname}/{dt}", qz._dequantize_kernel, {"y_ptr": d}, tile, cm.NUM_WARPS,
-             dict(expect, rounds=False)),
-        ]
-    if kind != "half":
-        for symmetric in (True, False) if kind == "fp32" else (False,):
-            specs.append((f"qparams/{'sym' if symmetric else 'asym'}", cm._qparams_kernel, {},
-                          dict(SYMMETRIC=symmetric, PER_TENSOR_TABLE=True, BS=cm.FINALIZE_BLOCK), 4,
-                          dict(rounds=not symmetric, vector=False, f16=False)))
-        agg = dict(BR=ag.AGG_BR, BW=ag.AGG_BW)
-        specs += [
-            ("aggregate_range", ag._aggregate_range_kernel, {}, agg, ag.AGG_WARPS,
-             dict(rounds=False, vector=False, f16=False)),
-            ("aggregate_quantize", ag._aggregate_quantize_kernel, {"out_ptr": "*i8"}, agg, ag.AGG_WARPS,
-             dict(rounds=True, vector=False, f16=False)),
-        ]
-    return specs
+    records = []
+
+    def record(kernel, grid, *args, num_warps=cm.NUM_WARPS, **constexprs):
+        records.append((kernel, args, constexprs, num_warps))
+
+    for module in (cm, fq, qz, ag):
+        module.launch = record
+    cm.raise_if_flagged = lambda op, flag: None  # flags are never written: nothing ran
+    g = torch.Generator().manual_seed(0)
+    for dtype in dtypes:
+        for shape, axis in RECORDED_LAYOUTS:
+            x = torch.randn(shape, generator=g).to(dtype)
+            c = 1 if axis < 0 else shape[axis]
+            scale = (torch.rand(c, generator=g) + 0.01).reshape(() if axis < 0 else (c,))
+            zero_point = torch.zeros(scale.shape, dtype=torch.int32)
+            fq.fake_quant_fwd(x, scale, zero_point, -128, 127, axis)
+            fq.fake_quant_bwd(x, x, scale, zero_point, -128, 127, axis)
+            for symmetric in (True, False):
+                fq.fake_quant_observed(x, -128, 127, symmetric, axis)
+                qz.quantize(x, -128, 127, symmetric, axis)
+            qz.dequantize(torch.zeros(shape, dtype=torch.int8), scale, zero_point, axis, dtype)
+        unaligned = torch.randn(100_004, generator=g).to(dtype)[1:]
+        fq.fake_quant_fwd(unaligned, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127, -1)
+        fq.fake_quant_observed(unaligned, -128, 127, True, -1)
+    if with_aggregate:
+        codes, scales, zero_points = [], [], []
+        for _ in range(3):
+            for shape, axis in AGGREGATE_MODEL:
+                for out, value in zip((codes, scales, zero_points),
+                                      reference.quantize(torch.randn(shape, generator=g), -128, 127, False, axis)):
+                    out.append(value)  # fmt: skip
+        axes = [axis for _, axis in AGGREGATE_MODEL]
+        for symmetric in (True, False):
+            ag.aggregate(codes, scales, zero_points, torch.tensor([0.2, 0.3, 0.5]), axes, -128, 127, symmetric,
+                         [str(i) for i in axes])  # fmt: skip
+    return records
+
+
+def _specialization(kernel, args, constexprs) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) as Triton's JIT would build them from these
+    arguments: ints equal to 1 become constants, 16-divisible ints and 16-byte aligned
+    pointers get a divisibility hint, ints of 2^31 and more are i64."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    given = dict(zip([name for name in kernel.arg_names if name not in constexprs], args))
+    assert len(given) + len(constexprs) == len(kernel.arg_names) == len(args) + len(constexprs), kernel.fn.__name__
+    signature, values, attrs = {}, dict(constexprs), {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        kind, key = native_specialize_impl(BaseBackend, given[name], False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            values[name] = key
+        elif key == "D":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, values, attrs
+
+
+def _expectations(name: str, signature: dict, values: dict, attrs: dict) -> dict:
+    pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
+    aligned = all((i,) in attrs for i in pointers)
+    return dict(
+        rounds=name in CODE_KERNELS or (name == "_qparams_kernel" and not values.get("SYMMETRIC")),
+        f16=name in FLOAT_OUT_KERNELS and "*fp16" in signature.values(),
+        # 16-byte loads need 16 bytes per thread: full streaming tiles (BLOCK elements)
+        vector=name in STREAM_KERNELS and values.get("MODE") == 0 and aligned
+        and values["BR"] * values["BW"] >= _triton_modules()[0].BLOCK,
+        aligned=aligned,
+    )
 
 
 def _ptx_stats(ptx: str) -> dict:
@@ -124,9 +163,14 @@ def _ptx_stats(ptx: str) -> dict:
     }
 
 
+
+DTYPES_BY_NAME = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def _compile_main(jobs: list[str]) -> None:
-    """Subprocess entry: compile each "cc:kind" job, print one JSON record per kernel
-    variant and arch."""
+    """Subprocess entry: for each "cc:dtypes[:one]" job, record the launches for those
+    dtypes ("+agg": with aggregate), compile every distinct variant for sm_cc ("one":
+    the first variant of each kernel only) and print one JSON record per variant."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -135,17 +179,22 @@ def _compile_main(jobs: list[str]) -> None:
 
     records = [{"backend": {"devices": list(backend.DEVICES), "unavailable": backend.UNAVAILABLE}}]
     for job in jobs:
-        cc, kind = int(job.split(":")[0]), job.split(":")[1]
-        for name, kernel, data_types, constexprs, num_warps, expect in _compile_specs(kind):
-            types = {**ARG_TYPES, **data_types}
-            signature = {a: "constexpr" if a in constexprs else types[a] for a in kernel.arg_names}
-            # what the JIT assumes of torch's allocations: 16-byte aligned pointers
-            attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]]
-                     for a, t in signature.items() if t.startswith("*")}
-            record = {"name": name, "cc": cc, "expect": expect}
+        cc, kinds, *mode = job.split(":")
+        dtypes = [DTYPES_BY_NAME[k] for k in kinds.split("+") if k in DTYPES_BY_NAME]
+        seen = set()
+        for kernel, args, constexprs, num_warps in _recorded_launches(dtypes, "agg" in kinds.split("+")):
+            name = kernel.fn.__name__
+            signature, values, attrs = _specialization(kernel, args, constexprs)
+            key = (name, tuple(signature.items()), tuple(sorted(map(str, values.items()))), tuple(attrs), num_warps)
+            if key in seen or (mode == ["one"] and any(k[0] == name for k in seen)):
+                continue
+            seen.add(key)
+            shown = {k: v for k, v in values.items() if k in ("MODE", "BR", "BW", "BF16", "SYMMETRIC", "BS", "EVEN")}
+            record = {"name": f"{name} {shown} {signature}", "kernel": name, "cc": int(cc),
+                      "expect": _expectations(name, signature, values, attrs)}  # fmt: skip
             try:
                 compiled = triton.compile(
-                    ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
+                    ASTSource(kernel, signature, values, attrs), target=GPUTarget("cuda", int(cc), 32),
                     options={"num_warps": num_warps, "enable_fp_fusion": False},
                 )
                 record.update(_ptx_stats(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]))
@@ -157,19 +206,19 @@ def _compile_main(jobs: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def gpu_builds():
-    """Compiles every kernel in two subprocesses run side by side (2 cores): every layout
-    and dtype for sm_90, one variant per kernel for sm_80 and sm_86. ~60 compiles of
-    ~0.3 s each; Triton's cache (~/.triton/cache) makes later runs near free."""
+    """Compiles, in two subprocesses side by side (2 cores), every distinct kernel
+    variant the recorded calls launch: all of them for sm_90, one per kernel for sm_80
+    and sm_86. Triton's cache (~/.triton/cache) makes later runs near free."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_INTERPRET"] = "0"
     jobs = [
         subprocess.Popen([sys.executable, __file__, "--compile", *job], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
-        for job in (["90:fp32"], ["90:half", "80:one", "86:one"])
+        for job in (["90:fp32+agg"], ["90:fp16+bf16", "80:fp32+agg:one", "86:fp32+agg:one"])
     ]
     records = []
     for job in jobs:
-        out, err = job.communicate(timeout=600)
+        out, err = job.communicate(timeout=900)
         assert job.returncode == 0, err[-4000:]
         records += json.loads(out.strip().splitlines()[-1])
     return records
@@ -180,11 +229,20 @@ def test_every_kernel_compiles_for_sm80_sm86_sm90(gpu_builds):
     errors = [f"{r['name']} sm_{r['cc']}: {r['error']}" for r in builds if "error" in r]
     assert not errors, "\n".join(errors)
     assert {r["cc"] for r in builds} == set(ARCHS)
-    names = {r["name"].split("/")[0] for r in builds}
-    assert names == {"fake_quant_fwd", "fake_quant_bwd", "fake_quant_observed_small", "range", "quantize",
-                     "quantize_small", "dequantize", "qparams", "aggregate_range", "aggregate_quantize"}
+    # every kernel the backend defines was launched by the recorded calls, for every arch
+    defined = {name for module in _triton_modules() for name, value in vars(module).items()
+               if name.endswith("_kernel") and hasattr(value, "arg_names")}  # fmt: skip
+    for cc in ARCHS:
+        assert {r["kernel"] for r in builds if r["cc"] == cc} == defined, cc
     for r in builds:
         assert r["cubin_bytes"] > 0, r["name"]
+    # the specializations a GPU run meets were among them: 16-bit floats, an unaligned
+    # view, a per-tensor launch (one row: a constant), both observer schemes
+    sm90 = [r for r in builds if r["cc"] == 90]
+    assert any("'*fp16'" in r["name"] for r in sm90) and any("'BF16': True" in r["name"] for r in sm90)
+    assert any(not r["expect"]["aligned"] for r in sm90)
+    assert any("'nrows': 'constexpr'" in r["name"] for r in sm90)
+    assert {"'SYMMETRIC': True", "'SYMMETRIC': False"} <= {p for r in sm90 for p in re.findall(r"'SYMMETRIC': \w+", r["name"])}
 
 
 def test_ptx_keeps_the_arithmetic_exact(gpu_builds):
