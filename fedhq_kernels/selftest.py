@@ -7,18 +7,19 @@ backend silently unavailable; FEDHQ_CUDA_ARCHS defaults to this GPU's architectu
 only, the quickest build): a fresh checkout then needs this one command. Without it,
 install first (``pip install --no-build-isolation -e .``). It says which GPU backends
 can run here and why the others cannot, then:
-  1. runs every test marked ``gpu`` (tests/test_cuda.py and any other GPU tests), and
-  2. runs the op test-suite (tests/test_fake_quant.py, test_quantize.py,
+  1. runs every test marked ``gpu`` (tests/test_cuda.py and any other GPU tests);
+  2. runs the GPU benchmarks (BENCHMARKS below; ``--no-bench`` skips them), showing
+     their tables: bench/bench_kernels.py --device cuda (every op on every GPU backend
+     against PyTorch's ops and a device-to-device copy, 64M elements, each checked
+     against PyTorch before it is timed), and bench/bench_qat_step.py --device cuda (a
+     QAT training step against FP32 and torch.ao's QAT: ResNet-18 at batch 32, then the
+     FL default small CNN). Their JSON rows go to bench/results/*-cuda*.json. They come
+     before step 3 so that a lease that ends early still has the figures;
+  3. runs the op test-suite (tests/test_fake_quant.py, test_quantize.py,
      test_aggregate.py, test_ops.py) once per GPU backend, with this module loaded as
      a pytest plugin: each op call the suite makes on CPU tensors is run by that
      backend on CUDA copies of its arguments and the results are copied back, so the
      suite's exact comparisons against PyTorch and the reference hold on the GPU;
-  3. runs the GPU benchmarks (BENCHMARKS below; ``--no-bench`` skips them), showing
-     their tables: bench/bench_kernels.py --device cuda (every op on every GPU backend
-     against PyTorch's ops and a device-to-device copy, 64M elements), and
-     bench/bench_qat_step.py --device cuda (a QAT training step against FP32 and
-     torch.ao's QAT: ResNet-18 at batch 32, then the FL default small CNN). Their JSON
-     rows go to bench/results/*-cuda*.json;
 and prints a summary. Exit status 0 when everything that could run passed; 2 when
 there is no GPU (nothing is built or run then); 1 otherwise, also when ``--build`` built
 the CUDA extension but the cuda backend then does not load.
@@ -28,7 +29,7 @@ so that on a lent GPU one hung step cannot take the others' time; a step that ru
 out is a failure showing what it printed. Every pytest step uses one test seed,
 printed at the start (FEDHQ_TEST_SEED to repeat it).
 
-One deliberate difference is marked as an expected failure in step 2: on a GPU,
+One deliberate difference is marked as an expected failure in step 3: on a GPU,
 fake_quant with given parameters does not read the scale / zero point back to check
 their values (that would synchronize every QAT step), so the suite's cases passing a
 bad scale or zero point as a tensor are not rejected there.
@@ -47,18 +48,18 @@ import torch
 
 GPU_BACKENDS = ("cuda", "triton")
 OP_SUITE = ("test_fake_quant.py", "test_quantize.py", "test_aggregate.py", "test_ops.py")
-_ENV = "FEDHQ_SELFTEST_BACKEND"  # set for step 2: the backend the plugin routes op calls to
+_ENV = "FEDHQ_SELFTEST_BACKEND"  # set for step 3: the backend the plugin routes op calls to
 # The plugin's import name. Not __name__: under ``python -m`` that is "__main__", and
 # ``pytest -p __main__`` registers pytest's own __main__ without a word, so the suite
 # would run on the CPU and pass. The plugin also reports how many calls it rerouted,
-# and step 2 fails when that line is missing or says none.
+# and step 3 fails when that line is missing or says none.
 PLUGIN = "fedhq_kernels.selftest"
 _REROUTED = re.compile(r"fedhq selftest: (\d+) op calls rerouted to (\w+) on the GPU")
 _calls = 0  # op calls the plugin ran on the GPU in this pytest process
 _BUILT = "--built"  # passed to the re-run after --build: the cuda backend must load
 
 
-# ---- the pytest plugin (step 2) ----
+# ---- the pytest plugin (step 3) ----
 
 
 def _move(value, device):
@@ -267,11 +268,11 @@ def main(argv: list[str]) -> int:
     if built and "cuda" not in available:  # built, yet not loadable: the GPU run must not look complete
         rows.append(("cuda extension", "cuda", 1, dispatch.unavailable_backends()["cuda"], 0.0))
     rows.append(("gpu-marked tests", "all", *_pytest([str(tests), "-m", "gpu", *argv], env)))
+    if run_benchmarks and available:
+        rows.extend(_benchmarks(tests.parent / "bench", env))
     for name in available:
         suite = [str(tests / f) for f in OP_SUITE]
         rows.append(("op test-suite", name, *_pytest([*suite, "-p", PLUGIN, *argv], {**env, _ENV: name}, name)))
-    if run_benchmarks and available:
-        rows.extend(_benchmarks(tests.parent / "bench", env))
 
     print("\nfedhq selftest summary")
     for step, backend, code, result, seconds in rows:
