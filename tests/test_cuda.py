@@ -1,7 +1,8 @@
 """The CUDA backend (csrc/cuda/, csrc/cuda_ops.cpp, fedhq_kernels/cuda.py).
 
 Without a GPU (CI), with nvcc:
-  - every csrc/cuda/*.cu compiles for sm_86 (A6000) and sm_90 (H100) with setup.py's
+  - every csrc/cuda/*.cu compiles for setup.py's default architectures (sm_75 to sm_90:
+    A6000 is sm_86, H100 sm_90) with setup.py's
     nvcc flags, nvcc / host-compiler / ptxas warnings as errors, and register spills
     or local memory as errors;
   - the PTX holds what exactness needs: no fused multiply-add on floats even with
@@ -10,7 +11,7 @@ Without a GPU (CI), with nvcc:
   - tests/cuda/tiles_test.cu: the kernels' work decomposition visits every element
     once, in its channel, with aligned vectors (host code, no GPU needed);
   - the torch binding compiles against torch's headers.
-  Each file compiles once (both architectures in one nvcc call), all in parallel.
+  Each file compiles once (all architectures in one nvcc call), all in parallel.
 On a GPU (marker `gpu`): the ops on CUDA tensors equal the reference backend bit for
 bit, reject bad input with the CPU backend's messages, never synchronize in
 fake_quant with given parameters, and launch on the current stream.
@@ -39,17 +40,25 @@ from fedhq_kernels import dispatch, reference
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 CUDA_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
-ARCHS = ("86", "90")
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (a CUDA toolkit) is not on PATH")
 
 
-def setup_nvcc_flags() -> list[str]:
-    """NVCC_FLAGS as setup.py defines them (it calls setup() only when run as a script)."""
+def _setup_module():
+    """setup.py's helpers and constants (it calls setup() only when run as a script)."""
     spec = importlib.util.spec_from_file_location("fedhq_setup", ROOT / "setup.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.NVCC_FLAGS
+    return module
+
+
+SETUP = _setup_module()
+# every architecture the build compiles by default (Turing to Hopper; A6000 is sm_86)
+ARCHS = tuple(arch.replace(".", "") for arch in SETUP.DEFAULT_CUDA_ARCHS.split(";"))
+
+
+def setup_nvcc_flags() -> list[str]:
+    return SETUP.NVCC_FLAGS
 
 
 def toolkit_include() -> str:
@@ -179,7 +188,9 @@ def test_ptx_is_exact(builds, source):
         # round half to even: every op family computes codes
         assert "cvt.rni.f32.f32" in ptx, f"{source} sm_{arch}: no cvt.rni (round half to even)"
         if source != "aggregate.cu":  # 16-bit outputs: fake_quant, backward, dequantize
-            assert "cvt.rn.f16.f32" in ptx and "cvt.rn.bf16.f32" in ptx, source
+            assert "cvt.rn.f16.f32" in ptx, f"{source} sm_{arch}"
+            # sm_75 has no bfloat16 conversion: cuda_bf16.h rounds to nearest even in integers
+            assert "cvt.rn.bf16.f32" in ptx or int(arch) < 80, f"{source} sm_{arch}"
 
 
 @needs_nvcc
