@@ -61,3 +61,22 @@ def test_a_step_that_runs_out_of_time_fails_and_shows_its_output(tmp_path, monke
     code, summary, elapsed = selftest._pytest([str(test), "-s"], dict(os.environ))
     assert code == 124 and summary == "timed out after 5 s" and elapsed < 30
     assert "started" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("build_status,flag", [(0, "--built"), (1, "--build-failed")])
+def test_build_outcome_is_passed_to_the_rerun(monkeypatch, build_status, flag):
+    # after --build the command re-executes itself so the new extensions are imported;
+    # a failed build still goes on (triton can run), told so by the flag
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(selftest, "_build", lambda root: build_status)
+    calls = []
+
+    def execv(path, args):  # the real one never returns
+        calls.append(args)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main() prepends the checkout
+    with pytest.raises(SystemExit):
+        selftest.main(["--build", "--no-bench", "-x"])
+    assert calls == [[sys.executable, "-m", selftest.PLUGIN, flag, "-x", "--no-bench"]]
