@@ -35,6 +35,13 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
+def pytest_runtest_setup(item):
+    # every `gpu` test skips here, before its fixtures, rather than through a skipif
+    # evaluated at collection (which would touch CUDA for every run)
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)")
+
+
 def pytest_report_header(config):
     return f"fedhq: test seed {SESSION_SEED} (FEDHQ_TEST_SEED to repeat); backends {fedhq_kernels.backends()}"
 

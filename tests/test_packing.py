@@ -79,8 +79,6 @@ def test_bad_input_is_refused(gen):
 
 @pytest.mark.gpu
 def test_on_a_gpu_the_bytes_are_the_cpus(gen):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU (torch.cuda.is_available() is False)")
     for bits in range(2, 9):
         codes = random_codes(gen, bits, (4099,))
         packed = fk.pack_codes(codes.cuda(), bits)
