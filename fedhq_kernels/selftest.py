@@ -174,7 +174,7 @@ def _pytest(args: list[str], env: dict[str, str], rerouted_to: str | None = None
     summary = lines[-1].strip("= ") if lines else "no result"
     if code == 124:
         summary = f"timed out after {_step_timeout():.0f} s"
-    if rerouted_to is not None and code != 124:
+    elif rerouted_to is not None:
         match = _REROUTED.search(stdout)
         if match is None or match.group(2) != rerouted_to or int(match.group(1)) == 0:
             code, summary = code or 1, f"{summary}; but no op call ran on the GPU (plugin {PLUGIN} not active?)"

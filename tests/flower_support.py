@@ -36,6 +36,10 @@ def measure_reference(directory: Path) -> str:
 Fault = Callable[[Message, Message], Message | None]  # (reply, message) -> reply or None
 
 
+# What the Grid methods that FedHQStrategy never calls say when called anyway.
+UNUSED = "LocalGrid is a test double of Grid.send_and_receive and get_node_ids only"
+
+
 class LocalGrid(Grid):
     """Sends each message straight to ``app`` in this process with its node's
     Context (the i-th node holds partition i). ``faults[partition](reply, message)``
@@ -52,13 +56,13 @@ class LocalGrid(Grid):
             for i in range(partitions)
         }  # fmt: skip
 
-    # Grid's other abstract methods: run_on_grid never calls them, so they refuse.
+    # Grid's other abstract methods: run_on_grid never calls them, so they refuse, saying so.
     def set_run(self, run) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(UNUSED)
 
     @property
     def run(self):
-        raise NotImplementedError
+        raise NotImplementedError(UNUSED)
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
         raise NotImplementedError("deprecated in Flower: messages are built with Message(...)")
@@ -67,10 +71,10 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        raise NotImplementedError(UNUSED)
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        raise NotImplementedError(UNUSED)
 
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
         replies = []
