@@ -80,6 +80,14 @@ def test_same_seed_same_numbers(reference, tmp_path):
     assert [r["loss"] for r in c["rounds"]] != [r["loss"] for r in a["rounds"]]
 
 
+def test_giving_the_drawn_alphas_changes_nothing_else(reference, tmp_path):
+    drawn = quiet(tiny(reference, tmp_path / "a", rounds=1))
+    given = quiet(tiny(reference, tmp_path / "b", rounds=1, alphas=[c["alpha"] for c in drawn["clients"]]))
+    assert given["clients"] == drawn["clients"]  # betas, partition, batches, allocation
+    keys = ("accuracy", "loss", "train_loss", "sim_s")
+    assert [given["rounds"][0][k] for k in keys] == [drawn["rounds"][0][k] for k in keys]  # shuffles too
+
+
 def test_resume_equals_an_uninterrupted_run(reference, tmp_path):
     straight = tiny(reference, tmp_path / "straight", rounds=3, strategy="fedaqt")  # QAT: observers are client state
     full = quiet(straight)
@@ -152,8 +160,7 @@ def test_when_no_update_is_usable_the_global_model_is_kept(reference, tmp_path):
     config = tiny(reference, tmp_path, rounds=2)
     faults = {c: "nan_scale" for c in range(4)}
     results = quiet(config, train_fn=_faulty(faults))
-    torch.manual_seed(config.seed)
-    initial = fk.quantize_state_dict(ModelSpec.parse(config.model_spec_text).build().state_dict())
+    initial = fk.quantize_state_dict(engine.initial_model(config, ModelSpec.parse(config.model_spec_text)).state_dict())
     state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")["server_state"]
     for name, q in initial.items():
         assert torch.equal(q.data, state[name].data) and torch.equal(q.scale, state[name].scale), name

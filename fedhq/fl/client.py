@@ -2,9 +2,9 @@
 
 ``train_local`` is a pure function of its arguments (model spec, global float
 weights, local data, round plan, client-local state), so the embedded engine and the
-Flower ClientApp run the same code. Randomness (shuffling) comes from a generator
-seeded by (run seed, round, client): a run is reproducible and resumable without
-saving any RNG state.
+Flower ClientApp run the same code. Randomness (shuffling) comes from the run seed's
+shuffle stream keyed by (round, client) (``fedhq.fl.seeds``): a run is reproducible
+and resumable without saving any RNG state.
 
 What is quantized and what stays float (docs/fl.md): a PTQ client trains the float
 model; a QAT client trains ``fedhq.quant.prepare_qat(model)`` (weights per channel and
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 import fedhq_kernels as fk
 from fedhq.data.base import Split
+from fedhq.fl import seeds
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys, prepare_qat
 
@@ -96,11 +97,6 @@ def quantize_upload(weights: Mapping[str, Tensor], names: set[str], bits: int) -
     return {k: quantized[k] if k in names else v for k, v in weights.items()}
 
 
-def round_seed(seed: int, round_: int, client: int) -> int:
-    """A distinct, reproducible seed per (run, round, client)."""
-    return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63 - 1)
-
-
 def build_client_model(spec: ModelSpec, strategy: str, state: ClientState | None) -> nn.Module:
     model = spec.build()
     if strategy == "qat":
@@ -125,7 +121,7 @@ def train_local(
     load_float_state_dict(model, global_state)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum)
-    generator = torch.Generator().manual_seed(round_seed(plan.seed, plan.round, client))
+    generator = torch.Generator().manual_seed(seeds.int_seed(plan.seed, "shuffle", plan.round, client))
     n = len(data)
     losses, steps = [], 0
     for _ in range(plan.epochs):
