@@ -159,7 +159,9 @@ def test_bad_clients_are_left_out_and_the_round_goes_on(reference, tmp_path):
 def test_when_no_update_is_usable_the_global_model_is_kept(reference, tmp_path):
     config = tiny(reference, tmp_path, rounds=2)
     faults = {c: "nan_scale" for c in range(4)}
-    results = quiet(config, train_fn=_faulty(faults))
+    lines = []
+    results = engine.run(config, echo=lines.append, train_fn=_faulty(faults))
+    assert sum("| all 4 clients rejected: global model unchanged" in line for line in lines) == 2
     initial = fk.quantize_state_dict(engine.initial_model(config, ModelSpec.parse(config.model_spec_text)).state_dict())
     state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")["server_state"]
     for name, q in initial.items():

@@ -97,6 +97,24 @@ def quantize_upload(weights: Mapping[str, Tensor], names: set[str], bits: int) -
     return {k: quantized[k] if k in names else v for k, v in weights.items()}
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` normalizes with batch statistics in training (BatchNorm layers)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def training_batches(order: Tensor, batch_size: int, batchnorm: bool) -> list[Tensor]:
+    """``order`` (a shuffled index) cut into batches of ``batch_size``, the last one
+    shorter. With ``batchnorm`` a last batch of one sample is left out: BatchNorm cannot
+    train on one sample (PyTorch raises where the feature map is 1x1, as in ResNet-18's
+    last stage on 8x8 images). The order is reshuffled every epoch, so a different sample
+    sits out each time; folding it into the previous batch instead would exceed B_m, the
+    largest batch the client's memory budget holds."""
+    batches = list(order.split(batch_size))
+    if batchnorm and len(batches) > 1 and batches[-1].numel() == 1:
+        batches.pop()
+    return batches
+
+
 def build_client_model(spec: ModelSpec, strategy: str, state: ClientState | None) -> nn.Module:
     model = spec.build()
     if strategy == "qat":
@@ -123,11 +141,14 @@ def train_local(
     optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum)
     generator = torch.Generator().manual_seed(seeds.int_seed(plan.seed, "shuffle", plan.round, client))
     n = len(data)
+    batchnorm = has_batchnorm(model)
+    if batchnorm and min(n, plan.batch_size) < 2:
+        raise ValueError(f"BatchNorm cannot train on batches of one sample, and this client's {n} sample(s) at "
+                         f"batch size {plan.batch_size} make no other (it needs 2 samples and a batch of 2)")  # fmt: skip
     losses, steps = [], 0
     for _ in range(plan.epochs):
         order = torch.randperm(n, generator=generator)
-        for start in range(0, n, plan.batch_size):
-            idx = order[start : start + plan.batch_size]
+        for idx in training_batches(order, plan.batch_size, batchnorm):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
             loss.backward()

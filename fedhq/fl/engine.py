@@ -214,6 +214,8 @@ def echo_progress(echo: Callable[[str], None], row: dict, rounds: int) -> None:
     done = round(width * row["round"] / rounds)
     bar = "#" * done + "." * (width - done)
     rejected = f" | {len(row['rejected'])} rejected" if row["rejected"] else ""
+    if row["rejected"] and not row["participants"]:
+        rejected = f" | all {len(row['rejected'])} clients rejected: global model unchanged"
     echo(
         f"round {row['round']:>3}/{rounds} [{bar}] acc {100 * row['accuracy']:5.1f}% loss {row['loss']:.3f} | "
         f"wall {row['cum_wall_s']:7.1f} s | simulated {row['cum_sim_s']:9.1f} s{rejected}"
