@@ -143,8 +143,10 @@ def train_local(
     n = len(data)
     batchnorm = has_batchnorm(model)
     if batchnorm and min(n, plan.batch_size) < 2:
-        raise ValueError(f"BatchNorm cannot train on batches of one sample, and this client's {n} sample(s) at "
-                         f"batch size {plan.batch_size} make no other (it needs 2 samples and a batch of 2)")  # fmt: skip
+        raise ValueError(
+            f"BatchNorm cannot train on batches of one sample, and this client's {n} sample(s) at batch size "
+            f"{plan.batch_size} make no other (it needs 2 samples and a batch of 2)"
+        )
     losses, steps = [], 0
     for _ in range(plan.epochs):
         order = torch.randperm(n, generator=generator)
