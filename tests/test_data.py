@@ -154,6 +154,9 @@ def test_digits_shapes_split_and_standardization():
     other = load_dataset("digits", seed=1)
     assert not torch.equal(other.test.x, d.test.x)
     assert len(load_dataset("digits", test_fraction=0.5).test) == 899
+    small = load_dataset("digits", max_train=200)
+    assert len(small.train) == 200 and torch.equal(small.test.y, d.test.y)  # the test side is kept whole
+    assert np.all(np.abs(np.bincount(small.train.y.numpy(), minlength=10) - 20) <= 1)  # stratified
 
 
 def test_synthetic_is_seeded_shaped_and_learnable():
@@ -183,7 +186,7 @@ def test_unknown_dataset_and_options():
     valid = "digits, cifar10, cifar100, svhn, mnist, fashion-mnist, synthetic"
     with pytest.raises(ValueError, match=f"unknown dataset 'emnist'; choose one of: {valid}"):
         load_dataset("emnist")
-    with pytest.raises(ValueError, match="unknown option.*colour.*it takes: seed, test_fraction"):
+    with pytest.raises(ValueError, match="unknown option.*colour.*it takes: seed, test_fraction, max_train"):
         load_dataset("digits", colour=True)
     with pytest.raises(ValueError, match="test_fraction must be in"):
         load_dataset("digits", test_fraction=1.0)

@@ -86,6 +86,14 @@ def test_same_seed_same_numbers(reference, tmp_path):
     assert [r["loss"] for r in c["rounds"]] != [r["loss"] for r in a["rounds"]]
 
 
+def test_giving_the_drawn_alphas_changes_nothing_else(reference, tmp_path):
+    drawn = quiet(tiny(reference, tmp_path / "a", rounds=1))
+    given = quiet(tiny(reference, tmp_path / "b", rounds=1, alphas=[c["alpha"] for c in drawn["clients"]]))
+    assert given["clients"] == drawn["clients"]  # betas, partition, batches, allocation
+    keys = ("accuracy", "loss", "train_loss", "sim_s")
+    assert [given["rounds"][0][k] for k in keys] == [drawn["rounds"][0][k] for k in keys]  # shuffles too
+
+
 def test_resume_equals_an_uninterrupted_run(reference, tmp_path):
     straight = tiny(reference, tmp_path / "straight", rounds=3, strategy="fedaqt")  # QAT: observers are client state
     full = quiet(straight)
@@ -157,9 +165,10 @@ def test_bad_clients_are_left_out_and_the_round_goes_on(reference, tmp_path):
 def test_when_no_update_is_usable_the_global_model_is_kept(reference, tmp_path):
     config = tiny(reference, tmp_path, rounds=2)
     faults = {c: "nan_scale" for c in range(4)}
-    results = quiet(config, train_fn=_faulty(faults))
-    torch.manual_seed(config.seed)
-    initial = fk.quantize_state_dict(ModelSpec.parse(config.model_spec_text).build().state_dict())
+    lines = []
+    results = engine.run(config, echo=lines.append, train_fn=_faulty(faults))
+    assert sum("| all 4 clients rejected: global model unchanged" in line for line in lines) == 2
+    initial = fk.quantize_state_dict(engine.initial_model(config, ModelSpec.parse(config.model_spec_text)).state_dict())
     state = checkpoint.load(tmp_path / "run" / "checkpoint.pt")["server_state"]
     for name, q in initial.items():
         assert torch.equal(q.data, state[name].data) and torch.equal(q.scale, state[name].scale), name

@@ -11,7 +11,8 @@ from torch import nn
 import fedhq_kernels as fk
 from fedhq.fl.client import Update, quantize_upload, quantized_names
 from fedhq.fl.config import ConfigError, RunConfig
-from fedhq.fl.server import Server, growth_limits, magnitude, validate_update
+from fedhq.fl.server import RunningStats, Server, growth_limits, magnitude, running_stats, validate_update
+from fedhq.models import ResNet18
 
 
 def model():
@@ -73,13 +74,14 @@ def _breakages(update):
     diverged = fk.quantize(fk.dequantize(q) * 1e6, axis=0)  # finite, but training blew up
     yield "diverged weights", {**s, "3.weight": diverged}, "growth limit"
     yield "diverged buffer", {**s, "1.running_var": s["1.running_var"] * 1e6}, "growth limit"
+    yield "negative variance", {**s, "1.running_var": s["1.running_var"] - 5}, "running variance must be >= 0"
 
 
 def test_each_bad_update_is_rejected_and_the_others_aggregate(setup):
     net, names, updates = setup
     good = fk.aggregate_state_dicts([u.state for u in updates[1:]], [20, 30])
     for what, state, words in _breakages(updates[0]):
-        server = Server(net.state_dict(), bits=8, quantized=names)
+        server = Server(net.state_dict(), bits=8, quantized=names, stats=running_stats(net))
         accepted, rejected = server.aggregate([Update(0, state, 10, 0.0, 1, 0.0), *updates[1:]])
         assert accepted == [1, 2], what
         assert [r.client for r in rejected] == [0] and words in rejected[0].reason, (what, rejected[0].reason)
@@ -136,6 +138,43 @@ def test_growth_limit_follows_the_global_model_and_can_be_lifted(setup):
     exploded = {k: v * 1e9 if v.is_floating_point() else v for k, v in net.state_dict().items()}
     accepted, rejected = fp32.aggregate([Update(0, exploded, 10, 0.0, 1, 0.0)])
     assert accepted == [] and "growth limit" in rejected[0].reason
+
+
+def test_running_statistics_are_found_by_module_type():
+    assert running_stats(model()) == [RunningStats("1.running_mean", "1.running_var")]
+    assert running_stats(nn.BatchNorm1d(3)) == [RunningStats("running_mean", "running_var")]
+    assert running_stats(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False), nn.Linear(2, 2))) == []
+    stats = running_stats(ResNet18(width=4))
+    assert len(stats) == 20  # the stem, two per block, three shortcuts
+    assert RunningStats("layer2.0.downsample.1.running_mean", "layer2.0.downsample.1.running_var") in stats
+    assert Server.for_run(RunConfig(), model()).stats == running_stats(model())
+
+
+def test_running_statistics_are_bounded_as_statistics_not_as_weights(setup):
+    """Measured: one round of ResNet-18 took a running variance from 1.0 to 244, which the
+    weight rule (100 x max(1.0, 1.0)) rejected; as a standard deviation it is 15.6."""
+    net, names, updates = setup
+    stats = running_stats(net)
+    limits = growth_limits(Server(net.state_dict(), bits=8, quantized=names).state, 100.0, stats)
+    assert limits["1.running_mean"] == limits["1.running_var"] == 100.0  # mean 0, std 1: the floor of 1.0
+
+    def offer(global_state=net.state_dict(), stats=stats, max_growth=100.0, **entries):
+        """The rejection reason of a fresh server for an update holding ``entries``, or None."""
+        server = Server(global_state, bits=8, quantized=names, max_growth=max_growth, stats=stats)
+        state = {**updates[0].state, **{f"1.{k}": torch.full((4,), float(v)) for k, v in entries.items()}}
+        accepted, rejected = server.aggregate([Update(0, state, 10, 0.0, 1, 0.0)])
+        return rejected[0].reason if rejected else None
+
+    assert "'1.running_var': its largest magnitude 244 exceeds 100" in offer(stats=(), running_var=244)
+    assert offer(running_var=244) is None
+    assert "'1.running_var': its largest standard deviation 1e+03 exceeds 100" in offer(running_var=1e6)
+    assert "'1.running_mean': its largest magnitude 150 exceeds 100" in offer(running_mean=150)
+    # mean and standard deviation share their layer's scale: a global std of 2 allows |mean| up to 200
+    wide = {**net.state_dict(), "1.running_var": torch.full((4,), 4.0)}
+    assert growth_limits(wide, 100.0, stats)["1.running_mean"] == 200.0
+    assert offer(wide, running_mean=150) is None and "exceeds 200" in offer(wide, running_mean=250)
+    assert offer(max_growth=None, running_var=1e12) is None
+    assert "running variance must be >= 0, found -0.5" in offer(max_growth=None, running_var=-0.5)
 
 
 def test_max_weight_growth_setting():

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("flwr", reason="the Flower adapter needs the flower extra: pip install 'fedhq[flower]'")
 
@@ -111,8 +110,7 @@ def tiny_initial_accuracy(config: RunConfig) -> float:
     """The accuracy of the run's initial global model (INT8, as the server holds it)."""
     dataset = engine.load_data(config)
     spec = engine.model_spec(config, dataset)
-    torch.manual_seed(config.seed)
-    model = spec.build()
+    model = engine.initial_model(config, spec)
     server = Server(model.state_dict(), bits=config.bits, quantized=quantized_names(model))
     return evaluate(spec, server.global_weights(), dataset.test)[0]
 

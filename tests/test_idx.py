@@ -123,7 +123,8 @@ def test_missing_files_say_where_to_get_them(tmp_path, module, how):
         load_dataset(name, tmp_path / "nope")
     write_idx_dataset(tmp_path, np.random.default_rng(6))
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
-    with pytest.raises(DatasetNotFoundError, match=r"missing .*t10k-labels-idx1-ubyte \(or t10k-labels-idx1-ubyte\.gz\)"):
+    missing = r"missing .*t10k-labels-idx1-ubyte \(or t10k-labels-idx1-ubyte\.gz\)"
+    with pytest.raises(DatasetNotFoundError, match=missing):
         load_dataset(name, tmp_path)
 
 
@@ -150,7 +151,8 @@ def _header(type_code, dims) -> bytes:
     ("images", idx_bytes(GOOD_IMAGES, type_code=0x0D), "IDX type code 0x0d, expected 0x08"),
     ("labels", idx_bytes(GOOD_LABELS[:, None]), "2-dimensional IDX data, expected 1 dimensions"),
     ("images", _header(0x08, (4, 28, 28))[:10], r"truncated IDX header \(10 of 16 bytes\)"),
-    ("images", idx_bytes(GOOD_IMAGES)[:-100], "truncated: header says 4x28x28 = 3136 bytes of data, the file holds 3036"),
+    ("images", idx_bytes(GOOD_IMAGES)[:-100],
+     "truncated: header says 4x28x28 = 3136 bytes of data, the file holds 3036"),
     ("images", idx_bytes(np.zeros((4, 27, 28), np.uint8)), "27x28 images, expected 28x28"),
     ("labels", idx_bytes(GOOD_LABELS[:3]), r"3 labels for the 4 images of .*t10k-images-idx3-ubyte"),
     ("labels", idx_bytes(np.array([0, 1, 10, 3], np.uint8)), r"labels must be in \[0, 10\), found \[0, 10\]"),
@@ -186,7 +188,8 @@ def test_a_damaged_gzip_stream_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("gz, msg", [
     (False, r"truncated: header says 4294967295x28x28 = 3367254359280 bytes of data, the file holds 8"),
-    (True, r"header claims 4294967295x28x28 = 3367254359280 bytes of data, more than a gzipped file of \d+ bytes can hold"),
+    (True, r"header claims 4294967295x28x28 = 3367254359280 bytes of data, "
+           r"more than a gzipped file of \d+ bytes can hold"),
 ])  # fmt: skip
 def test_an_absurd_header_is_refused_before_anything_is_allocated(tmp_path, gz, msg):
     path = write_file(tmp_path / "images", _header(0x08, (2**32 - 1, 28, 28)) + b"\0" * 8, gz)

@@ -318,6 +318,7 @@ def measure_training_runs(
     epoch, batches gathered by index, SGD(momentum=0.9) on cross-entropy), as a client
     of the FL layer trains. Runs of the strategies alternate; each model runs one
     untimed epoch first (a client's later rounds start warm)."""
+    from fedhq.fl.client import has_batchnorm, training_batches
     from fedhq.models import ModelSpec
     from fedhq.quant import prepare
     from fedhq_kernels.profile.steps import make_step
@@ -326,10 +327,11 @@ def measure_training_runs(
     gen = torch.Generator().manual_seed(seed)
     inputs = randn_nonzero((samples, *spec.input_shape), generator=gen)
     labels = torch.randint(0, spec.num_classes, (samples,), generator=gen)
-    trainers = {}
+    trainers, batchnorm = {}, False
     for strategy in strategies:
         torch.manual_seed(seed)
         net = prepare(spec.build(), strategy).train()
+        batchnorm = has_batchnorm(net)
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
         trainers[strategy] = make_step(net, optimizer)
 
@@ -337,7 +339,7 @@ def measure_training_runs(
         start = time.perf_counter()
         for _ in range(n_epochs):
             order = torch.randperm(samples, generator=gen)
-            for idx in order.split(batch):
+            for idx in training_batches(order, batch, batchnorm):
                 step((inputs[idx], labels[idx]))
         synchronize("cpu")
         return time.perf_counter() - start

@@ -71,9 +71,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
                 if claimed != file_bytes - header_bytes:
                     raise CorruptDatasetError(_length_mismatch(path, shape, claimed, file_bytes - header_bytes))
                 data = bytearray(claimed)
-                data = data[: f.readinto(data)]
-    except (OSError, EOFError, zlib.error) as e:  # a damaged gzip stream
-        raise CorruptDatasetError(f"{path}: not a readable gzip file ({type(e).__name__}: {e})") from e
+                del data[f.readinto(data) :]  # in place: a file that shrank since stat() reads short
+    except (OSError, EOFError, zlib.error) as e:  # mostly a damaged gzip stream
+        what = "a readable gzip file" if gzipped else "readable"
+        raise CorruptDatasetError(f"{path}: not {what} ({type(e).__name__}: {e})") from e
     if len(data) != claimed:
         raise CorruptDatasetError(_length_mismatch(path, shape, claimed, len(data)))
     return np.frombuffer(data, dtype=np.uint8).reshape(dims)  # a bytearray: writable, as torch wants

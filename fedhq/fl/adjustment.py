@@ -15,11 +15,10 @@ import logging
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 import fedhq_kernels as fk
 from fedhq.allocation.adjust import detect, flip_leaf, search_subtree
 from fedhq.data.base import Split
+from fedhq.fl import seeds
 from fedhq.fl.client import evaluate
 from fedhq.fl.rounds import RoundContext, RoundOutcome, play_round
 from fedhq.fl.timing import COST_STRATEGY
@@ -94,7 +93,7 @@ def adjust_allocation(
         log.warning(report["note"])
         flags = []
     budget = config.adjust_budget
-    rng = np.random.default_rng([config.seed, 0xAD])
+    rng = seeds.generator(config.seed, "adjustment")
     decided: set[int] = set()
     for flag in sorted(flags, key=lambda f: (topology.level(f.client), f.client)):
         node = flag.client

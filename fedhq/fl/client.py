@@ -2,9 +2,9 @@
 
 ``train_local`` is a pure function of its arguments (model spec, global float
 weights, local data, round plan, client-local state), so the embedded engine and the
-Flower ClientApp run the same code. Randomness (shuffling) comes from a generator
-seeded by (run seed, round, client): a run is reproducible and resumable without
-saving any RNG state.
+Flower ClientApp run the same code. Randomness (shuffling) comes from the run seed's
+shuffle stream keyed by (round, client) (``fedhq.fl.seeds``): a run is reproducible
+and resumable without saving any RNG state.
 
 What is quantized and what stays float (docs/fl.md): a PTQ client trains the float
 model; a QAT client trains ``fedhq.quant.prepare_qat(model, bits=8)`` (weights
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 import fedhq_kernels as fk
 from fedhq.data.base import Split
+from fedhq.fl import seeds
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys, prepare_qat
 from fedhq.quant.deploy import score
@@ -98,9 +99,22 @@ def quantize_upload(weights: Mapping[str, Tensor], names: set[str], bits: int) -
     return {k: quantized[k] if k in names else v for k, v in weights.items()}
 
 
-def round_seed(seed: int, round_: int, client: int) -> int:
-    """A distinct, reproducible seed per (run, round, client)."""
-    return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63 - 1)
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` normalizes with batch statistics in training (BatchNorm layers)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def training_batches(order: Tensor, batch_size: int, batchnorm: bool) -> list[Tensor]:
+    """``order`` (a shuffled index) cut into batches of ``batch_size``, the last one
+    shorter. With ``batchnorm`` a last batch of one sample is left out: BatchNorm cannot
+    train on one sample (PyTorch raises where the feature map is 1x1, as in ResNet-18's
+    last stage on 8x8 images). The order is reshuffled every epoch, so a different sample
+    sits out each time; folding it into the previous batch instead would exceed B_m, the
+    largest batch the client's memory budget holds."""
+    batches = list(order.split(batch_size))
+    if batchnorm and len(batches) > 1 and batches[-1].numel() == 1:
+        batches.pop()
+    return batches
 
 
 def build_client_model(spec: ModelSpec, strategy: str, state: ClientState | None, *, bits: int) -> nn.Module:
@@ -128,13 +142,18 @@ def train_local(
     load_float_state_dict(model, global_state)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum)
-    generator = torch.Generator().manual_seed(round_seed(plan.seed, plan.round, client))
+    generator = torch.Generator().manual_seed(seeds.int_seed(plan.seed, "shuffle", plan.round, client))
     n = len(data)
+    batchnorm = has_batchnorm(model)
+    if batchnorm and min(n, plan.batch_size) < 2:
+        raise ValueError(
+            f"BatchNorm cannot train on batches of one sample, and this client's {n} sample(s) at batch size "
+            f"{plan.batch_size} make no other (it needs 2 samples and a batch of 2)"
+        )
     losses, steps = [], 0
     for _ in range(plan.epochs):
         order = torch.randperm(n, generator=generator)
-        for start in range(0, n, plan.batch_size):
-            idx = order[start : start + plan.batch_size]
+        for idx in training_batches(order, plan.batch_size, batchnorm):
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
             loss.backward()

@@ -26,7 +26,7 @@ from fedhq.analysis import speed as speed_analysis
 from fedhq.analysis.accuracy import accuracy_significance
 from fedhq.data import DatasetNotFoundError, load_dataset, partition
 from fedhq.data.base import Dataset, Split, stratified_split
-from fedhq.fl import checkpoint
+from fedhq.fl import checkpoint, seeds
 from fedhq.fl.adjustment import adjust_allocation
 from fedhq.fl.client import ClientState, evaluate, train_local
 from fedhq.fl.rounds import Client, RoundContext, TrainFn, play_round
@@ -76,11 +76,31 @@ def model_spec(config: RunConfig, dataset: Dataset) -> ModelSpec:
 
 
 def client_fractions(config: RunConfig) -> tuple[list[float], list[float]]:
-    """alpha_m, beta_m per client: given, or drawn from the seed."""
-    rng = np.random.default_rng([config.seed, 0xA1FA])
-    alphas = config.alphas or [round(float(v), 3) for v in rng.uniform(*ALPHA_RANGE, config.clients)]
-    betas = config.betas or [round(float(v), 3) for v in rng.uniform(*BETA_RANGE, config.clients)]
+    """alpha_m, beta_m per client: given, or drawn from the seed (each from its own
+    stream: giving one leaves the other's draw unchanged)."""
+    alphas = config.alphas or draw_fractions(config, "alphas", ALPHA_RANGE)
+    betas = config.betas or draw_fractions(config, "betas", BETA_RANGE)
     return list(alphas), list(betas)
+
+
+def draw_fractions(config: RunConfig, stream: str, bounds: tuple[float, float]) -> list[float]:
+    return [round(float(v), 3) for v in seeds.generator(config.seed, stream).uniform(*bounds, config.clients)]
+
+
+def client_partition(config: RunConfig, labels) -> list[np.ndarray]:
+    """Each client's indices into the training split, from the partition's own stream."""
+    options = {"iid": {}, "dirichlet": {"alpha": config.dirichlet_alpha}, "quantity": {"sigma": config.quantity_sigma}}
+    try:
+        return partition(config.partition, labels, config.clients, seeds.int_seed(config.seed, "partition"),
+                         **options[config.partition])  # fmt: skip
+    except ValueError as error:
+        raise ConfigError(f"partition: {error}") from None
+
+
+def initial_model(config: RunConfig, spec: ModelSpec) -> torch.nn.Module:
+    """The initial global model (both engines), from its own stream."""
+    torch.manual_seed(seeds.int_seed(config.seed, "init"))
+    return spec.build()
 
 
 def reference_profile(config: RunConfig, spec: ModelSpec, out: Path, echo: Callable[[str], None]) -> tuple[dict, str]:
@@ -125,12 +145,7 @@ def split_validation(config: RunConfig, dataset: Dataset) -> tuple[Split, Split 
 
 
 def make_clients(config: RunConfig, train: Split, spec: ModelSpec, reference: dict) -> list[Client]:
-    labels = train.y.numpy()
-    options = {"iid": {}, "dirichlet": {"alpha": config.dirichlet_alpha}, "quantity": {"sigma": config.quantity_sigma}}
-    try:
-        parts = partition(config.partition, labels, config.clients, config.seed, **options[config.partition])
-    except ValueError as error:
-        raise ConfigError(f"partition: {error}") from None
+    parts = client_partition(config, train.y.numpy())
     alphas, betas = client_fractions(config)
     clients = []
     for cid, indices in enumerate(parts):
@@ -186,7 +201,7 @@ def allocate(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) ->
     if config.strategy == "fedfq":
         return ["ptq"] * n
     if config.strategy == "fedrh":
-        draws = np.random.default_rng([config.seed, 0x4D]).random(n)
+        draws = seeds.generator(config.seed, "fedrh").random(n)
         return ["ptq" if d < 0.5 else "qat" for d in draws]
     return ["fp32"] * n
 
@@ -212,6 +227,8 @@ def echo_progress(echo: Callable[[str], None], row: dict, rounds: int) -> None:
     done = round(width * row["round"] / rounds)
     bar = "#" * done + "." * (width - done)
     rejected = f" | {len(row['rejected'])} rejected" if row["rejected"] else ""
+    if row["rejected"] and not row["participants"]:
+        rejected = f" | all {len(row['rejected'])} clients rejected: global model unchanged"
     echo(
         f"round {row['round']:>3}/{rounds} [{bar}] acc {100 * row['accuracy']:5.1f}% "
         f"(deployed {100 * row['deployed_accuracy']:5.1f}%) loss {row['loss']:.3f} | "
@@ -261,9 +278,7 @@ def run(
         c.strategy = s
     norm_speed, norm_acc = normalized_significance(config, speed_sig, acc_sig)
 
-    torch.manual_seed(config.seed)
-    initial = spec.build()
-    server = Server.for_run(config, initial)
+    server = Server.for_run(config, initial_model(config, spec))
     states = {c.id: ClientState() for c in clients}
     history: list[dict] = []
     training_s = 0.0

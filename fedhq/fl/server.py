@@ -6,11 +6,12 @@ the global model stays as it was."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import fedhq_kernels as fk
 from fedhq.fl.client import quantize_upload, quantized_names
@@ -25,6 +26,30 @@ log = logging.getLogger("fedhq.server")
 # from 96% to 10% in one round. RunConfig.max_weight_growth sets it per run.
 DEFAULT_MAX_GROWTH = 100.0
 MAGNITUDE_FLOOR = 1.0
+
+
+@dataclass(frozen=True)
+class RunningStats:
+    """The state-dict names of one normalization layer's running mean and variance.
+
+    They are statistics of the layer's input, not weights: the mean and the standard
+    deviation (the variance's square root) are in the input's units, which scale
+    linearly with the weights before the layer, so they share one bound, the growth
+    limit applied to the layer's activation scale (docs/fl.md, "Bad clients")."""
+
+    mean: str
+    var: str
+
+
+def running_stats(model: nn.Module) -> list[RunningStats]:
+    """The running statistics of ``model``'s BatchNorm (and InstanceNorm) layers that
+    track them, found by module type rather than by name."""
+    found = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            where = f"{prefix}." if prefix else ""
+            found.append(RunningStats(f"{where}running_mean", f"{where}running_var"))
+    return found
 
 
 @dataclass
@@ -44,11 +69,13 @@ def validate_update(
     bits: int | None,
     quantized: set[str],
     limits: Mapping[str, float] | None = None,
+    stats: Sequence[RunningStats] = (),
 ) -> str | None:
     """Why ``state`` cannot be aggregated into a model shaped like ``template`` (the
     global float state dict), or None. The entries named in ``quantized`` must be
     ``bits``-bit QuantizedTensors (``bits`` None: a float fp32 update, nothing quantized).
-    ``limits`` bounds the magnitude of the float entries named in it (``growth_limits``)."""
+    ``limits`` bounds the magnitude of the float entries named in it (``growth_limits``);
+    the running variances of ``stats`` must be >= 0 and are bounded by their square root."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
         return f"num_samples must be an int > 0, got {num_samples!r}"
     if not isinstance(state, Mapping):
@@ -57,19 +84,33 @@ def validate_update(
     extra = sorted(set(state) - set(template))
     if missing or extra:
         return f"names differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}"
+    variances = {s.var for s in stats}
     for name, reference in template.items():
         reason = _check_entry(state[name], reference, bits if name in quantized else None)
+        if reason is None and name in variances:
+            reason = _check_variance(state[name])
         if reason is None and limits and name in limits:
-            reason = _check_growth(magnitude(state[name]), limits[name])
+            if name in variances:
+                reason = _check_growth(math.sqrt(magnitude(state[name])), limits[name], "standard deviation")
+            else:
+                reason = _check_growth(magnitude(state[name]), limits[name], "magnitude")
         if reason:
             return f"'{name}': {reason}"
     return None
 
 
-def _check_growth(largest: float, limit: float) -> str | None:
+def _check_growth(largest: float, limit: float, what: str) -> str | None:
     if largest > limit:
-        return (f"its largest magnitude {largest:.3g} exceeds {limit:.3g}, the growth limit over the global "
+        return (f"its largest {what} {largest:.3g} exceeds {limit:.3g}, the growth limit over the global "
                 "model (a diverged or forged update)")  # fmt: skip
+    return None
+
+
+def _check_variance(value: Tensor | fk.QuantizedTensor) -> str | None:
+    values = value.dequantize() if isinstance(value, fk.QuantizedTensor) else value
+    lowest = float(values.min()) if values.numel() else 0.0
+    if lowest < 0:  # BatchNorm divides by sqrt(var + eps): NaN outputs
+        return f"a running variance must be >= 0, found {lowest:.3g}"
     return None
 
 
@@ -84,13 +125,21 @@ def magnitude(value: Tensor | fk.QuantizedTensor) -> float:
     return float(value.detach().abs().max()) if value.numel() else 0.0
 
 
-def growth_limits(state: Mapping[str, object], max_growth: float | None) -> dict[str, float]:
+def growth_limits(
+    state: Mapping[str, object], max_growth: float | None, stats: Sequence[RunningStats] = ()
+) -> dict[str, float]:
     """Per float entry of the global ``state``: the largest magnitude an update may hold,
-    ``max_growth`` x max(the entry's magnitude, MAGNITUDE_FLOOR); none when ``max_growth`` is None."""
+    ``max_growth`` x max(the entry's magnitude, MAGNITUDE_FLOOR); none when ``max_growth``
+    is None. A layer's running ``stats`` share one limit, on the largest |mean| and on the
+    largest standard deviation: ``max_growth`` x max(the global's, MAGNITUDE_FLOOR)."""
     if max_growth is None:
         return {}
-    return {name: max_growth * max(magnitude(v), MAGNITUDE_FLOOR) for name, v in state.items()
-            if isinstance(v, fk.QuantizedTensor) or v.is_floating_point()}  # fmt: skip
+    limits = {name: max_growth * max(magnitude(v), MAGNITUDE_FLOOR) for name, v in state.items()
+              if isinstance(v, fk.QuantizedTensor) or v.is_floating_point()}  # fmt: skip
+    for s in stats:
+        scale = max(magnitude(state[s.mean]), math.sqrt(magnitude(state[s.var])), MAGNITUDE_FLOOR)
+        limits[s.mean] = limits[s.var] = max_growth * scale
+    return limits
 
 
 def _check_entry(value: object, reference: Tensor, bits: int | None) -> str | None:
@@ -151,10 +200,12 @@ class Server:
         bits: int | None,
         quantized: set[str],
         max_growth: float | None = DEFAULT_MAX_GROWTH,
+        stats: Sequence[RunningStats] = (),
     ):
         self.bits = bits
         self.quantized = set() if bits is None else set(quantized)
         self.max_growth = max_growth
+        self.stats = list(stats)  # running_stats(model): bounded as statistics, not as weights
         self.template = {k: v.detach().clone() for k, v in initial.items()}
         self.state = dict(self.template) if bits is None else quantize_upload(self.template, self.quantized, bits)
 
@@ -162,7 +213,8 @@ class Server:
     def for_run(cls, config, model: torch.nn.Module) -> "Server":
         """The server of a run (a ``RunConfig``) whose initial global model is ``model``."""
         return cls(model.state_dict(), bits=config.bits if config.quantized else None,
-                   quantized=quantized_names(model), max_growth=config.max_weight_growth)  # fmt: skip
+                   quantized=quantized_names(model), max_growth=config.max_weight_growth,
+                   stats=running_stats(model))  # fmt: skip
 
     def global_weights(self) -> dict[str, Tensor]:
         """The global model as float tensors: what clients load and evaluation uses."""
@@ -174,11 +226,11 @@ class Server:
         With a hierarchical ``topology`` the good updates are aggregated bottom-up, each
         inner node combining its own update with its children's subtree aggregates."""
         accepted, rejected = [], []
-        limits = growth_limits(self.state, self.max_growth)
+        limits = growth_limits(self.state, self.max_growth, self.stats)
         for update in updates:
             reason = validate_update(
                 update.state, update.num_samples, self.template, bits=self.bits, quantized=self.quantized,
-                limits=limits,
+                limits=limits, stats=self.stats,
             )  # fmt: skip
             if reason is None:
                 accepted.append(update)

@@ -30,7 +30,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -73,9 +72,7 @@ class FedHQStrategy(Strategy):
         if config.topology is not None or config.adjust:
             raise ConfigError("the Flower engine runs flat systems without --adjust (use the embedded engine)")
         self.config, self.reference = config, reference
-        torch.manual_seed(config.seed)  # the embedded engine's initial model
-        initial = spec.build()
-        self.server = Server.for_run(config, initial)
+        self.server = Server.for_run(config, engine.initial_model(config, spec))
         self.members: dict[int, Member] = {}
         self.excluded: list[dict] = []
         self.client_rows: list[dict] = []
