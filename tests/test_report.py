@@ -34,7 +34,7 @@ def fake_run(strategy, accuracies, sim_round_s, strategies, rejected=()):
     clients = [{"id": i, "device": "rtx-a6000", "alpha": 0.5, "beta": 0.5, "samples": 10, "batch": 4, "strategy": s,
                 "speed_time_s": 1.0, "speed_sig": 0.5, "acc_sig": 0.5, "norm_speed": 0.2 + 0.3 * i,
                 "norm_acc": 0.9 - 0.3 * i} for i, s in enumerate(strategies)]  # fmt: skip
-    return {"schema": "fedhq.run/1", "config": {}, "strategy": strategy, "model": "small_cnn@8x8x1:10",
+    return {"schema": "fedhq.run/2", "config": {"bits": 8, "seed": 0}, "strategy": strategy, "model": "small_cnn@8x8x1:10",
             "dataset": "digits", "clients": clients,
             "allocation": {"xi": 0.2, "area_threshold": 0.0625, "speed_orientation": "speed",
                            "ptq": [c["id"] for c in clients if c["strategy"] == "ptq"],
