@@ -262,6 +262,7 @@ def plot_allocation(run: Mapping, path: str | Path) -> Path:
     ax.set_title(f"{describe([run])}\n{run['strategy']}: xi = {xi:g}, {ptq} PTQ / {qat} QAT clients; "
                  + "; ".join(notes), fontsize=9)  # fmt: skip
     fig.tight_layout()
+    fig.canvas.draw()  # applies the equal aspect, which moves the axes: labels are placed on the final layout
     if len(placed) <= MAX_LABELLED_CLIENTS:
         sizes = np.where(against, 12.5, 7.5)  # points: the ring of s=150 around a marker of s=46
         labels = place_labels(ax, list(zip(x, y)), [str(c["id"]) for c in placed], marker_pt=sizes)
