@@ -16,16 +16,16 @@ import time
 import torch
 
 from fedhq.fl import engine
-from fedhq.fl.client import evaluate, train_local
+from fedhq.fl.client import ClientState, evaluate, train_local
 from fedhq.fl.config import RunConfig
 from fedhq.fl.rounds import RoundContext, play_round
 from fedhq.fl.server import Server
-from fedhq.fl.client import ClientState
 from fedhq.fl.topology import Topology
 
 
 def trajectory(config: RunConfig, nudge: bool):
-    """A RoundContext set up as engine.run sets one up (same data, clients, allocation)."""
+    """A RoundContext set up as engine.run sets one up (same data, clients, allocation;
+    the reference profile is the given one, so ``out`` is never written)."""
     dataset = engine.load_data(config)
     spec = engine.model_spec(config, dataset)
     reference, _ = engine.reference_profile(config, spec, None, print)
@@ -81,8 +81,8 @@ def main() -> None:
             walls.append(time.perf_counter() - started)
             accs.append(evaluate(ctx.spec, ctx.server.global_weights(), dataset.test)[0])
         rel, top = distance(runs[0][0].server.global_weights(), runs[1][0].server.global_weights())
-        print(f"{r:5d}  {100 * accs[0]:7.2f}  {100 * accs[1]:7.2f}  {rel:11.3g}  {top:10.3g}  {walls[0]:8.2f}  {walls[1]:8.2f}",
-              flush=True)  # fmt: skip
+        print(f"{r:5d}  {100 * accs[0]:7.2f}  {100 * accs[1]:7.2f}  {rel:11.3g}  {top:10.3g}  "
+              f"{walls[0]:8.2f}  {walls[1]:8.2f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

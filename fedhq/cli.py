@@ -237,8 +237,12 @@ def _compare(args) -> int:
     strategies = args.strategies or list(_strategies())
     comparison = compare(config, strategies, seeds=seeds, resume=args.resume, overwrite=args.overwrite)
     print(report.format_comparison_table(comparison))
-    paths = report.write_report(comparison, config.output_dir)
-    print(f"wrote {config.output_dir}/{COMPARISON_FILE}, " + ", ".join(str(p) for p in paths))
+    out = Path(config.output_dir)
+    paths = report.write_report(comparison, out)
+    top = [p.name for p in paths if p.parent == out]
+    seeds = "; each seed's table and plots in its seed<S>/ folder" if len(comparison["seeds"]) > 1 else ""
+    print(f"wrote {out}/: {', '.join([COMPARISON_FILE, *top])}{seeds}; every run's files in seed<S>/<strategy>/ "
+          f"(results.json, checkpoint.pt, {report.ROUNDS_CSV})")  # fmt: skip
     return 0
 
 
@@ -274,7 +278,8 @@ def _add_compare(subparsers) -> None:
     parser.add_argument("--strategies", type=lambda t: _parse_list("list:str", t),
                         help="comma-separated subset of fedhq,fedaqt,fedfq,fedrh,fp32 (default all)")  # fmt: skip
     parser.add_argument("--seeds", help="run every strategy on each of these seeds and report mean and 95%% "
-                        "confidence interval over them: a list and/or ranges, e.g. 0,1,2 or 0-4 (default: --seed)")  # fmt: skip
+                        "confidence interval over them: a list and/or ranges, e.g. 0,1,2 or 0-4 "
+                        "(default: --seed)")  # fmt: skip
     _add_run_settings(parser)
     parser.set_defaults(handler=_compare)
 

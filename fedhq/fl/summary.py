@@ -1,13 +1,8 @@
 """The numbers a comparison is judged by, each defined once: a round's accuracy, a
-run's headline and final accuracy, and statistics over seeds (mean with a Student-t
-confidence interval, paired differences). Tables, plots and comparison.json all read
-them from here.
-
-Why the headline is the mean of the last rounds: at 4 bits a run's accuracy swings by
-up to 50 points from one round to the next, and a run nudged by one float32 ulp ends
-20 points apart in the final round (docs/fl.md, "Thread count and chaos"). "Best
-accuracy" is not reported: picking the best round on the test set is selection on
-the test set, and a validation split would take data from every client.
+run's headline (mean of the last rounds, robust to 4-bit round-to-round swings) and
+final accuracy, and statistics over seeds (mean with a Student-t confidence interval,
+paired differences). No "best accuracy": it would be chosen on the test set. Why, and
+what the numbers mean: docs/fl.md, "Comparing over seeds".
 """
 
 from __future__ import annotations

@@ -124,9 +124,9 @@ def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | 
     shown = []
     for name in names:
         style = STRATEGY_STYLES.get(name, {"marker": "o"})
-        count = max(len(by_seed[s][name]["rounds"]) for s in by_seed if name in by_seed[s])
-        stats = [mean_ci([100 * row_accuracy(by_seed[s][name]["rounds"][r]) for s in by_seed
-                          if name in by_seed[s] and r < len(by_seed[s][name]["rounds"])]) for r in range(count)]  # fmt: skip
+        curves = [by_seed[s][name]["rounds"] for s in by_seed if name in by_seed[s]]
+        count = max(len(rounds) for rounds in curves)
+        stats = [mean_ci([100 * row_accuracy(rounds[r]) for rounds in curves if r < len(rounds)]) for r in range(count)]
         x = np.arange(1, count + 1)
         mean = np.array([st["mean"] for st in stats], dtype=float)
         low = np.array([st["mean"] if st["low"] is None else st["low"] for st in stats], dtype=float)

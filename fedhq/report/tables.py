@@ -63,7 +63,8 @@ def describe(runs: Sequence[Mapping], seeds: Sequence[int] | None = None) -> str
     bits = "/".join(map(str, quantized)) + "-bit uploads" if quantized else "float uploads"
     seeds = sorted({r["config"]["seed"] for r in runs}) if seeds is None else seeds
     count = max(len(r["rounds"]) for r in runs)
-    return f"{first['dataset']}, {first['model']}, {bits}, {len(first['clients'])} clients, {count} rounds, {seeds_text(seeds)}"
+    clients = len(first["clients"])
+    return f"{first['dataset']}, {first['model']}, {bits}, {clients} clients, {count} rounds, {seeds_text(seeds)}"
 
 
 def strategy_counts(run: Mapping) -> tuple[int, int]:
