@@ -31,6 +31,7 @@ DEVICE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one shape per devic
 # fixed per strategy so the same run looks the same in every figure; fp32 is the ceiling, dashed
 STRATEGY_STYLES = {
     "fedhq": {"color": "tab:blue", "marker": "o"},
+    "fedhq+adjust": {"color": "tab:purple", "marker": "P"},
     "fedaqt": {"color": "tab:red", "marker": "s"},
     "fedfq": {"color": "tab:green", "marker": "^"},
     "fedrh": {"color": "tab:orange", "marker": "D"},
