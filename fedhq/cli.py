@@ -240,8 +240,8 @@ def _compare(args) -> int:
     out = Path(config.output_dir)
     paths = report.write_report(comparison, out)
     top = [p.name for p in paths if p.parent == out]
-    seeds = "; each seed's table and plots in its seed<S>/ folder" if len(comparison["seeds"]) > 1 else ""
-    print(f"wrote {out}/: {', '.join([COMPARISON_FILE, *top])}{seeds}; every run's files in seed<S>/<strategy>/ "
+    per_seed = "; each seed's table and plots in its seed<S>/ folder" if len(comparison["seeds"]) > 1 else ""
+    print(f"wrote {out}/: {', '.join([COMPARISON_FILE, *top])}{per_seed}; every run's files in seed<S>/<strategy>/ "
           f"(results.json, checkpoint.pt, {report.ROUNDS_CSV})")  # fmt: skip
     return 0
 

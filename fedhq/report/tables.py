@@ -169,7 +169,7 @@ def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
                        for other, p in summary["paired"].items()]  # fmt: skip
         parts += ["", f"{focus} against each strategy, paired by seed (same partition and devices): {focus}'s "
                       f"accuracy minus its, mean +- {level} half-width over the per-seed differences",
-                  _table(["vs", f"{HEADLINE[:-2]}diff pts", "final acc diff pts", f"its time / {focus}'s", "seeds"],
+                  _table(["vs", f"{HEADLINE[:-2]} diff pts", "final acc diff pts", f"its time / {focus}'s", "seeds"],
                          paired_rows)]  # fmt: skip
     names = list(stats)
     per_seed = [[str(seed), *(_percent(headline_accuracy(by_seed[seed][n]), 1) if n in by_seed[seed] else "-"
