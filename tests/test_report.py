@@ -267,7 +267,7 @@ def test_summary_table_gives_student_t_intervals_and_paired_differences():
     differences = np.array(fedhq) - np.array(fedaqt)
     half = stats.t.ppf(0.975, 2) * differences.std(ddof=1) / math.sqrt(3)
     assert f"{differences.mean():+.2f} +- {half:.2f}" in paired["fedaqt"]
-    assert "fedhq" not in paired  # no difference against itself
+    assert "fedhq" not in paired and "last-5 acc diff pts" in table  # no difference against itself
     per_seed = table.split("of each run")[1]
     assert half > 0.5 and [line.split()[1] for line in per_seed.splitlines()[3:6]] == [f"{v:.1f}" for v in fedhq]
     assert "seed 0: rejected updates: fedrh 2" in table
