@@ -122,7 +122,7 @@ def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | 
     names = list(summary["strategies"])
     runs = [run for runs in by_seed.values() for run in runs.values()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    shown = []
+    shown, headline = [], []
     for name in names:
         style = STRATEGY_STYLES.get(name, {"marker": "o"})
         curves = [by_seed[s][name]["rounds"] for s in by_seed if name in by_seed[s]]
@@ -137,10 +137,13 @@ def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | 
         shown += [*mean, *low, *high]
         s = summary["strategies"][name]
         acc, sim = s["headline_accuracy"], s["sim_time_s"]
+        spread = 0.0 if acc["half_width"] is None else acc["half_width"]
+        headline += [100 * (acc["mean"] - spread), 100 * (acc["mean"] + spread)]
         right.errorbar(sim["mean"], 100 * acc["mean"], xerr=sim["half_width"],
                        yerr=None if acc["half_width"] is None else 100 * acc["half_width"], capsize=4, ms=7,
                        color=style.get("color"), marker=style["marker"], ls="none", label=name)  # fmt: skip
     left.set_ylim(*accuracy_limits(shown))
+    right.set_ylim(*accuracy_limits(headline))  # an interval past 100% is cut at the axis
     left.set_xlabel("round")
     left.set_ylabel(_accuracy_label(runs) + f", mean over seeds and {level} CI")
     right.set_xlabel(f"{END_TO_END} (s): simulated on the clients' devices, mean and {level} CI over seeds")
