@@ -1,8 +1,8 @@
 """The ``fedhq`` command.
 
     fedhq profile [--quick] [--device cuda] [--out PATH] [--no-validate]
-    fedhq run [--config FILE] [--strategy fedhq] [--dataset digits] ... [--resume] [--engine flower]
-    fedhq compare [--config FILE] [--strategies fedhq,fedaqt,...] ... [--resume]
+    fedhq run [--config FILE] [--strategy fedhq] [--dataset digits] ... [--resume | --overwrite] [--engine flower]
+    fedhq compare [--config FILE] [--strategies fedhq,fedaqt,...] [--seeds 0-4] ... [--resume | --overwrite]
 
 Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function
 below. ``run`` and ``compare`` share their settings (``_add_run_settings``): each flag
@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 # Example client for the speed-model table printed after a profile (Eq. 1).
 EXAMPLE_CLIENT = {"alpha": 0.5, "beta": 1.0, "samples": 5000, "epochs": 5}
@@ -136,7 +137,8 @@ _RUN_SETTINGS = {
     "--speed-orientation": ("speed_orientation", str, "read Sig_speed as 'speed' (default, measured better) or 'time' (Eq. 2 as printed)"),
     "--bits": ("bits", int, "bits of the uploaded weights, 2..8 (default 8)"),
     "--seed": ("seed", int, "seed of the partition, clients, initialization and shuffling (default 0)"),
-    "--output": ("output_dir", str, "output directory (results.json, checkpoint, plots)"),
+    "--output": ("output_dir", str, "output directory (default results/run for run, results/compare for compare); "
+                 "one that holds results is refused without --resume or --overwrite"),
     "--reference-profile": ("reference_profile", str, "measured profile of this machine to reuse (else measured)"),
     "--uplink-mbps": ("uplink_mbps", float, "uplink of devices whose profile has none (default 20)"),
     "--client-timeout": ("client_timeout_s", float, "seconds after which a client's update is dropped"),
@@ -171,6 +173,8 @@ def _add_run_settings(parser) -> None:
     parser.add_argument("--adjust", action="store_true", default=None,
                         help="FedHQ's fine-grained adjustment after --adjust-after rounds (strategy fedhq)")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from the output directory's checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results an earlier command left in the output directory")  # fmt: skip
 
 
 def _run_config(args, **fixed):
@@ -187,9 +191,12 @@ def _run_config(args, **fixed):
 def _run(args) -> int:
     from fedhq import report
     from fedhq.fl import engine
+    from fedhq.fl.outputs import claim_output
 
     fixed = {"strategy": args.strategy} if args.strategy else {}
     config = _run_config(args, **fixed)
+    claim_output(config.output_dir, (engine.RESULTS_FILE, engine.CHECKPOINT_FILE), resume=args.resume,
+                 overwrite=args.overwrite)  # fmt: skip
     if args.engine == "flower":
         results = _flower_run(config, args.resume)
     else:
@@ -210,16 +217,33 @@ def _flower_run(config, resume: bool) -> dict:
     return simulation.run(config)
 
 
+def _file_sets(path: str | None, key: str) -> bool:
+    """Whether the JSON config file at ``path`` sets ``key`` (RunConfig.from_file has
+    already read it, so it is readable)."""
+    import json
+
+    return bool(path) and key in json.loads(Path(path).read_text())
+
+
 def _compare(args) -> int:
     from fedhq import report
-    from fedhq.fl.compare import COMPARISON_FILE, compare
+    from fedhq.fl.compare import COMPARISON_FILE, DEFAULT_OUTPUT, compare, parse_seeds
 
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("--seed runs one seed and --seeds several: pass one of them")
     config = _run_config(args)
+    if args.output_dir is None and not _file_sets(args.config, "output_dir"):
+        config = config.replace(output_dir=DEFAULT_OUTPUT)  # run's default folder stays run's
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     strategies = args.strategies or list(_strategies())
-    comparison = compare(config, strategies, resume=args.resume)
+    comparison = compare(config, strategies, seeds=seeds, resume=args.resume, overwrite=args.overwrite)
     print(report.format_comparison_table(comparison))
-    paths = report.write_report(comparison, config.output_dir)
-    print(f"wrote {config.output_dir}/{COMPARISON_FILE}, " + ", ".join(str(p) for p in paths))
+    out = Path(config.output_dir)
+    paths = report.write_report(comparison, out)
+    top = [p.name for p in paths if p.parent == out]
+    per_seed = "; each seed's table and plots in its seed<S>/ folder" if len(comparison["seeds"]) > 1 else ""
+    print(f"wrote {out}/: {', '.join([COMPARISON_FILE, *top])}{per_seed}; every run's files in seed<S>/<strategy>/ "
+          f"(results.json, checkpoint.pt, {report.ROUNDS_CSV})")  # fmt: skip
     return 0
 
 
@@ -248,11 +272,15 @@ def _add_compare(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare", help="run every strategy on the same partition and devices and compare them",
         description="Runs fedhq, fedaqt, fedfq, fedrh and fp32 (or --strategies) on the same data, partition, "
-        "devices and reference profile; prints one table (accuracy, wall and simulated time, bytes, PTQ/QAT per "
-        "client) and writes comparison.json and PNG plots.",
+        "devices and reference profile, on one seed or several (--seeds); prints one table (accuracy, wall and "
+        "simulated time, bytes, PTQ/QAT per client; with several seeds, mean and 95%% confidence interval over "
+        "them and FedHQ's paired differences) and writes comparison.json, rounds.csv and PNG plots.",
     )  # fmt: skip
     parser.add_argument("--strategies", type=lambda t: _parse_list("list:str", t),
                         help="comma-separated subset of fedhq,fedaqt,fedfq,fedrh,fp32 (default all)")  # fmt: skip
+    parser.add_argument("--seeds", help="run every strategy on each of these seeds and report mean and 95%% "
+                        "confidence interval over them: a list and/or ranges, e.g. 0,1,2 or 0-4 "
+                        "(default: --seed)")  # fmt: skip
     _add_run_settings(parser)
     parser.set_defaults(handler=_compare)
 

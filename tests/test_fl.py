@@ -38,7 +38,7 @@ def quiet(config, **kwargs):
 @pytest.mark.parametrize("strategy", ["fedhq", "fedaqt", "fedfq", "fedrh", "fp32"])
 def test_every_strategy_runs_and_reports(reference, tmp_path, strategy):
     results = quiet(tiny(reference, tmp_path, strategy=strategy))
-    assert results["schema"] == "fedhq.run/1" and len(results["rounds"]) == 2
+    assert results["schema"] == "fedhq.run/2" and len(results["rounds"]) == 2
     assert json.loads((tmp_path / "run" / "results.json").read_text())["final_accuracy"] == results["final_accuracy"]
     assert results["final_accuracy"] > 0.3  # 10 classes: well above chance after 2 rounds
     strategies = [c["strategy"] for c in results["clients"]]
@@ -224,7 +224,7 @@ def test_cli_run_writes_results_and_bad_settings_exit_2(reference, tmp_path, cap
     assert json.loads((out / "results.json").read_text())["strategy"] == "fedhq"
     assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr()
-    assert "final accuracy" in printed.out and "round   1/1" in printed.err
+    assert "last-5 mean accuracy" in printed.out and "round   1/1" in printed.err
     assert cli.main(["run", "--strategy", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fedhq run: error: unknown strategy 'nope'; choose one of: fedhq, fedaqt, fedfq, fedrh, fp32"]
@@ -238,8 +238,8 @@ def test_cli_compare_runs_every_strategy_on_the_same_setup(reference, tmp_path, 
                      "--local-epochs", "1", "--reference-profile", reference, "--output", str(out)])  # fmt: skip
     assert code == 0
     comparison = json.loads((out / "comparison.json").read_text())
-    assert list(comparison["runs"]) == ["fedhq", "fedfq"]
-    a, b = (comparison["runs"][s] for s in ("fedhq", "fedfq"))
+    assert comparison["seeds"] == [0] and list(comparison["runs_by_seed"]["0"]) == ["fedhq", "fedfq"]
+    a, b = (comparison["runs_by_seed"]["0"][s] for s in ("fedhq", "fedfq"))
     assert [c["samples"] for c in a["clients"]] == [c["samples"] for c in b["clients"]]
     assert [c["device"] for c in a["clients"]] == [c["device"] for c in b["clients"]]
     for name in ("comparison.txt", "accuracy_vs_time.png", "allocation_fedhq.png"):

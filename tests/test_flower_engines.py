@@ -41,7 +41,7 @@ def test_fedhq_run_on_the_flower_simulation_engine(reference, tmp_path, capsys):
             "--reference-profile", reference]  # fmt: skip
     assert cli.main([*args, "--output", str(out)]) == 0
     flower = json.loads((out / "results.json").read_text())
-    assert flower["schema"] == "fedhq.run/1" and flower["engine"] == "flower" and flower["excluded"] == []
+    assert flower["schema"] == "fedhq.run/2" and flower["engine"] == "flower" and flower["excluded"] == []
     assert (out / "allocation.png").exists()
     assert cli.main([*args[:1], *args[3:], "--output", str(tmp_path / "embedded")]) == 0
     embedded = json.loads((tmp_path / "embedded" / "results.json").read_text())

@@ -1,10 +1,14 @@
-"""Tables and plots of results: contents computed independently, valid PNGs, the
-plotted PTQ region equals the allocation rule, bad input named."""
+"""Tables, plots and CSV of results: contents computed independently, valid PNGs, the
+plotted PTQ region equals the allocation rule, titles name the setup, labels never
+overlap, bad input named."""
 
 import copy
+import csv
+import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 import fedhq.report.plots as plots
 from fedhq.allocation import geometric_segmentation
@@ -14,15 +18,17 @@ from fedhq.report import (
     plot_allocation,
     ptq_region,
     write_report,
+    write_rounds_csv,
     write_run_report,
 )
-from fedhq.report.tables import pick_rounds
+from fedhq.report.plots import accuracy_limits, place_labels, plot_accuracy_vs_time, plot_seed_summary
+from fedhq.report.tables import pick_rounds, seeds_text
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(strategy, accuracies, sim_round_s, strategies, rejected=()):
-    """A fedhq.run/1 document with every key the engine writes; round r of ``rejected``
+def fake_run(strategy, accuracies, sim_round_s, strategies, rejected=(), seed=0, bits=8):
+    """A fedhq.run/2 document with every key the engine writes; round r of ``rejected``
     (pairs of round, client) lists that client as rejected."""
     rounds, cum = [], 0.0
     for r, acc in enumerate(accuracies, start=1):
@@ -34,25 +40,37 @@ def fake_run(strategy, accuracies, sim_round_s, strategies, rejected=()):
     clients = [{"id": i, "device": "rtx-a6000", "alpha": 0.5, "beta": 0.5, "samples": 10, "batch": 4, "strategy": s,
                 "speed_time_s": 1.0, "speed_sig": 0.5, "acc_sig": 0.5, "norm_speed": 0.2 + 0.3 * i,
                 "norm_acc": 0.9 - 0.3 * i} for i, s in enumerate(strategies)]  # fmt: skip
-    return {"schema": "fedhq.run/1", "config": {}, "strategy": strategy, "model": "small_cnn@8x8x1:10",
-            "dataset": "digits", "clients": clients,
+    return {"schema": "fedhq.run/2", "config": {"bits": bits, "seed": seed}, "strategy": strategy,
+            "model": "small_cnn@8x8x1:10", "dataset": "digits", "clients": clients,
             "allocation": {"xi": 0.2, "area_threshold": 0.0625, "speed_orientation": "speed",
                            "ptq": [c["id"] for c in clients if c["strategy"] == "ptq"],
                            "qat": [c["id"] for c in clients if c["strategy"] == "qat"]},
-            "rounds": rounds, "final_accuracy": accuracies[-1], "best_accuracy": max(accuracies),
-            "wall_time_s": 0.5 * len(rounds), "sim_time_s": cum, "upload_bytes": 1000 * len(rounds),
-            "timing": {}, "reference_profile": "x.json"}  # fmt: skip
+            "rounds": rounds, "final_accuracy": accuracies[-1], "wall_time_s": 0.5 * len(rounds), "sim_time_s": cum,
+            "upload_bytes": 1000 * len(rounds), "timing": {}, "reference_profile": "x.json"}  # fmt: skip
+
+
+def comparison_of(by_seed):
+    """A fedhq.compare/2 document of seed -> strategy -> run."""
+    return {"schema": "fedhq.compare/2", "seeds": sorted(by_seed), "runs_by_seed": {str(s): r for s, r in by_seed.items()}}
+
+
+def seed_runs(seed=0, shift=0.0, bits=8):
+    """One seed's five runs; ``shift`` moves every accuracy (another seed's draw), the
+    k-th strategy's by (k + 1) x shift so that paired differences vary between seeds."""
+    acc = lambda values, k=0: [v + (k + 1) * shift for v in values]  # noqa: E731
+    return {
+        "fedhq": fake_run("fedhq", acc([0.5, 0.8, 0.9123]), 20.0, ["ptq", "qat", "ptq"], seed=seed, bits=bits),
+        "fedaqt": fake_run("fedaqt", acc([0.4, 0.7, 0.93], 1), 50.0, ["qat"] * 3, seed=seed, bits=bits),
+        "fedfq": fake_run("fedfq", acc([0.45, 0.75, 0.88], 2), 10.0, ["ptq"] * 3, seed=seed, bits=bits),
+        "fedrh": fake_run("fedrh", acc([0.42, 0.72, 0.9]), 30.0, ["qat", "ptq", "qat"], rejected=[(2, 1), (3, 1)],
+                          seed=seed, bits=bits),
+        "fp32": fake_run("fp32", acc([0.55, 0.85, 0.95]), 8.0, ["fp32"] * 3, seed=seed, bits=bits),
+    }  # fmt: skip
 
 
 @pytest.fixture
 def comparison():
-    return {"schema": "fedhq.compare/1", "runs": {
-        "fedhq": fake_run("fedhq", [0.5, 0.8, 0.9123], 20.0, ["ptq", "qat", "ptq"]),
-        "fedaqt": fake_run("fedaqt", [0.4, 0.7, 0.93], 50.0, ["qat"] * 3),
-        "fedfq": fake_run("fedfq", [0.45, 0.75, 0.88], 10.0, ["ptq"] * 3),
-        "fedrh": fake_run("fedrh", [0.42, 0.72, 0.9], 30.0, ["qat", "ptq", "qat"], rejected=[(2, 1), (3, 1)]),
-        "fp32": fake_run("fp32", [0.55, 0.85, 0.95], 8.0, ["fp32"] * 3),
-    }}  # fmt: skip
+    return comparison_of({0: seed_runs()})
 
 
 def main_rows(table, names):
@@ -65,15 +83,17 @@ def main_rows(table, names):
 
 
 def test_comparison_table(comparison):
-    runs = comparison["runs"]
+    runs = comparison["runs_by_seed"]["0"]
     runs["fedhq"]["upload_bytes"] = 2_469_120
     table = format_comparison_table(comparison)
     rows = main_rows(table, runs)
     assert " 2.47 " in rows["fedhq"]  # MB
     assert set(rows) == set(runs)
+    assert table.splitlines()[0] == "digits, small_cnn@8x8x1:10, 8-bit uploads, 3 clients, 3 rounds, seed 0"
+    assert "last-5 acc %" in table and "sim end-to-end" in table and "best" not in table and "sim total" not in table
     for name, run in runs.items():
-        assert f"{100 * run['final_accuracy']:.2f}" in rows[name]
-        assert f"{100 * run['best_accuracy']:.2f}" in rows[name]
+        accuracies = [r["accuracy"] for r in run["rounds"]]
+        assert rows[name].split()[1:3] == [f"{100 * sum(accuracies) / 3:.2f}", f"{100 * accuracies[-1]:.2f}"]
         total = sum(r["sim_s"] for r in run["rounds"])  # independently of sim_time_s
         assert f"{150.0 / total:.2f}x" in rows[name]  # fedaqt's total: 3 rounds x 50 s
     assert "1.00x" in rows["fedaqt"] and "5.00x" in rows["fedfq"] and "2.50x" in rows["fedhq"]
@@ -85,15 +105,15 @@ def test_comparison_table(comparison):
 
 
 def test_comparison_without_fedaqt_has_no_speedup(comparison):
-    del comparison["runs"]["fedaqt"]
+    del comparison["runs_by_seed"]["0"]["fedaqt"]
     table = format_comparison_table(comparison)
     assert "vs fedaqt" not in table
-    assert not any(cell.endswith("x") for cell in main_rows(table, comparison["runs"])["fedhq"].split())
+    assert not any(cell.endswith("x") for cell in main_rows(table, comparison["runs_by_seed"]["0"])["fedhq"].split())
 
 
 def test_accuracy_per_round_subset_keeps_first_and_last():
     accs = [0.01 * r for r in range(1, 51)]
-    comparison = {"schema": "fedhq.compare/1", "runs": {"fedhq": fake_run("fedhq", accs, 1.0, ["qat"])}}
+    comparison = comparison_of({0: {"fedhq": fake_run("fedhq", accs, 1.0, ["qat"])}})
     table = format_comparison_table(comparison)
     block = table.split("by round")[1].split("strategy of each client")[0]
     shown = [int(line.split()[0]) for line in block.splitlines() if line.split() and line.split()[0].isdigit()]
@@ -103,14 +123,18 @@ def test_accuracy_per_round_subset_keeps_first_and_last():
 
 
 def test_run_table(comparison):
-    run = comparison["runs"]["fedrh"]
+    run = comparison["runs_by_seed"]["0"]["fedrh"]
     table = format_run_table(run)
-    assert "1 PTQ / 2 QAT" in table and "final accuracy 90.00% (best 90.00%)" in table
+    assert table.startswith("fedrh: digits, small_cnn@8x8x1:10, 8-bit uploads, 3 clients, 3 rounds, seed 0")
+    assert "1 PTQ / 2 QAT" in table and "last-5 mean accuracy 68.00%, final 90.00%;" in table and "best" not in table
     assert "rtx-a6000" in table and "xi = 0.2" in table
     round_rows = [line.split() for line in table.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"])]
     assert [row[1] for row in round_rows[-3:]] == ["42.00", "72.00", "90.00"]
-    run["rounds"], run["final_accuracy"], run["best_accuracy"] = [], None, None  # a run stopped before round 1
-    assert "final accuracy - (best -)" in format_run_table(run)
+    for r, deployed in zip(run["rounds"], (0.3, 0.6, 0.75)):  # the quantized model's accuracy, when recorded
+        r["deployed_accuracy"] = deployed
+    assert "last-5 mean accuracy 55.00%, final 75.00% (of the deployed quantized model)" in format_run_table(run)
+    run["rounds"], run["final_accuracy"] = [], None  # a run stopped before round 1
+    assert "last-5 mean accuracy -, final -;" in format_run_table(run)
 
 
 def test_ptq_region_is_the_rule():
@@ -141,7 +165,7 @@ def test_allocation_plot_shades_with_ptq_region(comparison, tmp_path, monkeypatc
         return ptq_region(x, y, xi, area_threshold)
 
     monkeypatch.setattr(plots, "ptq_region", spy)
-    run = comparison["runs"]["fedhq"]
+    run = comparison["runs_by_seed"]["0"]["fedhq"]
     run["allocation"]["xi"], run["allocation"]["area_threshold"] = 0.3, 0.01
     run["clients"][0]["norm_acc"] = None  # left out of the picture, not an error
     path = plot_allocation(run, tmp_path / "a.png")
@@ -152,22 +176,25 @@ def test_allocation_plot_shades_with_ptq_region(comparison, tmp_path, monkeypatc
 
 def test_write_report(comparison, tmp_path):
     paths = write_report(comparison, tmp_path / "out")
-    assert {p.name for p in paths} == {"comparison.txt", "accuracy_vs_time.png", "allocation_fedhq.png",
-                                       "allocation_fedrh.png"}  # fmt: skip
+    top = {p.name for p in paths if p.parent == tmp_path / "out"}
+    assert top == {"comparison.txt", "accuracy_vs_time.png", "allocation_fedhq.png", "allocation_fedrh.png", "rounds.csv"}
+    runs = {p.relative_to(tmp_path / "out").as_posix() for p in paths if p.parent != tmp_path / "out"}
+    assert runs == {f"seed0/{name}/rounds.csv" for name in ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")}
     for p in paths:
-        assert p.parent == tmp_path / "out" and p.exists()
+        assert p.exists()
         if p.suffix == ".png":
             data = p.read_bytes()
             assert data[:8] == PNG_MAGIC and len(data) > 10_000
     assert (tmp_path / "out" / "comparison.txt").read_text().strip() == format_comparison_table(comparison)
-    del comparison["runs"]["fedrh"], comparison["runs"]["fedhq"]
-    assert {p.name for p in write_report(comparison, tmp_path / "b")} == {"comparison.txt", "accuracy_vs_time.png"}
+    del comparison["runs_by_seed"]["0"]["fedrh"], comparison["runs_by_seed"]["0"]["fedhq"]
+    top = {p.name for p in write_report(comparison, tmp_path / "b") if p.parent == tmp_path / "b"}
+    assert top == {"comparison.txt", "accuracy_vs_time.png", "rounds.csv"}
 
 
 def test_write_run_report(comparison, tmp_path):
-    paths = write_run_report(comparison["runs"]["fedhq"], tmp_path)
-    assert [p.name for p in paths] == ["run.txt", "accuracy_vs_time.png", "allocation.png"]
-    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths[1:])
+    paths = write_run_report(comparison["runs_by_seed"]["0"]["fedhq"], tmp_path)
+    assert [p.name for p in paths] == ["run.txt", "rounds.csv", "accuracy_vs_time.png", "allocation.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths[2:])
 
 
 def test_time_axis_choices():
@@ -177,13 +204,17 @@ def test_time_axis_choices():
 
 
 def test_bad_input(comparison):
-    with pytest.raises(ValueError, match="schema 'fedhq.compare/1', got None"):
-        format_comparison_table({"runs": comparison["runs"]})
-    with pytest.raises(ValueError, match="got 'fedhq.run/1' .*format_run_table"):
-        format_comparison_table(comparison["runs"]["fedhq"])
+    with pytest.raises(ValueError, match="schema 'fedhq.compare/2', got None"):
+        format_comparison_table({"runs": comparison["runs_by_seed"]["0"]})
+    with pytest.raises(ValueError, match="got 'fedhq.run/2' .*format_run_table"):
+        format_comparison_table(comparison["runs_by_seed"]["0"]["fedhq"])
     with pytest.raises(ValueError, match="no runs"):
         format_comparison_table({"schema": "fedhq.compare/1", "runs": {}})
-    with pytest.raises(ValueError, match="schema 'fedhq.run/1', got schema 'fedhq.compare/1'"):
+    with pytest.raises(ValueError, match="no runs"):
+        format_comparison_table({"schema": "fedhq.compare/2", "runs_by_seed": {}})
+    with pytest.raises(ValueError, match="seeds must be ints"):
+        format_comparison_table({"schema": "fedhq.compare/2", "runs_by_seed": {"x": comparison["runs_by_seed"]["0"]}})
+    with pytest.raises(ValueError, match="schema 'fedhq.run/2', got schema 'fedhq.compare/2'"):
         format_run_table(comparison)
     with pytest.raises(ValueError, match="expected a results dict"):
         write_run_report([1, 2], "/nonexistent")
@@ -193,11 +224,152 @@ def test_bad_input(comparison):
         (lambda runs: runs["fedrh"]["clients"][2].pop("strategy"), r"run 'fedrh': clients\[2\]: missing \['strategy'\]"),
         (lambda runs: runs["fedhq"]["allocation"].pop("xi"), r"run 'fedhq': allocation: missing \['xi'\]"),
         (lambda runs: runs["fp32"].update(rounds="none"), r"run 'fp32': 'rounds' must be a list"),
+        (lambda runs: runs["fedfq"]["config"].pop("bits"), r"run 'fedfq': config: missing \['bits'\]"),
     ]
     for breaks, message in cases:
         broken = copy.deepcopy(comparison)
-        breaks(broken["runs"])
+        breaks(broken["runs_by_seed"]["0"])
         with pytest.raises(ValueError, match=message):
             format_comparison_table(broken)
         with pytest.raises(ValueError, match=message):
             write_report(broken, "/nonexistent/never-created")
+
+
+# ---- several seeds, titles, axes, labels, CSV ----
+
+
+def several_seeds():
+    """Three seeds; seed s moves every accuracy by SHIFTS[s] and fedaqt's time by 10 s * s."""
+    by_seed = {s: seed_runs(seed=s, shift=shift, bits=4) for s, shift in zip((0, 1, 2), (0.0, 0.02, -0.01))}
+    for s, runs in by_seed.items():
+        runs["fedaqt"]["sim_time_s"] += 10.0 * s
+    return by_seed
+
+
+def test_summary_table_gives_student_t_intervals_and_paired_differences():
+    by_seed = several_seeds()
+    table = format_comparison_table(comparison_of(by_seed))
+    assert table.splitlines()[0] == "digits, small_cnn@8x8x1:10, 4-bit uploads, 3 clients, 3 rounds, seeds 0-2"
+
+    def ci(values):  # written out with scipy.stats.t, apart from fedhq.fl.summary
+        values = np.array(values)
+        half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+        return f"{values.mean():.2f} +- {half:.2f}"
+
+    rows = main_rows(table.split("paired by seed")[0], by_seed[0])
+    fedhq = [np.mean([r["accuracy"] for r in by_seed[s]["fedhq"]["rounds"]]) * 100 for s in by_seed]
+    assert ci(fedhq) in rows["fedhq"]
+    assert ci([by_seed[s]["fedhq"]["rounds"][-1]["accuracy"] * 100 for s in by_seed]) in rows["fedhq"]
+    speedups = [by_seed[s]["fedaqt"]["sim_time_s"] / by_seed[s]["fedhq"]["sim_time_s"] for s in by_seed]
+    assert ci(speedups) + "x" in rows["fedhq"]
+    paired = main_rows(table.split("paired by seed")[1].split("of each run")[0], by_seed[0])
+    fedaqt = [np.mean([r["accuracy"] for r in by_seed[s]["fedaqt"]["rounds"]]) * 100 for s in by_seed]
+    differences = np.array(fedhq) - np.array(fedaqt)
+    half = stats.t.ppf(0.975, 2) * differences.std(ddof=1) / math.sqrt(3)
+    assert f"{differences.mean():+.2f} +- {half:.2f}" in paired["fedaqt"]
+    assert "fedhq" not in paired and "last-5 acc diff pts" in table  # no difference against itself
+    per_seed = table.split("of each run")[1]
+    assert half > 0.5 and [line.split()[1] for line in per_seed.splitlines()[3:6]] == [f"{v:.1f}" for v in fedhq]
+    assert "seed 0: rejected updates: fedrh 2" in table
+
+
+def test_seeds_text_and_accuracy_limits():
+    assert seeds_text([3]) == "seed 3" and seeds_text([2, 0, 1]) == "seeds 0-2" and seeds_text([0, 2, 7]) == "seeds 0, 2, 7"
+    assert accuracy_limits([97.0, 99.0]) == (96.0, 100.0)  # a 97-99% race is not flattened into 0-100
+    assert accuracy_limits([10.0, 90.0]) == (6.0, 94.0)  # margin 5% of the span
+    assert accuracy_limits([]) == (0.0, 100.0) and accuracy_limits([0.0, 100.0]) == (0.0, 100.0)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plots save, kept open for inspection."""
+    saved = []
+    original = plots._save
+
+    def keep(fig, path):
+        saved.append(fig)
+        fig.canvas.draw()  # final text and limits
+        fig.savefig(path, dpi=plots.DPI, bbox_inches="tight")
+        return plots.Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    yield saved
+    for fig in saved:
+        plots.plt.close(fig)
+
+
+def test_titles_name_dataset_bits_and_seeds_and_axes_fit(figures, tmp_path):
+    runs = seed_runs(seed=3, bits=4)
+    plot_accuracy_vs_time(runs, tmp_path / "a.png")
+    plot_allocation(runs["fedhq"], tmp_path / "b.png")
+    plot_seed_summary(several_seeds(), tmp_path / "c.png")
+    titles = [figures[0]._suptitle.get_text(), figures[1].axes[0].get_title(), figures[2]._suptitle.get_text()]
+    for title, seeds in zip(titles, ("seed 3", "seed 3", "seeds 0-2")):
+        assert title.startswith(f"digits, small_cnn@8x8x1:10, 4-bit uploads, 3 clients, 3 rounds, {seeds}"), title
+    every = [100 * r["accuracy"] for run in runs.values() for r in run["rounds"]]
+    assert figures[0].axes[0].get_ylim() == pytest.approx(accuracy_limits(every))
+    assert figures[0].axes[0].get_ylim() == pytest.approx((37.25, 97.75))  # 40% .. 95% +- 5%, not a fixed range
+
+
+def test_allocation_labels_never_overlap_and_devices_are_shown(figures, tmp_path):
+    rng = np.random.default_rng(0)
+    run = fake_run("fedhq", [0.5], 1.0, ["ptq" if i % 3 else "qat" for i in range(40)])
+    devices = ["rtx-a6000", "jetson-orin-nano-8gb", "phone-snapdragon-8-gen-2"]
+    for i, c in enumerate(run["clients"]):  # 30 clients in a tight cluster, 10 spread out
+        spread = 0.02 if i < 30 else 0.4
+        c["norm_speed"], c["norm_acc"] = (float(v) for v in np.clip(0.5 + spread * rng.standard_normal(2), 0.02, 0.98))
+        c["device"] = devices[i % 3]
+    plot_allocation(run, tmp_path / "a.png")
+    ax = figures[0].axes[0]
+    renderer = figures[0].canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text().isdigit()]
+    assert sorted(int(t.get_text()) for t in labels) == list(range(40))  # every client named
+    for t in labels:
+        t.update_positions(renderer)
+    boxes = [plots.Text.get_window_extent(t, renderer) for t in labels]  # the text, without its leader line
+    for i, a in enumerate(boxes):
+        assert not any(a.overlaps(b) for b in boxes[i + 1:]), labels[i].get_text()
+    points = ax.transData.transform([(c["norm_speed"], c["norm_acc"]) for c in run["clients"]])
+    for box in boxes:  # and no label covers a point
+        assert not any(box.x0 < x < box.x1 and box.y0 < y < box.y1 for x, y in points)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [f"device: {d}" for d in devices] == [t for t in legend if t.startswith("device:")]
+
+
+def test_place_labels_reports_points_it_has_no_room_for():
+    fig, ax = plots.plt.subplots(figsize=(2, 2))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    placed = place_labels(ax, [(0.5, 0.5)] * 12, [f"client {i}" for i in range(12)], rings=1)
+    plots.plt.close(fig)
+    assert placed[0] is not None and None in placed  # one ring around one spot cannot hold twelve labels
+
+
+def test_rounds_csv(tmp_path):
+    by_seed = several_seeds()
+    by_seed[1]["fedhq"]["rounds"][0]["deployed_accuracy"] = 0.25
+    paths = write_report(comparison_of(by_seed), tmp_path)
+    with open(tmp_path / "rounds.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 5 * 3  # seeds x strategies x rounds
+    assert list(rows[0])[:8] == ["dataset", "model", "bits", "seed", "strategy", "round", "accuracy", "deployed_accuracy"]
+    row = next(r for r in rows if r["seed"] == "1" and r["strategy"] == "fedrh" and r["round"] == "2")
+    source = by_seed[1]["fedrh"]["rounds"][1]
+    assert float(row["accuracy"]) == source["accuracy"] and float(row["cum_sim_s"]) == source["cum_sim_s"]
+    assert row["rejected"] == "1" and row["participants"] == "3" and row["bits"] == "4" and row["deployed_accuracy"] == ""
+    assert [r["deployed_accuracy"] for r in rows if r["seed"] == "1" and r["strategy"] == "fedhq"] == ["0.25", "", ""]
+    with open(tmp_path / "seed2" / "fedfq" / "rounds.csv", newline="") as f:
+        own = list(csv.DictReader(f))
+    same = [r for r in rows if r["seed"] == "2" and r["strategy"] == "fedfq"]
+    assert own == [{k: v for k, v in r.items() if k != "deployed_accuracy"} for r in same]  # none recorded there
+    names = {p.relative_to(tmp_path).as_posix() for p in paths}
+    assert {"comparison.txt", "seed_summary.png", "seed0/comparison.txt", "seed2/accuracy_vs_time.png",
+            "seed1/allocation_fedhq.png"} <= names  # fmt: skip
+    assert (tmp_path / "seed_summary.png").read_bytes()[:8] == PNG_MAGIC
+    write_rounds_csv(tmp_path / "empty.csv", [])
+    assert (tmp_path / "empty.csv").read_text().startswith("dataset,model,bits,seed,strategy,round,accuracy,loss")
+
+
+def test_a_version_1_comparison_still_reads(comparison):
+    v1 = {"schema": "fedhq.compare/1", "runs": comparison["runs_by_seed"]["0"]}
+    assert format_comparison_table(v1) == format_comparison_table(comparison)

@@ -1,48 +1,140 @@
 """Runs several strategies on the same data, partition, devices and reference profile
 (one measurement of this machine shared by all runs, so their simulated times are
-comparable), and collects their results in one comparison document."""
+comparable), on one or more seeds, and collects their results and their statistics
+over seeds (fedhq.fl.summary) in one comparison document.
+
+Layout of the output folder: ``seed<S>/<strategy>/`` per run (results.json,
+checkpoint.pt), ``profile-reference.json`` and ``comparison.json`` at the top.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedhq.fl import engine
 from fedhq.fl.config import STRATEGIES, ConfigError, RunConfig
+from fedhq.fl.outputs import claim_output
+from fedhq.fl.summary import summarize
 
-COMPARE_SCHEMA = "fedhq.compare/1"
+# /2: runs grouped by seed ("runs_by_seed": seed -> strategy -> run) and a "summary";
+# /1 held one seed's runs by strategy ("runs").
+COMPARE_SCHEMA = "fedhq.compare/2"
 COMPARISON_FILE = "comparison.json"
+DEFAULT_OUTPUT = "results/compare"
+# what marks a folder as holding an earlier comparison's results
+RESULT_PATTERNS = (COMPARISON_FILE, "seed*/*/" + engine.RESULTS_FILE, "seed*/*/" + engine.CHECKPOINT_FILE)
+MAX_SEEDS = 1000  # a typo such as 0-10000 should not start ten thousand runs
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2', '0-4' or a mix ('0-2,7') -> sorted distinct seeds; ValueError on bad input."""
+    seeds: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise ValueError(f"seeds: expected numbers and ranges such as 0,1,2 or 0-4, got {part!r} in {text!r}")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise ValueError(f"seeds: range {part!r} runs backwards")
+        if high - low + 1 + len(seeds) > MAX_SEEDS:
+            raise ValueError(f"seeds: {text!r} is more than {MAX_SEEDS} seeds")
+        seeds.update(range(low, high + 1))
+    return sorted(seeds)
+
+
+def seed_dir(out: str | Path, seed: int) -> Path:
+    """The folder of one seed's runs."""
+    return Path(out) / f"seed{seed}"
+
+
+def run_dir(out: str | Path, seed: int, name: str) -> Path:
+    """Where the run of strategy ``name`` on ``seed`` writes its files."""
+    return seed_dir(out, seed) / name.replace("+", "_")
+
+
+def plans(config: RunConfig, strategies: Sequence[str]) -> list[tuple[str, str, bool]]:
+    """(name, strategy, adjust) per run of one seed. With ``config.adjust``, fedhq runs
+    twice, without and with the adjustment ("fedhq+adjust")."""
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ConfigError(f"strategies must be a non-empty subset of {', '.join(STRATEGIES)}, got {list(strategies)}")
+    result = [(s, s, False) for s in dict.fromkeys(strategies)]
+    if config.adjust:
+        at = [p[0] for p in result].index("fedhq") + 1 if "fedhq" in strategies else 0
+        result.insert(at, ("fedhq+adjust", "fedhq", True))
+    return result
+
+
+def _finished(path: Path, config: RunConfig) -> dict | None:
+    """The run's results.json if it finished with exactly ``config``, else None."""
+    try:
+        results = json.loads((path / engine.RESULTS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    done = results.get("config") == json.loads(json.dumps(config.to_dict())) and len(results["rounds"]) == config.rounds
+    return results if done else None
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
 
 
 def compare(
     config: RunConfig,
     strategies: Sequence[str] = STRATEGIES,
     *,
+    seeds: Sequence[int] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> dict:
-    """Runs every strategy (output in output_dir/<strategy>/) and writes
-    output_dir/comparison.json. With ``config.adjust``, fedhq runs twice, without and
-    with the adjustment ("fedhq+adjust"), and every run holds out the same validation
-    samples, so all train on the same client data."""
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown or not strategies:
-        raise ConfigError(f"strategies must be a non-empty subset of {', '.join(STRATEGIES)}, got {list(strategies)}")
+    """Runs every strategy on every seed (``seeds``; default ``config.seed``) and
+    writes output_dir/comparison.json. ``resume`` reuses finished runs and continues
+    interrupted ones from their checkpoints. Every run of a seed trains on the same
+    client data: with ``config.adjust`` every run holds out the same validation samples."""
+    seeds = sorted(set(seeds)) if seeds else [config.seed]
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds must be ints >= 0, got {list(seeds)}")
+    runs_of_seed = plans(config, strategies)
     out = Path(config.output_dir)
+    claim_output(out, RESULT_PATTERNS, resume=resume, overwrite=overwrite)
     dataset = engine.load_data(config)
     spec = engine.model_spec(config, dataset)
-    _, reference = engine.reference_profile(config, spec, out, echo)
-    plans = [(s, s, False) for s in dict.fromkeys(strategies)]
-    if config.adjust:
-        plans.insert([p[0] for p in plans].index("fedhq") + 1 if "fedhq" in strategies else 0,
-                     ("fedhq+adjust", "fedhq", True))  # fmt: skip
-    runs = {}
-    for name, strategy, adjust in plans:
-        run_config = config.replace(strategy=strategy, adjust=adjust, hold_out_validation=config.adjust,
-                                    output_dir=str(out / name), reference_profile=reference)  # fmt: skip
-        runs[name] = engine.run(run_config, resume=resume and (out / name / engine.CHECKPOINT_FILE).exists(), echo=echo)
-    comparison = {"schema": COMPARE_SCHEMA, "runs": runs}
+    _, reference = engine.reference_profile(config, spec, out, echo, reuse_saved=resume)
+
+    todo = [(seed, *plan) for seed in seeds for plan in runs_of_seed]
+    started, trained, trained_s = time.perf_counter(), 0, 0.0
+    runs_by_seed: dict[int, dict[str, dict]] = {seed: {} for seed in seeds}
+    for k, (seed, name, strategy, adjust) in enumerate(todo, start=1):
+        path = run_dir(out, seed, name)
+        run_config = config.replace(seed=seed, strategy=strategy, adjust=adjust, hold_out_validation=config.adjust,
+                                    output_dir=str(path), reference_profile=reference)  # fmt: skip
+        left = f", about {_duration(trained_s / trained * (len(todo) - k + 1))} left" if trained else ""
+        header = f"[run {k}/{len(todo)}] seed {seed}, {name} (elapsed {_duration(time.perf_counter() - started)}{left})"
+        done = _finished(path, run_config) if resume else None
+        if done is not None:
+            echo(f"{header}: finished earlier, reused {path / engine.RESULTS_FILE}")
+            runs_by_seed[seed][name] = done
+            continue
+        echo(header)
+        t0 = time.perf_counter()
+        continuing = resume and (path / engine.CHECKPOINT_FILE).exists()
+        runs_by_seed[seed][name] = engine.run(run_config, resume=continuing, echo=echo)
+        trained, trained_s = trained + 1, trained_s + time.perf_counter() - t0
+    echo(f"{len(todo)} runs done in {_duration(time.perf_counter() - started)}")
+
+    comparison = {
+        "schema": COMPARE_SCHEMA,
+        "seeds": seeds,
+        "strategies": [name for name, _, _ in runs_of_seed],
+        "runs_by_seed": {str(seed): runs for seed, runs in runs_by_seed.items()},
+        "summary": summarize(runs_by_seed),
+    }
     (out / COMPARISON_FILE).write_text(json.dumps(comparison, indent=1) + "\n")
     return comparison

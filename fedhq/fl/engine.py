@@ -39,7 +39,7 @@ from fedhq.quant import calibration_split, evaluate_deployed
 
 log = logging.getLogger("fedhq.engine")
 
-RESULTS_SCHEMA = "fedhq.run/1"
+RESULTS_SCHEMA = "fedhq.run/2"  # /2: no "best_accuracy" (chosen on the test set; fedhq.fl.summary says why)
 REFERENCE_FILE = "profile-reference.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 RESULTS_FILE = "results.json"
@@ -103,14 +103,17 @@ def initial_model(config: RunConfig, spec: ModelSpec) -> torch.nn.Module:
     return spec.build()
 
 
-def reference_profile(config: RunConfig, spec: ModelSpec, out: Path, echo: Callable[[str], None]) -> tuple[dict, str]:
-    """This machine's measured profile of the model: the given file, the one an
-    earlier (resumed) run saved, or a fresh measurement (a few seconds)."""
+def reference_profile(
+    config: RunConfig, spec: ModelSpec, out: Path, echo: Callable[[str], None], *, reuse_saved: bool = False
+) -> tuple[dict, str]:
+    """This machine's measured profile of the model: the given file, the one this run
+    saved earlier (``reuse_saved``: only when resuming it), or a fresh measurement (a few
+    seconds). A leftover file of another run is never picked up by accident."""
     from fedhq_kernels.profile import run as profile_run
     from fedhq_kernels.profile import schema
 
     path = Path(config.reference_profile) if config.reference_profile else out / REFERENCE_FILE
-    if path.exists():
+    if path.exists() and (config.reference_profile or reuse_saved):
         try:
             doc = schema.load(path)
         except schema.ProfileError as error:
@@ -262,7 +265,7 @@ def run(
         topology = Topology.parse(config.topology, config.clients)
     except TopologyError as error:
         raise ConfigError(str(error)) from None
-    reference, reference_path = reference_profile(config, spec, out, echo)
+    reference, reference_path = reference_profile(config, spec, out, echo, reuse_saved=resume)
     train, validation = split_validation(config, dataset)
     clients = make_clients(config, train, spec, reference)
     calibration_x = calibration_split(dataset.train, config.seed)
@@ -337,7 +340,7 @@ def results_document(
     config: RunConfig, spec: ModelSpec, dataset_name: str, client_rows: list[dict], assignment_before: list[str],
     topology: Topology, adjustment: dict | None, history: list[dict], timing: dict, reference_path: str,
 ) -> dict:  # fmt: skip
-    """The results.json document (schema fedhq.run/1) of a finished run, from any engine."""
+    """The results.json document (RESULTS_SCHEMA) of a finished run, from any engine."""
     return {
         "schema": RESULTS_SCHEMA,
         "config": config.to_dict(),
@@ -357,7 +360,6 @@ def results_document(
         "adjustment": adjustment,
         "rounds": history,
         "final_accuracy": history[-1]["accuracy"] if history else None,
-        "best_accuracy": max(h["accuracy"] for h in history) if history else None,
         "final_deployed_accuracy": history[-1].get("deployed_accuracy") if history else None,
         "wall_time_s": history[-1]["cum_wall_s"] if history else 0.0,
         "sim_time_s": history[-1]["cum_sim_s"] if history else 0.0,

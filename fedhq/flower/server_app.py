@@ -5,7 +5,7 @@ the same setup (data for the server's evaluation, model, reference profile, init
 model), a query round and the allocation (``FedHQStrategy``), then synchronous
 rounds, the global model evaluated on the test split after each (float and deployed:
 ``engine.evaluate_global``), and
-output_dir/results.json in the embedded engine's schema (fedhq.run/1), with
+output_dir/results.json in the embedded engine's schema (fedhq.run/2), with
 ``"engine": "flower"``, the nodes left out of the run under ``"excluded"`` and each
 round's ``record_bytes``: the bytes of the usable replies' records as Flower counts
 them.

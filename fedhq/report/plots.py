@@ -13,20 +13,25 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from fedhq.allocation import geometric_segmentation  # noqa: E402
-from fedhq.report.schema import check_comparison, check_run  # noqa: E402
-from fedhq.report.tables import strategy_counts  # noqa: E402
+from fedhq.fl.summary import HEADLINE_ROUNDS, mean_ci, row_accuracy, summarize  # noqa: E402
+from fedhq.report.schema import check_run  # noqa: E402
+from fedhq.report.tables import END_TO_END, HEADLINE, describe, strategy_counts  # noqa: E402
 
 DPI = 120
 LOG_X_SPREAD = 20  # above this ratio of slowest to fastest end-to-end time, a linear axis squeezes the fast runs
 MAX_MARKERS = 25  # markers per line; more turn a 50-round curve into a thick smear
 MAX_LABELLED_CLIENTS = 60  # beyond this, client ids on the allocation plot overlap into noise
 CLIENT_COLORS = {"ptq": "tab:blue", "qat": "tab:red", "fp32": "tab:gray"}
+DEVICE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one shape per device, in order of appearance
 # fixed per strategy so the same run looks the same in every figure; fp32 is the ceiling, dashed
 STRATEGY_STYLES = {
     "fedhq": {"color": "tab:blue", "marker": "o"},
+    "fedhq+adjust": {"color": "tab:purple", "marker": "P"},
     "fedaqt": {"color": "tab:red", "marker": "s"},
     "fedfq": {"color": "tab:green", "marker": "^"},
     "fedrh": {"color": "tab:orange", "marker": "D"},
@@ -57,20 +62,39 @@ def use_log_x(end_times_s: Sequence[float]) -> bool:
     return bool(ends) and max(ends) / min(ends) > LOG_X_SPREAD
 
 
-def plot_accuracy_vs_time(comparison: Mapping, path: str | Path) -> Path:
-    """Time to accuracy, the paper's headline trade-off: left on the simulated
-    heterogeneous devices, right as measured on this machine."""
-    runs = check_comparison(comparison)
+def accuracy_limits(percents: Sequence[float]) -> tuple[float, float]:
+    """y-limits (%) that fit the data with a small margin, inside [0, 100]: a run
+    that collapses to 10% stays visible, a 97-99% race is not flattened."""
+    values = [v for v in percents if v is not None and np.isfinite(v)]
+    if not values:
+        return 0.0, 100.0
+    low, high = min(values), max(values)
+    pad = max(1.0, 0.05 * (high - low))
+    return max(0.0, low - pad), min(100.0, high + pad)
+
+
+def _accuracy_label(runs: Sequence[Mapping]) -> str:
+    deployed = any(r.get("deployed_accuracy") is not None for run in runs for r in run["rounds"])
+    return "test accuracy (%)" + (", deployed model" if deployed else "")
+
+
+def plot_accuracy_vs_time(runs: Mapping[str, Mapping], path: str | Path) -> Path:
+    """Time to accuracy for the runs of one seed (strategy -> run), the paper's
+    headline trade-off: left on the simulated heterogeneous devices, right as measured
+    on this machine."""
+    for name, run in runs.items():
+        check_run(run, f"run {name!r}")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     panels = ((axes[0], "cum_sim_s", "simulated time on the clients' devices"),
               (axes[1], "cum_wall_s", "wall time on this machine"))  # fmt: skip
+    every = [100 * row_accuracy(r) for run in runs.values() for r in run["rounds"]]
     for ax, key, label in panels:
         ends = [run["rounds"][-1][key] for run in runs.values() if run["rounds"]]
         divisor, unit = time_unit(max(ends, default=0.0))
         log = use_log_x(ends)
         for name, run in runs.items():
             t = [r[key] / divisor for r in run["rounds"]]
-            acc = [100 * r["accuracy"] for r in run["rounds"]]
+            acc = [100 * row_accuracy(r) for r in run["rounds"]]
             style = STRATEGY_STYLES.get(name, {"marker": "o"})
             ax.plot(t, acc, markersize=4, markevery=max(1, len(t) // MAX_MARKERS), label=name, lw=1.5, **style)
         if log:
@@ -78,22 +102,111 @@ def plot_accuracy_vs_time(comparison: Mapping, path: str | Path) -> Path:
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, 1, 10 rather than 10^-1
         else:
             ax.set_xlim(left=0)
+        ax.set_ylim(*accuracy_limits(every))
         ax.set_xlabel(f"{label} ({unit}{', log scale' if log else ''})")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(_accuracy_label(runs.values()))
         ax.grid(alpha=0.3)
     axes[0].legend(title="strategy", loc="lower right")
-    first = next(iter(runs.values()))
-    count = max(len(run["rounds"]) for run in runs.values())
-    fig.suptitle(f"{first['dataset']}, {first['model']}, {len(first['clients'])} clients, {count} rounds: "
+    fig.suptitle(f"{describe(list(runs.values()))}\n"
                  "test accuracy vs cumulative time (one marker per round, thinned when many)")  # fmt: skip
     fig.tight_layout()
     return _save(fig, path)
 
 
+def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | Path) -> Path:
+    """Several seeds: left, accuracy per round (mean over seeds, shaded confidence
+    interval); right, the headline accuracy against simulated end-to-end time, each
+    with its confidence interval over seeds."""
+    summary = summarize(by_seed)
+    level = f"{100 * summary['confidence']:g}%"
+    names = list(summary["strategies"])
+    runs = [run for runs in by_seed.values() for run in runs.values()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    shown, headline = [], []
+    for name in names:
+        style = STRATEGY_STYLES.get(name, {"marker": "o"})
+        curves = [by_seed[s][name]["rounds"] for s in by_seed if name in by_seed[s]]
+        count = max(len(rounds) for rounds in curves)
+        stats = [mean_ci([100 * row_accuracy(rounds[r]) for rounds in curves if r < len(rounds)]) for r in range(count)]
+        x = np.arange(1, count + 1)
+        mean = np.array([st["mean"] for st in stats], dtype=float)
+        low = np.array([st["mean"] if st["low"] is None else st["low"] for st in stats], dtype=float)
+        high = np.array([st["mean"] if st["high"] is None else st["high"] for st in stats], dtype=float)
+        left.plot(x, mean, markersize=4, markevery=max(1, count // MAX_MARKERS), label=name, lw=1.5, **style)
+        left.fill_between(x, low, high, color=style.get("color"), alpha=0.15, lw=0)
+        shown += [*mean, *low, *high]
+        s = summary["strategies"][name]
+        acc, sim = s["headline_accuracy"], s["sim_time_s"]
+        spread = 0.0 if acc["half_width"] is None else acc["half_width"]
+        headline += [100 * (acc["mean"] - spread), 100 * (acc["mean"] + spread)]
+        right.errorbar(sim["mean"], 100 * acc["mean"], xerr=sim["half_width"],
+                       yerr=None if acc["half_width"] is None else 100 * acc["half_width"], capsize=4, ms=7,
+                       color=style.get("color"), marker=style["marker"], ls="none", label=name)  # fmt: skip
+    left.set_ylim(*accuracy_limits(shown))
+    right.set_ylim(*accuracy_limits(headline))  # an interval past 100% is cut at the axis
+    left.set_xlabel("round")
+    left.set_ylabel(_accuracy_label(runs) + f", mean over seeds and {level} CI")
+    right.set_xlabel(f"{END_TO_END} (s): simulated on the clients' devices, mean and {level} CI over seeds")
+    right.set_ylabel(f"{HEADLINE} (mean of the last {HEADLINE_ROUNDS} rounds)")
+    right.set_xlim(left=0)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(title="strategy", loc="lower right")
+    fig.suptitle(f"{describe(runs, summary['seeds'])}\naccuracy by round, and accuracy against time "
+                 f"({len(summary['seeds'])} seeds, Student-t intervals)")  # fmt: skip
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def place_labels(ax, xy: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 8,
+                 marker_pt: float | Sequence[float] = 7.0, rings: int = 12) -> list:
+    """Annotates each point of ``xy`` (data coordinates) with its text where the text
+    overlaps no other label, no point and no legend or title: candidate spots on rings
+    of growing radius around the point, the first free one wins; beyond the first ring
+    a thin leader line points back. ``marker_pt``: the points' diameters (one, or one
+    each). Call after the layout is final (offsets are in points, positions in
+    pixels). Returns the annotations (None where no ring had room)."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    to_px = fig.dpi / 72.0
+    centers = ax.transData.transform(np.asarray(xy, dtype=float).reshape(-1, 2)) if len(xy) else np.zeros((0, 2))
+    halves = np.broadcast_to(np.asarray(marker_pt, dtype=float), (len(centers),)) * to_px / 2
+    taken = [Bbox.from_extents(x - h, y - h, x + h, y + h) for (x, y), h in zip(centers, halves)]
+    for artist in (ax.get_legend(), ax.title):
+        if artist is not None and artist.get_visible() and (not hasattr(artist, "get_text") or artist.get_text()):
+            taken.append(artist.get_window_extent(renderer))
+    placed = []
+    for (x, y), text, half in zip(xy, texts, halves / to_px):
+        label = None
+        for ring in range(1, rings + 1):
+            radius = half + 1.5 + 9.0 * (ring - 1)  # points: the first ring just clears the marker
+            count = 8 * ring
+            for k in range(count):
+                angle = 2 * np.pi * (k / count + 1 / 16)  # starts up-right, where the old labels sat
+                dx, dy = radius * np.cos(angle), radius * np.sin(angle)
+                ha = "left" if dx > 1 else "right" if dx < -1 else "center"
+                va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
+                arrow = {"arrowstyle": "-", "lw": 0.5, "color": "0.45", "shrinkA": 1, "shrinkB": 3} if ring > 1 else None
+                candidate = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
+                                        fontsize=fontsize, zorder=5, annotation_clip=False, arrowprops=arrow)  # fmt: skip
+                candidate.update_positions(renderer)  # places the text; then measure it without its leader line
+                box = Text.get_window_extent(candidate, renderer).padded(1.0)
+                if not any(box.overlaps(other) for other in taken):
+                    label = candidate
+                    taken.append(box)
+                    break
+                candidate.remove()
+            if label is not None:
+                break
+        placed.append(label)
+    return placed
+
+
 def plot_allocation(run: Mapping, path: str | Path) -> Path:
     """Fig. 3: clients at (NormSig_speed, NormSig_acc), colored by the strategy they
-    trained with, over the PTQ region of the rule; a ringed point was assigned against
-    the rule (random for fedrh, or flipped by the fine-grained adjustment)."""
+    trained with and shaped by their device, over the PTQ region of the rule; a ringed
+    point was assigned against the rule (random for fedrh, or flipped by the
+    fine-grained adjustment). Client ids never overlap (place_labels)."""
     check_run(run)
     xi, area = float(run["allocation"]["xi"]), float(run["allocation"]["area_threshold"])
     fig, ax = plt.subplots(figsize=(9.0, 6.0))
@@ -113,27 +226,30 @@ def plot_allocation(run: Mapping, path: str | Path) -> Path:
     x = np.array([c["norm_speed"] for c in placed], dtype=float)
     y = np.array([c["norm_acc"] for c in placed], dtype=float)
     strategy = np.array([c["strategy"] for c in placed], dtype=object)
+    device = np.array([c.get("device_name") or c["device"] for c in placed], dtype=object)
+    markers = {d: DEVICE_MARKERS[i % len(DEVICE_MARKERS)] for i, d in enumerate(dict.fromkeys(device))}
     rule = np.where(ptq_region(x, y, xi, area), "ptq", "qat") if placed else np.array([], dtype=object)
     against = (strategy != rule) & (strategy != "fp32")
-    for name, color in CLIENT_COLORS.items():
-        mask = strategy == name
-        if mask.any():
-            ax.scatter(x[mask], y[mask], color=color, s=46, zorder=3, clip_on=False, label=f"{name.upper()} client")
+    for d, marker in markers.items():
+        for name, color in CLIENT_COLORS.items():
+            mask = (strategy == name) & (device == d)
+            if mask.any():
+                ax.scatter(x[mask], y[mask], color=color, marker=marker, s=46, zorder=3, clip_on=False)
     if against.any():
         ax.scatter(x[against], y[against], facecolors="none", edgecolors="black", s=150, lw=1.2, zorder=4,
-                   clip_on=False, label=f"assigned against the rule ({int(against.sum())})")  # fmt: skip
-    if len(placed) <= MAX_LABELLED_CLIENTS:
-        for c in placed:
-            ax.annotate(str(c["id"]), (c["norm_speed"], c["norm_acc"]), textcoords="offset points", xytext=(6, 5),
-                        fontsize=8, zorder=5)  # fmt: skip
+                   clip_on=False)  # fmt: skip
 
-    handles, _ = ax.get_legend_handles_labels()
     handles = [
         Patch(facecolor=CLIENT_COLORS["ptq"], alpha=0.12, edgecolor="none", label="PTQ region of the rule"),
         plt.Line2D([], [], color="black", lw=1.2, label=f"Theta ray, slope (1-xi)/xi = {slope:.3g}"),
         plt.Line2D([], [], color="black", ls="--", lw=1.2, label=f"area x*y/2 = {area:g}"),
-        *handles,
-    ]
+        *(plt.Line2D([], [], color=CLIENT_COLORS[n], marker="o", ls="none", label=f"{n.upper()} client")
+          for n in CLIENT_COLORS if (strategy == n).any()),
+        *(plt.Line2D([], [], color="0.35", marker=m, ls="none", label=f"device: {d}") for d, m in markers.items()),
+    ]  # fmt: skip
+    if against.any():
+        handles.append(plt.Line2D([], [], marker="o", ms=10, mfc="none", mec="black", ls="none",
+                                  label=f"assigned against the rule ({int(against.sum())})"))  # fmt: skip
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, borderaxespad=0)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -147,8 +263,16 @@ def plot_allocation(run: Mapping, path: str | Path) -> Path:
         notes.append(f"{skipped} of {len(run['clients'])} clients without significances not shown")
     if len(placed) > MAX_LABELLED_CLIENTS:
         notes.append("ids not shown")
-    ax.set_title(f"{run['strategy']}: xi = {xi:g}, {ptq} PTQ / {qat} QAT clients\n" + "; ".join(notes), fontsize=10)
+    ax.set_title(f"{describe([run])}\n{run['strategy']}: xi = {xi:g}, {ptq} PTQ / {qat} QAT clients; "
+                 + "; ".join(notes), fontsize=9)  # fmt: skip
     fig.tight_layout()
+    fig.canvas.draw()  # applies the equal aspect, which moves the axes: labels are placed on the final layout
+    if len(placed) <= MAX_LABELLED_CLIENTS:
+        sizes = np.where(against, 12.5, 7.5)  # points: the ring of s=150 around a marker of s=46
+        labels = place_labels(ax, list(zip(x, y)), [str(c["id"]) for c in placed], marker_pt=sizes)
+        crowded = [str(c["id"]) for c, label in zip(placed, labels) if label is None]
+        if crowded:  # no free spot near them: named below the plot instead
+            ax.text(0, -0.18, "no room to label clients " + ", ".join(crowded), transform=ax.transAxes, fontsize=8)
     return _save(fig, path)
 
 

@@ -1,19 +1,26 @@
-"""The keys the report reads from ``fedhq.run/1`` and ``fedhq.compare/1`` documents,
-checked once up front so that a malformed document fails with a ValueError naming
-the missing key rather than a KeyError deep inside a table or a plot."""
+"""The keys the report reads from run (``fedhq.run/*``) and comparison
+(``fedhq.compare/*``) documents, checked once up front so that a malformed document
+fails with a ValueError naming the missing key rather than a KeyError deep inside a
+table or a plot. The writers (fedhq.fl.engine, fedhq.fl.compare) own the schema names;
+older versions are still read."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-RUN_SCHEMA = "fedhq.run/1"
-COMPARE_SCHEMA = "fedhq.compare/1"
+from fedhq.fl.compare import COMPARE_SCHEMA
+from fedhq.fl.engine import RESULTS_SCHEMA as RUN_SCHEMA
 
-RUN_KEYS = ("strategy", "model", "dataset", "clients", "allocation", "rounds", "final_accuracy", "best_accuracy",
+# /1 also had best_accuracy, which is not read
+RUN_SCHEMAS = (RUN_SCHEMA, "fedhq.run/1")
+COMPARE_SCHEMA_V1 = "fedhq.compare/1"  # one seed's runs by strategy, under "runs"
+
+RUN_KEYS = ("config", "strategy", "model", "dataset", "clients", "allocation", "rounds", "final_accuracy",
             "wall_time_s", "sim_time_s", "upload_bytes")  # fmt: skip
+CONFIG_KEYS = ("bits", "seed")  # named in every title
 # norm_speed / norm_acc are optional (absent or None: the client is left out of the allocation plot)
 CLIENT_KEYS = ("id", "device", "alpha", "beta", "samples", "batch", "strategy", "speed_time_s", "speed_sig", "acc_sig")
-# participants and slowest_client are optional
+# participants, slowest_client and deployed_accuracy are optional
 ROUND_KEYS = ("round", "accuracy", "loss", "wall_s", "sim_s", "sim_epoch_s", "cum_wall_s", "cum_sim_s",
               "upload_bytes", "rejected")  # fmt: skip
 ALLOCATION_KEYS = ("xi", "area_threshold", "ptq", "qat")  # speed_orientation is optional
@@ -38,9 +45,10 @@ def check_run(run: object, where: str = "run") -> Mapping:
     """Raises ValueError naming the first missing key (or wrong schema); returns ``run``."""
     if not isinstance(run, Mapping):
         raise ValueError(f"{where}: expected a results dict with schema {RUN_SCHEMA!r}, got {type(run).__name__}")
-    if run.get("schema") != RUN_SCHEMA:
+    if run.get("schema") not in RUN_SCHEMAS:
         raise ValueError(f"{where}: expected a results dict with schema {RUN_SCHEMA!r}, got schema {run.get('schema')!r}")
     _require(run, RUN_KEYS, where)
+    _require(run["config"], CONFIG_KEYS, f"{where}: config")
     for i, client in enumerate(_require_list(run, "clients", where)):
         _require(client, CLIENT_KEYS, f"{where}: clients[{i}]")
     for i, row in enumerate(_require_list(run, "rounds", where)):
@@ -49,16 +57,31 @@ def check_run(run: object, where: str = "run") -> Mapping:
     return run
 
 
-def check_comparison(comparison: object) -> Mapping[str, Mapping]:
-    """Raises ValueError on a wrong schema, an empty ``runs`` or a malformed run;
-    returns the runs by strategy name."""
-    if not isinstance(comparison, Mapping) or comparison.get("schema") != COMPARE_SCHEMA:
-        found = comparison.get("schema") if isinstance(comparison, Mapping) else type(comparison).__name__
-        hint = " (a single run: use format_run_table)" if found == RUN_SCHEMA else ""
-        raise ValueError(f"expected a comparison dict with schema {COMPARE_SCHEMA!r}, got {found!r}{hint}")
-    runs = comparison.get("runs")
+def _check_runs(runs: object, where: str) -> Mapping[str, Mapping]:
     if not isinstance(runs, Mapping) or not runs:
-        raise ValueError("the comparison has no runs: 'runs' must be a non-empty dict of strategy -> run")
+        raise ValueError(f"{where} has no runs: expected a non-empty dict of strategy -> run")
     for name, run in runs.items():
-        check_run(run, f"run {name!r}")
+        check_run(run, f"{where}: run {name!r}" if where != "the comparison" else f"run {name!r}")
     return runs
+
+
+def check_comparison(comparison: object) -> dict[int, Mapping[str, Mapping]]:
+    """Raises ValueError on a wrong schema, no runs or a malformed run; returns the
+    runs as seed -> strategy -> run (a /1 document is one seed, its runs' own)."""
+    found = comparison.get("schema") if isinstance(comparison, Mapping) else type(comparison).__name__
+    if found == COMPARE_SCHEMA_V1:
+        runs = _check_runs(comparison.get("runs"), "the comparison")
+        return {int(next(iter(runs.values()))["config"]["seed"]): runs}
+    if found != COMPARE_SCHEMA:
+        hint = " (a single run: use format_run_table)" if found in RUN_SCHEMAS else ""
+        raise ValueError(f"expected a comparison dict with schema {COMPARE_SCHEMA!r}, got {found!r}{hint}")
+    by_seed = comparison.get("runs_by_seed")
+    if not isinstance(by_seed, Mapping) or not by_seed:
+        raise ValueError("the comparison has no runs: 'runs_by_seed' must be a non-empty dict of seed -> runs")
+    result = {}
+    for seed, runs in by_seed.items():
+        if not str(seed).isdigit():
+            raise ValueError(f"the comparison's runs_by_seed: seeds must be ints >= 0, got {seed!r}")
+        where = "the comparison" if len(by_seed) == 1 else f"seed {seed}"
+        result[int(seed)] = _check_runs(runs, where)
+    return dict(sorted(result.items()))
