@@ -1,0 +1,168 @@
+"""Does Sig_acc predict what PTQ costs a client? One rank correlation per statistic.
+
+    python bench/bench_sig_acc.py [--datasets digits,fashion-mnist --data-root DIR]
+                                  [--seeds 5] [--clients 10] [--alpha 0.5] [--epochs 2]
+                                  [--bits 8] [--json out.json] [--quick]
+
+Eq. 6 sends a client with a high NormSig_acc towards PTQ, so the rule holds if the
+lower a client's Sig_acc, the more accuracy it loses training with PTQ instead of QAT.
+For every seed: a Dirichlet(alpha) partition of the training set; every client trains
+`--epochs` local epochs from one common initial model (round 1, when the allocation is
+made) once with PTQ and once with QAT (``fedhq.fl.client.train_local``, same shuffling);
+each upload is dequantized and evaluated on the common test set. The client's PTQ loss
+is acc(QAT) - acc(PTQ). Per statistic and seed: Spearman's rho between Sig_acc and that
+loss over the clients (the rule needs rho < 0); over seeds: mean and 95% Student-t CI.
+`client size` is printed as a control, since Eq. 3 grows with V^(1-a).
+
+Results and the default they chose: docs/accuracy-significance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from scipy import stats
+
+import fedhq_kernels as fk
+from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS, client_significance
+from fedhq.data import load_dataset, partition
+from fedhq.fl.client import RoundPlan, evaluate, train_local
+from fedhq.models import ModelSpec
+
+SIZE = "client size"  # the control row: V alone
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default="digits", help="comma-separated dataset names (default digits)")
+    p.add_argument("--data-root", default=None, help="directory of a file-based dataset (e.g. Fashion-MNIST's IDX files)")
+    p.add_argument("--max-train", type=int, default=None, help="seeded stratified subset of a file-based training set")
+    p.add_argument("--max-test", type=int, default=2000, help="first this many test images (default 2000)")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
+    p.add_argument("--epochs", type=int, default=2, help="local epochs from the common start")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--bits", type=int, default=8, help="bits of the upload (and of QAT where its recipe follows them)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="write every client's row and the summary here")
+    p.add_argument("--quick", action="store_true", help="smoke test: digits, 2 seeds, 4 clients, 1 epoch")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.datasets, args.seeds, args.clients, args.epochs = "digits", 2, 4, 1
+    if args.seeds < 2:
+        p.error("--seeds must be >= 2: the confidence interval needs two seeds")
+    if args.clients < 3:
+        p.error("--clients must be >= 3: a rank correlation needs three clients")
+    return args
+
+
+def load(name: str, args, seed: int):
+    options = {"seed": seed}
+    if args.max_train is not None and name != "digits":
+        options["max_train"] = args.max_train
+    return load_dataset(name, args.data_root, **options)
+
+
+def client_rows(name: str, seed: int, args) -> list[dict]:
+    """Every client of one seed: size, Sig_acc per statistic, accuracy after PTQ and QAT."""
+    data = load(name, args, seed)
+    test = data.test.subset(np.arange(min(args.max_test, len(data.test))))
+    c, h, w = data.input_shape
+    spec = ModelSpec.parse(f"small_cnn@{h}x{w}x{c}:{data.num_classes}")
+    parts = partition("dirichlet", data.train.y.numpy(), args.clients, seed, alpha=args.alpha)
+    torch.manual_seed(seed)
+    start = spec.build().state_dict()
+    rows = []
+    for cid, indices in enumerate(parts):
+        local = data.train.subset(indices)
+        x, y = local.x.numpy(), local.y.numpy()
+        row = {"dataset": name, "seed": seed, "client": cid, "samples": len(local),
+               "classes": int(np.unique(y).size), "sig": {}}  # fmt: skip
+        for stat in STATISTICS:
+            row["sig"][stat] = client_significance(x, y, statistic=stat)
+        for strategy in ("ptq", "qat"):
+            plan = RoundPlan(round=1, strategy=strategy, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
+            update, _ = train_local(spec, start, local, plan, cid)
+            row[f"acc_{strategy}"], _ = evaluate(spec, fk.dequantize_state_dict(update.state), test)
+        row["ptq_loss"] = row["acc_qat"] - row["acc_ptq"]
+        rows.append(row)
+    return rows
+
+
+def spearman(x, y) -> float:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")  # no ranking to correlate
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def mean_ci(values) -> tuple[float, float, int]:
+    """Mean and the half-width of its 95% Student-t interval over the finite values."""
+    v = np.asarray([x for x in values if math.isfinite(x)])
+    if v.size < 2:
+        return (float(v.mean()) if v.size else float("nan")), float("nan"), int(v.size)
+    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    return float(v.mean()), float(half), int(v.size)
+
+
+def summarize(rows: list[dict], seeds: list[int]) -> list[dict]:
+    summary = []
+    by_seed = [[r for r in rows if r["seed"] == s] for s in seeds]
+    losses = [[r["ptq_loss"] for r in seed_rows] for seed_rows in by_seed]
+    for stat in [*STATISTICS, SIZE]:
+        rhos = []
+        for seed_rows, loss in zip(by_seed, losses):
+            sig = [r["samples"] if stat == SIZE else r["sig"][stat] for r in seed_rows]
+            rhos.append(spearman(sig, loss))
+        mean, half, n = mean_ci(rhos)
+        summary.append({"statistic": stat, "rho_mean": mean, "rho_ci95": half, "seeds_used": n, "rho_per_seed": rhos,
+                        "ci_below_zero": bool(math.isfinite(half) and mean + half < 0)})  # fmt: skip
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds))
+    out = {"args": vars(args), "machine": platform.node(), "torch": torch.__version__,
+           "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "datasets": {}}  # fmt: skip
+    print(f"# python {' '.join(sys.argv)}")
+    for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        started = time.perf_counter()
+        rows = [r for s in seeds for r in client_rows(name, s, args)]
+        summary = summarize(rows, seeds)
+        loss = [r["ptq_loss"] for r in rows]
+        loss_mean, loss_half, _ = mean_ci(loss)
+        print(f"\n## {name}: {args.seeds} seeds x {args.clients} clients, Dirichlet {args.alpha}, {args.epochs} epochs, "
+              f"INT{args.bits} upload ({time.perf_counter() - started:.0f} s)")  # fmt: skip
+        print(f"PTQ loss acc(QAT) - acc(PTQ) over clients: mean {100 * loss_mean:+.2f} +/- {100 * loss_half:.2f} pp, "
+              f"range {100 * min(loss):+.2f} .. {100 * max(loss):+.2f} pp")  # fmt: skip
+        print("\n| statistic | Spearman rho(Sig_acc, PTQ loss), mean +/- 95% CI | per seed | CI below 0 |")
+        print("| --- | --- | --- | --- |")
+        for s in summary:
+            label = s["statistic"] + (" (default)" if s["statistic"] == DEFAULT_STATISTIC else "")
+            per_seed = " ".join(f"{r:+.2f}" for r in s["rho_per_seed"])
+            print(f"| {label} | {s['rho_mean']:+.3f} +/- {s['rho_ci95']:.3f} (n={s['seeds_used']}) | {per_seed} | "
+                  f"{'yes' if s['ci_below_zero'] else 'no'} |")  # fmt: skip
+        out["datasets"][name] = {"clients": rows, "summary": summary, "ptq_loss_mean": loss_mean,
+                                 "ptq_loss_ci95": loss_half}  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
