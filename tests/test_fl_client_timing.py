@@ -59,7 +59,7 @@ def same_upload(a: dict, b: dict) -> bool:
 def test_qat_client_model_fake_quantizes_and_passes_gradients(spec, gen):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     weights = float_state_dict(spec.build())
-    ptq, qat = build_client_model(spec, "ptq", None), build_client_model(spec, "qat", None)
+    ptq, qat = build_client_model(spec, "ptq", None, bits=8), build_client_model(spec, "qat", None, bits=8)
     for model in (ptq, qat):
         load_float_state_dict(model, weights)
         model.train()
@@ -73,6 +73,27 @@ def test_qat_client_model_fake_quantizes_and_passes_gradients(spec, gen):
     F.cross_entropy(out_qat, y).backward()
     for name, p in qat.named_parameters():
         assert p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool(p.grad.abs().sum() > 0), name
+
+
+def test_qat_client_fake_quantizes_at_the_runs_bits(spec, digits, monkeypatch):
+    import fedhq.fl.client as client_module
+
+    built, real_prepare_qat = [], client_module.prepare_qat
+
+    def spy(model, **options):
+        built.append(real_prepare_qat(model, **options))
+        return built[-1]
+
+    monkeypatch.setattr(client_module, "prepare_qat", spy)
+    data = digits.train.subset(range(32))
+    update, _ = train_local(spec, float_state_dict(spec.build()), data, plan("qat", bits=4), 0, ClientState())
+    (model,) = built
+    layers = [m for m in model.modules() if hasattr(m, "qat_config")]
+    assert layers and all(m.qat_config.weight_bits == 4 and m.qat_config.act_bits == 4 for m in layers)
+    for layer in layers:
+        levels = max(row.unique().numel() for row in layer.quantize_weight().detach().flatten(1))
+        assert 4 < levels <= 16  # 4-bit codes, and more than a handful used
+    assert all(v.bits == 4 for v in update.state.values() if isinstance(v, fk.QuantizedTensor))
 
 
 def test_qat_and_ptq_clients_train_differently_and_observers_stay_local(spec, digits):

@@ -247,6 +247,23 @@ def test_bfloat16_and_float32_inputs():
         assert qat.conv1.weight.grad.dtype == dtype
 
 
+def test_bits_sets_weight_and_activation_bits():
+    torch.manual_seed(0)
+    qat = prepare_qat(small_cnn(in_channels=1, image_size=8), bits=4)
+    layers = [m for m in qat.modules() if isinstance(m, (QATConv2d, QATLinear))]
+    assert len(layers) == 4
+    for layer in layers:
+        assert layer.qat_config.weight_bits == 4 and layer.qat_config.act_bits == 4
+        w = layer.quantize_weight().detach().flatten(1)
+        # 4-bit symmetric codes: at most 16 distinct values in every output channel
+        assert max(row.unique().numel() for row in w) <= 16
+    assert prepare_qat(small_cnn(), bits=3, averaging_constant=0.5).conv1.qat_config == QATConfig(3, 3, 0.5)
+    with pytest.raises(ValueError, match="give bits, or weight_bits / act_bits, not both"):
+        prepare_qat(small_cnn(), bits=4, weight_bits=8)
+    with pytest.raises(ValueError, match=r"weight_bits must be an int in \[2, 8\], got 9"):
+        prepare_qat(small_cnn(), bits=9)
+
+
 def test_strip_and_ptq():
     torch.manual_seed(1)
     model = small_cnn(in_channels=1, image_size=8)

@@ -7,8 +7,9 @@ seeded by (run seed, round, client): a run is reproducible and resumable without
 saving any RNG state.
 
 What is quantized and what stays float (docs/fl.md): a PTQ client trains the float
-model; a QAT client trains ``fedhq.quant.prepare_qat(model)`` (weights per channel and
-input activations per tensor through ``fedhq_kernels.fake_quant``). Both upload
+model; a QAT client trains ``fedhq.quant.prepare_qat(model, bits=8)`` (weights
+per channel and input activations per tensor through ``fedhq_kernels.fake_quant``, at
+the bits it uploads). Both upload
 ``fedhq_kernels.quantize_state_dict`` of the float model's state dict: every float
 tensor (weights, biases, BatchNorm's affine parameters *and* running statistics) as
 INT``bits`` codes, integer buffers (``num_batches_tracked``) as they are. The QAT
@@ -101,10 +102,11 @@ def round_seed(seed: int, round_: int, client: int) -> int:
     return (seed * 1_000_003 + round_ * 10_007 + client) % (2**63 - 1)
 
 
-def build_client_model(spec: ModelSpec, strategy: str, state: ClientState | None) -> nn.Module:
+def build_client_model(spec: ModelSpec, strategy: str, state: ClientState | None, *, bits: int) -> nn.Module:
+    """The model a client trains: float, or fake-quantized at the run's ``bits``."""
     model = spec.build()
     if strategy == "qat":
-        model = prepare_qat(model, inplace=True)
+        model = prepare_qat(model, bits=bits, inplace=True)
         if state is not None and state.observers:
             model.load_state_dict(state.observers, strict=False)
     return model
@@ -121,7 +123,7 @@ def train_local(
     """Trains ``plan.epochs`` epochs of SGD from ``global_state`` (float tensors) on
     ``data``; returns the upload and the client's new local state."""
     started = time.perf_counter()
-    model = build_client_model(spec, plan.strategy, state)
+    model = build_client_model(spec, plan.strategy, state, bits=plan.bits)
     load_float_state_dict(model, global_state)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum)

@@ -1,6 +1,6 @@
 """QAT model preparation: every nn.Conv2d / nn.Linear becomes a fake-quantizing twin.
 
-    qat_model = prepare_qat(model, weight_bits=8, act_bits=8)   # a copy by default
+    qat_model = prepare_qat(model, bits=4)                      # a copy by default
     float_model = strip_qat(qat_model)                          # plain modules, same weights
 
 What a prepared layer computes (paper §2.1, Fig. 1: "fake quantization between layers"):
@@ -259,6 +259,7 @@ def prepare_qat(
     model: nn.Module,
     config: QATConfig | None = None,
     *,
+    bits: int | None = None,
     weight_bits: int | None = None,
     act_bits: int | None = None,
     averaging_constant: float | None = None,
@@ -266,10 +267,16 @@ def prepare_qat(
 ) -> nn.Module:
     """The model with every nn.Conv2d / nn.Linear replaced by QATConv2d / QATLinear.
     Parameters are shared with the float modules (a copy of the model is made first
-    unless ``inplace``), so create the optimizer after preparing. Keyword overrides
-    take precedence over ``config``. Already-prepared layers are left as they are."""
+    unless ``inplace``), so create the optimizer after preparing. ``bits`` sets both
+    weight and activation bits (the deployed model is INT``bits`` throughout, see
+    docs/fl.md); keyword overrides take precedence over ``config``. Already-prepared
+    layers are left as they are."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat: expected an nn.Module, got {type(model).__name__}")
+    if bits is not None:
+        if weight_bits is not None or act_bits is not None:
+            raise ValueError("prepare_qat: give bits, or weight_bits / act_bits, not both")
+        weight_bits = act_bits = bits
     base = config or QATConfig()
     overrides = {
         k: v
