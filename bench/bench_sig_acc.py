@@ -1,18 +1,21 @@
 """Does Sig_acc predict what PTQ costs a client? One rank correlation per statistic.
 
-    python bench/bench_sig_acc.py [--datasets digits,fashion-mnist --data-root DIR]
-                                  [--seeds 5] [--clients 10] [--alpha 0.5] [--epochs 2]
-                                  [--bits 8] [--json out.json] [--quick]
+    python bench/bench_sig_acc.py [--datasets digits,fashion-mnist] [--seeds 5]
+        [--clients 10] [--alpha 0.5] [--epochs 2] [--repeats 3] [--bits 4]
+        [--warmup-epochs 0] [--json out.json] [--quick]
 
 Eq. 6 sends a client with a high NormSig_acc towards PTQ, so the rule holds if the
 lower a client's Sig_acc, the more accuracy it loses training with PTQ instead of QAT.
 For every seed: a Dirichlet(alpha) partition of the training set; every client trains
-`--epochs` local epochs from one common initial model (round 1, when the allocation is
-made) once with PTQ and once with QAT (``fedhq.fl.client.train_local``, same shuffling);
-each upload is dequantized and evaluated on the common test set. The client's PTQ loss
-is acc(QAT) - acc(PTQ). Per statistic and seed: Spearman's rho between Sig_acc and that
-loss over the clients (the rule needs rho < 0); over seeds: mean and 95% Student-t CI.
-`client size` is printed as a control, since Eq. 3 grows with V^(1-a).
+`--epochs` local epochs from one common start (the initial model, as in round 1 when
+the allocation is made, or after `--warmup-epochs` of float training on the whole
+training set) with PTQ and with QAT (``fedhq.fl.client.train_local``, the same
+shuffling for both), `--repeats` times with different shuffling; each upload is
+dequantized and evaluated on a common stratified test subset. A client's PTQ loss is
+mean acc(QAT) - mean acc(PTQ). Per statistic and seed: Spearman's rho between Sig_acc
+and that loss over the clients (the rule needs rho < 0); over seeds: mean and 95%
+Student-t CI. Eq. 3 grows with V^(1-a), so `client size` is printed as a control and
+each statistic is also correlated without that factor.
 
 Results and the default they chose: docs/accuracy-significance.md.
 """
@@ -32,8 +35,10 @@ import torch
 from scipy import stats
 
 import fedhq_kernels as fk
-from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS, client_significance
+from fedhq.analysis.accuracy import DEFAULT_A, DEFAULT_STATISTIC, STATISTICS, client_significance
 from fedhq.data import load_dataset, partition
+from fedhq.data.base import stratified_test_indices
+from fedhq.data.registry import DATASETS, dataset_key
 from fedhq.fl.client import RoundPlan, evaluate, train_local
 from fedhq.models import ModelSpec
 
@@ -42,47 +47,62 @@ SIZE = "client size"  # the control row: V alone
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default="digits", help="comma-separated dataset names (default digits)")
-    p.add_argument("--data-root", default=None, help="directory of a file-based dataset (e.g. Fashion-MNIST's IDX files)")
-    p.add_argument("--max-train", type=int, default=None, help="seeded stratified subset of a file-based training set")
-    p.add_argument("--max-test", type=int, default=2000, help="first this many test images (default 2000)")
+    p.add_argument("--datasets", default="digits,fashion-mnist", help="comma-separated dataset names")
+    p.add_argument("--data-root", default=None, help="directory of a file-based dataset (default: its loader's)")
+    p.add_argument("--max-train", type=int, default=5000, help="seeded stratified subset of a file-based training set")
+    p.add_argument("--max-test", type=int, default=1000, help="seeded stratified subset of the test set")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
     p.add_argument("--epochs", type=int, default=2, help="local epochs from the common start")
+    p.add_argument("--warmup-epochs", type=int, default=0,
+                   help="float epochs on the whole training set before the common start (0: the initial model)")
+    p.add_argument("--repeats", type=int, default=3, help="trainings per client and strategy (shuffling seeds), averaged")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--bits", type=int, default=8, help="bits of the upload (and of QAT where its recipe follows them)")
+    # INT4: at INT8 what PTQ's rounding costs is below the training's noise (docs/accuracy-significance.md)
+    p.add_argument("--bits", type=int, default=4, help="bits of the upload and of QAT's fake quantization (default 4)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="write every client's row and the summary here")
     p.add_argument("--quick", action="store_true", help="smoke test: digits, 2 seeds, 4 clients, 1 epoch")
     args = p.parse_args(argv)
     if args.quick:
-        args.datasets, args.seeds, args.clients, args.epochs = "digits", 2, 4, 1
+        args.datasets, args.seeds, args.clients, args.epochs, args.repeats = "digits", 2, 4, 1, 1
     if args.seeds < 2:
         p.error("--seeds must be >= 2: the confidence interval needs two seeds")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.clients < 3:
         p.error("--clients must be >= 3: a rank correlation needs three clients")
     return args
 
 
 def load(name: str, args, seed: int):
+    """The dataset, its training set cut to --max-train if it is read from files (the
+    bundled ones are small), and a stratified --max-test of its test set."""
+    key = dataset_key(name)
     options = {"seed": seed}
-    if args.max_train is not None and name != "digits":
+    if key is not None and hasattr(DATASETS[key], "LAYOUT"):
         options["max_train"] = args.max_train
-    return load_dataset(name, args.data_root, **options)
+    data = load_dataset(name, args.data_root, **options)
+    labels = data.test.y.numpy()
+    test = data.test.subset(stratified_test_indices(labels, min(args.max_test, labels.size), np.random.default_rng(seed)))
+    return data, test
 
 
 def client_rows(name: str, seed: int, args) -> list[dict]:
     """Every client of one seed: size, Sig_acc per statistic, accuracy after PTQ and QAT."""
-    data = load(name, args, seed)
-    test = data.test.subset(np.arange(min(args.max_test, len(data.test))))
+    data, test = load(name, args, seed)
     c, h, w = data.input_shape
     spec = ModelSpec.parse(f"small_cnn@{h}x{w}x{c}:{data.num_classes}")
     parts = partition("dirichlet", data.train.y.numpy(), args.clients, seed, alpha=args.alpha)
     torch.manual_seed(seed)
     start = spec.build().state_dict()
+    if args.warmup_epochs:  # a global model partway through training, instead of round 1's
+        plan = RoundPlan(round=0, strategy="fp32", epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr,
+                         momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
+        start = train_local(spec, start, data.train, plan, client=-1)[0].state
     rows = []
     for cid, indices in enumerate(parts):
         local = data.train.subset(indices)
@@ -91,12 +111,17 @@ def client_rows(name: str, seed: int, args) -> list[dict]:
                "classes": int(np.unique(y).size), "sig": {}}  # fmt: skip
         for stat in STATISTICS:
             row["sig"][stat] = client_significance(x, y, statistic=stat)
+        runs = {}
         for strategy in ("ptq", "qat"):
-            plan = RoundPlan(round=1, strategy=strategy, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
-            update, _ = train_local(spec, start, local, plan, cid)
-            row[f"acc_{strategy}"], _ = evaluate(spec, fk.dequantize_state_dict(update.state), test)
+            accs = runs[strategy] = []
+            for repeat in range(args.repeats):  # PTQ and QAT see the same shuffling in each repeat
+                plan = RoundPlan(round=1 + repeat, strategy=strategy, epochs=args.epochs, batch_size=args.batch_size,
+                                 lr=args.lr, momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
+                update, _ = train_local(spec, start, local, plan, cid)
+                accs.append(evaluate(spec, fk.dequantize_state_dict(update.state), test)[0])
+            row[f"acc_{strategy}"] = float(np.mean(accs))
         row["ptq_loss"] = row["acc_qat"] - row["acc_ptq"]
+        row["ptq_loss_runs"] = [q - p for p, q in zip(runs["ptq"], runs["qat"])]
         rows.append(row)
     return rows
 
@@ -121,13 +146,17 @@ def summarize(rows: list[dict], seeds: list[int]) -> list[dict]:
     by_seed = [[r for r in rows if r["seed"] == s] for s in seeds]
     losses = [[r["ptq_loss"] for r in seed_rows] for seed_rows in by_seed]
     for stat in [*STATISTICS, SIZE]:
-        rhos = []
+        rhos, spread_rhos = [], []
         for seed_rows, loss in zip(by_seed, losses):
             sig = [r["samples"] if stat == SIZE else r["sig"][stat] for r in seed_rows]
             rhos.append(spearman(sig, loss))
+            if stat != SIZE:  # Eq. 3 without its V^(1-a) factor: what the statistic adds to the client's size
+                spread_rhos.append(spearman([g / r["samples"] ** (1 - DEFAULT_A) for g, r in zip(sig, seed_rows)], loss))
         mean, half, n = mean_ci(rhos)
+        spread_mean, spread_half, _ = mean_ci(spread_rhos)
         summary.append({"statistic": stat, "rho_mean": mean, "rho_ci95": half, "seeds_used": n, "rho_per_seed": rhos,
-                        "ci_below_zero": bool(math.isfinite(half) and mean + half < 0)})  # fmt: skip
+                        "ci_below_zero": bool(math.isfinite(half) and mean + half < 0),
+                        "size_free_rho_mean": spread_mean, "size_free_rho_ci95": spread_half})  # fmt: skip
     return summary
 
 
@@ -147,14 +176,20 @@ def main(argv=None) -> int:
         print(f"\n## {name}: {args.seeds} seeds x {args.clients} clients, Dirichlet {args.alpha}, {args.epochs} epochs, "
               f"INT{args.bits} upload ({time.perf_counter() - started:.0f} s)")  # fmt: skip
         print(f"PTQ loss acc(QAT) - acc(PTQ) over clients: mean {100 * loss_mean:+.2f} +/- {100 * loss_half:.2f} pp, "
-              f"range {100 * min(loss):+.2f} .. {100 * max(loss):+.2f} pp")  # fmt: skip
-        print("\n| statistic | Spearman rho(Sig_acc, PTQ loss), mean +/- 95% CI | per seed | CI below 0 |")
-        print("| --- | --- | --- | --- |")
+              f"range {100 * min(loss):+.2f} .. {100 * max(loss):+.2f} pp, sd {100 * np.std(loss, ddof=1):.2f} pp")  # fmt: skip
+        if args.repeats > 1:  # how much of that spread is the training's own noise
+            within = math.sqrt(np.mean([np.var(r["ptq_loss_runs"], ddof=1) for r in rows]) / args.repeats)
+            print(f"noise of one client's loss (sd over its {args.repeats} repeats / sqrt({args.repeats})): "
+                  f"{100 * within:.2f} pp")  # fmt: skip
+        print("\n| statistic | rho(Sig_acc, PTQ loss): mean +/- 95% CI | per seed | CI below 0 | "
+              "rho(Sig_acc / V^(1-a), PTQ loss) |")  # fmt: skip
+        print("| --- | --- | --- | --- | --- |")
         for s in summary:
             label = s["statistic"] + (" (default)" if s["statistic"] == DEFAULT_STATISTIC else "")
             per_seed = " ".join(f"{r:+.2f}" for r in s["rho_per_seed"])
+            size_free = "" if s["statistic"] == SIZE else f"{s['size_free_rho_mean']:+.3f} +/- {s['size_free_rho_ci95']:.3f}"
             print(f"| {label} | {s['rho_mean']:+.3f} +/- {s['rho_ci95']:.3f} (n={s['seeds_used']}) | {per_seed} | "
-                  f"{'yes' if s['ci_below_zero'] else 'no'} |")  # fmt: skip
+                  f"{'yes' if s['ci_below_zero'] else 'no'} | {size_free} |")  # fmt: skip
         out["datasets"][name] = {"clients": rows, "summary": summary, "ptq_loss_mean": loss_mean,
                                  "ptq_loss_ci95": loss_half}  # fmt: skip
     if args.json:
