@@ -43,6 +43,7 @@ from fedhq.fl.client import RoundPlan, evaluate, train_local
 from fedhq.models import ModelSpec
 
 SIZE = "client size"  # the control row: V alone
+PER_CLASS = 20  # samples per class of the balanced client in two_class_check
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -126,6 +127,29 @@ def client_rows(name: str, seed: int, args) -> list[dict]:
     return rows
 
 
+def two_class_check(name: str, args, per_class: int = PER_CLASS) -> list[dict]:
+    """Requirement 2 on real images: Sig_acc of a balanced client (per_class samples of
+    every class) against the highest-scoring client of the same size holding two classes."""
+    data, _ = load(name, args, 0)
+    x, y = data.train.x.numpy(), data.train.y.numpy()
+    rng = np.random.default_rng(0)
+    k = data.num_classes
+    pools = [np.flatnonzero(y == c) for c in range(k)]
+    balanced = np.concatenate([rng.choice(p, per_class, replace=False) for p in pools])
+    half = per_class * k // 2
+    pairs = [(a, b, np.concatenate([rng.choice(pools[a], half, replace=False), rng.choice(pools[b], half, replace=False)]))
+             for a in range(k) for b in range(a + 1, k)]  # fmt: skip
+    rows = []
+    for stat in STATISTICS:
+        ref = client_significance(x[balanced], y[balanced], statistic=stat)
+        scores = [(client_significance(x[i], y[i], statistic=stat), a, b) for a, b, i in pairs]
+        top, a, b = max(scores)
+        above = sum(sc > ref for sc, _, _ in scores)
+        rows.append({"statistic": stat, "balanced": ref, "top_two_class": top, "top_classes": [int(a), int(b)],
+                     "pairs_above": above, "pairs": len(pairs)})  # fmt: skip
+    return rows
+
+
 def spearman(x, y) -> float:
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")  # no ranking to correlate
@@ -190,8 +214,16 @@ def main(argv=None) -> int:
             size_free = "" if s["statistic"] == SIZE else f"{s['size_free_rho_mean']:+.3f} +/- {s['size_free_rho_ci95']:.3f}"
             print(f"| {label} | {s['rho_mean']:+.3f} +/- {s['rho_ci95']:.3f} (n={s['seeds_used']}) | {per_seed} | "
                   f"{'yes' if s['ci_below_zero'] else 'no'} | {size_free} |")  # fmt: skip
+        check = two_class_check(name, args)
+        print(f"\nRequirement 2 on {name}'s images: a balanced client ({PER_CLASS} per class) against the "
+              "two-class clients of its size")  # fmt: skip
+        print("\n| statistic | balanced | highest two-class (classes) | two-class clients above balanced |")
+        print("| --- | --- | --- | --- |")
+        for c in check:
+            print(f"| {c['statistic']} | {c['balanced']:.2f} | {c['top_two_class']:.2f} {tuple(c['top_classes'])} | "
+                  f"{c['pairs_above']} of {c['pairs']} |")  # fmt: skip
         out["datasets"][name] = {"clients": rows, "summary": summary, "ptq_loss_mean": loss_mean,
-                                 "ptq_loss_ci95": loss_half}  # fmt: skip
+                                 "ptq_loss_ci95": loss_half, "two_class_check": check}  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
