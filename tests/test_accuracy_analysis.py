@@ -265,12 +265,12 @@ def test_renaming_classes_and_reordering_samples_change_nothing(name):
 
 
 def test_equal_skew_over_different_classes_scores_the_same():
-    # The label-index statistic scored 45 vs 5 for these two clients.
-    a = np.repeat([0, 9], [300, 100])
-    b = np.repeat([4, 5], [300, 100])
-    for name, stat in STATISTICS.items():
-        if not stat.needs_features:
-            assert client_significance(None, a, statistic=name) == client_significance(None, b, statistic=name)
+    # The label-index statistic scored 45 vs 5 for the 50:50 clients of 100 samples.
+    for counts in ([50, 50], [300, 100]):
+        a, b = np.repeat([0, 9], counts), np.repeat([4, 5], counts)
+        for name, stat in STATISTICS.items():
+            if not stat.needs_features:
+                assert client_significance(None, a, statistic=name) == client_significance(None, b, statistic=name)
 
 
 def skew_families(k: int) -> dict[str, list[np.ndarray]]:
