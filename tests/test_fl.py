@@ -51,6 +51,12 @@ def test_every_strategy_runs_and_reports(reference, tmp_path, strategy):
     for row in results["rounds"]:
         assert row["participants"] == [0, 1, 2, 3] and row["rejected"] == []
         assert row["sim_s"] > 0 and row["upload_bytes"] > 0
+        assert 0 < row["deployed_accuracy"] <= 1 and math.isfinite(row["deployed_loss"])
+        if strategy == "fp32":  # the float model is what fp32 deploys
+            assert (row["deployed_accuracy"], row["deployed_loss"]) == (row["accuracy"], row["loss"])
+        else:  # INT8 activations move the loss, a little
+            assert row["deployed_loss"] != row["loss"] and abs(row["deployed_accuracy"] - row["accuracy"]) < 0.05
+    assert results["final_deployed_accuracy"] == results["rounds"][-1]["deployed_accuracy"]
     for c in results["clients"]:
         assert 0 < c["norm_speed"] < 1 and 0 < c["norm_acc"] < 1 and c["batch"] >= 1
 

@@ -48,6 +48,7 @@ def test_fedhq_run_on_the_flower_simulation_engine(reference, tmp_path, capsys):
     assert flower["assignment_before"] == embedded["assignment_before"]
     for f, e in zip(flower["rounds"], embedded["rounds"], strict=True):  # same code, same threads: same numbers
         assert f["participants"] == [0, 1, 2] and (f["accuracy"], f["loss"]) == (e["accuracy"], e["loss"])
+        assert (f["deployed_accuracy"], f["deployed_loss"]) == (e["deployed_accuracy"], e["deployed_loss"])
     assert _no_children_left(within_s=30) == []  # Ray's processes end with the run
 
 

@@ -30,6 +30,7 @@ import fedhq_kernels as fk
 from fedhq.data.base import Split
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys, prepare_qat
+from fedhq.quant.deploy import score
 
 CLIENT_STRATEGIES = ("ptq", "qat", "fp32")
 
@@ -149,16 +150,9 @@ def train_local(
     return update, new_state
 
 
-@torch.no_grad()
 def evaluate(spec: ModelSpec, weights: Mapping[str, Tensor], data: Split, batch_size: int = 512) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the float model with ``weights`` on ``data``."""
+    """(accuracy, mean cross-entropy) of the float model with ``weights`` on ``data``
+    (float activations; ``fedhq.quant.evaluate_deployed`` runs it as deployed)."""
     model = spec.build()
     model.load_state_dict(dict(weights))
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(data), batch_size):
-        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    return correct / max(1, len(data)), loss_sum / max(1, len(data))
+    return score(model, data, batch_size)

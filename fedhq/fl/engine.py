@@ -35,6 +35,7 @@ from fedhq.fl.server import Server
 from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
 from fedhq.models import ModelSpec
+from fedhq.quant import calibration_split, evaluate_deployed
 
 log = logging.getLogger("fedhq.engine")
 
@@ -194,6 +195,18 @@ def allocate(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) ->
 # ---- the run ----
 
 
+def evaluate_global(spec: ModelSpec, server: Server, test: Split, calibration_x: torch.Tensor) -> dict:
+    """The global model on the test split (both engines): with float activations
+    (accuracy, loss) and as deployed, INT``bits`` weights and activations calibrated
+    on ``calibration_x`` (deployed_accuracy, deployed_loss). fp32 deploys the float model."""
+    accuracy, loss = evaluate(spec, server.global_weights(), test)
+    if server.bits is None:
+        deployed = accuracy, loss
+    else:
+        deployed = evaluate_deployed(spec.build(), server.state, calibration_x, test, bits=server.bits)
+    return {"accuracy": accuracy, "loss": loss, "deployed_accuracy": deployed[0], "deployed_loss": deployed[1]}
+
+
 def echo_progress(echo: Callable[[str], None], row: dict, rounds: int) -> None:
     """One progress line per round (both engines)."""
     width = 20
@@ -201,7 +214,8 @@ def echo_progress(echo: Callable[[str], None], row: dict, rounds: int) -> None:
     bar = "#" * done + "." * (width - done)
     rejected = f" | {len(row['rejected'])} rejected" if row["rejected"] else ""
     echo(
-        f"round {row['round']:>3}/{rounds} [{bar}] acc {100 * row['accuracy']:5.1f}% loss {row['loss']:.3f} | "
+        f"round {row['round']:>3}/{rounds} [{bar}] acc {100 * row['accuracy']:5.1f}% "
+        f"(deployed {100 * row['deployed_accuracy']:5.1f}%) loss {row['loss']:.3f} | "
         f"wall {row['cum_wall_s']:7.1f} s | simulated {row['cum_sim_s']:9.1f} s{rejected}"
     )
 
@@ -235,6 +249,7 @@ def run(
     reference, reference_path = reference_profile(config, spec, out, echo)
     train, validation = split_validation(config, dataset)
     clients = make_clients(config, train, spec, reference)
+    calibration_x = calibration_split(dataset.train, config.seed)
     setup_s = time.perf_counter() - started
 
     t0 = time.perf_counter()
@@ -269,8 +284,8 @@ def run(
          f"({strategies.count('ptq')} PTQ, {strategies.count('qat')} QAT)")  # fmt: skip
     for r in range(len(history) + 1, config.rounds + 1):
         outcome = play_round(context, r)
-        accuracy, loss = evaluate(spec, server.global_weights(), dataset.test)
-        row = add_round(history, outcome.row(accuracy, loss, config.local_epochs))
+        metrics = evaluate_global(spec, server, dataset.test, calibration_x)
+        row = add_round(history, outcome.row(metrics["accuracy"], metrics["loss"], config.local_epochs) | metrics)
         training_s += row["wall_s"]
         if config.adjust and r == config.adjust_after and adjustment is None:
             adjustment = adjust_allocation(context, outcome, validation, next_round=r + 1, echo=echo)
@@ -329,6 +344,7 @@ def results_document(
         "rounds": history,
         "final_accuracy": history[-1]["accuracy"] if history else None,
         "best_accuracy": max(h["accuracy"] for h in history) if history else None,
+        "final_deployed_accuracy": history[-1].get("deployed_accuracy") if history else None,
         "wall_time_s": history[-1]["cum_wall_s"] if history else 0.0,
         "sim_time_s": history[-1]["cum_sim_s"] if history else 0.0,
         "upload_bytes": sum(h["upload_bytes"] for h in history),

@@ -3,7 +3,8 @@
 ``run_on_grid(grid, config)`` is the embedded engine's ``run`` over a Flower grid:
 the same setup (data for the server's evaluation, model, reference profile, initial
 model), a query round and the allocation (``FedHQStrategy``), then synchronous
-rounds, the global model evaluated on the test split after each, and
+rounds, the global model evaluated on the test split after each (float and deployed:
+``engine.evaluate_global``), and
 output_dir/results.json in the embedded engine's schema (fedhq.run/1), with
 ``"engine": "flower"``, the nodes left out of the run under ``"excluded"`` and each
 round's ``record_bytes``: the bytes of the usable replies' records as Flower counts
@@ -26,10 +27,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedhq.fl import engine
-from fedhq.fl.client import evaluate
 from fedhq.fl.config import ConfigError, RunConfig
 from fedhq.fl.topology import Topology
 from fedhq.flower.strategy import FedHQStrategy
+from fedhq.quant import calibration_split
 
 # Used when the run sets no client_timeout_s: how long a round waits for replies.
 DEFAULT_ROUND_TIMEOUT_S = 600.0
@@ -54,6 +55,7 @@ def run_on_grid(grid: Grid, config: RunConfig, *, echo: Callable[[str], None] = 
     dataset = engine.load_data(config)
     spec = engine.model_spec(config, dataset)
     reference, reference_path = engine.reference_profile(config, spec, out, echo)
+    calibration_x = calibration_split(dataset.train, config.seed)
     strategy = FedHQStrategy(config, spec, reference)
     node_ids = wait_for_nodes(grid, config.clients, NODE_WAIT_S, echo)
     setup_s = time.perf_counter() - started
@@ -74,8 +76,9 @@ def run_on_grid(grid: Grid, config: RunConfig, *, echo: Callable[[str], None] = 
         messages = strategy.configure_train(r, ArrayRecord(), ConfigRecord(), grid)
         strategy.aggregate_train(r, grid.send_and_receive(messages, timeout=timeout))
         outcome = strategy.outcome
-        accuracy, loss = evaluate(spec, strategy.server.global_weights(), dataset.test)
-        row = engine.add_round(history, outcome.row(accuracy, loss, config.local_epochs))
+        metrics = engine.evaluate_global(spec, strategy.server, dataset.test, calibration_x)
+        row = outcome.row(metrics["accuracy"], metrics["loss"], config.local_epochs) | metrics
+        row = engine.add_round(history, row)
         row["record_bytes"] = outcome.extra["record_bytes"]
         engine.echo_progress(echo, row, config.rounds)
 

@@ -5,8 +5,18 @@ whose Conv2d / Linear layers fake-quantize weights (per channel) and input activ
 (per tensor, running range) with ``fedhq_kernels.fake_quant`` (``prepare_qat``). Both
 keep the float model's parameter names, so their uploads aggregate together; see
 ``fedhq.quant.qat`` for how the FL layer treats the QAT observer buffers.
+``fedhq.quant.deploy`` evaluates a model as deployed (INT weights and calibrated INT
+activations).
 """
 
+from fedhq.quant.deploy import (
+    CALIBRATION_SAMPLES,
+    Calibration,
+    calibrate,
+    calibration_split,
+    deployed_model,
+    evaluate_deployed,
+)
 from fedhq.quant.qat import (
     OBSERVER_BUFFERS,
     QAT_MODULES,
@@ -25,6 +35,12 @@ from fedhq.quant.qat import (
 )
 
 __all__ = [
+    "CALIBRATION_SAMPLES",
+    "Calibration",
+    "calibrate",
+    "calibration_split",
+    "deployed_model",
+    "evaluate_deployed",
     "OBSERVER_BUFFERS",
     "QAT_MODULES",
     "QATConfig",
