@@ -11,8 +11,9 @@ For every seed: a Dirichlet(alpha) partition of the training set; every client t
 the allocation is made, or after `--warmup-epochs` of float training on the whole
 training set) with PTQ and with QAT (``fedhq.fl.client.train_local``, the same
 shuffling for both), `--repeats` times with different shuffling; each upload is
-dequantized and evaluated on a common stratified test subset. A client's PTQ loss is
-mean acc(QAT) - mean acc(PTQ). Per statistic and seed: Spearman's rho between Sig_acc
+evaluated on a common stratified test subset as deployed (INT-bits weights and
+activations calibrated on 256 training images, ``fedhq.quant.evaluate_deployed``) and
+with float activations. A client's PTQ loss is mean acc(QAT) - mean acc(PTQ). Per statistic and seed: Spearman's rho between Sig_acc
 and that loss over the clients (the rule needs rho < 0); over seeds: mean and 95%
 Student-t CI. Eq. 3 grows with V^(1-a), so `client size` is printed as a control and
 each statistic is also correlated without that factor.
@@ -41,9 +42,13 @@ from fedhq.data.base import stratified_test_indices
 from fedhq.data.registry import DATASETS, dataset_key
 from fedhq.fl.client import RoundPlan, evaluate, train_local
 from fedhq.models import ModelSpec
+from fedhq.quant import calibration_split, evaluate_deployed
 
 SIZE = "client size"  # the control row: V alone
 PER_CLASS = 20  # samples per class of the balanced client in two_class_check
+# deployed: INT-bits weights and activations (fedhq.quant.deploy, the main measure);
+# weights: the dequantized upload with float activations
+METRICS = ("deployed", "weights")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,6 +109,7 @@ def client_rows(name: str, seed: int, args) -> list[dict]:
         plan = RoundPlan(round=0, strategy="fp32", epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr,
                          momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
         start = train_local(spec, start, data.train, plan, client=-1)[0].state
+    calibration_x = calibration_split(data.train, seed)  # the same images for every client's upload
     rows = []
     for cid, indices in enumerate(parts):
         local = data.train.subset(indices)
@@ -112,17 +118,18 @@ def client_rows(name: str, seed: int, args) -> list[dict]:
                "classes": int(np.unique(y).size), "sig": {}}  # fmt: skip
         for stat in STATISTICS:
             row["sig"][stat] = client_significance(x, y, statistic=stat)
-        runs = {}
+        runs = {(m, st): [] for m in METRICS for st in ("ptq", "qat")}
         for strategy in ("ptq", "qat"):
-            accs = runs[strategy] = []
             for repeat in range(args.repeats):  # PTQ and QAT see the same shuffling in each repeat
                 plan = RoundPlan(round=1 + repeat, strategy=strategy, epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr, momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
                 update, _ = train_local(spec, start, local, plan, cid)
-                accs.append(evaluate(spec, fk.dequantize_state_dict(update.state), test)[0])
-            row[f"acc_{strategy}"] = float(np.mean(accs))
-        row["ptq_loss"] = row["acc_qat"] - row["acc_ptq"]
-        row["ptq_loss_runs"] = [q - p for p, q in zip(runs["ptq"], runs["qat"])]
+                runs["weights", strategy].append(evaluate(spec, fk.dequantize_state_dict(update.state), test)[0])
+                deployed = evaluate_deployed(spec.build(), update.state, calibration_x, test, bits=args.bits)
+                runs["deployed", strategy].append(deployed[0])
+        row["acc"] = {m: {st: float(np.mean(runs[m, st])) for st in ("ptq", "qat")} for m in METRICS}
+        row["ptq_loss"] = {m: row["acc"][m]["qat"] - row["acc"][m]["ptq"] for m in METRICS}
+        row["ptq_loss_runs"] = {m: [q - p for p, q in zip(runs[m, "ptq"], runs[m, "qat"])] for m in METRICS}
         rows.append(row)
     return rows
 
@@ -165,10 +172,10 @@ def mean_ci(values) -> tuple[float, float, int]:
     return float(v.mean()), float(half), int(v.size)
 
 
-def summarize(rows: list[dict], seeds: list[int]) -> list[dict]:
+def summarize(rows: list[dict], seeds: list[int], metric: str) -> list[dict]:
     summary = []
     by_seed = [[r for r in rows if r["seed"] == s] for s in seeds]
-    losses = [[r["ptq_loss"] for r in seed_rows] for seed_rows in by_seed]
+    losses = [[r["ptq_loss"][metric] for r in seed_rows] for seed_rows in by_seed]
     for stat in [*STATISTICS, SIZE]:
         rhos, spread_rhos = [], []
         for seed_rows, loss in zip(by_seed, losses):
@@ -194,26 +201,30 @@ def main(argv=None) -> int:
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         started = time.perf_counter()
         rows = [r for s in seeds for r in client_rows(name, s, args)]
-        summary = summarize(rows, seeds)
-        loss = [r["ptq_loss"] for r in rows]
-        loss_mean, loss_half, _ = mean_ci(loss)
         print(f"\n## {name}: {args.seeds} seeds x {args.clients} clients, Dirichlet {args.alpha}, {args.epochs} epochs, "
-              f"INT{args.bits} upload ({time.perf_counter() - started:.0f} s)")  # fmt: skip
-        print(f"PTQ loss acc(QAT) - acc(PTQ) over clients: mean {100 * loss_mean:+.2f} +/- {100 * loss_half:.2f} pp, "
-              f"range {100 * min(loss):+.2f} .. {100 * max(loss):+.2f} pp, sd {100 * np.std(loss, ddof=1):.2f} pp")  # fmt: skip
-        if args.repeats > 1:  # how much of that spread is the training's own noise
-            within = math.sqrt(np.mean([np.var(r["ptq_loss_runs"], ddof=1) for r in rows]) / args.repeats)
-            print(f"noise of one client's loss (sd over its {args.repeats} repeats / sqrt({args.repeats})): "
-                  f"{100 * within:.2f} pp")  # fmt: skip
-        print("\n| statistic | rho(Sig_acc, PTQ loss): mean +/- 95% CI | per seed | CI below 0 | "
-              "rho(Sig_acc / V^(1-a), PTQ loss) |")  # fmt: skip
-        print("| --- | --- | --- | --- | --- |")
-        for s in summary:
-            label = s["statistic"] + (" (default)" if s["statistic"] == DEFAULT_STATISTIC else "")
-            per_seed = " ".join(f"{r:+.2f}" for r in s["rho_per_seed"])
-            size_free = "" if s["statistic"] == SIZE else f"{s['size_free_rho_mean']:+.3f} +/- {s['size_free_rho_ci95']:.3f}"
-            print(f"| {label} | {s['rho_mean']:+.3f} +/- {s['rho_ci95']:.3f} (n={s['seeds_used']}) | {per_seed} | "
-                  f"{'yes' if s['ci_below_zero'] else 'no'} | {size_free} |")  # fmt: skip
+              f"INT{args.bits} ({time.perf_counter() - started:.0f} s)")  # fmt: skip
+        out["datasets"][name] = {"clients": rows, "summary": {}, "ptq_loss": {}}
+        for metric in METRICS:
+            summary = out["datasets"][name]["summary"][metric] = summarize(rows, seeds, metric)
+            loss = [r["ptq_loss"][metric] for r in rows]
+            loss_mean, loss_half, _ = mean_ci(loss)
+            out["datasets"][name]["ptq_loss"][metric] = {"mean": loss_mean, "ci95": loss_half}
+            print(f"\n### {metric} accuracy\n\nPTQ loss acc(QAT) - acc(PTQ) over clients: mean {100 * loss_mean:+.2f} +/- "
+                  f"{100 * loss_half:.2f} pp, range {100 * min(loss):+.2f} .. {100 * max(loss):+.2f} pp, "
+                  f"sd {100 * np.std(loss, ddof=1):.2f} pp")  # fmt: skip
+            if args.repeats > 1:  # how much of that spread is the training's own noise
+                within = math.sqrt(np.mean([np.var(r["ptq_loss_runs"][metric], ddof=1) for r in rows]) / args.repeats)
+                print(f"noise of one client's loss (sd over its {args.repeats} repeats / sqrt({args.repeats})): "
+                      f"{100 * within:.2f} pp")  # fmt: skip
+            print("\n| statistic | rho(Sig_acc, PTQ loss): mean +/- 95% CI | per seed | CI below 0 | "
+                  "rho(Sig_acc / V^(1-a), PTQ loss) |")  # fmt: skip
+            print("| --- | --- | --- | --- | --- |")
+            for s in summary:
+                label = s["statistic"] + (" (default)" if s["statistic"] == DEFAULT_STATISTIC else "")
+                per_seed = " ".join(f"{r:+.2f}" for r in s["rho_per_seed"])
+                size_free = "" if s["statistic"] == SIZE else f"{s['size_free_rho_mean']:+.3f} +/- {s['size_free_rho_ci95']:.3f}"
+                print(f"| {label} | {s['rho_mean']:+.3f} +/- {s['rho_ci95']:.3f} (n={s['seeds_used']}) | {per_seed} | "
+                      f"{'yes' if s['ci_below_zero'] else 'no'} | {size_free} |")  # fmt: skip
         check = two_class_check(name, args)
         print(f"\nRequirement 2 on {name}'s images: a balanced client ({PER_CLASS} per class) against the "
               "two-class clients of its size")  # fmt: skip
@@ -222,8 +233,7 @@ def main(argv=None) -> int:
         for c in check:
             print(f"| {c['statistic']} | {c['balanced']:.2f} | {c['top_two_class']:.2f} {tuple(c['top_classes'])} | "
                   f"{c['pairs_above']} of {c['pairs']} |")  # fmt: skip
-        out["datasets"][name] = {"clients": rows, "summary": summary, "ptq_loss_mean": loss_mean,
-                                 "ptq_loss_ci95": loss_half, "two_class_check": check}  # fmt: skip
+        out["datasets"][name]["two_class_check"] = check
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

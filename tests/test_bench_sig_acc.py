@@ -37,11 +37,14 @@ def test_quick_run_correlates_every_statistic(tmp_path):
     assert len(rows) == 2 * 4  # 2 seeds x 4 clients
     for row in rows:
         assert set(row["sig"]) == set(STATISTICS) and all(np.isfinite(v) and v >= 0 for v in row["sig"].values())
-        assert 0 <= row["acc_ptq"] <= 1 and 0 <= row["acc_qat"] <= 1
-        assert row["ptq_loss"] == pytest.approx(row["acc_qat"] - row["acc_ptq"])
-    assert [s["statistic"] for s in summary] == [*STATISTICS, "client size"]
-    for s in summary:
-        assert len(s["rho_per_seed"]) == 2 and all(-1 <= r <= 1 for r in s["rho_per_seed"] if np.isfinite(r))
+        for metric in ("deployed", "weights"):
+            acc = row["acc"][metric]
+            assert 0 <= acc["ptq"] <= 1 and 0 <= acc["qat"] <= 1
+            assert row["ptq_loss"][metric] == pytest.approx(acc["qat"] - acc["ptq"])
+    for metric in ("deployed", "weights"):
+        assert [s["statistic"] for s in summary[metric]] == [*STATISTICS, "client size"]
+        for s in summary[metric]:
+            assert len(s["rho_per_seed"]) == 2 and all(-1 <= r <= 1 for r in s["rho_per_seed"] if np.isfinite(r))
     for name in STATISTICS:
         assert f"| {name}" in result.stdout
     check = {c["statistic"]: c for c in doc["datasets"]["digits"]["two_class_check"]}
