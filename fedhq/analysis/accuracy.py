@@ -491,7 +491,7 @@ def register_statistic(statistic: Statistic) -> None:
 
 
 for _statistic in (
-    Statistic("label_surprisal", label_surprisal, False, True, "mirrored -ln(class share): Eq. 3 ~ V^(1-a) x label entropy"),
+    Statistic("label_surprisal", label_surprisal, False, True, "mirrored -ln(class share): Eq. 3 ~ V^(1-a) x entropy"),
     Statistic("class_rank", class_rank, False, False, "rank of the sample's class in the client's class frequencies"),
     Statistic("feature_mean", feature_mean, True, False, "mean of the sample's features (pixel intensity)"),
     Statistic("random_projection", random_projection, True, False, "features on a fixed random unit direction"),
@@ -545,7 +545,8 @@ def _validate_features(features: Any, n: int, statistic: Statistic) -> np.ndarra
         raise ValueError(f"features hold {x.shape[0] if x.ndim else 0} samples (shape {x.shape}) but labels hold {n}")
     bad = ~np.isfinite(x.reshape(n, -1)).all(axis=1)
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} sample(s) with non-finite features, the first at index {int(np.argmax(bad))}")
+        first = int(np.argmax(bad))
+        raise ValueError(f"{int(bad.sum())} sample(s) with non-finite features, the first at index {first}")
     return x
 
 
