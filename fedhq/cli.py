@@ -135,6 +135,8 @@ _RUN_SETTINGS = {
     "--xi": ("xi", float, "Theta's weight of speed significance (Eq. 6, default 0.2)"),
     "--area-threshold": ("area_threshold", float, "triangle area below which a client is PTQ (default 0.0625)"),
     "--speed-orientation": ("speed_orientation", str, "read Sig_speed as 'speed' (default, measured better) or 'time' (Eq. 2 as printed)"),
+    "--acc-statistic": ("acc_statistic", str, "per-sample statistic of Sig_acc (default label_surprisal; "
+                        "docs/accuracy-significance.md compares the others)"),
     "--bits": ("bits", int, "bits of the uploaded weights, 2..8 (default 8)"),
     "--seed": ("seed", int, "seed of the partition, clients, initialization and shuffling (default 0)"),
     "--output": ("output_dir", str, "output directory (default results/run for run, results/compare for compare); "

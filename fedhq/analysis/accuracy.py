@@ -1,16 +1,16 @@
 """Accuracy significance of one client: Alg. 1 (distribution fitting) and Eq. 3.
 
 Runs on the client, once, before training (paper §3.2). The client reduces every local
-sample to one scalar statistic (by default its class-label index, since label skew is
-what non-IID partitions create; any per-sample function can be plugged in), fits those
+sample to one scalar, a registered per-sample statistic (`STATISTICS`; by default
+`label_surprisal`, chosen and measured in docs/accuracy-significance.md), fits those
 values to each family of Table 1, keeps the best fit F_out, and computes
 
     Sig_acc = sum_{v=1..V} V^(-a) * |x_v - mean(F_out)|,   0 < a < 1   (Eq. 3)
 
 Privacy: the data, the statistic values and the fitted distribution never leave the
-client; only the float returned by `accuracy_significance` is sent to the server.
+client; only the float returned by `client_significance` is sent to the server.
 
-Decisions (ALGORITHM.md §3 leaves them open):
+Decisions (the paper leaves them open):
 
 - AutoFit: scipy.stats maximum likelihood for the continuous families, moments or MLE
   for the discrete ones (Poisson: lambda = mean, which is both; Binomial: moments).
@@ -24,7 +24,7 @@ Decisions (ALGORITHM.md §3 leaves them open):
   only when needed, and each fit records it in `transform`:
   * Log-normal, Gamma, Power-law (support x > 0, location fixed at 0): data with
     min <= 0 are shifted so their minimum becomes POSITIVE_SHIFT_FRACTION of their
-    range (labels 0..9 -> 0.9..9.9); a fraction of the range keeps the choice
+    range (values 0..9 -> 0.9..9.9); a fraction of the range keeps the choice
     independent of the data's units.
   * Beta (support (0, 1), no location/scale parameters as in Table 1): data outside
     (0, 1) are min-max rescaled into [m, 1 - m] with m = BETA_MARGIN / (1 + 2 BETA_MARGIN),
@@ -403,34 +403,173 @@ def weighted_distance(values: Any, center: float, a: float = DEFAULT_A) -> float
 
 
 # ---- per-sample statistics (pluggable) ----------------------------------------------
+#
+# A statistic maps a client's (features, labels) to one value per sample. Alg. 1 reads
+# the values sorted and Eq. 3 sums over them, so a statistic whose multiset of values
+# does not change when classes are renamed or samples reordered gives a Sig_acc that
+# does not either (requirement 1; every statistic below meets it). Requirement 2 is
+# `skew_monotone`. Measurements and the choice of the default: docs/accuracy-significance.md.
 
 
-def class_label(labels: Any) -> np.ndarray:
-    """The default statistic: each sample's class-label index (validated by the caller)."""
-    return np.asarray(labels)
+@dataclass(frozen=True)
+class Statistic:
+    """A registered per-sample statistic: fn(features, labels) -> one float per sample."""
+
+    name: str
+    fn: Callable[[np.ndarray | None, np.ndarray], np.ndarray]
+    needs_features: bool  # False: fn ignores features (they may be None)
+    skew_monotone: bool  # a client whose labels concentrate on fewer classes never scores above a balanced one
+    summary: str
 
 
-def feature_mean(features: Any) -> np.ndarray:
+def _classes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each sample's class as an index into counts, each class's sample count)."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return inverse.reshape(-1), counts
+
+
+def class_rank(features: np.ndarray | None, labels: np.ndarray) -> np.ndarray:
+    """Each sample's class as its rank in the client's own class frequencies (0: the most
+    frequent). Tied classes take consecutive ranks in label order, which leaves the
+    multiset of values the same under any renaming."""
+    inverse, counts = _classes(labels)
+    rank = np.empty(counts.size)
+    rank[np.argsort(-counts, kind="stable")] = np.arange(counts.size)
+    return rank[inverse]
+
+
+def label_surprisal(features: np.ndarray | None, labels: np.ndarray) -> np.ndarray:
+    """Each sample's surprisal -ln(n_c / V) under the client's own label frequencies,
+    mirrored: half of each class's samples carry it negated.
+
+    Eq. 3 measures spread around mean(F_out), and a balanced client's surprisals are all
+    equal (no spread); mirrored, the values are symmetric about 0, the fitted mean is
+    about 0 and Eq. 3 becomes V^(1-a) times the label entropy, which is largest for a
+    balanced client and falls with any concentration. An odd-sized class gives its
+    extra sample the plus sign, the next odd-sized class (by descending count) the
+    minus sign, and so on, so the signs differ by at most one sample overall.
+    """
+    inverse, counts = _classes(labels)
+    surprisal = -np.log(counts / labels.size)
+    order = np.argsort(inverse, kind="stable")
+    grouped = inverse[order]
+    within = np.empty(labels.size, dtype=np.int64)  # each sample's occurrence index in its class
+    within[order] = np.arange(labels.size) - np.searchsorted(grouped, grouped)
+    odd = np.flatnonzero(counts % 2)
+    odd = odd[np.argsort(-counts[odd], kind="stable")]  # ties have equal surprisal: order is immaterial
+    flip = np.zeros(counts.size, dtype=np.int64)
+    flip[odd[1::2]] = 1
+    sign = 1.0 - 2.0 * ((within + flip[inverse]) % 2)
+    return sign * surprisal[inverse]
+
+
+def feature_mean(features: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     """Mean of each sample's features (e.g. mean pixel intensity); axis 0 is the sample."""
     x = np.asarray(features, dtype=np.float64)
     return x.reshape(x.shape[0], -1).mean(axis=1)
 
 
-def accuracy_significance(
-    data: Any,
+PROJECTION_SEED = 0  # every client draws the same direction: a fixed, public projection
+
+
+def random_projection(features: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+    """Each sample's features projected on one fixed random unit direction (seeded by
+    PROJECTION_SEED, so all clients of a run share it)."""
+    x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    direction = np.random.default_rng(PROJECTION_SEED).standard_normal(x.shape[1])
+    return x @ (direction / np.linalg.norm(direction))
+
+
+STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(statistic: Statistic) -> None:
+    """Adds a statistic to the registry that `client_significance` and RunConfig read."""
+    if statistic.name in STATISTICS:
+        raise ValueError(f"a statistic named {statistic.name!r} is already registered")
+    STATISTICS[statistic.name] = statistic
+
+
+for _statistic in (
+    Statistic("label_surprisal", label_surprisal, False, True, "mirrored -ln(class share): Eq. 3 ~ V^(1-a) x entropy"),
+    Statistic("class_rank", class_rank, False, False, "rank of the sample's class in the client's class frequencies"),
+    Statistic("feature_mean", feature_mean, True, False, "mean of the sample's features (pixel intensity)"),
+    Statistic("random_projection", random_projection, True, False, "features on a fixed random unit direction"),
+):
+    register_statistic(_statistic)
+
+# The only one that meets requirements 1-2 (the tests find a skewed client scoring above
+# a balanced one for each of the others). Measured on digits and Fashion-MNIST, 5 seeds,
+# none of the four predicts what PTQ costs a client beyond its size (all size-free rank
+# correlations' 95% CIs but one in 20 include 0), so the requirements decide:
+# docs/accuracy-significance.md.
+DEFAULT_STATISTIC = "label_surprisal"
+
+
+# ---- Sig_acc ------------------------------------------------------------------------
+
+
+def _lookup(name: str) -> Statistic:
+    if name not in STATISTICS:
+        raise ValueError(f"unknown statistic {name!r}; choose one of: {', '.join(STATISTICS)}")
+    return STATISTICS[name]
+
+
+def _validate_labels(labels: Any) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array (one class per sample), got shape {y.shape}")
+    if y.size == 0:
+        raise ValueError("the client has no samples: accuracy significance needs at least one")
+    if y.dtype.kind in "iu":
+        return y
+    if y.dtype.kind != "f":
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    bad = ~np.isfinite(y)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} non-finite label(s), the first at index {int(np.argmax(bad))}")
+    if np.any(y != np.round(y)):
+        raise ValueError("labels must be integer class indices, got fractional values")
+    return y.astype(np.int64)
+
+
+def _validate_features(features: Any, n: int, statistic: Statistic) -> np.ndarray | None:
+    if features is None:
+        if statistic.needs_features:
+            raise ValueError(f"statistic {statistic.name!r} reads the features, but features is None")
+        return None
+    x = np.asarray(features)
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"features must be numeric, got dtype {x.dtype}")
+    if x.ndim == 0 or x.shape[0] != n:
+        raise ValueError(f"features hold {x.shape[0] if x.ndim else 0} samples (shape {x.shape}) but labels hold {n}")
+    bad = ~np.isfinite(x.reshape(n, -1)).all(axis=1)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(f"{int(bad.sum())} sample(s) with non-finite features, the first at index {first}")
+    return x
+
+
+def client_significance(
+    features: Any,
+    labels: Any,
     *,
-    statistic: Callable[[Any], Any] = class_label,
+    statistic: str = DEFAULT_STATISTIC,
     a: float = DEFAULT_A,
     max_fit_samples: int = MAX_FIT_SAMPLES,
 ) -> float:
-    """The client's Sig_acc in one call: statistic -> Alg. 1 -> Eq. 3.
+    """A client's Sig_acc: the registered `statistic` of each sample -> Alg. 1 -> Eq. 3.
 
-    `data` is whatever `statistic` takes: class labels for the default `class_label`,
-    a samples-first feature array for `feature_mean`. Alg. 1 may fit on a subsample
-    (`max_fit_samples`); Eq. 3 uses every sample. Only the returned float is meant to
-    leave the client.
+    `features` is samples-first (None is allowed for a label-only statistic), `labels`
+    one integer class per sample. Alg. 1 may fit on a subsample (`max_fit_samples`);
+    Eq. 3 uses every sample. Only the returned float is meant to leave the client.
     """
     _validate_a(a)
-    values = _validate_values(statistic(data))
+    stat = _lookup(statistic)
+    y = _validate_labels(labels)
+    x = _validate_features(features, y.size, stat)
+    values = _validate_values(stat.fn(x, y))
+    if values.size != y.size:
+        raise ValueError(f"statistic {stat.name!r} gave {values.size} values for {y.size} samples")
     fit = fit_distribution(values, max_fit_samples=max_fit_samples)
     return weighted_distance(values, fit.mean, a)  # Eq. 3

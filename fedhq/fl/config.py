@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS
+
 STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 SPEED_ORIENTATIONS = ("time", "speed")
@@ -55,6 +57,7 @@ class RunConfig:
     xi: float = 0.2
     area_threshold: float = 0.0625
     speed_orientation: str = "speed"  # measured default: see README, "Reading Sig_speed"
+    acc_statistic: str = DEFAULT_STATISTIC  # per-sample statistic of Sig_acc (fedhq.analysis.accuracy.STATISTICS)
     bits: int = 8
     seed: int = 0
     output_dir: str = "results/run"
@@ -121,6 +124,7 @@ class RunConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("partition", self.partition, PARTITIONS)
         _choice("speed_orientation", self.speed_orientation, SPEED_ORIENTATIONS)
+        _choice("acc_statistic", self.acc_statistic, tuple(STATISTICS))
         for name in ("clients", "rounds", "local_epochs", "batch_size", "threads"):
             _int_at_least(name, getattr(self, name), 1)
         _int_at_least("seed", self.seed, 0)

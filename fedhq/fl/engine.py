@@ -23,7 +23,7 @@ import torch
 
 from fedhq.allocation import global_init, normalize_significance
 from fedhq.analysis import speed as speed_analysis
-from fedhq.analysis.accuracy import accuracy_significance
+from fedhq.analysis.accuracy import client_significance
 from fedhq.data import DatasetNotFoundError, load_dataset, partition
 from fedhq.data.base import Dataset, Split, stratified_split
 from fedhq.fl import checkpoint, seeds
@@ -168,7 +168,7 @@ def make_clients(config: RunConfig, train: Split, spec: ModelSpec, reference: di
 def analyze(clients: list[Client], spec: ModelSpec, config: RunConfig) -> tuple[list[float], list[float], list[float]]:
     """The client-side analyses: T_m (Eq. 1, for the cost of training with QAT, the
     strategy being decided), Sig_speed (Eq. 2) and Sig_acc (Alg. 1 + Eq. 3 on the
-    client's labels). Only the two significances would leave a real client."""
+    statistic ``config.acc_statistic`` of the client's data). Only the two significances would leave a real client."""
     pairs = [client_analysis(c, spec, config) for c in clients]
     times, acc_sig = [p[0] for p in pairs], [p[1] for p in pairs]
     return times, speed_analysis.speed_significance(times), acc_sig
@@ -180,7 +180,8 @@ def client_analysis(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[floa
     estimate = c.device.speed.estimate(
         spec.key, "qat", alpha=c.alpha, beta=c.beta, samples=len(c.data), epochs=config.local_epochs, batch=c.batch
     )
-    return estimate.time_s, accuracy_significance(c.data.y.numpy())
+    acc_sig = client_significance(c.data.x.numpy(), c.data.y.numpy(), statistic=config.acc_statistic)
+    return estimate.time_s, acc_sig
 
 
 def normalized_significance(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) -> tuple[list, list]:
