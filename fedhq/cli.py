@@ -114,7 +114,8 @@ def _add_profile(subparsers) -> None:
 
 # flag -> (RunConfig field, type, help); lists are comma-separated
 _RUN_SETTINGS = {
-    "--dataset": ("dataset", str, "digits (bundled, default), cifar10, cifar100, svhn (read from --data-root), synthetic"),
+    "--dataset": ("dataset", str, "digits (bundled, default), cifar10, cifar100, svhn (read from --data-root), "
+                  "fashion-mnist, mnist (IDX files; default root /usr/share/datasets/NAME), synthetic"),
     "--data-root": ("data_root", str, "directory holding the dataset's files (nothing is downloaded)"),
     "--max-train": ("max_train", int, "keep a seeded stratified subset of this many training images"),
     "--model": ("model", str, "model spec name[@HxWxC][:classes]; default: the small CNN sized to the dataset"),

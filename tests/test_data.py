@@ -180,9 +180,9 @@ def test_synthetic_rejects_bad_options(opts, msg):
 
 
 def test_unknown_dataset_and_options():
-    valid = "digits, cifar10, cifar100, svhn, synthetic"
-    with pytest.raises(ValueError, match=f"unknown dataset 'mnist'; choose one of: {valid}"):
-        load_dataset("mnist")
+    valid = "digits, cifar10, cifar100, svhn, mnist, fashion-mnist, synthetic"
+    with pytest.raises(ValueError, match=f"unknown dataset 'emnist'; choose one of: {valid}"):
+        load_dataset("emnist")
     with pytest.raises(ValueError, match="unknown option.*colour.*it takes: seed, test_fraction"):
         load_dataset("digits", colour=True)
     with pytest.raises(ValueError, match="test_fraction must be in"):

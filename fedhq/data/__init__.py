@@ -7,7 +7,8 @@
 
 Loaders (one module each; nothing is downloaded): `digits` (scikit-learn's bundled
 8x8 digits, the default), `cifar10` and `cifar100` (the python pickles),
-`svhn` (the cropped-digit .mat files), `synthetic` (seeded Gaussian classes).
+`svhn` (the cropped-digit .mat files), `mnist` and `fashion-mnist` (the IDX files),
+`synthetic` (seeded Gaussian classes).
 """
 
 from .base import CorruptDatasetError, Dataset, DatasetNotFoundError, Split

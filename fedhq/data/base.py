@@ -184,10 +184,16 @@ def build_dataset(
 # ---------------------------------------------------------------- reading files
 
 
-def require_files(root: Path, names: Sequence[str], layout: str) -> list[Path]:
-    """The paths root/name, or DatasetNotFoundError naming the first missing one and `layout`."""
+def require_directory(root: Path, layout: str) -> Path:
+    """`root`, or DatasetNotFoundError when it is not a directory, naming `layout`."""
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset directory {root} does not exist or is not a directory; {layout}")
+    return root
+
+
+def require_files(root: Path, names: Sequence[str], layout: str) -> list[Path]:
+    """The paths root/name, or DatasetNotFoundError naming the first missing one and `layout`."""
+    require_directory(root, layout)
     paths = [root / n for n in names]
     missing = [p for p in paths if not p.is_file()]
     if missing:

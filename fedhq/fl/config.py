@@ -25,6 +25,7 @@ BETA_RANGE = (0.3, 1.0)
 # Default dataset -> model: the small CNN sized to the dataset's images.
 DEFAULT_MODELS = {"digits": "small_cnn@8x8x1:10", "cifar10": "small_cnn@32x32x3:10",
                   "cifar100": "small_cnn@32x32x3:100", "svhn": "small_cnn@32x32x3:10",
+                  "mnist": "small_cnn@28x28x1:10", "fashion-mnist": "small_cnn@28x28x1:10",
                   "synthetic": "small_cnn@32x32x3:10"}  # fmt: skip
 
 
@@ -105,7 +106,9 @@ class RunConfig:
 
     @property
     def model_spec_text(self) -> str:
-        return self.model or DEFAULT_MODELS.get(self.dataset, "small_cnn")
+        from fedhq.data.registry import dataset_key  # the data loaders are heavy to import
+
+        return self.model or DEFAULT_MODELS.get(dataset_key(self.dataset), "small_cnn")
 
     @property
     def quantized(self) -> bool:
