@@ -41,8 +41,8 @@ momentum:
 - upload ``float_state_dict(model)``: exactly the float model's names (observer
   entries dropped), then ``fedhq_kernels.quantize_state_dict`` it;
 - load a global model with ``load_float_state_dict(model, state_dict)``: weights are
-  replaced, a QAT model's own observer ranges are kept (the EMA adapts to the new
-  weights within a few batches);
+  replaced, a QAT model's own observer ranges are kept (a range widens at once to the
+  new weights' activations and shrinks within about 10 batches);
 - a client that switches PTQ -> QAT starts with fresh observers: its first training
   batch sets every range. A full ``model.state_dict()`` (checkpoints) includes the
   observers, so a restored QAT client evaluates with the ranges it had.
