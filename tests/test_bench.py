@@ -127,3 +127,48 @@ def test_gpu_benchmarks_refuse_cleanly_without_a_gpu():
         result = _run(script, "--device", "cuda")
         assert result.returncode == 2, (script, result.stdout, result.stderr)
         assert "torch sees no CUDA GPU" in result.stderr and "Traceback" not in result.stderr, script
+
+
+def test_bench_qat_recipe_quick(tmp_path):
+    out = tmp_path / "recipe.json"
+    result = _run("bench_qat_recipe.py", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())
+    runs = [r for r in rows if not r.get("summary")]
+    assert {(r["strategy"], r["bits"]) for r in runs} == {("fp32", None), ("ptq", 8), ("qat", 8), ("ptq", 4), ("qat", 4)}
+    assert sorted({r["seed"] for r in runs}) == [0, 1] and len(runs) == 10
+    for r in runs:
+        assert 0 < r["accuracy"] <= 1 and 0 < r["deployed_accuracy"] <= 1 and r["train_s"] > 0
+        assert r["dataset"] == "digits" and r["train_samples"] == 300 and r["observer"] == "envelope"
+    summary = {r["bits"]: r for r in rows if r.get("summary")}
+    assert set(summary) == {8, 4} and all(s["n"] == 2 for s in summary.values())
+    assert all(isinstance(s["goal_at_least_ptq"], bool) and s["qat_minus_ptq_ci95"] >= 0 for s in summary.values())
+    assert result.stdout.count("QAT - PTQ deployed (paired)") == 2 and "-> " in result.stdout
+
+
+def test_bench_qat_recipe_goals_use_the_paired_interval():
+    spec = importlib.util.spec_from_file_location("bench_qat_recipe", BENCH / "bench_qat_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mean, half = module.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 / 3**0.5)  # t(0.975, 2) * sd / sqrt(n)
+
+    def rows(gains):
+        """Three runs per seed; QAT's deployed accuracy is PTQ's + gain (None: it diverged)."""
+        out = []
+        for seed, gain in enumerate(gains):
+            base = {"dataset": "fashion-mnist", "seed": seed, "epochs": 1, "train_samples": 10}
+            qat = None if gain is None else 0.7 + gain
+            out += [base | {"strategy": "fp32", "bits": None, "accuracy": 0.8, "deployed_accuracy": 0.8},
+                    base | {"strategy": "ptq", "bits": 4, "accuracy": 0.8, "deployed_accuracy": 0.7},
+                    base | {"strategy": "qat", "bits": 4, "accuracy": qat, "deployed_accuracy": qat}]  # fmt: skip
+        return module.summarize(out)[0][0]
+
+    clear = rows([0.010, 0.012, 0.011])
+    assert clear["goal_at_least_ptq"] and clear["goal_clearly_above"]
+    assert clear["qat_minus_ptq"] == pytest.approx(1.1)
+    noisy = rows([0.02, -0.015, 0.001])  # above on average, but the interval holds 0
+    assert noisy["goal_at_least_ptq"] and not noisy["goal_clearly_above"]
+    assert not rows([-0.01, -0.01, 0.0])["goal_at_least_ptq"]
+    diverged = rows([0.010, None, 0.011, 0.012])  # a diverged QAT run is left out, not counted as a loss or a win
+    assert diverged["qat_diverged"] == 1 and diverged["qat_minus_ptq"] == pytest.approx(1.1)

@@ -178,7 +178,7 @@ def test_state_dict_names_match_the_float_model():
 
 
 def test_running_range_ema_and_eval_uses_stored_range():
-    layer = prepare_qat(nn.Linear(16, 4), averaging_constant=0.25)
+    layer = prepare_qat(nn.Linear(16, 4), averaging_constant=0.25, observer="ema")
     a = torch.linspace(-1, 2, 32).view(2, 16)
     layer(a)  # first batch sets the range
     assert torch.equal(layer.act_range, torch.tensor([-1.0, 2.0])) and bool(layer.act_observed)
@@ -197,6 +197,21 @@ def test_running_range_ema_and_eval_uses_stored_range():
     with torch.no_grad():
         assert torch.allclose(fresh.quantize_input(a), a, atol=3 / 255)
     assert not bool(fresh.act_observed)
+
+
+def test_envelope_range_widens_at_once_and_shrinks_by_the_average():
+    layer = prepare_qat(nn.Linear(16, 4), averaging_constant=0.25)
+    assert layer.qat_config.observer == "envelope" and QATConfig().averaging_constant == 0.1
+    a = torch.linspace(-1, 2, 32).view(2, 16)
+    layer(a)
+    layer(a * 3)  # a wider batch: the range takes in its extremes at once
+    assert torch.equal(layer.act_range, torch.tensor([-3.0, 6.0]))
+    layer(a)  # a narrower one: the range shrinks by the moving average
+    assert torch.allclose(layer.act_range, torch.tensor([-3.0 + 0.25 * 2, 6.0 - 0.25 * 4]))
+    layer(torch.linspace(-0.5, 8.0, 32).view(2, 16))  # each end on its own: min decays, max widens
+    assert torch.allclose(layer.act_range, torch.tensor([-2.5 + 0.25 * 2, 8.0]))
+    with pytest.raises(ValueError, match=r"observer must be one of \('envelope', 'ema'\), got 'minmax'"):
+        prepare_qat(nn.Linear(2, 2), observer="minmax")
 
 
 def test_all_zero_inputs_give_no_nan():
@@ -258,6 +273,7 @@ def test_bits_sets_weight_and_activation_bits():
         # 4-bit symmetric codes: at most 16 distinct values in every output channel
         assert max(row.unique().numel() for row in w) <= 16
     assert prepare_qat(small_cnn(), bits=3, averaging_constant=0.5).conv1.qat_config == QATConfig(3, 3, 0.5)
+    assert prepare_qat(small_cnn(), bits=3, observer="ema").conv1.qat_config == QATConfig(3, 3, observer="ema")
     with pytest.raises(ValueError, match="give bits, or weight_bits / act_bits, not both"):
         prepare_qat(small_cnn(), bits=4, weight_bits=8)
     with pytest.raises(ValueError, match=r"weight_bits must be an int in \[2, 8\], got 9"):

@@ -9,10 +9,14 @@ What a prepared layer computes (paper §2.1, Fig. 1: "fake quantization between 
   channel, symmetric, with the range observed from the current weights inside the
   kernel (MinMaxObserver semantics), on every forward.
 - **Input activations**: per-tensor affine fake quantization with a running range. In
-  training mode the batch's min and max (one ``aminmax`` pass) update an exponential
-  moving average kept in the buffer ``act_range`` = (min, max) (torch.ao's
-  MovingAverageMinMaxObserver rule: the first batch sets the range, later ones move it
-  by ``averaging_constant``); in eval mode the stored range is used and not updated.
+  training mode the batch's min and max (one ``aminmax`` pass) update the buffer
+  ``act_range`` = (min, max): the first batch sets it, later ones move it by an
+  exponential moving average of ``averaging_constant`` (torch.ao's
+  MovingAverageMinMaxObserver rule, ``observer="ema"``) and, with the default
+  ``observer="envelope"``, the range then widens at once to take in the batch's own
+  extremes, so it never clips a network whose activations are growing (it still shrinks
+  by the average; docs/fl.md, "The QAT recipe", has the measurements). In eval mode
+  the stored range is used and not updated.
   Scale and zero point follow MinMaxObserver's formulas
   (``fedhq_kernels.reference.qparams_from_range``, recomputed here with Python-scalar
   constants so no tensor is copied from the host), then
@@ -37,8 +41,8 @@ momentum:
 - upload ``float_state_dict(model)``: exactly the float model's names (observer
   entries dropped), then ``fedhq_kernels.quantize_state_dict`` it;
 - load a global model with ``load_float_state_dict(model, state_dict)``: weights are
-  replaced, a QAT model's own observer ranges are kept (the EMA adapts to the new
-  weights within a few batches);
+  replaced, a QAT model's own observer ranges are kept (a range widens at once to the
+  new weights' activations and shrinks within about 10 batches);
 - a client that switches PTQ -> QAT starts with fresh observers: its first training
   batch sets every range. A full ``model.state_dict()`` (checkpoints) includes the
   observers, so a restored QAT client evaluates with the ranges it had.
@@ -58,6 +62,7 @@ import fedhq_kernels as fk
 from fedhq_kernels.quantized_tensor import MAX_BITS, MIN_BITS, quant_range
 
 OBSERVER_BUFFERS = ("act_range", "act_observed")
+OBSERVERS = ("envelope", "ema")
 _SCALE_EPS = torch.finfo(torch.float32).eps  # MinMaxObserver's (and fedhq_kernels') clamp
 
 
@@ -69,8 +74,11 @@ class QATConfig:
 
     weight_bits: int = 8
     act_bits: int = 8
-    averaging_constant: float = 0.01  # torch.ao MovingAverageMinMaxObserver's default
+    # 0.1 (torch.ao's default is 0.01): a time constant of 10 steps, so a client follows
+    # a new global model within its round (a digits client takes 9 steps per epoch).
+    averaging_constant: float = 0.1
     act_symmetric: bool = False
+    observer: str = "envelope"  # or "ema"; see the module docstring
 
     def __post_init__(self):
         for field in ("weight_bits", "act_bits"):
@@ -80,6 +88,8 @@ class QATConfig:
         c = self.averaging_constant
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
             raise ValueError(f"QATConfig: averaging_constant must be in (0, 1], got {c!r}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"QATConfig: observer must be one of {OBSERVERS}, got {self.observer!r}")
 
 
 def qparams_from_range(lo: Tensor, hi: Tensor, symmetric: bool, quant_min: int, quant_max: int):
@@ -128,8 +138,12 @@ class _QATMixin:
                 # falls back to this batch's range (as if it were its first observation).
                 return torch.where(self.act_observed, stored, batch)
             # EMA (torch.ao MovingAverageMinMaxObserver's rule): the first batch sets
-            # the range, later ones move it by averaging_constant.
-            new = torch.where(self.act_observed, torch.lerp(stored, batch, self.qat_config.averaging_constant), batch)
+            # the range, later ones move it by averaging_constant; "envelope" then widens
+            # it to the batch's extremes.
+            new = torch.lerp(stored, batch, self.qat_config.averaging_constant)
+            if self.qat_config.observer == "envelope":
+                new = torch.stack((torch.minimum(new[0], batch[0]), torch.maximum(new[1], batch[1])))
+            new = torch.where(self.act_observed, new, batch)
             # A non-finite batch must not poison the stored range; it still reaches
             # fake_quant through ``new``, whose non-finite scale raises there.
             finite = torch.isfinite(new).all()
@@ -161,7 +175,7 @@ class _QATMixin:
         cfg = self.qat_config
         return (
             f"{super().extra_repr()}, weight_bits={cfg.weight_bits} (per-channel), "
-            f"act_bits={cfg.act_bits} ({'symmetric' if cfg.act_symmetric else 'affine'}, running range)"
+            f"act_bits={cfg.act_bits} ({'symmetric' if cfg.act_symmetric else 'affine'}, {cfg.observer} range)"
         )
 
 
@@ -263,6 +277,7 @@ def prepare_qat(
     weight_bits: int | None = None,
     act_bits: int | None = None,
     averaging_constant: float | None = None,
+    observer: str | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """The model with every nn.Conv2d / nn.Linear replaced by QATConv2d / QATLinear.
@@ -280,7 +295,8 @@ def prepare_qat(
     base = config or QATConfig()
     overrides = {
         k: v
-        for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits), ("averaging_constant", averaging_constant))
+        for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits), ("averaging_constant", averaging_constant),
+                     ("observer", observer))
         if v is not None
     }
     cfg = QATConfig(**{**base.__dict__, **overrides})
