@@ -7,13 +7,12 @@ shuffle stream keyed by (round, client) (``fedhq.fl.seeds``): a run is reproduci
 and resumable without saving any RNG state.
 
 What is quantized and what stays float (docs/fl.md): a PTQ client trains the float
-model; a QAT client trains ``fedhq.quant.prepare_qat(model, bits=8)`` (weights
+model; a QAT client trains ``fedhq.quant.prepare_qat(model, bits=B)`` (weights
 per channel and input activations per tensor through ``fedhq_kernels.fake_quant``, at
-the bits it uploads). Both upload
-``fedhq_kernels.quantize_state_dict`` of the float model's state dict: every float
-tensor (weights, biases, BatchNorm's affine parameters *and* running statistics) as
-INT``bits`` codes, integer buffers (``num_batches_tracked``) as they are. The QAT
-activation observers never leave the client (``ClientState``).
+the bits B it uploads). Both upload the float parameters (weights, biases, BatchNorm's
+affine parameters) as INT``bits`` codes (``quantized_names``) and buffers (BatchNorm's
+running statistics, ``num_batches_tracked``) as they are. The QAT activation observers
+never leave the client (``ClientState``).
 """
 
 from __future__ import annotations
