@@ -119,6 +119,7 @@ _RUN_SETTINGS = {
                   "fashion-mnist, mnist (IDX files; default root /usr/share/datasets/NAME), synthetic"),
     "--data-root": ("data_root", str, "directory holding the dataset's files (nothing is downloaded)"),
     "--max-train": ("max_train", int, "keep a seeded stratified subset of this many training images"),
+    "--max-test": ("max_test", int, "evaluate on a seeded stratified subset of this many test images"),
     "--model": ("model", str, "model spec name[@HxWxC][:classes]; default: the small CNN sized to the dataset"),
     "--clients": ("clients", int, "number of clients (default 10)"),
     "--rounds": ("rounds", int, "communication rounds (default 25)"),

@@ -246,3 +246,18 @@ def test_cli_compare_runs_every_strategy_on_the_same_setup(reference, tmp_path, 
         assert (out / name).stat().st_size > 1000 or name.endswith(".txt")
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert "fedhq" in rows and "fedfq" in rows  # the printed table has a row per strategy run
+
+
+def test_max_test_keeps_a_seeded_stratified_subset_of_the_test_split():
+    full = engine.load_data(RunConfig())
+    kept = engine.load_data(RunConfig(max_test=100))
+    assert len(kept.test) == 100 and len(kept.train) == len(full.train)
+    counts = torch.bincount(kept.test.y, minlength=10)
+    shares = torch.bincount(full.test.y, minlength=10) * 100 / len(full.test)
+    assert bool(((counts - shares).abs() < 1).all())  # each class keeps its share
+    # the same images for every strategy of a seed, others for another seed
+    assert torch.equal(engine.load_data(RunConfig(max_test=100, strategy="fedfq")).test.x, kept.test.x)
+    assert not torch.equal(engine.load_data(RunConfig(max_test=100, seed=1)).test.x, kept.test.x)
+    assert len(engine.load_data(RunConfig(max_test=10**6)).test) == len(full.test)
+    with pytest.raises(ConfigError, match="max_test must be an int >= 1, got 0"):
+        RunConfig(max_test=0).validated()

@@ -41,6 +41,7 @@ class RunConfig:
     dataset: str = "digits"
     data_root: str | None = None
     max_train: int | None = None  # keep a seeded stratified subset of the training set (CIFAR/SVHN on a CPU)
+    max_test: int | None = None  # evaluate on a seeded stratified subset of the test set (shared by a seed's runs)
     model: str | None = None  # None: DEFAULT_MODELS[dataset]
     clients: int = 10
     rounds: int = 25
@@ -152,8 +153,9 @@ class RunConfig:
             raise ConfigError(f"adjust refines FedHQ's allocation: it needs strategy fedhq, not {self.strategy!r}")
         if self.adjust and self.adjust_after >= self.rounds:
             raise ConfigError(f"adjust_after ({self.adjust_after}) must be below rounds ({self.rounds})")
-        if self.max_train is not None:
-            _int_at_least("max_train", self.max_train, 1)
+        for name in ("max_train", "max_test"):
+            if getattr(self, name) is not None:
+                _int_at_least(name, getattr(self, name), 1)
         if self.client_timeout_s is not None:
             _positive("client_timeout_s", self.client_timeout_s)
         if self.max_weight_growth is not None:

@@ -11,6 +11,7 @@ validates and aggregates; the global model is evaluated; a checkpoint is written
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -25,7 +26,7 @@ from fedhq.allocation import global_init, normalize_significance
 from fedhq.analysis import speed as speed_analysis
 from fedhq.analysis.accuracy import client_significance
 from fedhq.data import DatasetNotFoundError, load_dataset, partition
-from fedhq.data.base import Dataset, Split, stratified_split
+from fedhq.data.base import Dataset, Split, stratified_split, stratified_test_indices
 from fedhq.fl import checkpoint, seeds
 from fedhq.fl.adjustment import adjust_allocation
 from fedhq.fl.client import ClientState, evaluate, train_local
@@ -57,9 +58,15 @@ def load_data(config: RunConfig) -> Dataset:
     if config.max_train is not None:
         options["max_train"] = config.max_train
     try:
-        return load_dataset(config.dataset, config.data_root, **options)
+        dataset = load_dataset(config.dataset, config.data_root, **options)
     except (DatasetNotFoundError, ValueError) as error:
         raise ConfigError(f"dataset {config.dataset!r}: {error}") from None
+    if config.max_test is None or config.max_test >= len(dataset.test):
+        return dataset
+    # Every round evaluates the global model twice (float and deployed) on the test
+    # split: on Fashion-MNIST's 10,000 images that was most of a small run's time.
+    keep = stratified_test_indices(dataset.test.y.numpy(), config.max_test, seeds.generator(config.seed, "test_subset"))
+    return dataclasses.replace(dataset, test=dataset.test.subset(keep))
 
 
 def model_spec(config: RunConfig, dataset: Dataset) -> ModelSpec:

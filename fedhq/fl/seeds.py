@@ -18,6 +18,7 @@ STREAMS = {
     "fedrh": 0x4D,  # fedrh's coin per client
     "shuffle": 0x5F,  # a client's batch order; keys (round, client)
     "adjustment": 0xAD,  # the adjustment's sample of candidate allocations
+    "test_subset": 0x7E57,  # the test images kept by --max-test
 }
 
 
