@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fedhq_kernels as fk  # noqa: E402
 from fedhq.data import DatasetNotFoundError, load_dataset  # noqa: E402
 from fedhq.data.base import stratified_test_indices  # noqa: E402
+from fedhq.fl import seeds  # noqa: E402
 from fedhq.fl.client import RoundPlan, evaluate, quantize_upload, quantized_names, train_local  # noqa: E402
 from fedhq.fl.summary import mean_ci, paired_differences  # noqa: E402
 from fedhq.models import ModelSpec  # noqa: E402
@@ -101,7 +102,7 @@ def run_seed(args, dataset_name: str, seed: int, common: dict) -> list[dict]:
         train = train.subset(stratified_test_indices(train.y.numpy(), cfg["max_train"], rng))
     c, h, _ = dataset.input_shape
     spec = ModelSpec("small_cnn", image_size=h, in_channels=c, num_classes=dataset.num_classes)
-    x_cal = calibration_split(train, seed)
+    x_cal = calibration_split(train, seeds.generator(seed, "calibration"))
     torch.manual_seed(seed)
     initial = float_state_dict(spec.build())
     names = quantized_names(spec.build())

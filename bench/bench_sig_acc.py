@@ -41,6 +41,7 @@ from fedhq.analysis.accuracy import DEFAULT_A, DEFAULT_STATISTIC, STATISTICS, cl
 from fedhq.data import load_dataset, partition
 from fedhq.data.base import stratified_test_indices
 from fedhq.data.registry import DATASETS, dataset_key
+from fedhq.fl import seeds as streams  # "seeds" names the seed lists below
 from fedhq.fl.client import RoundPlan, evaluate, train_local
 from fedhq.fl.summary import mean_ci
 from fedhq.models import ModelSpec
@@ -113,7 +114,7 @@ def client_rows(name: str, seed: int, args) -> list[dict]:
         plan = RoundPlan(round=0, strategy="fp32", epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr,
                          momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
         start = train_local(spec, start, data.train, plan, client=-1)[0].state
-    calibration_x = calibration_split(data.train, seed)  # the same images for every client's upload
+    calibration_x = calibration_split(data.train, streams.generator(seed, "calibration"))  # the same for every upload
     rows = []
     for cid, indices in enumerate(parts):
         local = data.train.subset(indices)
