@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import single_thread
 
 from fedhq.data import load_dataset
 from fedhq.fl import RunConfig, engine, seeds
@@ -26,13 +27,7 @@ from fedhq.quant import (
 from fedhq.quant.deploy import score
 from fedhq_kernels import quant_range
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +39,7 @@ def digits():
 def trained(digits):
     """A small CNN trained in float on digits: 6 epochs, 95.8% test accuracy."""
     torch.manual_seed(0)
-    with torch.random.fork_rng():
-        torch.set_num_threads(1)
+    with torch.random.fork_rng(), single_thread():
         model = small_cnn(in_channels=1, image_size=8)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         generator = torch.Generator().manual_seed(0)
