@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -34,14 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fedhq_kernels as fk  # noqa: E402
 from fedhq.data import DatasetNotFoundError, load_dataset  # noqa: E402
 from fedhq.data.base import stratified_test_indices  # noqa: E402
+from fedhq.fl import seeds  # noqa: E402
 from fedhq.fl.client import RoundPlan, evaluate, quantize_upload, quantized_names, train_local  # noqa: E402
+from fedhq.fl.summary import mean_ci, paired_differences  # noqa: E402
 from fedhq.models import ModelSpec  # noqa: E402
 from fedhq.quant import QATConfig, calibration_split, evaluate_deployed, float_state_dict  # noqa: E402
 
@@ -86,18 +86,6 @@ def setting(args, dataset: str) -> dict:
     return base
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% Student-t interval (nan for one value)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-
-
 def scores(spec: ModelSpec, upload: dict, x_cal, test, bits: int) -> tuple[float, float]:
     """(accuracy with float activations, deployed accuracy) of an upload."""
     accuracy, _ = evaluate(spec, fk.dequantize_state_dict(upload), test)
@@ -114,7 +102,7 @@ def run_seed(args, dataset_name: str, seed: int, common: dict) -> list[dict]:
         train = train.subset(stratified_test_indices(train.y.numpy(), cfg["max_train"], rng))
     c, h, _ = dataset.input_shape
     spec = ModelSpec("small_cnn", image_size=h, in_channels=c, num_classes=dataset.num_classes)
-    x_cal = calibration_split(train, seed)
+    x_cal = calibration_split(train, seeds.generator(seed, "calibration"))
     torch.manual_seed(seed)
     initial = float_state_dict(spec.build())
     names = quantized_names(spec.build())
@@ -167,7 +155,7 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[str]]:
     out, lines = [], []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         fp32 = [r for r in rows if r["dataset"] == dataset and r["strategy"] == "fp32"]
-        m, ci = mean_ci(_percent(fp32, "accuracy"))
+        m, ci = _mean_half(mean_ci(_percent(fp32, "accuracy")))
         lines.append(f"{dataset} ({fp32[0]['epochs']} epochs, {fp32[0]['train_samples']} train, n={len(fp32)} seeds): "
                      f"float model {m:.2f} +- {ci:.2f}%{_diverged(fp32)}")  # fmt: skip
         for bits in dict.fromkeys(r["bits"] for r in rows if r["bits"] is not None):
@@ -176,14 +164,15 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[str]]:
             row = {"bench": "qat_recipe", "summary": True, "dataset": dataset, "bits": bits, "n": len(by["qat"])}
             for s, runs in by.items():
                 for key in ("accuracy", "deployed_accuracy"):
-                    row[f"{s}_{key}"], row[f"{s}_{key}_ci95"] = mean_ci(_percent(runs, key))
+                    row[f"{s}_{key}"], row[f"{s}_{key}_ci95"] = _mean_half(mean_ci(_percent(runs, key)))
                 row[f"{s}_diverged"] = sum(r["deployed_accuracy"] is None for r in runs)
                 lines.append(f"  {bits}-bit {s.upper()}: float activations {row[f'{s}_accuracy']:6.2f} +- "
                              f"{row[f'{s}_accuracy_ci95']:.2f}%   deployed {row[f'{s}_deployed_accuracy']:6.2f} +- "
                              f"{row[f'{s}_deployed_accuracy_ci95']:.2f}%{_diverged(runs)}")  # fmt: skip
-            diffs = [100 * (q["deployed_accuracy"] - p["deployed_accuracy"]) for p, q in zip(by["ptq"], by["qat"])
-                     if p["deployed_accuracy"] is not None and q["deployed_accuracy"] is not None]  # fmt: skip
-            row["qat_minus_ptq"], row["qat_minus_ptq_ci95"] = mean_ci(diffs)
+            deployed = {s: [None if r["deployed_accuracy"] is None else 100 * r["deployed_accuracy"] for r in runs]
+                        for s, runs in by.items()}  # fmt: skip
+            paired = paired_differences(deployed["qat"], deployed["ptq"])  # both sorted by seed
+            row["qat_minus_ptq"], row["qat_minus_ptq_ci95"] = _mean_half(paired)
             row["goal_at_least_ptq"] = bool(row["qat_minus_ptq"] >= 0)  # nan (nothing paired): not met
             verdict = f"QAT >= PTQ -> {'MET' if row['goal_at_least_ptq'] else 'NOT MET'}"
             if dataset == "fashion-mnist" and bits == 4:
@@ -194,6 +183,11 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[str]]:
                          f"{row['qat_minus_ptq_ci95']:.2f} pts: {verdict}")  # fmt: skip
             out.append(row)
     return out, lines
+
+
+def _mean_half(ci: dict) -> tuple[float, float]:
+    """(mean, half-width) of a fedhq.fl.summary.mean_ci result, nan where it has none."""
+    return tuple(float("nan") if ci[k] is None else ci[k] for k in ("mean", "half_width"))
 
 
 def _percent(runs: list[dict], key: str) -> list[float]:

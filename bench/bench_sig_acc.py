@@ -41,7 +41,9 @@ from fedhq.analysis.accuracy import DEFAULT_A, DEFAULT_STATISTIC, STATISTICS, cl
 from fedhq.data import load_dataset, partition
 from fedhq.data.base import stratified_test_indices
 from fedhq.data.registry import DATASETS, dataset_key
+from fedhq.fl import seeds as streams  # "seeds" names the seed lists below
 from fedhq.fl.client import RoundPlan, evaluate, train_local
+from fedhq.fl.summary import mean_ci
 from fedhq.models import ModelSpec
 from fedhq.quant import calibration_split, evaluate_deployed
 
@@ -112,7 +114,7 @@ def client_rows(name: str, seed: int, args) -> list[dict]:
         plan = RoundPlan(round=0, strategy="fp32", epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr,
                          momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
         start = train_local(spec, start, data.train, plan, client=-1)[0].state
-    calibration_x = calibration_split(data.train, seed)  # the same images for every client's upload
+    calibration_x = calibration_split(data.train, streams.generator(seed, "calibration"))  # the same for every upload
     rows = []
     for cid, indices in enumerate(parts):
         local = data.train.subset(indices)
@@ -168,13 +170,13 @@ def spearman(x, y) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def mean_ci(values) -> tuple[float, float, int]:
-    """Mean and the half-width of its 95% Student-t interval over the finite values."""
-    v = np.asarray([x for x in values if math.isfinite(x)])
-    if v.size < 2:
-        return (float(v.mean()) if v.size else float("nan")), float("nan"), int(v.size)
-    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
-    return float(v.mean()), float(half), int(v.size)
+def _finite(values) -> list[float]:
+    """The values a mean is taken over: a seed without a ranking (nan) is left out."""
+    return [x for x in values if math.isfinite(x)]
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def summarize(rows: list[dict], seeds: list[int], metric: str) -> list[dict]:
@@ -189,8 +191,9 @@ def summarize(rows: list[dict], seeds: list[int], metric: str) -> list[dict]:
             if stat != SIZE:  # Eq. 3 without its V^(1-a) factor: what the statistic adds to the client's size
                 size_free = [g / r["samples"] ** (1 - DEFAULT_A) for g, r in zip(sig, seed_rows)]
                 spread_rhos.append(spearman(size_free, loss))
-        mean, half, n = mean_ci(rhos)
-        spread_mean, spread_half, _ = mean_ci(spread_rhos)
+        rho, spread = mean_ci(_finite(rhos)), mean_ci(_finite(spread_rhos))
+        mean, half, n = _nan(rho["mean"]), _nan(rho["half_width"]), rho["n"]
+        spread_mean, spread_half = _nan(spread["mean"]), _nan(spread["half_width"])
         summary.append({"statistic": stat, "rho_mean": mean, "rho_ci95": half, "seeds_used": n, "rho_per_seed": rhos,
                         "ci_below_zero": bool(math.isfinite(half) and mean + half < 0),
                         "size_free_rho_mean": spread_mean, "size_free_rho_ci95": spread_half})  # fmt: skip
@@ -214,7 +217,8 @@ def main(argv=None) -> int:
         for metric in METRICS:
             summary = out["datasets"][name]["summary"][metric] = summarize(rows, seeds, metric)
             loss = [r["ptq_loss"][metric] for r in rows]
-            loss_mean, loss_half, _ = mean_ci(loss)
+            loss_ci = mean_ci(_finite(loss))
+            loss_mean, loss_half = _nan(loss_ci["mean"]), _nan(loss_ci["half_width"])
             out["datasets"][name]["ptq_loss"][metric] = {"mean": loss_mean, "ci95": loss_half}
             print(f"\n### {metric} accuracy\n")
             print(f"PTQ loss acc(QAT) - acc(PTQ) over clients: mean {100 * loss_mean:+.2f} +/- "

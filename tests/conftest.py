@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on the CPU; GPU tests carry the `gpu` marker and skip
 with a reason when no GPU is present (never touching CUDA at collection time)."""
 
+import contextlib
 import os
 import zlib
 
@@ -57,6 +58,38 @@ def backend(request, monkeypatch):
 def gen(request):
     """A generator seeded from the session seed and the test's id."""
     return torch.Generator().manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+@contextlib.contextmanager
+def single_thread():
+    """torch on one thread inside the block, the previous count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One thread for the test: correctness is the same and timings are steadier on a
+    busy 2-core machine (a 2-thread OpenMP team stalls when another process holds a
+    core). A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One measured reference profile (its path) of the default RunConfig's model, the
+    small CNN on digits, for every run of a module."""
+    from fedhq.fl import RunConfig, engine
+    from fedhq.models import ModelSpec
+
+    out = tmp_path_factory.mktemp("reference")
+    config = RunConfig(output_dir=str(out))
+    return engine.reference_profile(config, ModelSpec.parse(config.model_spec_text), out, echo=lambda s: None)[1]
 
 
 def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:

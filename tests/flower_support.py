@@ -1,5 +1,4 @@
-"""Test helpers for the Flower adapter: a measured reference profile, an in-process
-grid that can corrupt or drop replies, and a SuperLink + SuperNodes deployment on
+"""Test helpers for the Flower adapter: an in-process grid that can corrupt or drop replies, and a SuperLink + SuperNodes deployment on
 127.0.0.1 that is always torn down."""
 
 from __future__ import annotations
@@ -19,18 +18,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedhq.fl import engine
-from fedhq.fl.config import RunConfig
 
 BIN = Path(sys.executable).parent
 READY_S = 60.0  # for the SuperLink to listen (imports take seconds, more on a busy machine)
-
-
-def measure_reference(directory: Path) -> str:
-    """A reference profile of the digits model measured on this machine (seconds)."""
-    config = RunConfig(output_dir=str(directory))
-    spec = engine.model_spec(config, engine.load_data(config))
-    return engine.reference_profile(config, spec, directory, echo=lambda s: None)[1]
 
 
 Fault = Callable[[Message, Message], Message | None]  # (reply, message) -> reply or None

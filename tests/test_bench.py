@@ -6,6 +6,7 @@ broke in the meantime, or that fails unclearly without a GPU, is caught here."""
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,9 +151,6 @@ def test_bench_qat_recipe_goals_use_the_paired_interval():
     spec = importlib.util.spec_from_file_location("bench_qat_recipe", BENCH / "bench_qat_recipe.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    mean, half = module.mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.302653 / 3**0.5)  # t(0.975, 2) * sd / sqrt(n)
-
     def rows(gains):
         """Three runs per seed; QAT's deployed accuracy is PTQ's + gain (None: it diverged)."""
         out = []
@@ -167,6 +165,10 @@ def test_bench_qat_recipe_goals_use_the_paired_interval():
     clear = rows([0.010, 0.012, 0.011])
     assert clear["goal_at_least_ptq"] and clear["goal_clearly_above"]
     assert clear["qat_minus_ptq"] == pytest.approx(1.1)
+    assert clear["qat_minus_ptq_ci95"] == pytest.approx(4.302653 * 0.1 / 3**0.5)  # t(0.975, 2) * sd / sqrt(n)
+    one = rows([0.010])  # one seed: no spread to measure, nan in the JSON as before
+    assert one["qat_minus_ptq"] == pytest.approx(1.0) and math.isnan(one["qat_minus_ptq_ci95"])
+    assert one["goal_at_least_ptq"] and not one["goal_clearly_above"]
     noisy = rows([0.02, -0.015, 0.001])  # above on average, but the interval holds 0
     assert noisy["goal_at_least_ptq"] and not noisy["goal_clearly_above"]
     assert not rows([-0.01, -0.01, 0.0])["goal_at_least_ptq"]

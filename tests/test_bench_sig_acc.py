@@ -53,12 +53,18 @@ def test_quick_run_correlates_every_statistic(tmp_path):
         assert check[name]["pairs"] == 45 and (check[name]["pairs_above"] == 0 or not stat.skew_monotone)
 
 
-def test_mean_ci_is_the_student_t_interval(bench):
-    values = [0.1, -0.3, 0.5, 0.2]
-    mean, half, n = bench.mean_ci(values + [float("nan")])  # a seed without a ranking is left out
-    sd = np.std(values, ddof=1)
-    assert (mean, n) == (pytest.approx(np.mean(values)), 4)
-    assert half == pytest.approx(stats.t.ppf(0.975, 3) * sd / 2)
+def test_summary_is_the_student_t_interval_over_seeds_with_a_ranking(bench):
+    clients, ranked = 4, [[0.1, 0.4, 0.2, 0.3], [0.3, 0.1, 0.4, 0.2], [0.4, 0.3, 0.1, 0.2], [0.2, 0.2, 0.2, 0.2]]
+    rows = [{"seed": seed, "samples": 10 + c, "sig": {name: float(c) for name in STATISTICS},
+             "ptq_loss": {"deployed": loss[c]}} for seed, loss in enumerate(ranked) for c in range(clients)]  # fmt: skip
+    for s in bench.summarize(rows, [0, 1, 2, 3], "deployed"):
+        rhos = s["rho_per_seed"]
+        assert np.isnan(rhos[3]) and s["seeds_used"] == 3  # the seed without a ranking is left out
+        sd = np.std(rhos[:3], ddof=1)
+        assert s["rho_mean"] == pytest.approx(np.mean(rhos[:3]))
+        assert s["rho_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * sd / 3**0.5)
+    one = bench.summarize(rows[:clients], [0], "deployed")[0]  # one seed: no spread, nan as before
+    assert one["seeds_used"] == 1 and np.isnan(one["rho_ci95"]) and not one["ci_below_zero"]
     assert bench.spearman([1, 2, 3], [5, 5, 5]) != bench.spearman([1, 2, 3], [5, 5, 5])  # nan: nothing to rank
     assert bench.spearman([1, 2, 3], [3, 1, 0]) == -1.0
 

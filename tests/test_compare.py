@@ -19,15 +19,6 @@ from fedhq.fl.summary import headline_accuracy, mean_ci, paired_differences, sum
 from fedhq.models import ModelSpec
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One measured reference profile of the small CNN for every run of this module."""
-    out = tmp_path_factory.mktemp("reference")
-    config = RunConfig(output_dir=str(out))
-    _, path = engine.reference_profile(config, ModelSpec.parse(config.model_spec_text), out, echo=lambda s: None)
-    return path
-
-
 def tiny(reference, out, **changes) -> RunConfig:
     settings = dict(clients=2, rounds=2, local_epochs=1, batch_size=16, output_dir=str(out), reference_profile=reference)
     settings.update(changes)

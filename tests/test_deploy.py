@@ -5,11 +5,14 @@ Its forward must equal the same quantized forward written with PyTorch's own
 fake-quantize ops, stay close to the float model at 8 bits, fall below it at 2-3
 bits, and refuse bad input with a clear message."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import single_thread
 
 from fedhq.data import load_dataset
+from fedhq.fl import RunConfig, engine, seeds
 from fedhq.fl.client import quantize_upload, quantized_names
 from fedhq.models import small_cnn
 from fedhq.quant import (
@@ -24,13 +27,7 @@ from fedhq.quant import (
 from fedhq.quant.deploy import score
 from fedhq_kernels import quant_range
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +39,7 @@ def digits():
 def trained(digits):
     """A small CNN trained in float on digits: 6 epochs, 95.8% test accuracy."""
     torch.manual_seed(0)
-    with torch.random.fork_rng():
-        torch.set_num_threads(1)
+    with torch.random.fork_rng(), single_thread():
         model = small_cnn(in_channels=1, image_size=8)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         generator = torch.Generator().manual_seed(0)
@@ -107,7 +103,7 @@ def reference_logits(model, x_cal, x, bits):
 
 @pytest.mark.parametrize("bits", [8, 4, 3])
 def test_deployed_forward_equals_a_plain_torch_reference(trained, digits, bits):
-    x_cal = calibration_split(digits.train, seed=1)
+    x_cal = calibration_split(digits.train, seeds.generator(1, "calibration"))
     deployed = deployed_model(trained, uploaded(trained, bits), x_cal, bits)
     with torch.no_grad():
         ours, theirs = deployed(digits.test.x), reference_logits(trained, x_cal, digits.test.x, bits)
@@ -119,7 +115,7 @@ def test_deployed_forward_equals_a_plain_torch_reference(trained, digits, bits):
 
 
 def test_accuracy_is_close_to_float_at_8_bits_and_lower_at_2_and_3(trained, digits):
-    x_cal = calibration_split(digits.train, seed=1)
+    x_cal = calibration_split(digits.train, seeds.generator(1, "calibration"))
     float_accuracy, _ = score(trained, digits.test)
     deployed = {b: evaluate_deployed(trained, uploaded(trained, b), x_cal, digits.test, bits=b)[0] for b in (8, 3, 2)}
     assert float_accuracy > 0.9
@@ -129,7 +125,7 @@ def test_accuracy_is_close_to_float_at_8_bits_and_lower_at_2_and_3(trained, digi
 
 
 def test_a_qat_model_deploys_as_its_float_twin(trained, digits):
-    x_cal = calibration_split(digits.train, seed=1)
+    x_cal = calibration_split(digits.train, seeds.generator(1, "calibration"))
     qat = prepare_qat(trained, bits=4)
     weights = uploaded(trained, 4)
     a = evaluate_deployed(qat, weights, x_cal, digits.test, bits=4)
@@ -138,16 +134,27 @@ def test_a_qat_model_deploys_as_its_float_twin(trained, digits):
 
 
 def test_calibration_split_is_seeded_and_the_same_for_every_caller(digits):
-    a, b = calibration_split(digits.train, seed=3), calibration_split(digits.train, seed=3)
+    def draw(seed, split=digits.train, **kw):
+        return calibration_split(split, seeds.generator(seed, "calibration"), **kw)
+
+    a, b = draw(3), draw(3)
     assert a.shape == (CALIBRATION_SAMPLES, 1, 8, 8) and torch.equal(a, b)
-    assert not torch.equal(a, calibration_split(digits.train, seed=4))
-    assert calibration_split(digits.train.subset(range(10)), seed=3).shape[0] == 10  # all of a small split
+    assert not torch.equal(a, draw(4))
+    # the same images as before the stream moved into fedhq.fl.seeds (default_rng([seed, 0xCA1B]))
+    before = np.sort(np.random.default_rng([3, 0xCA1B]).permutation(len(digits.train))[:CALIBRATION_SAMPLES])
+    assert torch.equal(a, digits.train.x[torch.as_tensor(before)])
+    config = RunConfig(dataset="digits", seed=3).validated()
+    data = engine.load_data(config)
+    assert torch.equal(engine.calibration_images(config, data), draw(3, data.train))  # both engines' draw
+    assert draw(3, digits.train.subset(range(10))).shape[0] == 10  # all of a small split
     with pytest.raises(ValueError, match="size must be a positive int, got 0"):
-        calibration_split(digits.train, seed=3, size=0)
+        draw(3, size=0)
+    with pytest.raises(TypeError, match="rng must be a numpy Generator, got int"):
+        calibration_split(digits.train, 3)
 
 
 def test_calibration_ranges_cover_every_layer_input(trained, digits):
-    x_cal = calibration_split(digits.train, seed=1)
+    x_cal = calibration_split(digits.train, seeds.generator(1, "calibration"))
     calibration = calibrate(trained, x_cal, 4)
     assert list(calibration.ranges) == ["conv1", "conv2", "fc1", "fc2"]
     assert calibration.ranges["conv1"] == (float(x_cal.min()), float(x_cal.max()))
@@ -158,7 +165,7 @@ def test_calibration_ranges_cover_every_layer_input(trained, digits):
 
 
 def test_bad_input_is_refused_with_a_clear_message(trained, digits):
-    x_cal = calibration_split(digits.train, seed=1)
+    x_cal = calibration_split(digits.train, seeds.generator(1, "calibration"))
     with pytest.raises(ValueError, match=r"calibrate: bits must be an int in \[2, 8\], got 9"):
         calibrate(trained, x_cal, 9)
     with pytest.raises(ValueError, match=r"non-empty batch, got shape \(0, 1, 8, 8\)"):

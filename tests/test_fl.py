@@ -14,16 +14,6 @@ from fedhq.fl.client import Update, train_local
 from fedhq.models import ModelSpec
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One measured reference profile of the small CNN for every run of this module."""
-    out = tmp_path_factory.mktemp("reference")
-    config = RunConfig(output_dir=str(out))
-    spec = ModelSpec.parse(config.model_spec_text)
-    _, path = engine.reference_profile(config, spec, out, echo=lambda s: None)
-    return path
-
-
 def tiny(reference, tmp_path, **changes) -> RunConfig:
     settings = dict(clients=4, rounds=2, local_epochs=2, batch_size=16, output_dir=str(tmp_path / "run"),
                     reference_profile=reference)  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="the Flower adapter needs the flower extra: pip install 'fedhq[flower]'")
 
-from flower_support import LocalDeployment, descendants, measure_reference  # noqa: E402
+from flower_support import LocalDeployment, descendants  # noqa: E402
 
 import fedhq.flower  # noqa: E402
 from fedhq import cli  # noqa: E402
@@ -21,11 +21,6 @@ from fedhq.fl.config import RunConfig  # noqa: E402
 
 APP = Path(fedhq.flower.__file__).parent / "app"
 PHONE = "phone-snapdragon-8-gen-2"
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return measure_reference(tmp_path_factory.mktemp("reference"))
 
 
 def _no_children_left(within_s: float) -> list[int]:

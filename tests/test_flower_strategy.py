@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="the Flower adapter needs the flower extra: pip install 'fedhq[flower]'")
 
-from flower_support import LocalGrid, measure_reference  # noqa: E402
+from flower_support import LocalGrid  # noqa: E402
 from flwr.app import Array, Error, Message  # noqa: E402
 
 from fedhq.fl import engine  # noqa: E402
@@ -26,11 +26,6 @@ SUPERLINK_NODE_ID = 1  # flwr.common.constant (not public): the sender of the Su
 
 def quiet(line: str) -> None:
     pass
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return measure_reference(tmp_path_factory.mktemp("reference"))
 
 
 def tiny(reference, tmp_path, **changes) -> RunConfig:

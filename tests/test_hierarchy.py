@@ -16,7 +16,6 @@ from fedhq.fl.client import Update, quantize_upload, quantized_names
 from fedhq.fl.server import Server
 from fedhq.fl.timing import ClientTime, synchronous_round
 from fedhq.fl.topology import Topology, TopologyError
-from fedhq.models import ModelSpec
 
 # ---- the tree ----
 
@@ -157,14 +156,6 @@ def test_ranked_search_finds_the_best_subtree_with_few_trainings():
 
 
 # ---- in a run ----
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference")
-    config = RunConfig(output_dir=str(out))
-    _, path = engine.reference_profile(config, ModelSpec.parse(config.model_spec_text), out, echo=lambda s: None)
-    return path
 
 
 def hierarchical(reference, tmp_path, **changes):

@@ -33,14 +33,7 @@ from fedhq_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Correctness tests: one thread is as good and steadier on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # correctness: one thread is as good and steadier (conftest.py)
 
 
 # ---- models ----

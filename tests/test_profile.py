@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import single_thread
 from torch import nn
 
 from fedhq_kernels.profile import fit, micro, run, schema, steps, timing
@@ -20,23 +21,13 @@ TINY_SIZES = {"bandwidth_bytes": 1 << 20, "matmul_n": 64, "matmul_low_precision_
 SPEC = "small_cnn@8x8x1"
 KEY = "small_cnn@8x8x1:10"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
 def profile_doc():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return run.run_profile(quick=True, models=[SPEC], batches=[8, 32, 128], repeats=3, micro_sizes=TINY_SIZES)
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---- timing ----

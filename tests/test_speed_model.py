@@ -13,6 +13,9 @@ from fedhq_kernels.profile import run, schema
 
 MiB = 1 << 20
 KEY = "small_cnn@8x8x1:10"
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # steadier timings (conftest.py)
+
 # Affine ground truth for the synthetic profile: step = 6 ms + 0.5 ms * B,
 # memory = 100 MiB + 1 MiB * B; parameters P = 50_000.
 STEP0, STEP1, MEM0, MEM1, PARAMS = 6e-3, 0.5e-3, 100 * MiB, 1 * MiB, 50_000
@@ -199,16 +202,6 @@ def test_eq2_speed_significance():
 
 
 # ---- predicted vs measured ----
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the validation's timings are steadier on a busy 2-core machine (a
-    2-thread OpenMP team stalls when another process holds a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # Bound on |predicted / measured - 1| for a 50-step training run of the small CNN at a

@@ -69,6 +69,13 @@ def load_data(config: RunConfig) -> Dataset:
     return dataclasses.replace(dataset, test=dataset.test.subset(keep))
 
 
+def calibration_images(config: RunConfig, dataset: Dataset) -> torch.Tensor:
+    """The training images the server calibrates the deployed model's activation ranges
+    on: drawn from the seed's "calibration" stream alone, so every strategy of a seed
+    (and both engines) calibrate on the same images."""
+    return calibration_split(dataset.train, seeds.generator(config.seed, "calibration"))
+
+
 def model_spec(config: RunConfig, dataset: Dataset) -> ModelSpec:
     try:
         spec = ModelSpec.parse(config.model_spec_text)
@@ -276,7 +283,7 @@ def run(
     reference, reference_path = reference_profile(config, spec, out, echo, reuse_saved=resume)
     train, validation = split_validation(config, dataset)
     clients = make_clients(config, train, spec, reference)
-    calibration_x = calibration_split(dataset.train, config.seed)
+    calibration_x = calibration_images(config, dataset)
     setup_s = time.perf_counter() - started
 
     t0 = time.perf_counter()

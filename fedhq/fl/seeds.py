@@ -19,6 +19,7 @@ STREAMS = {
     "shuffle": 0x5F,  # a client's batch order; keys (round, client)
     "adjustment": 0xAD,  # the adjustment's sample of candidate allocations
     "test_subset": 0x7E57,  # the test images kept by --max-test
+    "calibration": 0xCA1B,  # the server's calibration images of the deployed model
 }
 
 

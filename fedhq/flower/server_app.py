@@ -30,7 +30,6 @@ from fedhq.fl import engine
 from fedhq.fl.config import ConfigError, RunConfig
 from fedhq.fl.topology import Topology
 from fedhq.flower.strategy import FedHQStrategy
-from fedhq.quant import calibration_split
 
 # Used when the run sets no client_timeout_s: how long a round waits for replies.
 DEFAULT_ROUND_TIMEOUT_S = 600.0
@@ -55,7 +54,7 @@ def run_on_grid(grid: Grid, config: RunConfig, *, echo: Callable[[str], None] = 
     dataset = engine.load_data(config)
     spec = engine.model_spec(config, dataset)
     reference, reference_path = engine.reference_profile(config, spec, out, echo)
-    calibration_x = calibration_split(dataset.train, config.seed)
+    calibration_x = engine.calibration_images(config, dataset)
     strategy = FedHQStrategy(config, spec, reference)
     node_ids = wait_for_nodes(grid, config.clients, NODE_WAIT_S, echo)
     setup_s = time.perf_counter() - started

@@ -1,6 +1,6 @@
 """The model as deployed: INT``bits`` weights *and* activations (docs/fl.md, "Deployed accuracy").
 
-    x_cal = calibration_split(dataset.train, seed)           # 256 seeded training images
+    x_cal = calibration_split(dataset.train, rng)            # 256 seeded training images
     accuracy, loss = evaluate_deployed(model, weights, x_cal, dataset.test, bits=4)
 
 ``weights`` is a state dict as clients upload it and the server holds it: every float
@@ -30,16 +30,19 @@ from fedhq.quant.qat import QAT_MODULES, qparams_from_range, strip_qat
 from fedhq_kernels.quantized_tensor import check_bits, quant_range
 
 CALIBRATION_SAMPLES = 256
-_CALIBRATION_STREAM = 0xCA1B  # seeds the draw apart from the run's other seeded draws
 _LAYERS = (nn.Conv2d, nn.Linear)  # exact types, as prepare_qat swaps them
 
 
-def calibration_split(split: Split, seed: int, size: int = CALIBRATION_SAMPLES) -> Tensor:
+def calibration_split(split: Split, rng: np.random.Generator, size: int = CALIBRATION_SAMPLES) -> Tensor:
     """The images of ``size`` samples of ``split`` (all of them if it is smaller) drawn
-    from ``seed`` alone: every strategy of a seed calibrates on the same images."""
+    with ``rng``. A run passes its seed's own calibration stream,
+    ``fedhq.fl.seeds.generator(seed, "calibration")``, so every strategy of a seed
+    calibrates on the same images."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"calibration_split: size must be a positive int, got {size!r}")
-    order = np.random.default_rng([seed, _CALIBRATION_STREAM]).permutation(len(split))
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"calibration_split: rng must be a numpy Generator, got {type(rng).__name__}")
+    order = rng.permutation(len(split))
     return split.x[torch.as_tensor(np.sort(order[:size]))]
 
 
