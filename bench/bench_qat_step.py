@@ -6,7 +6,7 @@
 The ratio QAT/FP32 of a training step is the number FedHQ's speed model lives on
 (a QAT client's cost). A step is zero_grad, forward, cross-entropy, backward and an
 SGD(momentum 0.9) update, on rotating random batches. The three variants are timed
-round-robin, one step each per round (fedhq_kernels.profile.timing.measure_interleaved),
+round-robin, one step each per round (fedhq.profile.timing.measure_interleaved),
 so load that comes and goes on a shared machine hits all three alike and their ratios
 hold. Two ratios are reported: of the medians, and paired (the median over rounds of
 the round's QAT / FP32 quotient). The goal is judged on the paired one: on a shared
@@ -55,8 +55,8 @@ from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 import fedhq_kernels as fk
 from fedhq.models import ModelSpec, count_parameters
 from fedhq.quant import prepare_qat as fedhq_prepare_qat
-from fedhq_kernels.profile.steps import make_step
-from fedhq_kernels.profile.timing import Timing, measure_interleaved, randn_nonzero
+from fedhq.profile.steps import make_step
+from fedhq.profile.timing import Timing, measure_interleaved, randn_nonzero
 
 GOAL_RATIO = 1.3
 ROTATING_BATCHES = 4

@@ -83,7 +83,7 @@ def _print_speed_examples(doc: dict) -> None:
 
 
 def _profile(args) -> int:
-    from fedhq_kernels.profile.cli import take_profile
+    from fedhq.profile.cli import take_profile
 
     doc, _ = take_profile(args, log=lambda s: print(s, flush=True))
     if doc.get("models"):
@@ -94,7 +94,7 @@ def _profile(args) -> int:
 
 
 def _add_profile(subparsers) -> None:
-    from fedhq_kernels.profile.cli import add_arguments
+    from fedhq.profile.cli import add_arguments
 
     parser = subparsers.add_parser(
         "profile",

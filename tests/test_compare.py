@@ -185,8 +185,8 @@ def test_cli_run_refuses_an_output_that_holds_results(reference, tmp_path, capsy
 
 
 def test_reference_profile_is_reused_only_when_passed_or_resuming(reference, tmp_path, monkeypatch):
-    from fedhq_kernels.profile import run as profile_run
-    from fedhq_kernels.profile import schema
+    from fedhq.profile import run as profile_run
+    from fedhq.profile import schema
 
     fresh = schema.load(reference)
     fresh["device"]["name"] = "fresh measurement"

@@ -24,7 +24,7 @@ from fedhq.fl.server import Server
 from fedhq.fl.timing import ClientDevice, ClientTime, synchronous_round
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys
-from fedhq_kernels.profile import schema
+from fedhq.profile import schema
 
 KEY = "small_cnn@8x8x1:10"
 DEVICES = Path(__file__).resolve().parents[1] / "fedhq" / "devices"
@@ -326,7 +326,7 @@ def test_default_models_fit_the_datasets_that_need_no_files():
 def test_a_reference_measured_on_a_busy_machine_is_flagged(tmp_path, monkeypatch):
     """Simulated times scale with the reference profile, which a loaded machine skews:
     the run says so when it measures one under load, and stays quiet on an idle one."""
-    from fedhq_kernels.profile import run as profile_run
+    from fedhq.profile import run as profile_run
 
     spec = ModelSpec.parse(KEY)
     for load, flagged in ((9.5, True), (0.0, False)):

@@ -1,4 +1,4 @@
-"""The hardware profile (fedhq_kernels.profile): timing helpers, memory measurement,
+"""The hardware profile (fedhq.profile): timing helpers, memory measurement,
 work counting, the versioned JSON schema and its errors, and the command lines.
 
 Timings here use tiny ops and one thread (stable on a busy 2-core machine); the
@@ -14,8 +14,8 @@ import torch
 from conftest import single_thread
 from torch import nn
 
-from fedhq_kernels.profile import fit, micro, run, schema, steps, timing
-from fedhq_kernels.profile.cli import main as profile_main
+from fedhq.profile import fit, micro, run, schema, steps, timing
+from fedhq.profile.cli import main as profile_main
 
 TINY_SIZES = {"bandwidth_bytes": 1 << 20, "matmul_n": 64, "matmul_low_precision_n": 16, "quant_elements": 1 << 16}
 SPEC = "small_cnn@8x8x1"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedhq.analysis import speed
-from fedhq_kernels.profile import run, schema
+from fedhq.profile import run, schema
 
 MiB = 1 << 20
 KEY = "small_cnn@8x8x1:10"

@@ -1,6 +1,6 @@
 """Device presets: hardware profiles of devices nobody here can measure (the paper's
 RTX A6000, a Jetson-class and a phone-class client), as data files in this directory
-(schema: fedhq_kernels.profile.schema, kind "preset"). Each file cites the sources of
+(schema: fedhq.profile.schema, kind "preset"). Each file cites the sources of
 its figures and marks estimates; the speed model (fedhq.analysis.speed) scales a
 measured profile's step times to them.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from fedhq_kernels.profile import schema
+from fedhq.profile import schema
 
 
 def preset_names() -> list[str]:

@@ -123,8 +123,8 @@ def reference_profile(
     """This machine's measured profile of the model: the given file, the one this run
     saved earlier (``reuse_saved``: only when resuming it), or a fresh measurement (a few
     seconds). A leftover file of another run is never picked up by accident."""
-    from fedhq_kernels.profile import run as profile_run
-    from fedhq_kernels.profile import schema
+    from fedhq.profile import run as profile_run
+    from fedhq.profile import schema
 
     path = Path(config.reference_profile) if config.reference_profile else out / REFERENCE_FILE
     if path.exists() and (config.reference_profile or reuse_saved):

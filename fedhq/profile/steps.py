@@ -1,32 +1,7 @@
-"""Training-step measurements of a model: time, peak memory and work per step, for
-each strategy (PTQ: the float model; QAT: the model with fake quantization) at
-several batch sizes.
-
-One step = ``zero_grad(set_to_none=True)``, forward, cross-entropy, backward,
-``SGD(momentum=0.9).step()``: what a FedHQ client repeats V/B times an epoch.
-
-- **Time**: ``timing.measure_interleaved`` over rotating batches (distinct random
-  inputs and labels), warm-up steps first. The strategies' steps alternate (PTQ, QAT,
-  PTQ, QAT, ...), so drift and bursts of load on a shared machine hit both alike and
-  their ratio, the number FedHQ's speed model lives on, stays meaningful.
-- **Peak memory** (bytes a step needs at batch B): ``static`` (parameters, buffers,
-  optimizer state: summed from the tensors) + the input batch + the peak *growth*
-  during one step (activations saved for backward, gradients, workspaces, the autograd
-  graph). On CUDA the growth is ``max_memory_allocated`` after
-  ``reset_peak_memory_stats`` minus ``memory_allocated`` before the step. On the CPU
-  torch keeps no allocator statistics, so the live heap (``timing.heap_bytes``, glibc
-  mallinfo2) is sampled after every ATen op of the step (a TorchDispatchMode) and the
-  largest sample minus the sample before the step is the growth. Scratch memory an op
-  allocates and frees inside itself is not seen, and neither is what the allocator
-  keeps cached after a free: the figure is live bytes, a slight underestimate of the
-  resident memory (compared with the kernel's resident-set high-water mark in
-  tests/test_profile.py).
-- **Work per step** (same pass): number of ATen ops that touch data (views excluded:
-  the per-op dispatch/launch count), FLOPs (torch.utils.flop_counter's formulas: conv
-  and matmul, forward and backward), and bytes read + written by each op (inputs +
-  outputs), split between ops with FLOPs ("compute" ops) and the rest (element-wise,
-  reductions, fake quantization, optimizer). The speed model's roofline estimate for
-  devices nobody here can measure uses these.
+"""Training-step measurements of a model (time, peak memory, work per step) for each
+strategy (PTQ: float model; QAT: fake-quantized) at several batch sizes. One step is
+``zero_grad``, forward, cross-entropy, backward, ``SGD(momentum=0.9).step()``; how time,
+memory and work are measured: docs/profile.md.
 """
 
 from __future__ import annotations
@@ -42,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from fedhq_kernels.profile import timing
+from fedhq.profile import timing
+from fedhq_kernels.checks import is_int
 
 # Ops that alias or only relabel their input (no data moved), beyond those whose
 # schema says they are views.
@@ -205,7 +181,7 @@ def profile_training(
     ``strategies`` maps a name ('ptq', 'qat') to a function preparing it. Returns, per
     strategy, ``{"static_bytes", "batches": [BatchResult.as_dict(), ...]}``."""
     device = torch.device(device)
-    if not batches or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batches):
+    if not batches or any(not is_int(b) or b < 1 for b in batches):
         raise ValueError(f"profile_training: batch sizes must be ints >= 1, got {list(batches)}")
     clients: dict[str, _Client] = {}
     for name, prepare in strategies.items():

@@ -1,4 +1,4 @@
-"""Command line of the hardware profile, shared by ``python -m fedhq_kernels.profile``
+"""Command line of the hardware profile, shared by ``python -m fedhq.profile``
 and ``fedhq profile``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedhq_kernels.profile import run, schema
+from fedhq.profile import run, schema
 
 
 def default_out(device: str) -> Path:
@@ -61,7 +61,7 @@ def take_profile(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fedhq_kernels.profile",
+        prog="python -m fedhq.profile",
         description="Hardware profile for FedHQ's speed model: bandwidth, matmul, dispatch overhead, the "
         "quantization ops, and training steps (FP32 and fake-quant) of the project's models.",
     )

@@ -1,15 +1,7 @@
-"""Timing and memory helpers of the hardware profile.
-
-- ``measure``: warm-up calls outside the numbers, then ``repeats`` timed repeats of
-  ``number`` calls each; on CUDA each repeat is bracketed by CUDA events (the
-  device's own clock, no host sleep in the number) and the host synchronizes once
-  at the end; on the CPU ``time.perf_counter``. Returns a ``Timing`` (median, p10,
-  p90, min, max) in seconds per call.
-- ``rotating_inputs``: several distinct non-zero inputs when one would fit in the
-  last-level cache, so repeated calls do not time cache-resident data.
-- ``HeapSampler``: the live heap of this process (glibc ``mallinfo2``: bytes in use in
-  malloc arenas + mmapped blocks), sampled on demand; used on the CPU, where torch has
-  no allocator statistics, to find a training step's peak memory.
+"""The timing harness of the profile and the benchmarks: ``measure`` (warm-up, then
+repeats timed by CUDA events or ``perf_counter``; median and spread as a ``Timing``),
+``measure_interleaved``, rotating non-zero inputs, and memory sampling
+(``heap_bytes``: glibc mallinfo2 on the CPU). See docs/profile.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Micro-benchmarks of the hardware profile: memory bandwidth, matmul throughput,
-per-op dispatch/launch overhead and the quantization ops' bandwidth.
-
-Every figure is {median, p10, p90, repeats} in the unit its key names, from
-``timing.measure`` (warm-up first, median and spread of several repeats). Bandwidth
-is logical: bytes an ideal kernel reads + writes, divided by the time.
+"""Micro-benchmarks of the profile: memory bandwidth (also the benchmarks' copy
+reference), matmul throughput, per-op launch overhead, the quantization ops in GB/s.
+Figures are {median, p10, p90, repeats} of logical bytes (read + written by an ideal
+kernel) per second; see docs/profile.md.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 import fedhq_kernels as fk
-from fedhq_kernels.profile import timing
+from fedhq.profile import timing
 
 
 def _gbps(nbytes: float) -> Callable[[float], float]:

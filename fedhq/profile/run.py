@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 import fedhq_kernels as fk
-from fedhq_kernels.profile import fit, micro, schema, steps, timing
+from fedhq.profile import fit, micro, schema, steps, timing
 
 DEFAULT_MODELS = ("small_cnn@32x32x3", "resnet18@32x32x3")
 # Batch sizes per model name. Quick: a smoke test under 30 s on a 2-core CPU.

@@ -1,41 +1,16 @@
-"""The hardware-profile file: one versioned JSON schema for measured profiles and for
-device presets (fedhq/devices/*.json).
-
-Layout (schema_version 1); a *figure* is ``{"median": x, "p10": .., "p90": ..,
-"repeats": n}`` when measured, ``{"median": x, "source": "...", "estimate": bool}`` in a
-preset; units are in the key names::
-
-    schema: "fedhq-profile"      schema_version: 1      kind: "measured" | "preset"
-    timestamp                    (measured: ISO 8601, UTC)
-    device: name, type ("cpu" | "cuda" | ...), memory_bytes (M of Eq. 1),
-            memory_overhead_bytes (runtime footprint outside the model's tensors),
-            threads, cores, cache_bytes, memory_source
-    software: python, torch, cuda, cudnn, driver, platform, fedhq_backends
-    figures:
-      copy_bandwidth_gbps, read_bandwidth_gbps, alloc_copy_bandwidth_gbps
-      matmul_tflops: {float32, tf32, float16, bfloat16, int8 (TOPS)}  (null: not here)
-      launch_overhead_us          tiny-op dispatch/launch cost
-      quant_ops_gbps: {fake_quant, fake_quant_observed, quantize, aggregate}
-      fake_quant_small_latency_us
-    models: {"<name>@HxWxC:classes": {
-        model, input_shape, num_classes, params, optimizer,
-        strategies: {"ptq" | "qat": {static_bytes, batches: [
-            {batch, step_s (figure), peak_memory_bytes, step_growth_bytes,
-             ops, flops, bytes_compute, bytes_other}, ...]}},
-        qat_over_ptq: [{batch, ratio}, ...]}}
-    conditions: {load_average_start, load_average_end, threads, ...}
-
-``validate`` checks what the speed model relies on and names every missing or bad
-field by its dotted path; ``load`` validates; ``dump`` validates before writing.
+"""The profile file: one versioned JSON schema for measured profiles and device presets
+(fedhq/devices/*.json); its layout is in docs/profile.md. ``validate`` names every
+missing or bad field by its dotted path; ``load`` validates; ``dump`` validates first.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fedhq_kernels.checks import is_real
 
 SCHEMA = "fedhq-profile"
 SCHEMA_VERSION = 1
@@ -82,10 +57,6 @@ def get_path(doc: Any, path: str, default: Any = _MISSING) -> Any:
     return node
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def validate(doc: Any, source: str = "profile") -> dict:
     """Returns ``doc`` if it is a usable profile of this schema version, else raises
     ProfileError naming ``source`` and every missing or invalid field."""
@@ -110,7 +81,7 @@ def validate(doc: Any, source: str = "profile") -> dict:
     missing = [p for p in required if get_path(doc, p, None) is None]
     if missing:
         raise ProfileError(f"{source}: missing field(s) {', '.join(missing)}")
-    bad = [p for p in _POSITIVE if not (_is_number(get_path(doc, p)) and get_path(doc, p) > 0)]
+    bad = [p for p in _POSITIVE if not (is_real(get_path(doc, p)) and get_path(doc, p) > 0)]
     if bad:
         raise ProfileError(
             f"{source}: field(s) {', '.join(f'{p} = {get_path(doc, p)!r}' for p in sorted(bad))} must be numbers > 0"
@@ -127,7 +98,7 @@ def _validate_model(source: str, where: str, entry: Any) -> None:
     missing = [f"{where}.{f}" for f in _MODEL_FIELDS if get_path(entry, f, None) is None]
     if missing:
         raise ProfileError(f"{source}: missing field(s) {', '.join(missing)}")
-    if not (_is_number(entry["params"]) and entry["params"] > 0):
+    if not (is_real(entry["params"]) and entry["params"] > 0):
         raise ProfileError(f"{source}: field {where}.params must be a number > 0, got {entry['params']!r}")
     strategies = entry["strategies"]
     if not isinstance(strategies, Mapping) or not strategies:
@@ -145,7 +116,7 @@ def _validate_model(source: str, where: str, entry: Any) -> None:
                 raise ProfileError(f"{source}: missing field(s) {', '.join(missing)}")
             for f in _BATCH_FIELDS:
                 v = get_path(row, f)
-                if not _is_number(v) or v < 0 or (f in ("batch", "step_s.median", "peak_memory_bytes") and v <= 0):
+                if not is_real(v) or v < 0 or (f in ("batch", "step_s.median", "peak_memory_bytes") and v <= 0):
                     raise ProfileError(f"{source}: field {at}.batches.{i}.{f} must be a number > 0, got {v!r}")
         sizes = [row["batch"] for row in batches]
         if len(set(sizes)) != len(sizes):

@@ -1,0 +1,5 @@
+import sys
+
+from fedhq.profile.cli import main
+
+sys.exit(main())

@@ -1,5 +1,0 @@
-import sys
-
-from fedhq_kernels.profile.cli import main
-
-sys.exit(main())
