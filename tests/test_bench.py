@@ -1,7 +1,7 @@
 """The benchmarks stay runnable: quick CPU runs of both scripts check every case before
 timing, write JSON rows with the fields the reports read, and evaluate the issue's
 goals (no speed is asserted here: this machine's timings say nothing about a GPU's).
-A GPU run is one command later (python -m fedhq_kernels.selftest), so a script that
+A GPU run is one command later (python bench/gpu_selftest.py), so a script that
 broke in the meantime, or that fails unclearly without a GPU, is caught here."""
 
 import importlib.util

@@ -1,39 +1,12 @@
-"""One-command GPU self test: ``python -m fedhq_kernels.selftest [--build] [--no-bench] [extra pytest args]``.
+"""One-command GPU self test, run from a source checkout on a CUDA machine:
 
-Run from a source checkout on a machine with a CUDA GPU. ``--build`` first compiles
-the extensions in place for this GPU (``setup.py build_ext --inplace`` with
-FEDHQ_BUILD_CUDA=1, so a CUDA build that cannot happen fails loudly instead of leaving
-the cuda backend silently unavailable; FEDHQ_CUDA_ARCHS defaults to this GPU's
-architecture only, the quickest build): a fresh checkout then needs this one command.
-Without it, install first (``pip install --no-build-isolation -e .``). A failed build
-fails the run, but the steps below still run for the backends that can (triton). It
-says which GPU backends can run here and why the others cannot, then:
-  1. runs every test marked ``gpu`` (tests/test_cuda.py and any other GPU tests);
-  2. runs the GPU benchmarks (BENCHMARKS below; ``--no-bench`` skips them), showing
-     their tables: bench/bench_kernels.py --device cuda (every op on every GPU backend
-     against PyTorch's ops and a device-to-device copy, 64M elements, each checked
-     against PyTorch before it is timed), and bench/bench_qat_step.py --device cuda (a
-     QAT training step against FP32 and torch.ao's QAT: ResNet-18 at batch 32, then the
-     FL default small CNN). Their JSON rows go to bench/results/*-cuda*.json. They come
-     before step 3 so that a lease that ends early still has the figures;
-  3. runs the op test-suite (tests/test_fake_quant.py, test_quantize.py,
-     test_aggregate.py, test_ops.py) once per GPU backend, with this module loaded as
-     a pytest plugin: each op call the suite makes on CPU tensors is run by that
-     backend on CUDA copies of its arguments and the results are copied back, so the
-     suite's exact comparisons against PyTorch and the reference hold on the GPU;
-and prints a summary. Exit status 0 when everything that could run passed; 2 when
-there is no GPU (nothing is built or run then); 1 otherwise, also when ``--build`` built
-the CUDA extension but the cuda backend then does not load.
+    python bench/gpu_selftest.py [--build] [--no-bench] [extra pytest args]
 
-Each step runs under a time limit (FEDHQ_SELFTEST_STEP_TIMEOUT seconds, default 300),
-so that on a lent GPU one hung step cannot take the others' time; a step that runs
-out is a failure showing what it printed. Every pytest step uses one test seed,
-printed at the start (FEDHQ_TEST_SEED to repeat it).
-
-One deliberate difference is marked as an expected failure in step 3: on a GPU,
-fake_quant with given parameters does not read the scale / zero point back to check
-their values (that would synchronize every QAT step), so the suite's cases passing a
-bad scale or zero point as a tensor are not rejected there.
+``--build`` compiles the extensions in place for this GPU first. Then: the ``gpu``-marked
+tests, the GPU benchmarks (BENCHMARKS; ``--no-bench`` skips them), and the op test-suite
+once per GPU backend, with this file loaded as a pytest plugin that reroutes the suite's
+op calls to the GPU; a summary last. Exit 0: all passed; 2: no GPU; 1 otherwise. Each
+step has a time limit (FEDHQ_SELFTEST_STEP_TIMEOUT, default 300 s). See csrc/README.md.
 """
 
 from __future__ import annotations
@@ -50,11 +23,11 @@ import torch
 GPU_BACKENDS = ("cuda", "triton")
 OP_SUITE = ("test_fake_quant.py", "test_quantize.py", "test_aggregate.py", "test_ops.py")
 _ENV = "FEDHQ_SELFTEST_BACKEND"  # set for step 3: the backend the plugin routes op calls to
-# The plugin's import name. Not __name__: under ``python -m`` that is "__main__", and
-# ``pytest -p __main__`` registers pytest's own __main__ without a word, so the suite
-# would run on the CPU and pass. The plugin also reports how many calls it rerouted,
-# and step 3 fails when that line is missing or says none.
-PLUGIN = "fedhq_kernels.selftest"
+# The plugin's import name (bench/ is put on the children's path). Not __name__: run as a
+# script that is "__main__", and ``pytest -p __main__`` registers pytest's own __main__
+# without a word, so the suite would run on the CPU and pass. The plugin also reports
+# how many calls it rerouted, and step 3 fails when that line is missing or says none.
+PLUGIN = "gpu_selftest"
 _REROUTED = re.compile(r"fedhq selftest: (\d+) op calls rerouted to (\w+) on the GPU")
 _calls = 0  # op calls the plugin ran on the GPU in this pytest process
 _BUILT = "--built"  # passed to the re-run after --build: the cuda backend must load
@@ -99,7 +72,7 @@ def pytest_configure(config):
         return on_gpu
 
     dispatch.kernel = kernel
-    config.addinivalue_line("markers", "selftest: rerouted to a GPU backend by fedhq_kernels.selftest")
+    config.addinivalue_line("markers", "selftest: rerouted to a GPU backend by bench/gpu_selftest.py")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -242,15 +215,18 @@ def main(argv: list[str]) -> int:
         return 2
     # The checkout first on the path of every child (tests, benchmarks, the re-run below),
     # whether or not the package is installed: the code under test is this tree.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    # bench/ too: the op-suite step loads this file as the pytest plugin PLUGIN.
+    here = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), here, os.environ.get("PYTHONPATH")) if p)
+    sys.path.insert(0, str(root))  # this process too (run as a script, its path starts at bench/)
     if build:
         # A failed build is reported and the rest still runs: on a lent GPU the triton
         # backend's tests and figures are worth the time even when the CUDA build is not.
         outcome = _BUILT if _build(root) == 0 else _BUILD_FAILED
-        # This process loaded fedhq_kernels before the build: start afresh so the new
-        # extensions are the ones imported.
+        # Start afresh, so that nothing imported before the build shadows the new extensions.
         sys.stdout.flush()
-        rerun = [sys.executable, "-m", PLUGIN, outcome, *argv] + ([] if run_benchmarks else ["--no-bench"])
+        rerun = [sys.executable, str(Path(__file__).resolve()), outcome, *argv]
+        rerun += [] if run_benchmarks else ["--no-bench"]
         os.execv(sys.executable, rerun)
     from fedhq_kernels import dispatch
 
