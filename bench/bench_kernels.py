@@ -3,30 +3,9 @@
     python bench/bench_kernels.py [--device cpu|cuda] [--backends a,b] [--size N] [--threads T]
                                   [--repeats R] [--quick] [--json PATH]
 
-On a GPU (``--device cuda``, 64M elements by default) every GPU backend that can run
-(cuda, triton) gets its own row per op, beside PyTorch's ops and a device-to-device
-copy measured in the same run; on the CPU the cpu backend runs.
-
-One spec per case (runner, baselines, logical bytes, validate). Every case is checked
-for correctness first (bit for bit where the op is specified to match); a backend that
-fails its check gets no numbers, the run goes on and exits 1 at the end. Then every
-side is timed: warm-up calls outside the numbers, median and p10/p90 over the repeats.
-On a GPU each repeat is a batch of calls queued back to back between CUDA events (no
-synchronization or host clock around single calls), after the GPU has been kept busy
-long enough to leave its idle clocks. Throughput is *logical* bandwidth: the bytes an
-ideal kernel must move (each distinct tensor read or written once, scales included)
-divided by the median time; it is compared with a plain copy measured in the same run,
-at its start and at its end (the faster of the two is the reference). Where the
-algorithm itself must move more (an observed range reads the input twice), the case
-says so and the share of the copy it can reach at most is printed beside its aim.
-"speedup" is against the strongest (fastest) baseline of the case in this run; a goal
-the issue sets against a named baseline is judged against that one.
-
-Every op row allocates its output, as the API does (and as the torch baselines do):
-on this kind of machine first-touch page faults make allocating a fresh 64 MB tensor
-several times slower than writing into a preallocated one, so both a preallocated
-`copy_` and an allocating `clone` are reported; "% copy" is against the preallocated
-copy.
+Every case is checked for correctness before it is timed, with the profile's timing
+harness and copy bandwidth (fedhq.profile); throughput is logical bandwidth against a
+copy measured in the same run. Method and goals: docs/profile.md ("Kernel benchmark").
 """
 
 from __future__ import annotations
@@ -36,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -52,10 +30,11 @@ from torch.ao.quantization import (
     MovingAverageMinMaxObserver,
 )
 
-import fedhq_kernels as fk
-from fedhq_kernels import dispatch, reference
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this checkout's packages, whether or not (or wherever) fedhq is installed; and bench/
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import fedhq_kernels as fk  # noqa: E402
+from fedhq.profile import micro, timing  # noqa: E402
+from fedhq_kernels import dispatch, reference  # noqa: E402
 from resnet18_shapes import (  # noqa: E402
     RESNET18_CIFAR_PARAMS,
     RESNET18_CIFAR_TENSORS,
@@ -73,8 +52,8 @@ CLIENTS = 10
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated")
 
 
-# The issues' goals per device: case key -> (speedup over its baseline, % of the copy's
-# bandwidth); None where the issue sets none.
+# The project's targets per device: case key -> (speedup over its baseline, % of the
+# copy's bandwidth); None where it sets none.
 GOALS = {
     "cpu": {"fq_tensor": (2.5, 60), "fq_channel": (2.5, 60), "fq_observed": (3.0, None), "quantize": (None, None),
             "dequantize": (None, None), "aggregate": (4.0, None)},
@@ -87,7 +66,7 @@ class Mismatch(AssertionError):
     """Ours and the baseline disagree where they must not: the numbers would be meaningless."""
 
 
-# ---- timing ----
+# ---- timing: the profile's harness (fedhq.profile.timing) ----
 
 
 # On a GPU, one timed sample queues calls back to back for about this much GPU time.
@@ -99,56 +78,19 @@ def calls_per_sample(call_ms: float) -> int:
     return max(1, min(1000, round(SAMPLE_MS / max(call_ms, 1e-3))))
 
 
-def measure(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> list[float]:
-    """Milliseconds per call of ``fn``: ``repeats`` samples after ``warmup`` untimed calls.
-
-    On the CPU a sample is one call timed with perf_counter. On a GPU a sample is a
-    batch of calls queued back to back between two CUDA events, divided by its length:
-    a 64M-element op runs ~0.1 ms, so synchronizing and reading the host clock around
-    each call would bill the host's launch latency to the kernel. Queued calls hide it
-    as a training loop does, unless the host is slower than the GPU (then that shows)."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = fn()
-            times.append((time.perf_counter() - start) * 1e3)
-            # Freed after the timer stops, so one call's munmap is not billed to the next.
-            del result
-        return times
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    fn()
-    stop.record()
-    stop.synchronize()
-    number = calls_per_sample(start.elapsed_time(stop))
-    times = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(number):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / number)
-    return times
+def measure(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> timing.Timing:
+    """``timing.measure`` of ``fn``. On the CPU a sample is one call. On a GPU a sample
+    queues calls_per_sample calls back to back between two CUDA events: a 64M-element
+    op runs ~0.1 ms, and timing single calls would bill the host's launch latency."""
+    number = 1
+    if device.type == "cuda":
+        one = timing.measure(fn, device=device, repeats=1, warmup=warmup)
+        number, warmup = calls_per_sample(one.median_s * 1e3), 0
+    return timing.measure(fn, device=device, repeats=repeats, warmup=warmup, number=number)
 
 
-def warm_up_gpu(fn: Callable[[], object], seconds: float = 0.5) -> None:
-    """Runs ``fn`` for ``seconds``: an idle GPU's clocks are low (an H200 idles at a
-    sixth of its boost clock), and the copy measured first would set a low reference."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-
-
-def summarize(times: list[float]) -> dict:
-    deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
-    return {"median_ms": statistics.median(times), "p10_ms": deciles[0], "p90_ms": deciles[-1], "repeats": len(times)}
+def summarize(t: timing.Timing) -> dict:
+    return {"median_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3, "repeats": t.repeats}
 
 
 # ---- correctness ----
@@ -188,7 +130,7 @@ class Case:
     elements: int
     nbytes: int  # logical bytes read + written per call (each distinct tensor once)
     ours: Callable[[], object]
-    baselines: list[Baseline]  # the first is the one the issue's goal names
+    baselines: list[Baseline]  # the first is the one the project's target names
     validate: Callable[[], None]  # raises Mismatch; runs, per backend, before any timing
     floor_bytes: int | None = None  # bytes the algorithm must move when more than nbytes
 
@@ -248,7 +190,7 @@ def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
     reads grad and x and writes grad_x: 5 x 4 = 20 bytes per float32 element. The range
     must be known before the first code is written, so the forward reads x twice: 24
     bytes is the floor. Baselines: torch.ao's FakeQuantize with MinMaxObserver (the
-    issue's) and its fused observer + fake-quant op (FusedMovingAvgObsFakeQuantize with
+    target's) and its fused observer + fake-quant op (FusedMovingAvgObsFakeQuantize with
     averaging constant 1, so each call's range is its own), torch's fastest QAT path.
     The fused op divides the symmetric range by 128 rather than MinMaxObserver's 127.5,
     a slightly different scale, so it is checked to agree within two quantization steps."""
@@ -622,23 +564,20 @@ def run(args) -> tuple[list[dict], list[str]]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.size, generator=gen).to(device)
 
-    # Reference bandwidth: the ceiling for a one-read-one-write op, with and without
-    # allocating the output; the copy again at the end, in case clocks moved.
-    out = torch.empty_like(x)
+    # Reference bandwidth (the profile's copy and clone, fedhq.profile.micro): the ceiling
+    # for a one-read-one-write op, with and without allocating the output; the copy again
+    # at the end, in case clocks moved.
+    copies = micro.bandwidth_calls(x)
     copy_name = "device-to-device copy_" if device.type == "cuda" else "copy_ into a preallocated tensor"
+    timing.warm_up_clocks(copies["copy"][0], device=device)
 
-    def copy():
-        return out.copy_(x)
-
-    if device.type == "cuda":
-        warm_up_gpu(copy)
-
-    def reference_row(op, impl, fn):
-        return make_row(op, str(tuple(x.shape)), x.numel(), "torch", impl, 8 * x.numel(),
+    def reference_row(op, impl, name):
+        fn, nbytes = copies[name]
+        return make_row(op, str(tuple(x.shape)), x.numel(), "torch", impl, nbytes,
                         summarize(measure(fn, args.repeats, device)))  # fmt: skip
 
-    rows = [reference_row(f"{copy_name} (reference)", "Tensor.copy_", copy),
-            reference_row("clone, allocating (reference)", "Tensor.clone", x.clone)]  # fmt: skip
+    rows = [reference_row(f"{copy_name} (reference)", "Tensor.copy_", "copy"),
+            reference_row("clone, allocating (reference)", "Tensor.clone", "clone")]  # fmt: skip
 
     cases = [
         *fake_quant_given_scale_cases(x, gen),
@@ -652,7 +591,7 @@ def run(args) -> tuple[list[dict], list[str]]:
         case_rows, case_failures = time_case(case, args, device)
         rows.extend(case_rows)
         failures.extend(case_failures)
-    rows.append(reference_row(f"{copy_name} (reference, end of run)", "Tensor.copy_", copy))
+    rows.append(reference_row(f"{copy_name} (reference, end of run)", "Tensor.copy_", "copy"))
     copy_gbps = max(rows[0]["gbps"], rows[-1]["gbps"])
 
     context = {
@@ -704,7 +643,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_targets(rows: list[dict]) -> None:
-    print("\nTargets (from the issue):")
+    print("\nTargets (the project's):")
     for r in rows:
         if "target" in r:
             met = "MET" if r["target_met"] else "NOT MET"

@@ -52,11 +52,12 @@ from pathlib import Path
 import torch
 from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
-import fedhq_kernels as fk
-from fedhq.models import ModelSpec, count_parameters
-from fedhq.quant import prepare_qat as fedhq_prepare_qat
-from fedhq.profile.steps import make_step
-from fedhq.profile.timing import Timing, measure_interleaved, randn_nonzero
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+import fedhq_kernels as fk  # noqa: E402
+from fedhq.models import ModelSpec, count_parameters  # noqa: E402
+from fedhq.profile.steps import make_step  # noqa: E402
+from fedhq.profile.timing import Timing, measure_interleaved, randn_nonzero  # noqa: E402
+from fedhq.quant import prepare_qat as fedhq_prepare_qat  # noqa: E402
 
 GOAL_RATIO = 1.3
 ROTATING_BATCHES = 4

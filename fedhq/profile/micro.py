@@ -19,23 +19,29 @@ def _gbps(nbytes: float) -> Callable[[float], float]:
     return lambda s: nbytes / s / 1e9
 
 
+def bandwidth_calls(x: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
+    """The bandwidth measurements of ``x``, name -> (call, bytes moved per call): ``copy``
+    into a preallocated tensor (read + write), a read-only ``sum``, an allocating
+    ``clone`` (on a CPU first-touch page faults of the fresh output dominate it)."""
+    out = torch.empty_like(x)
+    size = x.numel() * x.element_size()
+    return {"copy": (lambda: out.copy_(x), 2 * size), "read": (x.sum, size), "clone": (x.clone, 2 * size)}
+
+
 def bandwidth(device: torch.device, nbytes: int, *, repeats: int, warmup: int = 2) -> dict:
-    """Copy into a preallocated tensor (read + write: 2 x nbytes), a read-only sum
-    (nbytes), and an allocating clone (2 x nbytes; on a CPU first-touch page faults of
-    the fresh output dominate, see docs). ``nbytes`` should be several times the
-    last-level cache, so these are memory, not cache, bandwidths."""
+    """Figures of ``bandwidth_calls`` on ``nbytes`` of float32. ``nbytes`` should be
+    several times the last-level cache, so these are memory, not cache, bandwidths."""
     gen = torch.Generator().manual_seed(1)
     x = timing.randn_nonzero((nbytes // 4,), generator=gen, device=device)
-    out = torch.empty_like(x)
-    copy = timing.measure(lambda: out.copy_(x), device=device, repeats=repeats, warmup=warmup)
-    read = timing.measure(lambda: x.sum(), device=device, repeats=repeats, warmup=warmup)
-    clone = timing.measure(x.clone, device=device, repeats=repeats, warmup=warmup)
-    size = x.numel() * 4
-    return {
-        "copy_bandwidth_gbps": copy.figure(_gbps(2 * size), bytes=2 * size),
-        "read_bandwidth_gbps": read.figure(_gbps(size), bytes=size),
-        "alloc_copy_bandwidth_gbps": clone.figure(_gbps(2 * size), bytes=2 * size),
-    }
+    calls = bandwidth_calls(x)
+    timing.warm_up_clocks(calls["copy"][0], device=device)
+    figures = {}
+    for name, key in (("copy", "copy_bandwidth_gbps"), ("read", "read_bandwidth_gbps"),
+                      ("clone", "alloc_copy_bandwidth_gbps")):  # fmt: skip
+        fn, size = calls[name]
+        t = timing.measure(fn, device=device, repeats=repeats, warmup=warmup)
+        figures[key] = t.figure(_gbps(size), bytes=size)
+    return figures
 
 
 def _matmul_case(device: torch.device, dtype_name: str, n: int):

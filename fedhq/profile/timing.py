@@ -168,6 +168,20 @@ def measure_interleaved(
     return {name: Timing.from_samples(s, number=1, warmup=warmup) for name, s in samples.items()}
 
 
+def warm_up_clocks(fn: Callable[[], object], *, device: torch.device | str, seconds: float = 0.5) -> None:
+    """Runs ``fn`` for about ``seconds`` on a GPU (no-op on the CPU): an idle GPU's clocks
+    are low (an H200 idles at a sixth of its boost clock), and whatever is timed first
+    would be slowed down by them."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize(device)
+
+
 def calibrate_number(
     fn: Callable[[], object], *, device: torch.device | str = "cpu", target_s: float = 2e-3, cap: int = 100_000
 ) -> int:
