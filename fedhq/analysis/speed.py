@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from fedhq_kernels.checks import is_int, is_real
 from fedhq_kernels.profile import fit, schema
 from fedhq_kernels.profile.timing import randn_nonzero, synchronize
 
@@ -65,14 +66,14 @@ EQUAL_TIMES_RTOL = 1e-9  # Eq. 2 guard: T_max - T_min at or below this fraction 
 
 def check_fraction(name: str, value: Any) -> float:
     """alpha / beta must be numbers in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+    if not is_real(value) or not (0 < value <= 1):
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
     return float(value)
 
 
 def _check_count(name: str, value: Any, *, allow_float: bool = False) -> float:
-    ok = isinstance(value, (int, float)) if allow_float else isinstance(value, int)
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+    ok = is_real(value) if allow_float else is_int(value)
+    if not ok or value <= 0:
         kind = "a number" if allow_float else "an int"
         raise ValueError(f"{name} must be {kind} > 0, got {value!r}")
     return value
