@@ -25,7 +25,7 @@ from .base import (
     locate,
     read_pickle,
     require_files,
-    subsample,
+    subsample_splits,
 )
 
 FOLDER = "cifar-10-batches-py"
@@ -71,8 +71,7 @@ def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | N
     parts = [read_images(p, b"labels", 10) for p in paths[:-1]]
     x_train, y_train = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
     x_test, y_test = read_images(paths[-1], b"labels", 10)
-    x_train, y_train = subsample(x_train, y_train, max_train, seed, "max_train")
-    x_test, y_test = subsample(x_test, y_test, max_test, seed + 1, "max_test")
+    x_train, y_train, x_test, y_test = subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed)
     return build_dataset(
         "cifar10", x_train, y_train, x_test, y_test,
         num_classes=10,

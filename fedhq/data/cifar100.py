@@ -13,7 +13,7 @@ with b'data' (uint8 [N, 3072], channel-first row-major as CIFAR-10), b'fine_labe
 
 from __future__ import annotations
 
-from .base import Dataset, build_dataset, locate, require_files, subsample
+from .base import Dataset, build_dataset, locate, require_files, subsample_splits
 from .cifar10 import read_images, read_names
 
 FOLDER = "cifar-100-python"
@@ -31,8 +31,7 @@ def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | N
     train_path, test_path = require_files(folder, ["train", "test"], LAYOUT)
     x_train, y_train = read_images(train_path, b"fine_labels", 100)
     x_test, y_test = read_images(test_path, b"fine_labels", 100)
-    x_train, y_train = subsample(x_train, y_train, max_train, seed, "max_train")
-    x_test, y_test = subsample(x_test, y_test, max_test, seed + 1, "max_test")
+    x_train, y_train, x_test, y_test = subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed)
     return build_dataset(
         "cifar100", x_train, y_train, x_test, y_test,
         num_classes=100,
