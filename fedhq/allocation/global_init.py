@@ -29,6 +29,9 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from fedhq.analysis.vectors import finite_vector
+from fedhq_kernels.checks import is_real
+
 DEFAULT_XI = 0.2
 DEFAULT_AREA_THRESHOLD = 0.0625
 NORMALIZATION_MARGIN = 0.01
@@ -65,19 +68,7 @@ class Allocation:
 
 
 def _as_significances(values: Any, name: str) -> np.ndarray:
-    try:
-        v = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be numeric, got {type(values).__name__}: {err}") from err
-    if v.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one value per client), got shape {v.shape}")
-    if v.size == 0:
-        raise ValueError(f"{name} is empty: need at least one client")
-    bad = ~np.isfinite(v)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s), the first at client {first}")
-    return v
+    return finite_vector(values, name, one_per="client", empty=f"{name} is empty: need at least one client", at="client")
 
 
 def normalize_significance(values: Any, margin: float = NORMALIZATION_MARGIN) -> np.ndarray:
@@ -103,9 +94,9 @@ def geometric_segmentation(x: np.ndarray, y: np.ndarray, xi: float, area_thresho
 
 
 def _validate_parameters(xi: float, area_threshold: float, speed_orientation: str) -> None:
-    if not 0 < xi < 1:
+    if not (is_real(xi) and 0 < xi < 1):
         raise ValueError(f"xi must lie in (0, 1), got {xi}")
-    if not (np.isfinite(area_threshold) and area_threshold >= 0):
+    if not (is_real(area_threshold) and area_threshold >= 0):
         raise ValueError(f"area_threshold must be finite and >= 0, got {area_threshold}")
     if speed_orientation not in _ORIENTATIONS:
         raise ValueError(f"speed_orientation must be one of {_ORIENTATIONS}, got {speed_orientation!r}")

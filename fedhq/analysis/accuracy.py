@@ -69,11 +69,15 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 from scipy import stats
 
+from fedhq.analysis.vectors import finite_vector
+
 DEFAULT_A = 0.5
 MAX_FIT_SAMPLES = 2000
 TIE_FRACTION = 0.5
 POSITIVE_SHIFT_FRACTION = 0.1
 BETA_MARGIN = 0.05
+
+NO_SAMPLES = "the client has no samples: accuracy significance needs at least one"
 
 _FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError)  # scipy's FitError is a RuntimeError
 
@@ -306,19 +310,7 @@ def _evaluate(family: _Family, sample: _Sample) -> FamilyFit:
 
 
 def _validate_values(values: Any) -> np.ndarray:
-    try:
-        x = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"statistic values must be numeric, got {type(values).__name__}: {err}") from err
-    if x.ndim != 1:
-        raise ValueError(f"expected one scalar statistic per sample (a 1-D array), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError("the client has no samples: accuracy significance needs at least one")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise ValueError(f"{int(bad.sum())} non-finite statistic value(s), the first at index {first}")
-    return x
+    return finite_vector(values, "the statistic", one_per="sample", empty=NO_SAMPLES, at="index")
 
 
 def _summarize(values: np.ndarray, max_fit_samples: int) -> _Sample:
@@ -520,7 +512,7 @@ def _validate_labels(labels: Any) -> np.ndarray:
     if y.ndim != 1:
         raise ValueError(f"labels must be a 1-D array (one class per sample), got shape {y.shape}")
     if y.size == 0:
-        raise ValueError("the client has no samples: accuracy significance needs at least one")
+        raise ValueError(NO_SAMPLES)
     if y.dtype.kind in "iu":
         return y
     if y.dtype.kind != "f":
