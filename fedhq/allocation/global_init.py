@@ -1,24 +1,12 @@
 """Coarse-grained global initialization: one PTQ/QAT strategy per client (paper §3.3, §4.2).
 
-The server receives each client's (Sig_speed, Sig_acc) (Eq. 4), min-max normalizes each
-list into (0, 1) (Eq. 5), and places client m at x = NormSig_speed, y = NormSig_acc. The
-point spans a right triangle with the axes, hypotenuse slope y / x and area x * y / 2.
+The server min-max normalizes the clients' (Sig_speed, Sig_acc) into (0, 1) (Eq. 5),
+places client m at x = NormSig_speed, y = NormSig_acc and gives it PTQ iff
 
-    Theta = xi * NormSig_speed + (1 - xi) * NormSig_acc,   xi = 0.2            (Eq. 6)
+    y / x > (1 - xi) / xi   (steeper than Theta, Eq. 6)   or   x * y / 2 < area_threshold
 
-Decision (ALGORITHM.md §4): "the slope of Theta" is the slope of the ray through
-(xi, 1 - xi), (1 - xi) / xi (4 at xi = 0.2). A client gets PTQ iff
-
-    y / x > (1 - xi) / xi   (hypotenuse steeper than Theta)   or   x * y / 2 < area_threshold
-
-and QAT otherwise. Raising xi lowers the slope, so it never turns a PTQ client into QAT
-(the paper's Table 3: xi = 0.1 trains slower than 0.2, i.e. has more QAT clients).
-
-Orientation (ALGORITHM.md §4, "Known tension"): Eq. 2 makes Sig_speed grow with the
-client's training time, while the paper's prose reads a high NormSig_speed as a fast
-client. `speed_orientation="time"` (default) uses Eq. 2 as printed, x = NormSig_speed;
-`"speed"` uses x = 1 - NormSig_speed, so a fast client sits at high x as the prose
-says. The end-to-end benchmark decides which default to keep.
+and QAT otherwise. The reading of "the slope of Theta", the `speed_orientation`
+option and the measurements behind both: docs/method.md §4.
 """
 
 from __future__ import annotations
@@ -115,7 +103,7 @@ def global_init(
 
     Vectorized over clients; the result depends on each client's own pair and the lists'
     min and max only, so it does not depend on client order. `speed_orientation` is the
-    "time"/"speed" reading of Sig_speed (module docstring); `margin` is how far Eq. 5
+    "time"/"speed" reading of Sig_speed (docs/method.md §4.3); `margin` is how far Eq. 5
     keeps normalized values from 0 and 1.
     """
     _validate_parameters(xi, area_threshold, speed_orientation)

@@ -2,46 +2,12 @@
 hardware profile, and the speed significance Sig^speed (Eq. 2).
 
     T_m = (V_m / B_m) * E_m * P / H_m(alpha_m * M_m, beta_m * C_m)            (Eq. 1)
-    B_m = the largest batch size whose training memory fits in alpha_m * M_m
     Sig_m^speed = T_m / (T_max - T_min)                                       (Eq. 2)
 
-How this module reads the paper (ALGORITHM.md §2):
-
-- **B_m** comes from the profile's measured peak memory of a training step at several
-  batch sizes, fitted as memory(B) = a + b*B (activations are linear in the batch;
-  parameters, gradients and optimizer state are the constant): B_m is the largest B
-  with ``memory_overhead_bytes + a + b*B <= alpha * M``, capped at the client's
-  sample count V_m (a larger batch would not be used) and at ``max_batch`` if given.
-  The runtime's own footprint (``device.memory_overhead_bytes``) is charged first.
-  A budget that does not fit batch 1 is an error naming ``alpha``.
-- **H_m** is "parameters processed per second at batch B_m": a training step updates
-  all P parameters, so H_m = beta_m * P / step(B_m), where step(B) is the measured step
-  time of the strategy (float32 for PTQ, fake-quantized for QAT) read between the
-  measured batch sizes (step time is affine in B to first order): piecewise linear
-  through the measured medians (made non-decreasing in B), and beyond the largest
-  measured batch extended with the per-sample cost of an affine fit over all of them
-  (``fedhq_kernels.profile.fit.interpolate_monotone``). beta_m scales throughput
-  linearly: the client gets that share of the device (first order: a time-sliced share).
-  Then Eq. 1 is T_m = (V_m / B_m) * E_m * step(B_m) / beta_m (V_m / B_m as printed, not
-  rounded up to whole steps).
-- **Presets** (devices nobody here can measure: fedhq/devices/*.json) carry datasheet
-  figures, not model step times. Their step time is this machine's measured one
-  scaled by a roofline-style ratio, ``step_preset(B) = step_ref(B) * R(B)`` with
-  ``R = cost(preset) / cost(reference)`` and, per device,
-
-      cost = ops * launch + max(bytes_compute / bandwidth, flops / fp32_rate) + bytes_other / bandwidth
-
-  where ops, FLOPs and bytes per step (split between conv/matmul ops and the rest)
-  were counted on the reference's step (fedhq_kernels.profile.steps) and bandwidth,
-  fp32 rate and per-op launch cost are the device's figures (measured here; datasheet
-  x an efficiency factor for the preset). Scaling the *measured* time by a ratio of
-  modeled times carries this machine's achieved fraction of its roofline over to the
-  preset. It is an estimate: it ignores cache sizes, kernel quality per device, TF32
-  convolutions on GPUs and thermal limits. The preset's memory is the reference's
-  measured model memory (tensor bytes do not depend on the device to first order)
-  plus the preset's runtime overhead.
-- **Eq. 2** as printed; when every T_m is equal (T_max - T_min <= 1e-9 * T_max,
-  a relative tolerance for float noise) the denominator is 0 and every client gets 0.5.
+B_m comes from the profile's measured memory, H_m from its measured step time of the
+strategy, presets from a roofline ratio to the reference machine; Eq. 2 gives 0.5 to
+every client when all times are equal. The reasoning and measurements:
+docs/method.md §2 and docs/profile.md, "The speed model".
 """
 
 from __future__ import annotations
@@ -117,7 +83,7 @@ def _device_costs(doc: dict) -> tuple[float, float, float]:
 
 
 def roofline_seconds(doc: dict, ops: float, flops: float, bytes_compute: float, bytes_other: float) -> float:
-    """The modeled cost of one step on the device of ``doc`` (module docstring)."""
+    """The modeled cost of one step on the device of ``doc`` (docs/method.md §2.3)."""
     bandwidth, rate, launch = _device_costs(doc)
     return ops * launch + max(bytes_compute / bandwidth, flops / rate) + bytes_other / bandwidth
 
