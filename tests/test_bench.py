@@ -1,5 +1,5 @@
 """The benchmarks stay runnable: quick CPU runs of both scripts check every case before
-timing, write JSON rows with the fields the reports read, and evaluate the issue's
+timing, write JSON rows with the fields the reports read, and evaluate their
 goals (no speed is asserted here: this machine's timings say nothing about a GPU's).
 A GPU run is one command later (python -m fedhq_kernels.selftest), so a script that
 broke in the meantime, or that fails unclearly without a GPU, is caught here."""
@@ -82,7 +82,7 @@ def test_a_failed_check_skips_that_side_only(bench_kernels):
     assert failures == ["op [torch-broken]: x", "op [fedhq-reference]: planted"]
     ours = rows[-1]
     assert ours["baseline"] == "fast"  # speedup against the strongest baseline...
-    assert ours["target_speedup"] == pytest.approx(rows[0]["median_ms"] / ours["median_ms"])  # ...the goal against the issue's
+    assert ours["target_speedup"] == pytest.approx(rows[0]["median_ms"] / ours["median_ms"])  # ...the goal against the baseline its target names
     assert rows[1]["speedup"] == 1.0 and rows[0]["speedup"] < 1.0
 
 
@@ -91,7 +91,7 @@ def test_gpu_samples_queue_a_few_milliseconds(bench_kernels):
     assert bench_kernels.calls_per_sample(0.0) == 1000
 
 
-def test_gpu_goals_are_the_issues(bench_kernels):
+def test_gpu_goals_are_the_stated_ones(bench_kernels):
     module = bench_kernels
     gpu = module.GOALS["cuda"]
     assert {key: aim for key, (_, aim) in gpu.items() if aim is not None} == {
