@@ -1,34 +1,19 @@
-"""Builds fedhq_kernels' compiled backends.
-
-The CPU extension (fedhq_kernels._C: csrc/ops.cpp + csrc/cpu/*.cpp) is built with
-OpenMP and exact floating point: -ffp-contract=off, because FMA contraction changes
-the rounding PyTorch's quantization does; -fno-trapping-math, which changes no result
-but lets GCC if-convert the clamps (without it the fake-quant loop stayed scalar and
-ran 2.4x slower on one core). A build failure never fails the install unless
-FEDHQ_REQUIRE_CPU_EXT=1: the package then runs on its reference backend and says so
-once at import.
-
-The CUDA extension (fedhq_kernels._C_cuda: csrc/cuda_ops.cpp + csrc/cuda/*.cu) is
-built when torch is a CUDA build and a CUDA toolkit of the same major version is
-found; otherwise it is skipped, saying why. Without it, CUDA tensors run on the
-triton or reference backend. Its nvcc flags keep results exact (NVCC_FLAGS below).
-The build ends with one line: what was built and what was skipped.
+"""Builds fedhq_kernels' compiled backends: the CPU extension (fedhq_kernels._C, OpenMP,
+exact floating point; a failed build falls back to the reference backend unless
+FEDHQ_REQUIRE_CPU_EXT=1) and, with a CUDA torch and a matching toolkit, the CUDA one
+(fedhq_kernels._C_cuda). The build ends with one line: what was built and what was
+skipped, and why. Why each compiler flag: the comments at cflags and NVCC_FLAGS.
 
 Environment:
   FEDHQ_BUILD_CPU=0        skip the CPU extension
   FEDHQ_REQUIRE_CPU_EXT=1  fail the install if the CPU extension does not build (CI)
-  FEDHQ_CPU_ARCH=native    value of -march (default native; e.g. x86-64-v3 for a
-                           portable build, or "" to pass no -march)
-  FEDHQ_BUILD_CUDA=0|1     skip the CUDA extension / require it (the install fails if
-                           it cannot be built); unset: build it when possible
-  FEDHQ_CUDA_ARCHS         GPU architectures, e.g. "8.6;9.0" or "Hopper" (else
-                           TORCH_CUDA_ARCH_LIST, else 7.5;8.0;8.6;9.0); "+PTX" on an
-                           entry also embeds its PTX; the newest one's PTX is always
-                           embedded so that newer GPUs can JIT-compile it; entries this
-                           nvcc cannot compile are left out with a warning
+  FEDHQ_CPU_ARCH=native    -march value (e.g. x86-64-v3 for a portable build; "" for none)
+  FEDHQ_BUILD_CUDA=0|1     skip / require the CUDA extension; unset: build it when possible
+  FEDHQ_CUDA_ARCHS         GPU architectures, e.g. "8.6;9.0" (else TORCH_CUDA_ARCH_LIST,
+                           else 7.5;8.0;8.6;9.0); "+PTX" embeds an entry's PTX (the newest
+                           one's always is); entries nvcc cannot compile are dropped, warned
   CUDA_HOME                the CUDA toolkit (else the one of the nvcc on PATH)
-  NVCC_THREADS=4           nvcc --threads (architectures compiled in parallel); torch's
-                           MAX_JOBS bounds the parallel compile jobs
+  NVCC_THREADS=4           nvcc --threads; torch's MAX_JOBS bounds parallel compile jobs
 """
 
 import glob
@@ -101,6 +86,9 @@ class BuildExtensionOptional(BuildExtension):
 
 def cpu_extension():
     arch = _flag("FEDHQ_CPU_ARCH", "native")
+    # -ffp-contract=off: FMA contraction changes the rounding PyTorch's quantization does.
+    # -fno-trapping-math changes no result but lets GCC if-convert the clamps (without it
+    # the fake-quant loop stayed scalar and ran 2.4x slower on one core).
     cflags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     if arch:
         cflags.append(f"-march={arch}")

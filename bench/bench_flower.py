@@ -2,18 +2,14 @@
 
     python bench/bench_flower.py [--clients 10] [--rounds 25] [--threads 2] [--out results/bench-flower]
 
-1. Records: one client's upload as Flower records (``ArrayRecord.count_bytes`` +
-   ``ConfigRecord.count_bytes`` of the layout: what a Flower message carries), float32
-   state dict against the INT8 and the (packed) INT4 upload, for the small CNN and ResNet-18.
-2. Engines: one config (seed, partition, devices, alpha/beta, reference profile) run by
-   the embedded engine and by Flower's simulation engine (``fedhq.flower.simulation``):
-   the allocation each gives, accuracy per round, wall time per round, and the Flower
-   run's one-off cost (Ray start, nodes' setup and the query round: its wall time
-   outside the rounds). ``--threads`` is each client's threads on both engines (the
-   embedded engine's torch threads, the Flower actors' CPUs).
+1. Records: one client's upload as Flower records (ArrayRecord + ConfigRecord bytes),
+   float32 against INT8 and packed INT4, for the small CNN and ResNet-18.
+2. Engines: one config run by the embedded engine and by Flower's simulation engine:
+   allocation, accuracy and wall time per round, and the Flower run's one-off cost.
+   ``--threads`` is each client's threads on both engines.
 
 Prints markdown tables and writes ``<out>/bench_flower.json`` with the load average
-before and after (a shared machine inflates wall times; the ratios say more).
+before and after (docs/flower.md, "Measured").
 """
 
 from __future__ import annotations

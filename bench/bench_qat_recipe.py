@@ -4,21 +4,10 @@ as deployed (INT``bits`` weights and activations), over several seeds.
     python bench/bench_qat_recipe.py [--datasets digits,fashion-mnist] [--bits 8,4]
                                      [--seeds 5] [--lr 0.01] [--quick] [--json PATH]
 
-Per dataset and seed, one client holding the whole training split trains from the same
-initial model with the FL client's own code (``fedhq.fl.client.train_local``, so the
-library's QAT recipe is what is measured): once in float (``fp32``; a PTQ client's
-training is exactly this, then ``quantize_upload`` of the result at each width) and once
-with QAT per width. Each model is scored on the test split with float activations
-(``accuracy``: the dequantized upload, as results.json's rounds report it) and as
-deployed (``deployed_accuracy``: ``fedhq.quant.evaluate_deployed``, activations
-calibrated on 256 seeded training images). Means carry a 95% Student-t interval; the
-QAT - PTQ difference is paired by seed.
-
-Goal (issue 13): QAT's deployed accuracy at least PTQ's at both widths, and clearly
-above it (the paired interval above 0) at 4 bits on Fashion-MNIST. The learning rate
-defaults to 0.01, not the run's 0.05: trained centrally for 30 epochs at 0.05 (batch 16,
-momentum 0.9) the float model itself collapses to chance (digits, 3 of 3 seeds; docs/fl.md,
-"The QAT recipe").
+One client holding the whole training split trains with the FL client's own
+``train_local`` in float (PTQ, then ``quantize_upload``) and with QAT per width; means
+carry a 95% Student-t interval, QAT - PTQ is paired by seed. The goal, the learning
+rate and the results: docs/method.md §1.2 and docs/fl.md, "The QAT recipe".
 """
 
 from __future__ import annotations

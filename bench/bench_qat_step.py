@@ -3,39 +3,10 @@
     python bench/bench_qat_step.py [--device cpu|cuda] [--model resnet18] [--batch 32]
                                    [--repeats R] [--threads T] [--json PATH]
 
-The ratio QAT/FP32 of a training step is the number FedHQ's speed model lives on
-(a QAT client's cost). A step is zero_grad, forward, cross-entropy, backward and an
-SGD(momentum 0.9) update, on rotating random batches. The three variants are timed
-round-robin, one step each per round (fedhq.profile.timing.measure_interleaved),
-so load that comes and goes on a shared machine hits all three alike and their ratios
-hold. Two ratios are reported: of the medians, and paired (the median over rounds of
-the round's QAT / FP32 quotient). The goal is judged on the paired one: on a shared
-machine (this project's CPU runs) it cancels load that drifts between rounds, which
-can move the ratio of medians by tens of percent; on a quiet machine the two agree.
-Its p10-p90 shows how steady the machine was; the 1-minute load average before and
-after the run is recorded on the CPU.
-
-- fp32: the plain model (a PTQ client's step);
-- fedhq-qat: ``fedhq.quant.prepare_qat`` (weights per channel and input activations per
-  tensor through fedhq_kernels.fake_quant);
-- torch.ao-qat: ``torch.ao.quantization.prepare_qat`` with the default 'x86' QAT qconfig
-  on a train-mode model: fused observer + fake-quant modules on the weights of every
-  Conv2d / Linear (per channel) and on the output of every Conv2d, BatchNorm2d and
-  Linear (per tensor). prepare_qat does not need a QuantStub to run, so none is added
-  and the model input itself is not fake-quantized; no Conv-BN fusion either: the model
-  is prepared as it is, as a QAT client would use it without rewriting it, and fusion
-  would change the FP32 model being compared against. For ResNet-18 that is 21 weight
-  + 41 activation fake-quants against fedhq's 21 + 21 (fedhq quantizes each
-  Conv2d / Linear input once), so the two QAT rows are not the same amount of work.
-
-On a GPU, cuDNN picks its convolution algorithms by timing them (cudnn.benchmark, as a
-client training on fixed shapes would; the warm-up steps absorb that), and PyTorch's
-defaults for TF32 are kept; both settings are recorded in the rows. One thing to watch
-there: a fedhq weight fake-quant observes its range and reads back a status word that
-says whether the weights were finite (so that a diverged client fails with a clear
-error), one host synchronization per quantized layer per step (21 for ResNet-18).
-
-Goal (issue 3): fedhq-qat at most 1.3x the FP32 step (ResNet-18, CIFAR stem, batch 32).
+Variants fp32 (a PTQ client's step), fedhq-qat (``fedhq.quant.prepare_qat``) and
+torch.ao-qat, timed round-robin; the QAT/FP32 ratio is reported of the medians and
+paired per round. What a step is, why the paired ratio, how the torch.ao model is
+prepared, and the goal: docs/profile.md, "The QAT step benchmark".
 """
 
 from __future__ import annotations

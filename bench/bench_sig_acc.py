@@ -4,22 +4,9 @@
         [--clients 10] [--alpha 0.5] [--epochs 2] [--repeats 3] [--bits 4]
         [--warmup-epochs 0] [--json out.json] [--quick]
 
-Eq. 6 sends a client with a high NormSig_acc towards PTQ, so the rule holds if the
-lower a client's Sig_acc, the more accuracy it loses training with PTQ instead of QAT.
-For every seed: a Dirichlet(alpha) partition of the training set; every client trains
-`--epochs` local epochs from one common start (the initial model, as in round 1 when
-the allocation is made, or after `--warmup-epochs` of float training on the whole
-training set) with PTQ and with QAT (``fedhq.fl.client.train_local``, the same
-shuffling for both), `--repeats` times with different shuffling; each upload is
-evaluated on a common stratified test subset as deployed (INT-bits weights and
-activations calibrated on 256 training images, ``fedhq.quant.evaluate_deployed``) and
-with float activations. A client's PTQ loss is mean acc(QAT) - mean acc(PTQ). Per
-statistic and seed: Spearman's rho between Sig_acc and that loss over the clients (the
-rule needs rho < 0); over seeds: mean and 95% Student-t CI. Eq. 3 grows with V^(1-a),
-so `client size` is printed as a control and each statistic is also correlated
-without that factor. A last table checks requirement 2 on the dataset's images.
-
-Results and the default they chose: docs/accuracy-significance.md.
+Per seed and statistic: Spearman's rho between Sig_acc and acc(QAT) - acc(PTQ) over
+the clients of a Dirichlet partition (the rule needs rho < 0). The protocol and the
+results, with the default they chose: docs/accuracy-significance.md.
 """
 
 from __future__ import annotations

@@ -4,16 +4,11 @@
     fedhq run [--config FILE] [--strategy fedhq] [--dataset digits] ... [--resume | --overwrite] [--engine flower]
     fedhq compare [--config FILE] [--strategies fedhq,fedaqt,...] [--seeds 0-4] ... [--resume | --overwrite]
 
-Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function
-below. ``run`` and ``compare`` share their settings (``_add_run_settings``): each flag
-overrides the same-named setting of the JSON config file (fedhq.fl.config.RunConfig).
-
-OpenMP threads: unless OMP_WAIT_POLICY is already set, ``main`` sets it to PASSIVE
-before torch is imported. Measured on a 2-core machine shared with other jobs: with
-the default (spinning) policy a 2-thread OpenMP team stalls whenever another process
-holds a core, and a small-CNN training step took ~300 ms instead of ~7 ms; with PASSIVE
-it did not stall. Every ``fedhq`` subcommand runs under the same policy, so a profile
-and the runs it predicts agree; the profile records the policy in ``conditions``.
+Subcommands are argparse subparsers, each registered by a ``_add_<name>`` function;
+``run`` and ``compare`` share their settings (``_add_run_settings``): each flag overrides
+the same-named setting of the JSON config file (fedhq.fl.config.RunConfig). ``main``
+sets OMP_WAIT_POLICY=PASSIVE unless it is set, before torch loads (why, measured:
+docs/profile.md, "Measured here").
 """
 
 from __future__ import annotations

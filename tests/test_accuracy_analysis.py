@@ -346,7 +346,7 @@ def test_registered_statistics_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="gave 2 values for 4 samples"):
         client_significance(None, [0, 1, 2, 3], statistic="half")
     monkeypatch.setitem(STATISTICS, "nan", Statistic("nan", lambda x, y: y / 0.0, False, False, "bad"))
-    with np.errstate(divide="ignore", invalid="ignore"), pytest.raises(ValueError, match="non-finite statistic"):
+    with np.errstate(divide="ignore", invalid="ignore"), pytest.raises(ValueError, match="statistic has 2 non-finite"):
         client_significance(None, [0, 1], statistic="nan")
     with pytest.raises(ValueError, match="already registered"):
         register_statistic(STATISTICS[DEFAULT_STATISTIC])

@@ -1,20 +1,12 @@
 """The CUDA backend (csrc/cuda/, csrc/cuda_ops.cpp, fedhq_kernels/cuda.py).
 
-Without a GPU (CI), with nvcc:
-  - every csrc/cuda/*.cu compiles for setup.py's default architectures (sm_75 to sm_90:
-    A6000 is sm_86, H100 sm_90) with setup.py's
-    nvcc flags, nvcc / host-compiler / ptxas warnings as errors, and register spills
-    or local memory as errors;
-  - the PTX holds what exactness needs: no fused multiply-add on floats even with
-    contraction allowed (the build also passes --fmad=false), no flush-to-zero or
-    approximate arithmetic, round-half-even (cvt.rni) for the codes;
-  - tests/cuda/tiles_test.cu: the kernels' work decomposition visits every element
-    once, in its channel, with aligned vectors (host code, no GPU needed);
-  - the torch binding compiles against torch's headers.
-  Each file compiles once (all architectures in one nvcc call), all in parallel.
-On a GPU (marker `gpu`): the ops on CUDA tensors equal the reference backend bit for
-bit, reject bad input with the CPU backend's messages, never synchronize in
-fake_quant with given parameters, and launch on the current stream.
+Without a GPU, with nvcc: every csrc/cuda/*.cu compiles for setup.py's architectures
+(sm_75 to sm_90) with its flags and warnings, spills or local memory as errors; the PTX
+keeps the arithmetic exact (no FMA, no flush-to-zero or approximations, cvt.rni for the
+codes); tests/cuda/tiles_test.cu checks the work decomposition as host code; the torch
+binding compiles. On a GPU (marker `gpu`): bit-equal to the reference backend, the CPU
+backend's error messages, no synchronization in fake_quant with given parameters, the
+current stream. What each backend is: README, "Backends".
 """
 
 from __future__ import annotations

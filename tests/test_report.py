@@ -138,7 +138,7 @@ def test_run_table(comparison):
 
 
 def test_ptq_region_is_the_rule():
-    # the rule written out independently (ALGORITHM.md §4), at points on either side of each boundary
+    # the rule written out independently (docs/method.md §4.2), at points on either side of each boundary
     points = [((0.1, 0.5), True),  # y/x = 5 > 4
               ((0.2, 0.8), False),  # y/x = 4, not steeper; area 0.08
               ((0.25, 0.5), False),  # area exactly 0.0625, not below; y/x = 2

@@ -1,19 +1,10 @@
-"""Triton backend specifics. The op test-suite already runs against the Triton kernels
-under the interpreter (the `backend` fixture); this file adds what is particular to
-them:
-
-- every kernel compiles to real GPU code (PTX and cubin) for sm_80 (A100), sm_86
-  (A6000) and sm_90 (H100) without a GPU, in each variant the launchers really launch
-  (recorded from them, specialized as Triton's JIT would: every dtype, layout, tile,
-  constant and alignment of the recorded calls; ~170 for sm_90), and the PTX keeps the
-  arithmetic exact: no
-  FMA contraction, no contractible (unrounded) mul/add, exact division, the
-  round-half-even magic number intact, round-to-nearest-even float16 conversion, and
-  16-byte vector loads on the per-tensor path;
-- tile and block boundaries, multi-program reductions and the small-tensor one-program
-  path, forced with small tiles so they stay cheap under the interpreter;
-- on a real GPU (marked `gpu`, skipped without one): the compiled kernels against the
-  reference.
+"""Triton backend specifics; the op suite already runs the Triton kernels under the
+interpreter (the `backend` fixture). Here: every kernel variant the launchers really
+launch compiles to PTX and cubin for sm_80, sm_86 and sm_90 without a GPU, and its PTX
+keeps the arithmetic exact (no FMA contraction, exact division, round-half-even, 16-byte
+vector loads on the per-tensor path); tile and block boundaries and the one-program
+path, forced with small tiles; on a real GPU (marker `gpu`) the compiled kernels
+against the reference. What each backend is: README, "Backends".
 """
 
 from __future__ import annotations

@@ -1,30 +1,12 @@
-"""FedHQ's fine-grained adjustment (paper §4.3; ALGORITHM.md §5): after the global
-initialization and a few rounds, find the clients where it went wrong and fix them.
-
-- **Detection** (the paper leaves it open): a client is flagged "time" when its round
-  time exceeds ``(1 + time_tolerance)`` x what the initialization predicted for it
-  (Eq. 1 for its strategy plus its upload), or x the median client's (a straggler that
-  sets the synchronous round's length, which the initialization did not foresee); in
-  this project's simulator measured times follow the speed model, so the straggler
-  rule is the one that fires. It is flagged "accuracy" when leaving its update out of the
-  aggregate raises validation accuracy by more than ``acc_tolerance`` (its update
-  hurts; flagged "accuracy"). If every client is flagged the tolerance tells nothing
-  apart: nobody is adjusted and the report says so.
-- **Situation 1**, a flagged leaf: flip its strategy directly, toward PTQ for a time
-  flag and toward QAT for an accuracy flag (a flip that would not help is skipped, with
-  its reason).
-- **Situation 2**, a flagged inner node: search its subtree top-down, one tree level at
-  a time. The candidates of a level are every PTQ/QAT assignment of its nodes (the
-  upper levels fixed to their chosen values); a ridge regression fitted on the
-  candidates trained so far (features: one QAT bit per node of the subtree) predicts
-  each candidate's round time and accuracy, and only the best-ranked are trained
-  (few-round training through ``trial``) within ``budget`` trials in all. The winner is
-  the fastest trained candidate whose accuracy is within ``acc_tolerance`` of the
-  current assignment's. A budget of 0 trains nothing: Situation-2 nodes keep their
-  strategies (documented, reported).
+"""FedHQ's fine-grained adjustment (paper §4.3): after the global initialization and a
+few rounds, find the clients where it went wrong (`detect`) and fix them: a flagged
+leaf flips its strategy (`flip_leaf`, Situation 1); a flagged inner node's subtree is
+searched top-down with few-round trials ranked by a ridge regression
+(`search_subtree`, Situation 2).
 
 Everything is driven through an injected ``trial(assignment) -> (seconds, accuracy)``
-so it is testable without the engine.
+so it is testable without the engine. The rules, tolerances and budget:
+docs/method.md §5 and docs/hierarchical.md.
 """
 
 from __future__ import annotations
@@ -56,7 +38,7 @@ def detect(
     acc_tolerance: float,
     predicted: Mapping[int, float] | None = None,
 ) -> list[Flag]:
-    """The flagged clients (module docstring). ``round_time``: each client's training
+    """The flagged clients (docs/method.md §5.1). ``round_time``: each client's training
     + upload seconds in the observed round; ``predicted``: what the initialization
     expected of it; ``contribution``: validation accuracy with its update minus without it."""
     if time_tolerance < 0 or acc_tolerance < 0:

@@ -1,24 +1,12 @@
 """Coarse-grained global initialization: one PTQ/QAT strategy per client (paper §3.3, §4.2).
 
-The server receives each client's (Sig_speed, Sig_acc) (Eq. 4), min-max normalizes each
-list into (0, 1) (Eq. 5), and places client m at x = NormSig_speed, y = NormSig_acc. The
-point spans a right triangle with the axes, hypotenuse slope y / x and area x * y / 2.
+The server min-max normalizes the clients' (Sig_speed, Sig_acc) into (0, 1) (Eq. 5),
+places client m at x = NormSig_speed, y = NormSig_acc and gives it PTQ iff
 
-    Theta = xi * NormSig_speed + (1 - xi) * NormSig_acc,   xi = 0.2            (Eq. 6)
+    y / x > (1 - xi) / xi   (steeper than Theta, Eq. 6)   or   x * y / 2 < area_threshold
 
-Decision (ALGORITHM.md §4): "the slope of Theta" is the slope of the ray through
-(xi, 1 - xi), (1 - xi) / xi (4 at xi = 0.2). A client gets PTQ iff
-
-    y / x > (1 - xi) / xi   (hypotenuse steeper than Theta)   or   x * y / 2 < area_threshold
-
-and QAT otherwise. Raising xi lowers the slope, so it never turns a PTQ client into QAT
-(the paper's Table 3: xi = 0.1 trains slower than 0.2, i.e. has more QAT clients).
-
-Orientation (ALGORITHM.md §4, "Known tension"): Eq. 2 makes Sig_speed grow with the
-client's training time, while the paper's prose reads a high NormSig_speed as a fast
-client. `speed_orientation="time"` (default) uses Eq. 2 as printed, x = NormSig_speed;
-`"speed"` uses x = 1 - NormSig_speed, so a fast client sits at high x as the prose
-says. The end-to-end benchmark decides which default to keep.
+and QAT otherwise. The reading of "the slope of Theta", the `speed_orientation`
+option and the measurements behind both: docs/method.md §4.
 """
 
 from __future__ import annotations
@@ -28,6 +16,9 @@ from enum import Enum
 from typing import Any, Literal, get_args
 
 import numpy as np
+
+from fedhq.analysis.vectors import finite_vector
+from fedhq_kernels.checks import is_real
 
 DEFAULT_XI = 0.2
 DEFAULT_AREA_THRESHOLD = 0.0625
@@ -65,19 +56,7 @@ class Allocation:
 
 
 def _as_significances(values: Any, name: str) -> np.ndarray:
-    try:
-        v = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be numeric, got {type(values).__name__}: {err}") from err
-    if v.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (one value per client), got shape {v.shape}")
-    if v.size == 0:
-        raise ValueError(f"{name} is empty: need at least one client")
-    bad = ~np.isfinite(v)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s), the first at client {first}")
-    return v
+    return finite_vector(values, name, one_per="client", empty=f"{name} is empty: need at least one client", at="client")
 
 
 def normalize_significance(values: Any, margin: float = NORMALIZATION_MARGIN) -> np.ndarray:
@@ -103,9 +82,9 @@ def geometric_segmentation(x: np.ndarray, y: np.ndarray, xi: float, area_thresho
 
 
 def _validate_parameters(xi: float, area_threshold: float, speed_orientation: str) -> None:
-    if not 0 < xi < 1:
+    if not (is_real(xi) and 0 < xi < 1):
         raise ValueError(f"xi must lie in (0, 1), got {xi}")
-    if not (np.isfinite(area_threshold) and area_threshold >= 0):
+    if not (is_real(area_threshold) and area_threshold >= 0):
         raise ValueError(f"area_threshold must be finite and >= 0, got {area_threshold}")
     if speed_orientation not in _ORIENTATIONS:
         raise ValueError(f"speed_orientation must be one of {_ORIENTATIONS}, got {speed_orientation!r}")
@@ -124,7 +103,7 @@ def global_init(
 
     Vectorized over clients; the result depends on each client's own pair and the lists'
     min and max only, so it does not depend on client order. `speed_orientation` is the
-    "time"/"speed" reading of Sig_speed (module docstring); `margin` is how far Eq. 5
+    "time"/"speed" reading of Sig_speed (docs/method.md §4.3); `margin` is how far Eq. 5
     keeps normalized values from 0 and 1.
     """
     _validate_parameters(xi, area_threshold, speed_orientation)

@@ -1,63 +1,14 @@
 """Accuracy significance of one client: Alg. 1 (distribution fitting) and Eq. 3.
 
-Runs on the client, once, before training (paper §3.2). The client reduces every local
-sample to one scalar, a registered per-sample statistic (`STATISTICS`; by default
-`label_surprisal`, chosen and measured in docs/accuracy-significance.md), fits those
-values to each family of Table 1, keeps the best fit F_out, and computes
+Runs on the client, once, before training (paper §3.2): every local sample becomes one
+value of a registered per-sample statistic (`STATISTICS`, default `label_surprisal`),
+the values are fitted to each Table 1 family, the best fit F_out is kept, and
 
     Sig_acc = sum_{v=1..V} V^(-a) * |x_v - mean(F_out)|,   0 < a < 1   (Eq. 3)
 
-Privacy: the data, the statistic values and the fitted distribution never leave the
-client; only the float returned by `client_significance` is sent to the server.
-
-Decisions (the paper leaves them open):
-
-- AutoFit: scipy.stats maximum likelihood for the continuous families, moments or MLE
-  for the discrete ones (Poisson: lambda = mean, which is both; Binomial: moments).
-- Goodness: the Kolmogorov-Smirnov statistic sup_x |F_n(x) - F(x)| (lower is better),
-  computed exactly for discrete families too (scipy's `kstest` assumes a continuous
-  CDF and overstates it on tied, integer data, which would unfairly favour the
-  continuous families on labels).
-- Support: a family whose support the data do not fit is fitted on affinely mapped
-  values z = (x - offset) / scale; its KS statistic is the same in either coordinate
-  (the map is increasing) and its mean is mapped back for Eq. 3. The map is applied
-  only when needed, and each fit records it in `transform`:
-  * Log-normal, Gamma, Power-law (support x > 0, location fixed at 0): data with
-    min <= 0 are shifted so their minimum becomes POSITIVE_SHIFT_FRACTION of their
-    range (values 0..9 -> 0.9..9.9); a fraction of the range keeps the choice
-    independent of the data's units.
-  * Beta (support (0, 1), no location/scale parameters as in Table 1): data outside
-    (0, 1) are min-max rescaled into [m, 1 - m] with m = BETA_MARGIN / (1 + 2 BETA_MARGIN),
-    i.e. a margin of BETA_MARGIN times the range on each side, so no value sits on the
-    boundary where the Beta log-likelihood is infinite.
-  * Binomial and Poisson need non-negative integers; otherwise they are skipped.
-- Power-law: the paper's Table 1 prints f(x) = c x^(-alpha-1) (a Pareto tail with
-  x >= x_min, c = alpha x_min^alpha); fitted with scipy's `pareto` (alpha = b,
-  x_min = scale, both MLE).
-- Student t: fitted with location and scale (df, loc, scale), since Table 1's bare
-  t(n) is centred at 0 with unit scale and would never fit a label histogram.
-- Fallback: a family that cannot be fitted (support, over-dispersion, a Student t
-  whose MLE is the Normal limit, an optimizer failure, a non-finite parameter, or no
-  finite mean for Eq. 3) is skipped with its reason recorded in
-  `DistributionFit.skipped`; the analysis never fails for it. Zero-variance data (e.g.
-  a client holding a single class) have no spread for any family to fit: the result
-  is the point mass at that value, with KS 0, and Eq. 3 gives 0.
-- Selection: Alg. 1 keeps the smallest KS, read up to sampling noise. A correctly
-  specified fit has KS about 0.87 / sqrt(V) on average (Kolmogorov distribution, sd
-  0.26 / sqrt(V)), so families within TIE_FRACTION / sqrt(V) of the smallest KS are
-  tied, and among them the one with the fewest free parameters wins (the parameters
-  a support map takes from the data count: +1 for a shift, +2 for the Beta rescale),
-  then the smaller KS. Without it, nested families (Student t -> Normal as
-  df -> infinity, Binomial -> Poisson as n -> infinity, a rescaled Beta with large a, b
-  -> Normal) win or lose on noise. Measured on the samplers of
-  tests/test_accuracy_analysis.py at V = 3,000, 25 seeds: with TIE_FRACTION = 0 normal
-  samples picked Normal 16 times, Poisson samples Poisson 12 times, logistic samples
-  Logistic 15 times; with 0.5 all nine families were recovered every time (and 40 of 40
-  seeds at V = 5,000).
-- Speed: the MLE fits (Student t is the slow one, 0.1-0.3 s for scipy's optimizer) use
-  at most `max_fit_samples` values: evenly spaced order statistics of the sorted data,
-  a deterministic sample that keeps the empirical distribution's shape and makes the
-  result independent of sample order. KS and Eq. 3 always use every sample.
+is the only number that leaves the client. How each family is fitted and scored, the
+support maps, the tie rule and their measurements: docs/method.md §3; which statistic
+and why: docs/accuracy-significance.md.
 """
 
 from __future__ import annotations
@@ -69,11 +20,15 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 from scipy import stats
 
+from fedhq.analysis.vectors import finite_vector
+
 DEFAULT_A = 0.5
 MAX_FIT_SAMPLES = 2000
 TIE_FRACTION = 0.5
 POSITIVE_SHIFT_FRACTION = 0.1
 BETA_MARGIN = 0.05
+
+NO_SAMPLES = "the client has no samples: accuracy significance needs at least one"
 
 _FIT_ERRORS = (ValueError, RuntimeError, ArithmeticError)  # scipy's FitError is a RuntimeError
 
@@ -306,19 +261,7 @@ def _evaluate(family: _Family, sample: _Sample) -> FamilyFit:
 
 
 def _validate_values(values: Any) -> np.ndarray:
-    try:
-        x = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"statistic values must be numeric, got {type(values).__name__}: {err}") from err
-    if x.ndim != 1:
-        raise ValueError(f"expected one scalar statistic per sample (a 1-D array), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError("the client has no samples: accuracy significance needs at least one")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        first = int(np.argmax(bad))
-        raise ValueError(f"{int(bad.sum())} non-finite statistic value(s), the first at index {first}")
-    return x
+    return finite_vector(values, "the statistic", one_per="sample", empty=NO_SAMPLES, at="index")
 
 
 def _summarize(values: np.ndarray, max_fit_samples: int) -> _Sample:
@@ -355,8 +298,8 @@ def fit_distribution(
 ) -> DistributionFit:
     """Alg. 1: fit 1-D per-sample values to each Table 1 family and keep the best by KS.
 
-    Families that cannot be fitted are listed in `skipped` with the reason; see the module
-    docstring for the support transformations, the tie rule and the fit subsample.
+    Families that cannot be fitted are listed in `skipped` with the reason; the support
+    maps, the tie rule and the fit subsample: docs/method.md §3.4-3.7.
     """
     x = _validate_values(values)
     if max_fit_samples < 2:
@@ -520,7 +463,7 @@ def _validate_labels(labels: Any) -> np.ndarray:
     if y.ndim != 1:
         raise ValueError(f"labels must be a 1-D array (one class per sample), got shape {y.shape}")
     if y.size == 0:
-        raise ValueError("the client has no samples: accuracy significance needs at least one")
+        raise ValueError(NO_SAMPLES)
     if y.dtype.kind in "iu":
         return y
     if y.dtype.kind != "f":

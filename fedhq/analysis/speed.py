@@ -4,7 +4,10 @@ hardware profile, and the speed significance Sig^speed (Eq. 2).
     T_m = (V_m / B_m) * E_m * P / H_m(alpha_m * M_m, beta_m * C_m)            (Eq. 1)
     Sig_m^speed = T_m / (T_max - T_min)                                       (Eq. 2)
 
-How B_m, H_m and the device presets are read from a profile: docs/profile.md.
+B_m comes from the profile's measured memory, H_m from its measured step time of the
+strategy, presets from a roofline ratio to the reference machine; Eq. 2 gives 0.5 to
+every client when all times are equal. The reasoning and measurements:
+docs/method.md §2 and docs/profile.md, "The speed model".
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fedhq_kernels.checks import is_int, is_real
 from fedhq.profile import fit, schema
 from fedhq.profile.timing import randn_nonzero, synchronize
 
@@ -28,14 +32,14 @@ EQUAL_TIMES_RTOL = 1e-9  # Eq. 2 guard: T_max - T_min at or below this fraction 
 
 def check_fraction(name: str, value: Any) -> float:
     """alpha / beta must be numbers in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+    if not is_real(value) or not (0 < value <= 1):
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
     return float(value)
 
 
 def _check_count(name: str, value: Any, *, allow_float: bool = False) -> float:
-    ok = isinstance(value, (int, float)) if allow_float else isinstance(value, int)
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+    ok = is_real(value) if allow_float else is_int(value)
+    if not ok or value <= 0:
         kind = "a number" if allow_float else "an int"
         raise ValueError(f"{name} must be {kind} > 0, got {value!r}")
     return value
@@ -79,7 +83,7 @@ def _device_costs(doc: dict) -> tuple[float, float, float]:
 
 
 def roofline_seconds(doc: dict, ops: float, flops: float, bytes_compute: float, bytes_other: float) -> float:
-    """The modeled cost of one step on the device of ``doc`` (module docstring)."""
+    """The modeled cost of one step on the device of ``doc`` (docs/method.md §2.3)."""
     bandwidth, rate, launch = _device_costs(doc)
     return ops * launch + max(bytes_compute / bandwidth, flops / rate) + bytes_other / bandwidth
 

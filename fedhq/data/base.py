@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from fedhq_kernels.checks import is_int
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's directory or one of its files is missing; the message names the
@@ -116,12 +118,20 @@ def subsample(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int, what: 
     `limit` is None or not smaller than N."""
     if limit is None:
         return x, y
-    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+    if not is_int(limit) or limit < 1:
         raise ValueError(f"{what} must be a positive integer or None, got {limit!r}")
     if limit >= len(y):
         return x, y
     keep = stratified_test_indices(y, int(limit), np.random.default_rng(seed))
     return x[keep], y[keep]
+
+
+def subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed: int):
+    """`subsample` of both splits, the training set with `seed` and the test set with
+    `seed + 1`: the loaders' one convention for `max_train` / `max_test`."""
+    x_train, y_train = subsample(x_train, y_train, max_train, seed, "max_train")
+    x_test, y_test = subsample(x_test, y_test, max_test, seed + 1, "max_test")
+    return x_train, y_train, x_test, y_test
 
 
 def _channel_stats(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

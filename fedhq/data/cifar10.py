@@ -25,7 +25,7 @@ from .base import (
     locate,
     read_pickle,
     require_files,
-    subsample,
+    subsample_splits,
 )
 
 FOLDER = "cifar-10-batches-py"
@@ -71,12 +71,15 @@ def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | N
     parts = [read_images(p, b"labels", 10) for p in paths[:-1]]
     x_train, y_train = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
     x_test, y_test = read_images(paths[-1], b"labels", 10)
-    x_train, y_train = subsample(x_train, y_train, max_train, seed, "max_train")
-    x_test, y_test = subsample(x_test, y_test, max_test, seed + 1, "max_test")
+    names = read_names(folder / "batches.meta", b"label_names", 10)
+    return cifar_dataset("cifar10", folder, (x_train, y_train, x_test, y_test), 10, names, seed, max_train, max_test)
+
+
+def cifar_dataset(name: str, folder: Path, arrays, num_classes: int, class_names, seed: int, max_train, max_test):
+    """The CIFAR loaders' common tail (shared with CIFAR-100): the seeded subsets of
+    (x_train, y_train, x_test, y_test), then the standardized Dataset of uint8 images."""
+    x_train, y_train, x_test, y_test = subsample_splits(*arrays, max_train, max_test, seed)
     return build_dataset(
-        "cifar10", x_train, y_train, x_test, y_test,
-        num_classes=10,
-        class_names=read_names(folder / "batches.meta", b"label_names", 10),
-        source=str(folder),
-        max_value=255.0,
+        name, x_train, y_train, x_test, y_test,
+        num_classes=num_classes, class_names=class_names, source=str(folder), max_value=255.0,
     )

@@ -29,7 +29,7 @@ from .base import (
     check_labels,
     locate,
     require_directory,
-    subsample,
+    subsample_splits,
 )
 
 UBYTE = 0x08
@@ -143,8 +143,7 @@ def load_idx_dataset(
     folder = require_directory(locate(root, folder_name, SPLITS["train"][0], None, layout), layout)
     x_train, y_train = read_split(folder, "train", layout)
     x_test, y_test = read_split(folder, "test", layout)
-    x_train, y_train = subsample(x_train, y_train, max_train, seed, "max_train")
-    x_test, y_test = subsample(x_test, y_test, max_test, seed + 1, "max_test")
+    x_train, y_train, x_test, y_test = subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed)
     return build_dataset(
         name, x_train, y_train, x_test, y_test,
         num_classes=NUM_CLASSES, class_names=class_names, source=str(folder), max_value=255.0,

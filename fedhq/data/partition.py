@@ -8,10 +8,11 @@ same partition.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
+
+from fedhq_kernels.checks import is_int, is_real
 
 from .base import call_with_options
 
@@ -34,16 +35,12 @@ def _as_labels(labels) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_clients(num_clients, n: int, min_size: int = 1) -> None:
-    if not _is_int(num_clients) or num_clients < 1:
+    if not is_int(num_clients) or num_clients < 1:
         raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
     if num_clients > n:
         raise ValueError(f"{num_clients} clients but only {n} samples; use at most {n} clients")
-    if not _is_int(min_size) or min_size < 0:
+    if not is_int(min_size) or min_size < 0:
         raise ValueError(f"min_size must be a non-negative integer, got {min_size!r}")
     if num_clients * min_size > n:
         raise ValueError(
@@ -53,15 +50,13 @@ def _check_clients(num_clients, n: int, min_size: int = 1) -> None:
 
 
 def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not (
-        math.isfinite(value) and value > 0
-    ):
+    if not is_real(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def _rng(seed) -> np.random.Generator:
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     return np.random.default_rng(int(seed))
 
@@ -112,7 +107,7 @@ def dirichlet(
     n = y.size
     _check_clients(num_clients, n, min_size)
     alpha = _check_positive("alpha", alpha)
-    if not _is_int(max_tries) or max_tries < 1:
+    if not is_int(max_tries) or max_tries < 1:
         raise ValueError(f"max_tries must be a positive integer, got {max_tries!r}")
     rng = _rng(seed)
     by_class = [np.flatnonzero(y == c) for c in np.unique(y)]

@@ -16,11 +16,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fedhq_kernels.checks import is_int, is_real
+
 from .base import Dataset, build_dataset
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"synthetic: {name} must be a positive integer, got {value!r}")
     return value
 
@@ -41,7 +43,7 @@ def load(
         _positive_int(name, locals()[name])
     if num_classes < 2:
         raise ValueError(f"synthetic: num_classes must be at least 2, got {num_classes}")
-    if not (isinstance(class_sep, (int, float)) and math.isfinite(class_sep) and class_sep > 0):
+    if not (is_real(class_sep) and class_sep > 0):
         raise ValueError(f"synthetic: class_sep must be a positive number, got {class_sep!r}")
     g = torch.Generator().manual_seed(int(seed))
     coarse = max(2, image_size // 4)

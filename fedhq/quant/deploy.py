@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fedhq_kernels as fk
+from fedhq_kernels.checks import is_int
 from fedhq.data.base import Split
 from fedhq.quant.qat import QAT_MODULES, qparams_from_range, strip_qat
 from fedhq_kernels.quantized_tensor import check_bits, quant_range
@@ -38,7 +39,7 @@ def calibration_split(split: Split, rng: np.random.Generator, size: int = CALIBR
     with ``rng``. A run passes its seed's own calibration stream,
     ``fedhq.fl.seeds.generator(seed, "calibration")``, so every strategy of a seed
     calibrates on the same images."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_int(size) or size < 1:
         raise ValueError(f"calibration_split: size must be a positive int, got {size!r}")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"calibration_split: rng must be a numpy Generator, got {type(rng).__name__}")

@@ -40,7 +40,7 @@ STRATEGY_STYLES = {
 
 
 def ptq_region(x, y, xi: float, area_threshold: float) -> np.ndarray:
-    """Boolean array, True where global initialization picks PTQ (ALGORITHM.md §4):
+    """Boolean array, True where global initialization picks PTQ (docs/method.md §4.2):
     y/x > (1 - xi)/xi or x*y/2 < area_threshold. It is the allocation's own rule
     (``geometric_segmentation``), so the shaded region cannot drift from it."""
     x, y = np.broadcast_arrays(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
