@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedhq_kernels.checks import is_int
+
 
 class TopologyError(ValueError):
     """A tree that cannot be used; the message names the node."""
@@ -36,7 +38,7 @@ class Topology:
         if len(self.trains) != n:
             raise TopologyError(f"topology: {len(self.trains)} 'trains' flags for {n} nodes")
         for node, parent in enumerate(self.parents):
-            if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or not 0 <= parent < n):
+            if parent is not None and (not is_int(parent) or not 0 <= parent < n):
                 raise TopologyError(f"topology: node {node} has parent {parent!r}, not a node id in [0, {n}) or null")
             if parent == node:
                 raise TopologyError(f"topology: node {node} is its own parent")
