@@ -5,6 +5,7 @@ significance are logged, left out, and never stop the run or corrupt the model."
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,9 +56,10 @@ def test_a_node_builds_only_its_own_client_as_the_run_does(reference, tmp_path):
     config = tiny(reference, tmp_path, dirichlet_alpha=0.3, partition="dirichlet")
     dataset = engine.load_data(config)
     spec = engine.model_spec(config, dataset)
-    everyone = engine.make_clients(config, engine.split_validation(config, dataset)[0], spec, json.loads(open(reference).read()))
+    profile = json.loads(Path(reference).read_text())
+    everyone = engine.make_clients(config, engine.split_validation(config, dataset)[0], spec, profile)
     for cid in (0, 3):
-        _, own = engine.client_setup(config, json.loads(open(reference).read()), cid)
+        _, own = engine.client_setup(config, profile, cid)
         c = everyone[cid]
         assert (own.id, own.alpha, own.beta, own.batch, own.device_source) == (c.id, c.alpha, c.beta, c.batch, c.device_source)
         assert np.array_equal(own.data.y.numpy(), c.data.y.numpy()) and np.array_equal(own.data.x.numpy(), c.data.x.numpy())

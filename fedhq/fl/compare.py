@@ -1,11 +1,6 @@
-"""Runs several strategies on the same data, partition, devices and reference profile
-(one measurement of this machine shared by all runs, so their simulated times are
-comparable), on one or more seeds, and collects their results and their statistics
-over seeds (fedhq.fl.summary) in one comparison document.
-
-Layout of the output folder: ``seed<S>/<strategy>/`` per run (results.json,
-checkpoint.pt), ``profile-reference.json`` and ``comparison.json`` at the top.
-"""
+"""``fedhq compare``: several strategies on the same data, partition, devices and
+reference profile, on one or more seeds; their results and statistics over seeds in
+one comparison document (outputs: docs/fl.md, "Results")."""
 
 from __future__ import annotations
 
