@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from fedhq.analysis.speed import speed_significance
 from fedhq.fl import engine
 from fedhq.fl.client import ClientState, evaluate, train_local
 from fedhq.fl.config import RunConfig
@@ -31,7 +32,8 @@ def trajectory(config: RunConfig, nudge: bool):
     reference, _ = engine.reference_profile(config, spec, None, print)
     train, _ = engine.split_validation(config, dataset)
     clients = engine.make_clients(config, train, spec, reference)
-    _, speed_sig, acc_sig = engine.analyze(clients, spec, config)
+    times, acc_sig = zip(*(engine.client_analysis(c, spec, config) for c in clients))
+    speed_sig = speed_significance(list(times))
     for c, s in zip(clients, engine.allocate(config, speed_sig, acc_sig)):
         c.strategy = s
     torch.manual_seed(config.seed)

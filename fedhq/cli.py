@@ -207,7 +207,8 @@ def _run(args) -> int:
 
 def _flower_run(config, resume: bool) -> dict:
     if resume:
-        raise ValueError("--resume: the Flower engine keeps no checkpoint; resume runs on the embedded engine")
+        raise ValueError("--resume: the Flower engine cannot resume (its nodes keep their QAT observers); "
+                         "resume runs on the embedded engine")
     try:
         from fedhq.flower import simulation
     except ImportError as error:

@@ -21,7 +21,8 @@ from fedhq.data import load_dataset
 from fedhq.fl import RunConfig, checkpoint, engine
 from fedhq.fl.client import ClientState, RoundPlan, build_client_model, train_local
 from fedhq.fl.server import Server
-from fedhq.fl.timing import ClientDevice, ClientTime, synchronous_round
+from fedhq.fl.timing import ClientDevice
+from fedhq.fl.topology import Topology
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys
 from fedhq.profile import schema
@@ -177,12 +178,12 @@ def test_client_time_is_steps_times_step_over_beta_plus_bytes_over_uplink():
         assert preset.uplink_mbps == network["median"] > 0 and network["source"], path.name
 
 
-def test_a_synchronous_round_waits_for_the_slowest_compute_plus_upload():
-    times = {0: ClientTime(5.0, 0.5), 1: ClientTime(1.0, 6.0), 2: ClientTime(3.0, 0.1)}
+def test_a_flat_round_waits_for_the_slowest_compute_plus_upload():
+    flat = Topology.flat(4)  # the one round-time rule of both engines
     # client 0 computes longest, but client 1's upload makes it the slowest
-    assert synchronous_round(times) == (7.0, 1)
-    assert synchronous_round({3: ClientTime(1.0, 1.0), 2: ClientTime(0.5, 1.5)}) == (2.0, 2)  # ties: lowest id
-    assert synchronous_round({}) == (0.0, None)
+    assert flat.round_time({0: 5.0, 1: 1.0, 2: 3.0}, {0: 0.5, 1: 6.0, 2: 0.1}) == (7.0, 1)
+    assert flat.round_time({3: 1.0, 2: 0.5}, {3: 1.0, 2: 1.5}) == (2.0, 2)  # ties: lowest id
+    assert flat.round_time({}, {}) == (0.0, None)
 
 
 def test_engine_round_time_follows_the_clients_devices(tmp_path):

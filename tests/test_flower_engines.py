@@ -49,7 +49,7 @@ def test_fedhq_run_on_the_flower_simulation_engine(reference, tmp_path, capsys):
 
 def test_resume_and_a_missing_engine_are_refused(tmp_path, capsys):
     assert cli.main(["run", "--engine", "flower", "--resume", "--output", str(tmp_path)]) == 2
-    assert "keeps no checkpoint" in capsys.readouterr().err
+    assert "cannot resume" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["run", "--engine", "carrier-pigeon"])
 

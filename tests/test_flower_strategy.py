@@ -5,6 +5,7 @@ significance are logged, left out, and never stop the run or corrupt the model."
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ pytest.importorskip("flwr", reason="the Flower adapter needs the flower extra: p
 from flower_support import LocalGrid  # noqa: E402
 from flwr.app import Array, Error, Message  # noqa: E402
 
-from fedhq.fl import engine  # noqa: E402
+from fedhq.fl import checkpoint, engine  # noqa: E402
 from fedhq.fl.client import evaluate, quantized_names  # noqa: E402
 from fedhq.fl.config import ConfigError, RunConfig  # noqa: E402
 from fedhq.fl.server import Server  # noqa: E402
@@ -47,6 +48,21 @@ def test_flower_engine_gives_the_embedded_engines_numbers(reference, tmp_path):
             assert f[key] == e[key], key
         assert f["record_bytes"] > f["upload_bytes"]  # + npy headers, names, layout and metrics
     assert json.loads((tmp_path / "flower" / "results.json").read_text())["final_accuracy"] == flower["final_accuracy"]
+    saved = checkpoint.load(tmp_path / "flower" / engine.CHECKPOINT_FILE)  # the driver checkpoints both engines
+    assert saved["history"] == flower["rounds"] and saved["client_states"] == {}  # observers stay on the nodes
+
+
+def test_a_node_builds_only_its_own_client_as_the_run_does(reference, tmp_path):
+    config = tiny(reference, tmp_path, dirichlet_alpha=0.3, partition="dirichlet")
+    dataset = engine.load_data(config)
+    spec = engine.model_spec(config, dataset)
+    profile = json.loads(Path(reference).read_text())
+    everyone = engine.make_clients(config, engine.split_validation(config, dataset)[0], spec, profile)
+    for cid in (0, 3):
+        _, own = engine.client_setup(config, profile, cid)
+        c = everyone[cid]
+        assert (own.id, own.alpha, own.beta, own.batch, own.device_source) == (c.id, c.alpha, c.beta, c.batch, c.device_source)
+        assert np.array_equal(own.data.y.numpy(), c.data.y.numpy()) and np.array_equal(own.data.x.numpy(), c.data.x.numpy())
 
 
 def _not_for_query(fault):

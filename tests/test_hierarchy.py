@@ -14,7 +14,6 @@ from fedhq.allocation import adjust
 from fedhq.fl import ConfigError, RunConfig, adjustment, engine
 from fedhq.fl.client import Update, quantize_upload, quantized_names
 from fedhq.fl.server import Server
-from fedhq.fl.timing import ClientTime, synchronous_round
 from fedhq.fl.topology import Topology, TopologyError
 
 # ---- the tree ----
@@ -61,8 +60,7 @@ def test_topology_from_a_file_and_bad_trees(tmp_path):
 def test_round_time_follows_the_tree():
     flat = Topology.flat(3)
     compute, upload = {0: 1.0, 1: 3.0, 2: 2.0}, {0: 0.5, 1: 0.5, 2: 2.0}
-    times = {c: ClientTime(compute[c], upload[c]) for c in compute}
-    assert flat.round_time(compute, upload) == synchronous_round(times) == (4.0, 2)
+    assert flat.round_time(compute, upload) == (4.0, 2)
     tree = Topology((None, 0, 0), (True,) * 3)  # node 0 aggregates 1 and 2
     # node 0 waits for max(own 1.0, child 1: 3.5, child 2: 4.0) then uploads 0.5
     assert tree.round_time(compute, upload) == (4.5, 2)

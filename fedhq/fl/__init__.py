@@ -1,6 +1,5 @@
-"""The federated layer: clients, server, simulated heterogeneous time and the embedded
-round loop (``fedhq.fl.engine.run``). The Flower adapter (fedhq.flower) reuses the
-same client and server code."""
+"""The federated layer: clients, server, simulated heterogeneous time, and the run
+driver of both engines (``fedhq.fl.engine.run``; Flower: fedhq.flower)."""
 
 from fedhq.fl.config import STRATEGIES, ConfigError, RunConfig
 from fedhq.fl.engine import run

@@ -1,11 +1,6 @@
-"""Runs several strategies on the same data, partition, devices and reference profile
-(one measurement of this machine shared by all runs, so their simulated times are
-comparable), on one or more seeds, and collects their results and their statistics
-over seeds (fedhq.fl.summary) in one comparison document.
-
-Layout of the output folder: ``seed<S>/<strategy>/`` per run (results.json,
-checkpoint.pt), ``profile-reference.json`` and ``comparison.json`` at the top.
-"""
+"""``fedhq compare``: several strategies on the same data, partition, devices and
+reference profile, on one or more seeds; their results and statistics over seeds in
+one comparison document (outputs: docs/fl.md, "Results")."""
 
 from __future__ import annotations
 
@@ -20,6 +15,7 @@ from fedhq.fl import engine
 from fedhq.fl.config import STRATEGIES, ConfigError, RunConfig
 from fedhq.fl.outputs import claim_output
 from fedhq.fl.summary import summarize
+from fedhq_kernels.checks import is_int
 
 # /2: runs grouped by seed ("runs_by_seed": seed -> strategy -> run) and a "summary";
 # /1 held one seed's runs by strategy ("runs").
@@ -99,7 +95,7 @@ def compare(
     interrupted ones from their checkpoints. Every run of a seed trains on the same
     client data: with ``config.adjust`` every run holds out the same validation samples."""
     seeds = sorted(set(seeds)) if seeds else [config.seed]
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+    if any(not is_int(s) or s < 0 for s in seeds):
         raise ConfigError(f"seeds must be ints >= 0, got {list(seeds)}")
     runs_of_seed = plans(config, strategies)
     out = Path(config.output_dir)

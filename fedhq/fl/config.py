@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS
+from fedhq_kernels.checks import is_int, is_real
 
 STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
 PARTITIONS = ("iid", "dirichlet", "quantity")
@@ -143,7 +143,7 @@ class RunConfig:
         _int_at_least("adjust_trial_rounds", self.adjust_trial_rounds, 1)
         for name in ("adjust_time_tolerance", "adjust_acc_tolerance"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            if not is_real(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (isinstance(self.validation_fraction, float) and 0 < self.validation_fraction < 0.5):
             raise ConfigError(f"validation_fraction must be in (0, 0.5), got {self.validation_fraction!r}")
@@ -160,7 +160,7 @@ class RunConfig:
             _positive("client_timeout_s", self.client_timeout_s)
         if self.max_weight_growth is not None:
             value = self.max_weight_growth
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 1):
+            if not is_real(value) or value < 1:
                 raise ConfigError(f"max_weight_growth must be a finite number >= 1 (or null: no bound), got {value!r}")
         if not self.devices or not all(isinstance(d, str) and d for d in self.devices):
             raise ConfigError(f"devices must be a non-empty list of preset names or profile paths, got {self.devices!r}")
@@ -172,7 +172,7 @@ class RunConfig:
             if len(values) != self.clients:
                 raise ConfigError(f"{name} has {len(values)} values for {self.clients} clients")
             for v in values:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1):
+                if not is_real(v) or not 0 < v <= 1:
                     raise ConfigError(f"{name}: every value must be in (0, 1], got {v!r}")
             setattr(self, name, [float(v) for v in values])
         return self
@@ -184,10 +184,10 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _int_at_least(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
         raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    if not is_real(value) or value <= 0:
         raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")

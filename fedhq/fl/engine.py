@@ -1,12 +1,9 @@
-"""The embedded engine: every client in this process, synchronous rounds.
+"""The run driver of both engines: setup, the analyses and allocation, the round loop,
+checkpoints and results.json, written once. An engine differs only in its transport,
+how a round's messages reach the clients and come back: ``InProcess`` here (every
+client in this process), ``fedhq.flower.strategy.FedHQStrategy`` on Flower.
 
     results = run(RunConfig(strategy="fedhq"))     # also writes output_dir/results.json
-
-Setup (once): load and partition the data, give every client a device, alpha and
-beta, measure this machine's reference profile of the model (or reuse one), run the
-client-side analyses (Eq. 1-3), allocate PTQ/QAT per strategy. Then every round:
-each client trains from the global model with its strategy and uploads; the server
-validates and aggregates; the global model is evaluated; a checkpoint is written.
 """
 
 from __future__ import annotations
@@ -17,7 +14,9 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,8 +28,8 @@ from fedhq.data import DatasetNotFoundError, load_dataset, partition
 from fedhq.data.base import Dataset, Split, stratified_split, stratified_test_indices
 from fedhq.fl import checkpoint, seeds
 from fedhq.fl.adjustment import adjust_allocation
-from fedhq.fl.client import ClientState, evaluate, train_local
-from fedhq.fl.rounds import Client, RoundContext, TrainFn, play_round
+from fedhq.fl.client import ClientState, RoundPlan, evaluate, train_local
+from fedhq.fl.rounds import Client, Replies, RoundContext, RoundOutcome, TrainFn, close_round, round_plan, train_clients
 from fedhq.fl.config import ALPHA_RANGE, BETA_RANGE, ConfigError, RunConfig
 from fedhq.fl.server import Server
 from fedhq.fl.timing import ClientDevice
@@ -161,12 +160,15 @@ def split_validation(config: RunConfig, dataset: Dataset) -> tuple[Split, Split 
     return dataset.train.subset(keep), dataset.train.subset(held)
 
 
-def make_clients(config: RunConfig, train: Split, spec: ModelSpec, reference: dict) -> list[Client]:
+def make_clients(
+    config: RunConfig, train: Split, spec: ModelSpec, reference: dict, ids: list[int] | None = None
+) -> list[Client]:
+    """The run's clients (or only those in ``ids``: a Flower node builds its own)."""
     parts = client_partition(config, train.y.numpy())
     alphas, betas = client_fractions(config)
     clients = []
-    for cid, indices in enumerate(parts):
-        source = config.devices[cid % len(config.devices)]
+    for cid in range(config.clients) if ids is None else ids:
+        source, indices = config.devices[cid % len(config.devices)], parts[cid]
         try:
             device = ClientDevice(source, reference, beta=betas[cid], default_uplink_mbps=config.uplink_mbps)
             limit = min(config.batch_size, len(indices))
@@ -179,23 +181,29 @@ def make_clients(config: RunConfig, train: Split, spec: ModelSpec, reference: di
     return clients
 
 
-def analyze(clients: list[Client], spec: ModelSpec, config: RunConfig) -> tuple[list[float], list[float], list[float]]:
-    """The client-side analyses: T_m (Eq. 1, for the cost of training with QAT, the
-    strategy being decided), Sig_speed (Eq. 2) and Sig_acc (Alg. 1 + Eq. 3 on the
-    statistic ``config.acc_statistic`` of the client's data). Only the two significances would leave a real client."""
-    pairs = [client_analysis(c, spec, config) for c in clients]
-    times, acc_sig = [p[0] for p in pairs], [p[1] for p in pairs]
-    return times, speed_analysis.speed_significance(times), acc_sig
+def client_setup(config: RunConfig, reference: dict, cid: int) -> tuple[ModelSpec, Client]:
+    """Client ``cid`` alone, exactly as the run builds it (a Flower node's setup)."""
+    dataset = load_data(config)
+    spec = model_spec(config, dataset)
+    train, _ = split_validation(config, dataset)
+    return spec, make_clients(config, train, spec, reference, ids=[cid])[0]
 
 
 def client_analysis(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[float, float]:
-    """What one client computes on its own: (T_m, Sig_acc). Eq. 2 turns everyone's
-    T_m into Sig_speed on the server (it needs T_max and T_min)."""
+    """What one client computes on its own: (T_m, Sig_acc). T_m is Eq. 1 for training
+    with QAT (the strategy being decided); Sig_acc is Alg. 1 + Eq. 3 on
+    ``config.acc_statistic``. Eq. 2 turns everyone's T_m into Sig_speed on the server."""
     estimate = c.device.speed.estimate(
         spec.key, "qat", alpha=c.alpha, beta=c.beta, samples=len(c.data), epochs=config.local_epochs, batch=c.batch
     )
     acc_sig = client_significance(c.data.x.numpy(), c.data.y.numpy(), statistic=config.acc_statistic)
     return estimate.time_s, acc_sig
+
+
+def describe(c: Client) -> dict:
+    """How a client describes itself in results.json's client rows."""
+    return {"device": c.device_source, "device_name": c.device.name, "alpha": c.alpha, "beta": c.beta,
+            "samples": len(c.data), "batch": c.batch}  # fmt: skip
 
 
 def normalized_significance(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) -> tuple[list, list]:
@@ -224,7 +232,7 @@ def allocate(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) ->
     return ["fp32"] * n
 
 
-# ---- the run ----
+# ---- evaluation and progress (every round) ----
 
 
 def evaluate_global(spec: ModelSpec, server: Server, test: Split, calibration_x: torch.Tensor) -> dict:
@@ -258,21 +266,113 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+# ---- transports: how a round's messages reach the clients and come back ----
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the driver has set up before any client is asked anything."""
+
+    config: RunConfig
+    spec: ModelSpec
+    dataset: Dataset
+    topology: Topology
+    reference: dict
+    reference_path: str
+    train: Split  # the split the clients share
+    validation: Split | None  # the server's (--adjust)
+    echo: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A client's answer to the analysis: T_m (Eq. 1), Sig_acc (Eq. 3) and ``about``,
+    its client row's description (``describe``; on Flower also its node_id)."""
+
+    client: int
+    time_s: float
+    acc_sig: float
+    about: dict
+
+
+class Transport(Protocol):
+    name: str  # "embedded" or "flower" (results.json's "engine" when not embedded)
+    excluded: list[dict]  # who was left out of the whole run (on Flower: nodes), with why
+
+    def analyze(self) -> list[Answer]:
+        """Every usable client's answer, in client order."""
+
+    def train(self, server: Server, plans: dict[int, RoundPlan]) -> Replies:
+        """Sends each planned client the global model and its plan; their replies."""
+
+    def local_state(self) -> dict:
+        """The clients' local state for a checkpoint (what this process holds)."""
+
+    def restore(self, states: dict) -> None:
+        """Gives the clients back their checkpointed local state (--resume)."""
+
+    def adjust(self, server: Server, strategies: dict[int, str], outcome: RoundOutcome, next_round: int) -> dict:
+        """FedHQ's fine-grained adjustment: updates ``strategies``, returns its report."""
+
+
+class InProcess:
+    """The embedded engine's transport: every client in this process."""
+
+    name = "embedded"
+
+    def __init__(self, setup: Setup, *, train_fn: TrainFn = train_local):
+        self.setup = setup
+        self.clients = make_clients(setup.config, setup.train, setup.spec, setup.reference)
+        self.states = {c.id: ClientState() for c in self.clients}
+        self.train_fn = train_fn
+        self.excluded: list[dict] = []
+
+    def context(self, server: Server) -> RoundContext:
+        s = self.setup
+        return RoundContext(s.config, s.spec, server, self.clients, self.states, s.topology, self.train_fn)
+
+    def analyze(self) -> list[Answer]:
+        return [Answer(c.id, *client_analysis(c, self.setup.spec, self.setup.config), describe(c)) for c in self.clients]
+
+    def train(self, server: Server, plans: dict[int, RoundPlan]) -> Replies:
+        return train_clients(self.context(server), plans)
+
+    def local_state(self) -> dict:
+        return {str(cid): s.observers for cid, s in self.states.items()}
+
+    def restore(self, states: dict) -> None:
+        self.states.update({int(k): ClientState(v) for k, v in states.items()})
+
+    def adjust(self, server: Server, strategies: dict[int, str], outcome: RoundOutcome, next_round: int) -> dict:
+        for c in self.clients:
+            c.strategy = strategies[c.id]
+        report = adjust_allocation(self.context(server), outcome, self.setup.validation, next_round=next_round,
+                                   echo=self.setup.echo)  # fmt: skip
+        strategies.update({c.id: c.strategy for c in self.clients})
+        return report
+
+
+# ---- the run ----
+
+
 def run(
     config: RunConfig,
     *,
     resume: bool = False,
     echo: Callable[[str], None] = _stderr,
     train_fn: TrainFn = train_local,
+    transport: Callable[[Setup], Transport] | None = None,
 ) -> dict:
     """Runs ``config`` to its last round and returns the results dict (also written
     to output_dir/results.json). ``resume`` continues from output_dir's checkpoint.
-    ``train_fn`` replaces the client's training (tests inject faulty clients)."""
+    ``transport`` builds the engine's transport (default ``InProcess``, whose clients
+    train with ``train_fn``: tests inject faulty clients)."""
     config = config.validated()
     torch.set_num_threads(config.threads)
     out = Path(config.output_dir)
     saved = _load_checkpoint(config, out) if resume else None
 
+    # setup
     started = time.perf_counter()
     dataset = load_data(config)
     spec = model_spec(config, dataset)
@@ -282,62 +382,68 @@ def run(
         raise ConfigError(str(error)) from None
     reference, reference_path = reference_profile(config, spec, out, echo, reuse_saved=resume)
     train, validation = split_validation(config, dataset)
-    clients = make_clients(config, train, spec, reference)
+    setup = Setup(config, spec, dataset, topology, reference, reference_path, train, validation, echo)
+    link = transport(setup) if transport else InProcess(setup, train_fn=train_fn)
     calibration_x = calibration_images(config, dataset)
     setup_s = time.perf_counter() - started
 
+    # the clients' analyses (Eq. 1, 3), Sig_speed (Eq. 2) and the allocation
     t0 = time.perf_counter()
-    times, speed_sig, acc_sig = analyze(clients, spec, config)
+    answers = link.analyze()
     analysis_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    strategies = allocate(config, speed_sig, acc_sig)
+    times, acc_sig = [a.time_s for a in answers], [a.acc_sig for a in answers]
+    speed_sig = speed_analysis.speed_significance(times)
+    assignment = allocate(config, speed_sig, acc_sig)
     allocation_s = time.perf_counter() - t0
-    for c, s in zip(clients, strategies):
-        c.strategy = s
     norm_speed, norm_acc = normalized_significance(config, speed_sig, acc_sig)
+    strategies = {a.client: s for a, s in zip(answers, assignment)}
+    batches = {a.client: a.about["batch"] for a in answers}
 
     server = Server.for_run(config, initial_model(config, spec))
-    states = {c.id: ClientState() for c in clients}
     history: list[dict] = []
     training_s = 0.0
     adjustment: dict | None = None
     if saved is not None:
         server.state = saved["server_state"]
-        states = {int(k): ClientState(v) for k, v in saved["client_states"].items()}
+        link.restore(saved["client_states"])
         history = saved["history"]
         training_s = saved["training_s"]
         adjustment = saved["adjustment"]
-        for c, s in zip(clients, saved["strategies"]):
-            c.strategy = s
+        strategies = dict(zip(strategies, saved["strategies"]))
         echo(f"resuming {out / CHECKPOINT_FILE} after round {len(history)}")
-    context = RoundContext(config, spec, server, clients, states, topology, train_fn)
 
-    echo(f"{config.strategy}: {dataset.summary()}; model {spec.key}; {len(clients)} clients "
-         f"({strategies.count('ptq')} PTQ, {strategies.count('qat')} QAT)")  # fmt: skip
+    on = "" if link.name == "embedded" else f" on {link.name.capitalize()}"
+    left_out = f", {len(link.excluded)} left out" if link.excluded else ""
+    echo(f"{config.strategy}{on}: {dataset.summary()}; model {spec.key}; {len(answers)} clients "
+         f"({assignment.count('ptq')} PTQ, {assignment.count('qat')} QAT){left_out}")  # fmt: skip
     for r in range(len(history) + 1, config.rounds + 1):
-        outcome = play_round(context, r)
+        round_started = time.perf_counter()
+        plans = {cid: round_plan(config, r, s, batches[cid]) for cid, s in strategies.items() if topology.trains[cid]}
+        outcome = close_round(server, topology, r, link.train(server, plans), round_started)
         metrics = evaluate_global(spec, server, dataset.test, calibration_x)
         row = add_round(history, outcome.row(metrics["accuracy"], metrics["loss"], config.local_epochs) | metrics)
+        row.update(outcome.extra)
         training_s += row["wall_s"]
         if config.adjust and r == config.adjust_after and adjustment is None:
-            adjustment = adjust_allocation(context, outcome, validation, next_round=r + 1, echo=echo)
+            adjustment = link.adjust(server, strategies, outcome, next_round=r + 1)
         checkpoint.save(out / CHECKPOINT_FILE, {
             "config": config.to_dict(), "server_state": server.state, "history": history, "training_s": training_s,
-            "client_states": {str(cid): s.observers for cid, s in states.items()},
-            "strategies": [c.strategy for c in clients], "adjustment": adjustment,
+            "client_states": link.local_state(), "strategies": list(strategies.values()), "adjustment": adjustment,
         })  # fmt: skip
         echo_progress(echo, row, config.rounds)
 
     client_rows = [
-        {"id": c.id, "device": c.device_source, "device_name": c.device.name, "alpha": c.alpha, "beta": c.beta,
-         "samples": len(c.data), "batch": c.batch, "strategy": c.strategy, "speed_time_s": times[i],
+        {"id": a.client, **a.about, "strategy": strategies[a.client], "speed_time_s": times[i],
          "speed_sig": speed_sig[i], "acc_sig": acc_sig[i], "norm_speed": norm_speed[i], "norm_acc": norm_acc[i]}
-        for i, c in enumerate(clients)
+        for i, a in enumerate(answers)
     ]  # fmt: skip
     timing = {"setup_s": setup_s, "analysis_s": analysis_s, "allocation_s": allocation_s,
               "adjustment_s": adjustment["time_s"] if adjustment else 0.0, "training_s": training_s}  # fmt: skip
-    results = results_document(config, spec, dataset.name, client_rows, strategies, topology, adjustment, history,
+    results = results_document(config, spec, dataset.name, client_rows, assignment, topology, adjustment, history,
                                timing, reference_path)  # fmt: skip
+    if link.name != "embedded":
+        results |= {"engine": link.name, "excluded": link.excluded}
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     return results

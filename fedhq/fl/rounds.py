@@ -1,7 +1,7 @@
-"""One synchronous round over a (flat or hierarchical) system: every training client
-trains from the global model and uploads; the server validates and aggregates along
-the tree; the simulated time follows the tree. Used by the main run and, on
-snapshots, by the adjustment's candidate trials."""
+"""A round's path, both engines: ``round_plan`` (what the server asks of a client),
+the delivery (in this process: ``train_clients``; on Flower: fedhq.flower.strategy),
+then ``close_round`` (validate, aggregate along the tree, the topology's round time).
+``play_round`` is all three in this process (the adjustment's trials)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ class Client:
 
 @dataclass
 class RoundContext:
-    """Everything a round reads and updates: the server's model and the clients'
-    local state are changed in place."""
+    """Everything an in-process round reads and updates: the server's model and the
+    clients' local state are changed in place."""
 
     config: RunConfig
     spec: ModelSpec
@@ -46,6 +46,19 @@ class RoundContext:
     states: dict[int, ClientState]
     topology: Topology
     train_fn: TrainFn
+
+
+@dataclass
+class Replies:
+    """What a round's messages brought back: the updates, the clients left out on the
+    way, each trained client's simulated cost, and the uploads of inner nodes that only
+    forwarded their subtree's aggregate."""
+
+    updates: list[Update]
+    rejected: list[Rejection]
+    times: dict[int, ClientTime]
+    relay_upload_s: dict[int, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # engine-specific fields of the round's row
 
 
 @dataclass
@@ -72,18 +85,21 @@ class RoundOutcome:
         }  # fmt: skip
 
 
-def play_round(ctx: RoundContext, r: int) -> RoundOutcome:
-    started = time.perf_counter()
+def round_plan(config: RunConfig, r: int, strategy: str, batch: int) -> RoundPlan:
+    return RoundPlan(round=r, strategy=strategy, epochs=config.local_epochs, batch_size=batch, lr=config.lr,
+                     momentum=config.momentum, bits=config.bits, seed=config.seed)  # fmt: skip
+
+
+def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
+    """Delivery in this process: each planned client trains from the global model."""
     config = ctx.config
     global_weights = ctx.server.global_weights()
+    clients = {c.id: c for c in ctx.clients}
     updates: list[Update] = []
     rejected: list[Rejection] = []
     times: dict[int, ClientTime] = {}
-    for c in ctx.clients:
-        if not ctx.topology.trains[c.id]:
-            continue
-        plan = RoundPlan(round=r, strategy=c.strategy, epochs=config.local_epochs, batch_size=c.batch, lr=config.lr,
-                         momentum=config.momentum, bits=config.bits, seed=config.seed)  # fmt: skip
+    for cid, plan in plans.items():
+        c = clients[cid]
         try:
             update, new_state = ctx.train_fn(ctx.spec, global_weights, c.data, plan, c.id, ctx.states[c.id])
         except Exception as error:  # a failing client must not end the round
@@ -94,16 +110,29 @@ def play_round(ctx: RoundContext, r: int) -> RoundOutcome:
             continue
         ctx.states[c.id] = new_state
         updates.append(update)
-        times[c.id] = c.device.round_time(ctx.spec.key, c.strategy, c.batch, update.steps, update.nbytes)
-    accepted, bad = ctx.server.aggregate(updates, ctx.topology)
-    rejected.extend(bad)
-    # the synchronous round waits for every client that trained, accepted or not; an
-    # inner node that does not train still uploads its subtree's aggregate
-    upload = {cid: t.upload_s for cid, t in times.items()}
-    if updates:
+        times[c.id] = c.device.round_time(ctx.spec.key, plan.strategy, plan.batch_size, update.steps, update.nbytes)
+    relay: dict[int, float] = {}
+    if updates:  # an inner node that did not train still uploads its subtree's aggregate
         size = statistics.median(u.nbytes for u in updates)
-        for c in ctx.clients:
-            if c.id not in upload and ctx.topology.children(c.id):
-                upload[c.id] = c.device.upload_seconds(size)
-    sim_s, critical = ctx.topology.round_time({cid: t.compute_s for cid, t in times.items()}, upload)
-    return RoundOutcome(r, updates, accepted, rejected, times, sim_s, critical, time.perf_counter() - started)
+        relay = {c.id: c.device.upload_seconds(size) for c in ctx.clients
+                 if c.id not in times and ctx.topology.children(c.id)}  # fmt: skip
+    return Replies(updates, rejected, times, relay)
+
+
+def close_round(server: Server, topology: Topology, r: int, replies: Replies, started: float) -> RoundOutcome:
+    """The server's side of a round: validate and aggregate (in client order, along the
+    tree), and the round's simulated time (``Topology.round_time``: it waits for every
+    client that trained, accepted or not)."""
+    updates = sorted(replies.updates, key=lambda u: u.client)
+    accepted, bad = server.aggregate(updates, topology)
+    upload = {cid: t.upload_s for cid, t in replies.times.items()} | replies.relay_upload_s
+    sim_s, critical = topology.round_time({cid: t.compute_s for cid, t in replies.times.items()}, upload)
+    return RoundOutcome(r, updates, accepted, replies.rejected + bad, replies.times, sim_s, critical,
+                        time.perf_counter() - started, dict(replies.extra))  # fmt: skip
+
+
+def play_round(ctx: RoundContext, r: int) -> RoundOutcome:
+    """One whole round in this process with the clients' current strategies."""
+    started = time.perf_counter()
+    plans = {c.id: round_plan(ctx.config, r, c.strategy, c.batch) for c in ctx.clients if ctx.topology.trains[c.id]}
+    return close_round(ctx.server, ctx.topology, r, train_clients(ctx, plans), started)

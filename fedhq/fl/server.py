@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import fedhq_kernels as fk
 from fedhq.fl.client import quantize_upload, quantized_names
 from fedhq.fl.topology import Topology
+from fedhq_kernels.checks import is_int
 
 log = logging.getLogger("fedhq.server")
 
@@ -76,7 +77,7 @@ def validate_update(
     ``bits``-bit QuantizedTensors (``bits`` None: a float fp32 update, nothing quantized).
     ``limits`` bounds the magnitude of the float entries named in it (``growth_limits``);
     the running variances of ``stats`` must be >= 0 and are bounded by their square root."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+    if not is_int(num_samples) or num_samples <= 0:
         return f"num_samples must be an int > 0, got {num_samples!r}"
     if not isinstance(state, Mapping):
         return f"the update must be a mapping of tensors, got {type(state).__name__}"

@@ -1,13 +1,7 @@
-"""Simulated time of a heterogeneous system.
-
-Nobody here owns the clients' devices, so each client's training time is this
-machine's *measured* step time of the model (the reference profile), scaled to the
-client's device by the speed model (``fedhq.analysis.speed.SpeedModel``: a preset is
-scaled by its roofline ratio to the reference) and divided by the client's compute
-share beta, exactly as Eq. 1 does: T = steps * step_time(B) / beta. Uploading takes
-its bytes over the device's uplink. A synchronous round lasts as long as its slowest
-client (training + upload); the server's aggregation is not counted (milliseconds).
-"""
+"""A client's simulated time: T = steps * step_time(B) / beta (Eq. 1), the step time
+this machine's measured one scaled to the client's device (``SpeedModel``), plus its
+upload over the device's uplink. A round's time follows the tree:
+``fedhq.fl.topology.Topology.round_time`` (docs/fl.md)."""
 
 from __future__ import annotations
 
@@ -53,10 +47,3 @@ class ClientDevice:
     def round_time(self, model_key: str, strategy: str, batch: int, steps: int, nbytes: int) -> ClientTime:
         return ClientTime(self.compute_seconds(model_key, strategy, batch, steps), self.upload_seconds(nbytes))
 
-
-def synchronous_round(times: dict[int, ClientTime]) -> tuple[float, int | None]:
-    """(round seconds, slowest client): the slowest client's training + upload."""
-    if not times:
-        return 0.0, None
-    slowest = max(times, key=lambda c: (times[c].total_s, -c))
-    return times[slowest].total_s, slowest

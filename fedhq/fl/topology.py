@@ -1,16 +1,6 @@
-"""The shape of the federated system: a tree under the server.
-
-Every non-server node is a client (id 0..n-1) with a parent: ``None`` is the server
-(level L1), so the server's children are at L2, theirs at L3, and so on. An inner node
-is an intermediate aggregator: it may train on its own data too (``trains``), then
-aggregates its own update with its children's subtree aggregates and uploads the
-result, quantized in and quantized out. The flat system is the tree where every
-parent is the server: the same code, one level.
-
-Declared in the run config as ``topology``: ``None`` (flat), ``"hierarchical:AxL"``
-(A aggregators at L2, each with L leaves at L3; clients 0..A-1 are the aggregators),
-or a JSON file ``{"parents": [null, 0, 0, ...], "trains": [true, ...]}``.
-"""
+"""The shape of the federated system: a tree under the server (the flat system is the
+tree whose every parent is the server), and its round time. Declared as ``topology``:
+None (flat), ``"hierarchical:AxL"`` or a JSON file of parents (docs/hierarchical.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +8,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedhq_kernels.checks import is_int
 
 
 class TopologyError(ValueError):
@@ -36,7 +28,7 @@ class Topology:
         if len(self.trains) != n:
             raise TopologyError(f"topology: {len(self.trains)} 'trains' flags for {n} nodes")
         for node, parent in enumerate(self.parents):
-            if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or not 0 <= parent < n):
+            if parent is not None and (not is_int(parent) or not 0 <= parent < n):
                 raise TopologyError(f"topology: node {node} has parent {parent!r}, not a node id in [0, {n}) or null")
             if parent == node:
                 raise TopologyError(f"topology: node {node} is its own parent")

@@ -1,18 +1,9 @@
-"""The FedHQ ClientApp: the embedded engine's client code behind Flower messages.
+"""The FedHQ ClientApp: the run's client code behind Flower messages (docs/flower.md).
 
-- ``query``: the node sets itself up from the run settings and the server's reference
-  profile carried by the message (kept in ``context.state``), loads its partition
-  (``node_config["partition-id"]``; optional ``node_config["device"]``, a preset name
-  or a profile file on the node, replaces the run's device for this partition) and
-  replies with the two numbers FedHQ's allocation needs, T_m (Eq. 1) and Sig_acc
-  (Alg. 1 + Eq. 3) from ``fedhq.fl.engine.client_analysis``, plus a description of
-  itself for the report (device, alpha, beta, batch, samples).
-- ``train.ptq`` / ``train.qat`` / ``train.fp32``: ``fedhq.fl.client.train_local`` from
-  the global model in the message; the reply holds the upload (``records``) and the
-  round's metrics, including its simulated time on the node's device.
-
-Anything that goes wrong raises, and Flower turns it into an error reply that the
-strategy leaves out.
+- ``query``: the node builds its own client from the run settings and reference
+  profile in the message and replies with (T_m, Sig_acc) and its client row.
+- ``train.ptq`` / ``train.qat`` / ``train.fp32``: ``train_local`` from the global model
+  and plan in the message; the reply holds the upload and the round's costs.
 """
 
 from __future__ import annotations
@@ -30,6 +21,7 @@ from fedhq.fl.client import ClientState, RoundPlan, train_local
 from fedhq.fl.config import RunConfig
 from fedhq.fl.rounds import Client
 from fedhq.flower.records import decode_state, encode_state
+from fedhq.flower.strategy import PLAN_FIELDS
 from fedhq.models import ModelSpec
 
 SETUP = "fedhq-setup"  # context.state: the query's setup record, for the training rounds
@@ -47,8 +39,8 @@ class Node:
 
 @lru_cache(maxsize=4)
 def _load_node(run_config: str, reference: str, partition: int, device: str) -> Node:
-    """This node's client exactly as the embedded engine builds client ``partition``
-    (same data split, partition, device, alpha, beta and batch)."""
+    """This node's client alone, exactly as the run builds client ``partition``
+    (``device``, a preset name or a profile file on the node, replaces its device)."""
     config = RunConfig.from_dict(json.loads(run_config), where="run settings from the server")
     if not 0 <= partition < config.clients:
         raise ValueError(f"partition-id {partition} is outside [0, {config.clients}) of this run")
@@ -56,10 +48,8 @@ def _load_node(run_config: str, reference: str, partition: int, device: str) -> 
         devices = [config.devices[i % len(config.devices)] for i in range(config.clients)]
         devices[partition] = device
         config = config.replace(devices=devices)
-    dataset = engine.load_data(config)
-    spec = engine.model_spec(config, dataset)
-    train, _ = engine.split_validation(config, dataset)
-    return Node(config, spec, engine.make_clients(config, train, spec, json.loads(reference))[partition])
+    spec, client = engine.client_setup(config, json.loads(reference), partition)
+    return Node(config, spec, client)
 
 
 def _node(context: Context) -> Node:
@@ -89,16 +79,16 @@ def query(msg: Message, context: Context) -> Message:
 
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
-    config, c = node.config, node.client
+    c = node.client
     strategy = msg.metadata.message_type.split(".", 1)[1]
     weights = fk.dequantize_state_dict(decode_state(msg.content["global"], msg.content["layout"]))
-    plan = RoundPlan(round=int(msg.content["plan"]["round"]), strategy=strategy, epochs=config.local_epochs,
-                     batch_size=c.batch, lr=config.lr, momentum=config.momentum, bits=config.bits, seed=config.seed)  # fmt: skip
+    fields = msg.content["plan"]
+    plan = RoundPlan(strategy=strategy, **{attr: fields[key] for key, attr in PLAN_FIELDS.items()})
     observers = context.state[OBSERVERS].to_torch_state_dict() if OBSERVERS in context.state else {}
     update, state = train_local(node.spec, weights, c.data, plan, c.id, ClientState(dict(observers)))
     if state.observers:
         context.state[OBSERVERS] = ArrayRecord(state.observers)
-    cost = c.device.round_time(node.spec.key, strategy, c.batch, update.steps, update.nbytes)
+    cost = c.device.round_time(node.spec.key, plan.strategy, plan.batch_size, update.steps, update.nbytes)
     arrays, layout = encode_state(update.state)
     metrics = MetricRecord({"num-examples": update.num_samples, "train-loss": update.train_loss, "steps": update.steps,
                             "wall-s": update.wall_s, "compute-s": cost.compute_s, "upload-s": cost.upload_s})  # fmt: skip
