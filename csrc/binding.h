@@ -1,14 +1,10 @@
 // Torch-side helpers shared by the CPU binding (csrc/ops.cpp, torch.ops.fedhq_cpu)
-// and the CUDA binding (csrc/cuda_ops.cpp, torch.ops.fedhq_cuda): the op schemas,
-// the argument checks and their messages, so both backends reject the same input
-// with the same words. Checks here read metadata only; checks of values (scale > 0,
-// zero point in range) take the values from wherever the backend has them (the CPU
-// reads the tensors, the CUDA backend flags them on the device and reads back only
-// the offending entry).
-//
-// Argument conventions (shared with fedhq_kernels/ops.py): `axis` < 0 means
-// per-tensor; scale is float32 and zero_point int32, one entry per channel.
+// and the CUDA binding (csrc/cuda_ops.cpp, torch.ops.fedhq_cuda): the op
+// registration, the Python module, the argument checks and their messages, so both
+// backends reject the same input with the same words. Conventions: docs/kernels.md.
 #pragma once
+
+#include <Python.h>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -21,21 +17,26 @@
 
 namespace fedhq::binding {
 
-// The op schemas, identical for every backend's namespace.
-inline void define_ops(torch::Library& m) {
-  m.def("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int axis) -> Tensor");
-  m.def(
-      "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-      "int axis) -> Tensor");
-  m.def(
-      "fake_quant_observed(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, "
-      "Tensor)");
-  m.def("quantize(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)");
-  m.def("dequantize(Tensor codes, Tensor scale, Tensor zero_point, int axis, ScalarType dtype) -> Tensor");
-  m.def(
-      "aggregate(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
-      "int quant_max, bool symmetric, str[] names) -> (Tensor, Tensor, Tensor)");
-}
+// Registers a binding's functions, named as the ops, as namespace `ns`'s kernels for
+// dispatch key `key`. The schemas are fedhq_kernels/optable.py's, declared by the
+// Python side (cpu.py, cuda.py) before it loads the library.
+#define FEDHQ_IMPLEMENT_OPS(ns, key)                       \
+  TORCH_LIBRARY_IMPL(ns, key, m) {                         \
+    m.impl("fake_quant", &fake_quant);                     \
+    m.impl("fake_quant_backward", &fake_quant_backward);   \
+    m.impl("fake_quant_observed", &fake_quant_observed);   \
+    m.impl("quantize", &quantize);                         \
+    m.impl("dequantize", &dequantize);                     \
+    m.impl("aggregate", &aggregate);                       \
+  }
+
+// The Python module fedhq_kernels.<name>: importing it loads the library, which runs
+// its registrations.
+#define FEDHQ_PYTHON_MODULE(name, doc)                                                                            \
+  PyMODINIT_FUNC PyInit_##name(void) {                                                                            \
+    static PyModuleDef module = {PyModuleDef_HEAD_INIT, #name, doc, -1, nullptr, nullptr, nullptr, nullptr, nullptr}; \
+    return PyModule_Create(&module);                                                                              \
+  }
 
 // [outer, channels, inner] of a contiguous tensor quantized along `axis` (< 0: per
 // tensor, one channel with inner = numel). inner is at least 1.

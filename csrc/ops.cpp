@@ -6,8 +6,6 @@
 // Argument conventions (shared with fedhq_kernels/ops.py): `axis` < 0 means
 // per-tensor; scale is float32 and zero_point int32, one entry per channel. Schemas
 // and argument checks are shared with the CUDA binding (binding.h).
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -101,35 +99,43 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   return grad_x;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
-                                                                   bool symmetric, int64_t axis) {
-  check_range("fake_quant", qmin, qmax);
+// The ops that observe x's range and write `out_type` outputs (x's type, or int8
+// codes) with it: kernel(tag, x, out, layout, scale, zero_point) runs the kernel for
+// element type decltype(tag) and returns its non-finite report.
+template <class Kernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
+                                                           int64_t qmax, int64_t axis, at::ScalarType out_type,
+                                                           Kernel&& kernel) {
+  check_range(op, qmin, qmax);
+  if (out_type == at::kChar) check_int8_codes(op, qmin, qmax);
   const at::Tensor x = x_in.contiguous();
   auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor y = empty_output(x.sizes(), x.options());
-  dispatch_float_type(x.scalar_type(), "fake_quant", [&](auto tag) {
+  at::Tensor out = empty_output(x.sizes(), x.options().dtype(out_type));
+  dispatch_float_type(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    check_observed("fake_quant", cpu::fake_quant_observed<T>(cptr<T>(x), ptr<T>(y), layout_of(x, axis), symmetric,
-                                                             int32_t(qmin), int32_t(qmax), ptr<float>(scale),
-                                                             ptr<int32_t>(zero_point), at::get_num_threads()));
+    check_observed(op, kernel(tag, cptr<T>(x), out, layout_of(x, axis), ptr<float>(scale), ptr<int32_t>(zero_point)));
   });
-  return {y, scale, zero_point};
+  return {out, scale, zero_point};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                                   bool symmetric, int64_t axis) {
+  return observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
+                     [&](auto tag, auto in, at::Tensor& y, const TensorLayout& layout, float* scale, int32_t* zp) {
+                       using T = decltype(tag);
+                       return cpu::fake_quant_observed<T>(in, ptr<T>(y), layout, symmetric, int32_t(qmin),
+                                                          int32_t(qmax), scale, zp, at::get_num_threads());
+                     });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
-  check_range("quantize", qmin, qmax);
-  check_int8_codes("quantize", qmin, qmax);
-  const at::Tensor x = x_in.contiguous();
-  auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor codes = empty_output(x.sizes(), x.options().dtype(at::kChar));
-  dispatch_float_type(x.scalar_type(), "quantize", [&](auto tag) {
-    using T = decltype(tag);
-    check_observed("quantize", cpu::quantize<T>(cptr<T>(x), ptr<int8_t>(codes), layout_of(x, axis), symmetric,
-                                                int32_t(qmin), int32_t(qmax), ptr<float>(scale),
-                                                ptr<int32_t>(zero_point), at::get_num_threads()));
-  });
-  return {codes, scale, zero_point};
+  return observed_op("quantize", x, qmin, qmax, axis, at::kChar,
+                     [&](auto tag, auto in, at::Tensor& codes, const TensorLayout& layout, float* scale, int32_t* zp) {
+                       using T = decltype(tag);
+                       return cpu::quantize<T>(in, ptr<int8_t>(codes), layout, symmetric, int32_t(qmin), int32_t(qmax),
+                                               scale, zp, at::get_num_threads());
+                     });
 }
 
 at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
@@ -203,21 +209,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
 
 }  // namespace
 
-TORCH_LIBRARY(fedhq_cpu, m) { define_ops(m); }
-
-TORCH_LIBRARY_IMPL(fedhq_cpu, CPU, m) {
-  m.impl("fake_quant", &fake_quant);
-  m.impl("fake_quant_backward", &fake_quant_backward);
-  m.impl("fake_quant_observed", &fake_quant_observed);
-  m.impl("quantize", &quantize);
-  m.impl("dequantize", &dequantize);
-  m.impl("aggregate", &aggregate);
-}
+FEDHQ_IMPLEMENT_OPS(fedhq_cpu, CPU)
 
 }  // namespace fedhq::binding
 
-// Importing fedhq_kernels._C loads this library, which runs the registrations above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "FedHQ CPU kernels (torch.ops.fedhq_cpu)", -1, nullptr};
-  return PyModule_Create(&module);
-}
+FEDHQ_PYTHON_MODULE(_C, "FedHQ CPU kernels (torch.ops.fedhq_cpu)")

@@ -34,25 +34,18 @@ namespace fedhq {
 struct half_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 
-FEDHQ_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
+// std::bit_cast (C++20); a 4-byte memcpy compiles to a register move, host and device.
+template <class To, class From>
+FEDHQ_HD To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To to;
+  memcpy(&to, &from, sizeof to);
+  return to;
 }
 
-FEDHQ_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
+FEDHQ_HD uint32_t float_bits(float f) { return bit_cast<uint32_t>(f); }
+
+FEDHQ_HD float bits_float(uint32_t u) { return bit_cast<float>(u); }
 
 FEDHQ_HD float to_float(float v) { return v; }
 

@@ -9,12 +9,15 @@ import warnings
 
 import torch
 
+from fedhq_kernels.optable import define_library, op_table
+
 DEVICES = ("cpu",)
 UNAVAILABLE: str | None = None
 KERNELS: dict = {}
 
+define_library("fedhq_cpu")
 try:
-    from fedhq_kernels import _C  # noqa: F401  (loading it registers torch.ops.fedhq_cpu)
+    from fedhq_kernels import _C  # noqa: F401  (loading it implements torch.ops.fedhq_cpu)
 except ImportError as error:
     UNAVAILABLE = (
         f"the C++ extension fedhq_kernels._C did not load ({error}); rebuild with "
@@ -22,7 +25,4 @@ except ImportError as error:
     )
     warnings.warn(f"fedhq_kernels: {UNAVAILABLE}. Falling back to the reference backend.", RuntimeWarning, stacklevel=2)
 else:
-    KERNELS = {
-        name: getattr(torch.ops.fedhq_cpu, name).default
-        for name in ("fake_quant", "fake_quant_backward", "fake_quant_observed", "quantize", "dequantize", "aggregate")
-    }
+    KERNELS = op_table(torch.ops.fedhq_cpu)

@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from fedhq_kernels.optable import define_library, op_table
+
 DEVICES = ("cuda",)
 UNAVAILABLE: str | None = None
 KERNELS: dict = {}
@@ -27,8 +29,9 @@ KERNELS: dict = {}
 if torch.version.cuda is None:
     UNAVAILABLE = f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
 else:
+    define_library("fedhq_cuda")
     try:
-        from fedhq_kernels import _C_cuda  # noqa: F401  (loading it registers torch.ops.fedhq_cuda)
+        from fedhq_kernels import _C_cuda  # noqa: F401  (loading it implements torch.ops.fedhq_cuda)
     except ImportError as error:
         UNAVAILABLE = (
             f"the CUDA extension fedhq_kernels._C_cuda did not load ({error}); rebuild with a CUDA toolkit "
@@ -41,9 +44,6 @@ else:
             stacklevel=2,
         )
     else:
-        KERNELS = {
-            name: getattr(torch.ops.fedhq_cuda, name).default
-            for name in ("fake_quant", "fake_quant_backward", "fake_quant_observed", "quantize", "dequantize", "aggregate")
-        }
+        KERNELS = op_table(torch.ops.fedhq_cuda)
         if not torch.cuda.is_available():
             UNAVAILABLE = "no CUDA device is visible (torch.cuda.is_available() is False)"

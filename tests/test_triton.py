@@ -87,14 +87,14 @@ def _recorded_launches(dtypes: list[torch.dtype], with_aggregate: bool) -> list[
             c = 1 if axis < 0 else shape[axis]
             scale = (torch.rand(c, generator=g) + 0.01).reshape(() if axis < 0 else (c,))
             zero_point = torch.zeros(scale.shape, dtype=torch.int32)
-            fq.fake_quant_fwd(x, scale, zero_point, -128, 127, axis)
-            fq.fake_quant_bwd(x, x, scale, zero_point, -128, 127, axis)
+            fq.fake_quant(x, scale, zero_point, -128, 127, axis)
+            fq.fake_quant_backward(x, x, scale, zero_point, -128, 127, axis)
             for symmetric in (True, False):
                 fq.fake_quant_observed(x, -128, 127, symmetric, axis)
                 qz.quantize(x, -128, 127, symmetric, axis)
             qz.dequantize(torch.zeros(shape, dtype=torch.int8), scale, zero_point, axis, dtype)
         unaligned = torch.randn(100_004, generator=g).to(dtype)[1:]
-        fq.fake_quant_fwd(unaligned, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127, -1)
+        fq.fake_quant(unaligned, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127, -1)
         fq.fake_quant_observed(unaligned, -128, 127, True, -1)
     if with_aggregate:
         codes, scales, zero_points = [], [], []

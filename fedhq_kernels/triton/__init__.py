@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+from fedhq_kernels.optable import op_table
+
 DEVICES: tuple[str, ...] = ("cuda",)
 UNAVAILABLE: str | None = None
 KERNELS: dict = {}
@@ -37,14 +39,7 @@ else:
     from fedhq_kernels.triton import fake_quant as _fake_quant
     from fedhq_kernels.triton import quantize as _quantize
 
-    KERNELS = {
-        "fake_quant": _fake_quant.fake_quant_fwd,
-        "fake_quant_backward": _fake_quant.fake_quant_bwd,
-        "fake_quant_observed": _fake_quant.fake_quant_observed,
-        "quantize": _quantize.quantize,
-        "dequantize": _quantize.dequantize,
-        "aggregate": _aggregate.aggregate,
-    }
+    KERNELS = op_table(_fake_quant, _quantize, _aggregate)
     if not _INTERPRET:
         import torch
 

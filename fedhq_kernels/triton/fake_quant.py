@@ -134,7 +134,7 @@ def _write(kernel, view: View, tensors: tuple, scale, zero_point, quant_min, qua
            float(quant_min), float(quant_max), MODE=view.mode, BR=br, BW=bw, BF16=bf16)
 
 
-def fake_quant_fwd(x, scale, zero_point, quant_min, quant_max, axis):
+def fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
     cm.check_range("fake_quant", quant_min, quant_max)
     x, scale, zero_point = x.contiguous(), scale.contiguous(), zero_point.contiguous()
     if not x.is_cuda:
@@ -148,7 +148,7 @@ def fake_quant_fwd(x, scale, zero_point, quant_min, quant_max, axis):
     return y
 
 
-def fake_quant_bwd(grad, x, scale, zero_point, quant_min, quant_max, axis):
+def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
     cm.check_range("fake_quant_backward", quant_min, quant_max)
     x, scale, zero_point = x.contiguous(), scale.contiguous(), zero_point.contiguous()
     grad = grad.to(x.dtype).contiguous()
