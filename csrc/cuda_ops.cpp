@@ -12,8 +12,6 @@
 // The other ops must look at values (a NaN / Inf seen by the observer, a bad client
 // scale): their kernels flag problems in a small device Status that is read back
 // once, after all their work is queued.
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -118,41 +116,47 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   return grad_x;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
-                                                                   bool symmetric, int64_t axis) {
-  check_range("fake_quant", qmin, qmax);
-  const fc::FloatType type = float_type(x_in.scalar_type(), "fake_quant");
+// The ops that observe x's range and write `out_type` outputs (x's type, or int8
+// codes) with it: launch(type, x, out, layout, scale, zero_point, workspace, stream)
+// queues the launcher; the one read-back follows.
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
+                                                           int64_t qmax, int64_t axis, at::ScalarType out_type,
+                                                           Launch&& launch) {
+  check_range(op, qmin, qmax);
+  if (out_type == at::kChar) check_int8_codes(op, qmin, qmax);
+  const fc::FloatType type = float_type(x_in.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const fc::Layout layout = layout_of(x, axis);
   auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_type));
   const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
-  check_launch(fc::fake_quant_observed(type, x.const_data_ptr(), y.data_ptr(), layout, symmetric, int32_t(qmin),
-                                       int32_t(qmax), scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(),
-                                       workspace.data_ptr(), stream_of(x)),
-               "fake_quant");
-  check_observed("fake_quant", fc::first_nonfinite_tensor(read_status(workspace)));
-  return {y, scale, zero_point};
+  check_launch(launch(type, x.const_data_ptr(), out.data_ptr(), layout, scale.data_ptr<float>(),
+                      zero_point.data_ptr<int32_t>(), workspace.data_ptr(), stream_of(x)),
+               op);
+  check_observed(op, fc::first_nonfinite_tensor(read_status(workspace)));
+  return {out, scale, zero_point};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                                   bool symmetric, int64_t axis) {
+  return observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
+                     [&](fc::FloatType type, const void* in, void* y, fc::Layout layout, float* scale, int32_t* zp,
+                         void* workspace, cudaStream_t stream) {
+                       return fc::fake_quant_observed(type, in, y, layout, symmetric, int32_t(qmin), int32_t(qmax),
+                                                      scale, zp, workspace, stream);
+                     });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
-  check_range("quantize", qmin, qmax);
-  check_int8_codes("quantize", qmin, qmax);
-  const fc::FloatType type = float_type(x_in.scalar_type(), "quantize");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const fc::Layout layout = layout_of(x, axis);
-  auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
-  check_launch(fc::quantize(type, x.const_data_ptr(), codes.data_ptr<int8_t>(), layout, symmetric, int32_t(qmin),
-                            int32_t(qmax), scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(), workspace.data_ptr(),
-                            stream_of(x)),
-               "quantize");
-  check_observed("quantize", fc::first_nonfinite_tensor(read_status(workspace)));
-  return {codes, scale, zero_point};
+  return observed_op("quantize", x, qmin, qmax, axis, at::kChar,
+                     [&](fc::FloatType type, const void* in, void* codes, fc::Layout layout, float* scale, int32_t* zp,
+                         void* workspace, cudaStream_t stream) {
+                       return fc::quantize(type, in, static_cast<int8_t*>(codes), layout, symmetric, int32_t(qmin),
+                                           int32_t(qmax), scale, zp, workspace, stream);
+                     });
 }
 
 at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
@@ -256,22 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
 
 }  // namespace
 
-TORCH_LIBRARY(fedhq_cuda, m) { define_ops(m); }
-
-TORCH_LIBRARY_IMPL(fedhq_cuda, CUDA, m) {
-  m.impl("fake_quant", &fake_quant);
-  m.impl("fake_quant_backward", &fake_quant_backward);
-  m.impl("fake_quant_observed", &fake_quant_observed);
-  m.impl("quantize", &quantize);
-  m.impl("dequantize", &dequantize);
-  m.impl("aggregate", &aggregate);
-}
+FEDHQ_IMPLEMENT_OPS(fedhq_cuda, CUDA)
 
 }  // namespace fedhq::binding
 
-// Importing fedhq_kernels._C_cuda loads this library, which runs the registrations above.
-PyMODINIT_FUNC PyInit__C_cuda(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", "FedHQ CUDA kernels (torch.ops.fedhq_cuda)", -1,
-                               nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
-}
+FEDHQ_PYTHON_MODULE(_C_cuda, "FedHQ CUDA kernels (torch.ops.fedhq_cuda)")

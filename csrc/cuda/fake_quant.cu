@@ -13,23 +13,14 @@ namespace fedhq::cuda {
 namespace {
 
 template <class T>
-struct FakeQuantOp {
-  static constexpr int N = 16 / sizeof(T), U = 4;
-  using Batch = Vec<T, N>;
-  const T* __restrict__ x;
-  T* __restrict__ y;
-  bool vec;
-  __device__ __forceinline__ void load(int64_t i, Batch& b) const { load_vec(x + i, b); }
-  __device__ __forceinline__ void use(int64_t i, const Batch& b, const QParams& p) const {
-    Batch out;
-#pragma unroll
-    for (int j = 0; j < N; ++j) out.v[j] = from_float<T>(fake_quant_value(to_float(b.v[j]), p));
-    store_vec(y + i, out);
-  }
-  __device__ __forceinline__ void one(int64_t i, const QParams& p) const {
-    y[i] = from_float<T>(fake_quant_value(to_float(load_one(x + i)), p));
+struct FakeQuantValue {
+  __device__ __forceinline__ T operator()(T v, const QParams& p) const {
+    return from_float<T>(fake_quant_value(to_float(v), p));
   }
 };
+
+template <class T>
+using FakeQuantOp = MapOp<T, T, 16 / sizeof(T), 4, FakeQuantValue<T>>;
 
 // grad * mask, as PyTorch computes it: a NaN gradient stays NaN even where masked.
 __device__ __forceinline__ float masked_grad(float grad, float x, const QParams& p) {
@@ -111,16 +102,10 @@ cudaError_t fake_quant_observed(FloatType type, const void* x, void* y, Layout l
                                 cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const RangeSlots slots = range_slots(workspace, layout.channels);
-    cudaError_t error = cudaMemsetAsync(workspace, 0, observe_workspace_bytes(layout.channels), stream);
-    if (error != cudaSuccess) return error;
     const T* in = static_cast<const T*>(x);
-    const TensorDesc observe = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<RangeOp<T>>());
-    if (observe.tiles > 0) {
-      constexpr auto kernel = kObserveRange<T>;
-      kernel<<<grid_blocks<kernel>(observe.tiles), kBlock, 0, stream>>>(in, aligned16(x), observe, slots);
-      if ((error = cudaGetLastError()) != cudaSuccess) return error;
-    }
+    const cudaError_t error = launch_observe_range(in, layout, workspace, stream);
+    if (error != cudaSuccess) return error;
+    const RangeSlots slots = range_slots(workspace, layout.channels);
     // Pass 2 runs even for an empty tensor: it writes every channel's scale / zero point.
     const TensorDesc d = fake_quant_desc<T>(layout);
     const FakeQuantOp<T> op{in, static_cast<T*>(y), aligned16(x) && aligned16(y)};
