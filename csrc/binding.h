@@ -112,6 +112,23 @@ inline std::tuple<at::Tensor, at::Tensor> empty_qparams(const at::Tensor& x, int
   return {at::empty({x.size(axis)}, options), at::empty({x.size(axis)}, options.dtype(at::kInt))};
 }
 
+// The frame of the observed ops (fake_quant_observed, quantize): checks, contiguous
+// input, fresh outputs (`out_type`: x's type, or int8 codes, from alloc(sizes,
+// options)); run(x, out, scale, zero_point) fills them and returns the first tensor
+// holding a NaN / Inf, or -1.
+template <class Alloc, class Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
+                                                           int64_t qmax, int64_t axis, at::ScalarType out_type,
+                                                           Alloc&& alloc, Run&& run) {
+  check_range(op, qmin, qmax);
+  if (out_type == at::kChar) check_int8_codes(op, qmin, qmax);
+  const at::Tensor x = x_in.contiguous();
+  auto [scale, zero_point] = empty_qparams(x, axis);
+  at::Tensor out = alloc(x.sizes(), x.options().dtype(out_type));
+  check_observed(op, run(x, out, scale, zero_point));
+  return {out, scale, zero_point};
+}
+
 // ---- aggregate ----
 
 // Counts of the client-major lists; returns the number of clients.

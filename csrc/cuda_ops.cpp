@@ -116,47 +116,44 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   return grad_x;
 }
 
-// The ops that observe x's range and write `out_type` outputs (x's type, or int8
-// codes) with it: launch(type, x, out, layout, scale, zero_point, workspace, stream)
-// queues the launcher; the one read-back follows.
+// binding.h's observed_op on the GPU: launch(type, x, out, layout, scale, zero_point,
+// workspace, stream) queues the launcher; the one read-back follows.
 template <class Launch>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
-                                                           int64_t qmax, int64_t axis, at::ScalarType out_type,
-                                                           Launch&& launch) {
-  check_range(op, qmin, qmax);
-  if (out_type == at::kChar) check_int8_codes(op, qmin, qmax);
-  const fc::FloatType type = float_type(x_in.scalar_type(), op);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
+                                                                int64_t qmax, int64_t axis, at::ScalarType out_type,
+                                                                Launch&& launch) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const fc::Layout layout = layout_of(x, axis);
-  auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_type));
-  const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
-  check_launch(launch(type, x.const_data_ptr(), out.data_ptr(), layout, scale.data_ptr<float>(),
-                      zero_point.data_ptr<int32_t>(), workspace.data_ptr(), stream_of(x)),
-               op);
-  check_observed(op, fc::first_nonfinite_tensor(read_status(workspace)));
-  return {out, scale, zero_point};
+  const auto alloc = [](at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); };
+  return observed_op(op, x_in, qmin, qmax, axis, out_type, alloc,
+                     [&](const at::Tensor& x, at::Tensor& out, at::Tensor& scale, at::Tensor& zero_point) {
+                       const fc::FloatType type = float_type(x.scalar_type(), op);
+                       const fc::Layout layout = layout_of(x, axis);
+                       const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
+                       check_launch(launch(type, x.const_data_ptr(), out.data_ptr(), layout, scale.data_ptr<float>(),
+                                           zero_point.data_ptr<int32_t>(), workspace.data_ptr(), stream_of(x)),
+                                    op);
+                       return fc::first_nonfinite_tensor(read_status(workspace));
+                     });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                                    bool symmetric, int64_t axis) {
-  return observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
-                     [&](fc::FloatType type, const void* in, void* y, fc::Layout layout, float* scale, int32_t* zp,
-                         void* workspace, cudaStream_t stream) {
-                       return fc::fake_quant_observed(type, in, y, layout, symmetric, int32_t(qmin), int32_t(qmax),
-                                                      scale, zp, workspace, stream);
-                     });
+  return cuda_observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
+                          [&](fc::FloatType type, const void* in, void* y, fc::Layout layout, float* scale, int32_t* zp,
+                              void* workspace, cudaStream_t stream) {
+                            return fc::fake_quant_observed(type, in, y, layout, symmetric, int32_t(qmin), int32_t(qmax),
+                                                           scale, zp, workspace, stream);
+                          });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
-  return observed_op("quantize", x, qmin, qmax, axis, at::kChar,
-                     [&](fc::FloatType type, const void* in, void* codes, fc::Layout layout, float* scale, int32_t* zp,
-                         void* workspace, cudaStream_t stream) {
-                       return fc::quantize(type, in, static_cast<int8_t*>(codes), layout, symmetric, int32_t(qmin),
-                                           int32_t(qmax), scale, zp, workspace, stream);
-                     });
+  return cuda_observed_op("quantize", x, qmin, qmax, axis, at::kChar,
+                          [&](fc::FloatType type, const void* in, void* codes, fc::Layout layout, float* scale, int32_t* zp,
+                              void* workspace, cudaStream_t stream) {
+                            return fc::quantize(type, in, static_cast<int8_t*>(codes), layout, symmetric, int32_t(qmin),
+                                                int32_t(qmax), scale, zp, workspace, stream);
+                          });
 }
 
 at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,

@@ -99,43 +99,42 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   return grad_x;
 }
 
-// The ops that observe x's range and write `out_type` outputs (x's type, or int8
-// codes) with it: kernel(tag, x, out, layout, scale, zero_point) runs the kernel for
-// element type decltype(tag) and returns its non-finite report.
+// binding.h's observed_op on the CPU: kernel(tag, x, out, layout, scale, zero_point)
+// runs the kernel for element type decltype(tag) and returns its non-finite report.
 template <class Kernel>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
-                                                           int64_t qmax, int64_t axis, at::ScalarType out_type,
-                                                           Kernel&& kernel) {
-  check_range(op, qmin, qmax);
-  if (out_type == at::kChar) check_int8_codes(op, qmin, qmax);
-  const at::Tensor x = x_in.contiguous();
-  auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor out = empty_output(x.sizes(), x.options().dtype(out_type));
-  dispatch_float_type(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    check_observed(op, kernel(tag, cptr<T>(x), out, layout_of(x, axis), ptr<float>(scale), ptr<int32_t>(zero_point)));
-  });
-  return {out, scale, zero_point};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
+                                                               int64_t qmax, int64_t axis, at::ScalarType out_type,
+                                                               Kernel&& kernel) {
+  return observed_op(op, x_in, qmin, qmax, axis, out_type, empty_output,
+                     [&](const at::Tensor& x, at::Tensor& out, at::Tensor& scale, at::Tensor& zero_point) {
+                       int64_t bad = -1;
+                       dispatch_float_type(x.scalar_type(), op, [&](auto tag) {
+                         using T = decltype(tag);
+                         bad = kernel(tag, cptr<T>(x), out, layout_of(x, axis), ptr<float>(scale),
+                                      ptr<int32_t>(zero_point));
+                       });
+                       return bad;
+                     });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                                    bool symmetric, int64_t axis) {
-  return observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
-                     [&](auto tag, auto in, at::Tensor& y, const TensorLayout& layout, float* scale, int32_t* zp) {
-                       using T = decltype(tag);
-                       return cpu::fake_quant_observed<T>(in, ptr<T>(y), layout, symmetric, int32_t(qmin),
-                                                          int32_t(qmax), scale, zp, at::get_num_threads());
-                     });
+  return cpu_observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
+                         [&](auto tag, auto in, at::Tensor& y, const TensorLayout& layout, float* scale, int32_t* zp) {
+                           using T = decltype(tag);
+                           return cpu::fake_quant_observed<T>(in, ptr<T>(y), layout, symmetric, int32_t(qmin),
+                                                              int32_t(qmax), scale, zp, at::get_num_threads());
+                         });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
-  return observed_op("quantize", x, qmin, qmax, axis, at::kChar,
-                     [&](auto tag, auto in, at::Tensor& codes, const TensorLayout& layout, float* scale, int32_t* zp) {
-                       using T = decltype(tag);
-                       return cpu::quantize<T>(in, ptr<int8_t>(codes), layout, symmetric, int32_t(qmin), int32_t(qmax),
-                                               scale, zp, at::get_num_threads());
-                     });
+  return cpu_observed_op("quantize", x, qmin, qmax, axis, at::kChar,
+                         [&](auto tag, auto in, at::Tensor& codes, const TensorLayout& layout, float* scale, int32_t* zp) {
+                           using T = decltype(tag);
+                           return cpu::quantize<T>(in, ptr<int8_t>(codes), layout, symmetric, int32_t(qmin), int32_t(qmax),
+                                                   scale, zp, at::get_num_threads());
+                         });
 }
 
 at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
