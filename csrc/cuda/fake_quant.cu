@@ -52,19 +52,14 @@ struct BackwardOp {
   }
 };
 
-template <class T, class Params>
-__global__ void __launch_bounds__(kBlock) kFakeQuant(FakeQuantOp<T> op, Params params, TensorDesc d) {
-  elementwise_tiles(op, params, d);
-}
-
-template <class T>
-__global__ void __launch_bounds__(kBlock) kFakeQuantBackward(BackwardOp<T> op, GivenParams params, TensorDesc d) {
-  elementwise_tiles(op, params, d);
-}
-
-template <class T>
-TensorDesc fake_quant_desc(const Layout& layout) {
-  return make_desc(layout.numel, layout.channels, layout.inner, tile_elems<FakeQuantOp<T>>());
+// fake_quant and its backward: every tile through `op` with the given parameters.
+template <class Op>
+cudaError_t launch_given(const Op& op, const Layout& layout, const GivenParams& params, cudaStream_t stream) {
+  const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<Op>());
+  if (d.tiles == 0) return cudaSuccess;
+  constexpr auto kernel = kElementwise<Op, GivenParams>;
+  kernel<<<grid_blocks<kernel>(d.tiles), kBlock, 0, stream>>>(op, params, d);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -73,12 +68,8 @@ cudaError_t fake_quant(FloatType type, const void* x, void* y, Layout layout, co
                        const int32_t* zero_point, int32_t qmin, int32_t qmax, cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const TensorDesc d = fake_quant_desc<T>(layout);
-    if (d.tiles == 0) return cudaSuccess;
     const FakeQuantOp<T> op{static_cast<const T*>(x), static_cast<T*>(y), aligned16(x) && aligned16(y)};
-    constexpr auto kernel = kFakeQuant<T, GivenParams>;
-    kernel<<<grid_blocks<kernel>(d.tiles), kBlock, 0, stream>>>(op, GivenParams{scale, zero_point, qmin, qmax}, d);
-    return cudaGetLastError();
+    return launch_given(op, layout, GivenParams{scale, zero_point, qmin, qmax}, stream);
   });
 }
 
@@ -87,13 +78,9 @@ cudaError_t fake_quant_backward(FloatType type, const void* grad, const void* x,
                                 cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<BackwardOp<T>>());
-    if (d.tiles == 0) return cudaSuccess;
     const BackwardOp<T> op{static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(grad_x),
                            aligned16(grad) && aligned16(x) && aligned16(grad_x)};
-    constexpr auto kernel = kFakeQuantBackward<T>;
-    kernel<<<grid_blocks<kernel>(d.tiles), kBlock, 0, stream>>>(op, GivenParams{scale, zero_point, qmin, qmax}, d);
-    return cudaGetLastError();
+    return launch_given(op, layout, GivenParams{scale, zero_point, qmin, qmax}, stream);
   });
 }
 
@@ -102,17 +89,8 @@ cudaError_t fake_quant_observed(FloatType type, const void* x, void* y, Layout l
                                 cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const T* in = static_cast<const T*>(x);
-    const cudaError_t error = launch_observe_range(in, layout, workspace, stream);
-    if (error != cudaSuccess) return error;
-    const RangeSlots slots = range_slots(workspace, layout.channels);
-    // Pass 2 runs even for an empty tensor: it writes every channel's scale / zero point.
-    const TensorDesc d = fake_quant_desc<T>(layout);
-    const FakeQuantOp<T> op{in, static_cast<T*>(y), aligned16(x) && aligned16(y)};
-    const ObservedParams params{slots, layout.channels, symmetric, qmin, qmax, scale, zero_point};
-    constexpr auto kernel = kFakeQuant<T, ObservedParams>;
-    kernel<<<grid_blocks<kernel>(pass2_warps(d, layout.channels)), kBlock, 0, stream>>>(op, params, d);
-    return cudaGetLastError();
+    return launch_observed<FakeQuantOp<T>>(static_cast<const T*>(x), static_cast<T*>(y), layout, symmetric, qmin,
+                                           qmax, scale, zero_point, workspace, stream);
   });
 }
 

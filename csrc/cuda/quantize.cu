@@ -38,32 +38,14 @@ struct CheckedParams {
   }
 };
 
-template <class T>
-__global__ void __launch_bounds__(kBlock) kQuantize(QuantizeOp<T> op, ObservedParams params, TensorDesc d) {
-  elementwise_tiles(op, params, d);
-}
-
-template <class T>
-__global__ void __launch_bounds__(kBlock) kDequantize(DequantizeOp<T> op, CheckedParams params, TensorDesc d) {
-  elementwise_tiles(op, params, d);
-}
-
 }  // namespace
 
 cudaError_t quantize(FloatType type, const void* x, int8_t* codes, Layout layout, bool symmetric, int32_t qmin,
                      int32_t qmax, float* scale, int32_t* zero_point, void* workspace, cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const T* in = static_cast<const T*>(x);
-    const cudaError_t error = launch_observe_range(in, layout, workspace, stream);
-    if (error != cudaSuccess) return error;
-    const RangeSlots slots = range_slots(workspace, layout.channels);
-    const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<QuantizeOp<T>>());
-    const QuantizeOp<T> op{in, codes, aligned16(x) && aligned16(codes)};
-    const ObservedParams params{slots, layout.channels, symmetric, qmin, qmax, scale, zero_point};
-    constexpr auto kernel = kQuantize<T>;
-    kernel<<<grid_blocks<kernel>(pass2_warps(d, layout.channels)), kBlock, 0, stream>>>(op, params, d);
-    return cudaGetLastError();
+    return launch_observed<QuantizeOp<T>>(static_cast<const T*>(x), codes, layout, symmetric, qmin, qmax, scale,
+                                          zero_point, workspace, stream);
   });
 }
 
@@ -77,7 +59,7 @@ cudaError_t dequantize(FloatType type, const int8_t* codes, void* y, Layout layo
     const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<DequantizeOp<T>>());
     const DequantizeOp<T> op{codes, static_cast<T*>(y), aligned16(codes) && aligned16(y)};
     const CheckedParams params{GivenParams{scale, zero_point, -128, 127}, layout.channels, status};
-    constexpr auto kernel = kDequantize<T>;
+    constexpr auto kernel = kElementwise<DequantizeOp<T>, CheckedParams>;
     kernel<<<grid_blocks<kernel>(pass2_warps(d, layout.channels)), kBlock, 0, stream>>>(op, params, d);
     return cudaGetLastError();
   });
