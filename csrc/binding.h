@@ -131,14 +131,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const
 
 // ---- aggregate ----
 
-// Counts of the client-major lists; returns the number of clients.
-inline int64_t check_aggregate_counts(at::TensorList codes, at::TensorList scales, at::TensorList zero_points,
-                                      const at::Tensor& weights, int64_t tensors, const std::vector<std::string>& names) {
-  const int64_t clients = weights.numel();
+struct AggregateCounts {
+  int64_t tensors;
+  int64_t clients;
+};
+
+// The range and the counts of the client-major lists.
+inline AggregateCounts check_aggregate_args(at::TensorList codes, at::TensorList scales, at::TensorList zero_points,
+                                            const at::Tensor& weights, at::IntArrayRef axes, int64_t qmin,
+                                            int64_t qmax, const std::vector<std::string>& names) {
+  check_range("aggregate", qmin, qmax);
+  check_int8_codes("aggregate", qmin, qmax);
+  const int64_t tensors = int64_t(axes.size()), clients = weights.numel();
   TORCH_CHECK_VALUE(clients > 0 && int64_t(codes.size()) == clients * tensors && scales.size() == codes.size() &&
                         zero_points.size() == codes.size() && int64_t(names.size()) == tensors,
                     "aggregate: expected ", clients, " clients x ", tensors, " tensors of codes, scales and zero points");
-  return clients;
+  return {tensors, clients};
 }
 
 inline std::string aggregate_owner(int64_t client, const std::string& name) {

@@ -1,17 +1,7 @@
-// Torch binding of the CUDA kernels: registers them as torch.ops.fedhq_cuda.*, which
-// fedhq_kernels/cuda.py hands to the dispatcher. Built only into the CUDA extension
-// fedhq_kernels._C_cuda. Same schemas, checks and messages as the CPU binding
-// (csrc/ops.cpp, both from binding.h); this layer unpacks tensors, allocates outputs
-// and workspaces with torch's caching allocator, and launches on the current stream
-// of the input's device through the launchers of csrc/cuda/launchers.h, which see
-// only pointers.
-//
-// Host synchronization: fake_quant and its backward never synchronize, so they do
-// not check the values of CUDA-resident scales / zero points (that would read them
-// back on every QAT step); parameters passed as CPU tensors are checked for free.
-// The other ops must look at values (a NaN / Inf seen by the observer, a bad client
-// scale): their kernels flag problems in a small device Status that is read back
-// once, after all their work is queued.
+// Torch binding of the CUDA kernels (torch.ops.fedhq_cuda.*, fedhq_kernels._C_cuda):
+// unpacks tensors, allocates with torch's caching allocator and launches on the
+// input's current stream through csrc/cuda/launchers.h. Checks and messages are
+// binding.h's; host synchronization: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -184,14 +174,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
                                                          at::TensorList zero_points_in, const at::Tensor& weights_in,
                                                          at::IntArrayRef axes, int64_t qmin, int64_t qmax,
                                                          bool symmetric, std::vector<std::string> names) {
-  check_range("aggregate", qmin, qmax);
-  check_int8_codes("aggregate", qmin, qmax);
-  const int64_t tensors = int64_t(axes.size());
+  const auto [tensors, clients] =
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names);
   const at::Device device = tensors > 0 ? codes_in[0].device() : weights_in.device();
   TORCH_CHECK_VALUE(device.is_cuda(), "aggregate: expected CUDA tensors, got codes on ", device);
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor weights = weights_in.to(device, at::kFloat).contiguous();
-  const int64_t clients = check_aggregate_counts(codes_in, scales_in, zero_points_in, weights, tensors, names);
 
   std::vector<fc::Layout> layouts;
   std::vector<int64_t> segment_base;

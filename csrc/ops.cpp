@@ -1,11 +1,6 @@
-// Torch binding of the CPU kernels: registers them as torch.ops.fedhq_cpu.*, which
-// fedhq_kernels/cpu.py hands to the dispatcher. This layer unpacks tensors, checks
-// what the kernels must be able to trust (sizes, dtypes, parameter values) and
-// allocates outputs; the kernels in csrc/cpu/ see only pointers.
-//
-// Argument conventions (shared with fedhq_kernels/ops.py): `axis` < 0 means
-// per-tensor; scale is float32 and zero_point int32, one entry per channel. Schemas
-// and argument checks are shared with the CUDA binding (binding.h).
+// Torch binding of the CPU kernels (torch.ops.fedhq_cpu.*, fedhq_kernels._C): unpacks
+// tensors, checks what the kernels must trust (binding.h) and allocates outputs; the
+// kernels in csrc/cpu/ see only pointers. Conventions: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -158,11 +153,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
                                                          at::TensorList zero_points_in, const at::Tensor& weights_in,
                                                          at::IntArrayRef axes, int64_t qmin, int64_t qmax,
                                                          bool symmetric, std::vector<std::string> names) {
-  check_range("aggregate", qmin, qmax);
-  check_int8_codes("aggregate", qmin, qmax);
-  const int64_t tensors = int64_t(axes.size());
+  const auto [tensors, clients] =
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names);
   const at::Tensor weights = weights_in.to(at::kFloat).contiguous();
-  const int64_t clients = check_aggregate_counts(codes_in, scales_in, zero_points_in, weights, tensors, names);
 
   std::vector<TensorLayout> layouts;
   std::vector<int64_t> element_base;

@@ -28,10 +28,11 @@ def valid_bits(bits: object) -> bool:
     return is_int(bits) and MIN_BITS <= bits <= MAX_BITS
 
 
-def check_bits(op: str, bits: object) -> int:
-    """``bits`` if it is an int in [MIN_BITS, MAX_BITS], else ValueError naming ``op``."""
+def check_bits(op: str, bits: object, name: str = "bits") -> int:
+    """``bits`` if it is an int in [MIN_BITS, MAX_BITS], else ValueError naming ``op``
+    and the argument ``name``."""
     if not valid_bits(bits):
-        raise ValueError(f"{op}: bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+        raise ValueError(f"{op}: {name} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     return int(bits)
 
 

@@ -1,6 +1,6 @@
 """The ``cpu`` backend: the C++/OpenMP kernels of csrc/ (fedhq_kernels._C), built at
-install time. When the library is missing or fails to load, this says so once, at
-import, with the reason, and the dispatcher falls back to the reference backend.
+install time. When the library does not load, this says so once, at import, and the
+dispatcher falls back to the reference backend.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """The ``cuda`` backend: the CUDA kernels of csrc/cuda/ (fedhq_kernels._C_cuda, built
-at install time when torch is a CUDA build and a CUDA toolkit is present; see
-setup.py), registered as torch.ops.fedhq_cuda.*.
-
-Availability, most basic reason first: a CPU build of torch (silently unavailable:
-nothing to warn about), a CUDA torch without the extension (warned once, at import:
-the build skipped or failed it, and CUDA tensors fall back to triton or reference),
-no visible GPU.
-
-Results are bit-identical to the cpu and reference backends (NaN payloads aside).
-Host synchronization: fake_quant and its backward with given parameters never sync,
-so they do not check the values of CUDA-resident scales / zero points; the other ops
-read back one small status word per call (a NaN / Inf seen by the observer, a bad
-client parameter), after all their kernels are queued.
+when torch is a CUDA build and a toolkit is present), as torch.ops.fedhq_cuda.*.
+Availability and host synchronization: docs/kernels.md.
 """
 
 from __future__ import annotations

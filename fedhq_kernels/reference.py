@@ -1,15 +1,7 @@
 """Plain-torch twin of every fedhq_kernels op: the oracle the tests compare the
-compiled backends against, and the ``reference`` backend that runs anywhere.
-
-Written for clarity, not speed, but with the same float32 operations in the same
-order as the kernels (csrc/quant_math.h), so the results are identical bit for bit:
-    code = zero_point + round_half_even(x * (1 / scale))
-    fake = (clamp(code, qmin, qmax) - zero_point) * scale
-    mask = qmin <= code <= qmax                       (straight-through gradient)
-and the scale / zero point of an observed range follow MinMaxObserver
-(fedhq_kernels/qparams.py).
-Functions take the ops' schema arguments: ``axis`` < 0 means per-tensor, scale is
-float32 and zero_point int32 with one entry per channel.
+compiled backends against, and the ``reference`` backend that runs anywhere. Written
+for clarity, with the kernels' float32 operations in the same order, so results are
+bit-identical (docs/kernels.md, "Exactness").
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
-// Fake quantization (quantize -> dequantize) on the GPU: one pass with given
-// parameters; the fused observer (pass 1: range and non-finite check, pass 2: write
-// with the parameters the range implies); and the straight-through backward, which
-// recomputes the clamp mask from the input the op's autograd saves (ops.py) instead
-// of a byte per element kept from the forward. Traffic per element, forward +
-// backward, T = element size: recompute 5T, stored mask 4T + 2. Equal at 16 bits;
-// at float32 the mask would move 2 bytes (10%) less, but would keep an extra byte
-// per element alive between forward and backward, and the saved input usually is
-// alive anyway (a weight, or the previous layer's output).
+// Fake quantization on the GPU: one pass with given parameters, the fused observer
+// (pass 1: range, pass 2: write), and the straight-through backward, which recomputes
+// the clamp mask from the saved input (docs/kernels.md) instead of keeping a mask.
 #include "common.cuh"
 
 namespace fedhq::cuda {

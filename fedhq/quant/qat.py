@@ -3,48 +3,10 @@
     qat_model = prepare_qat(model, bits=4)                      # a copy by default
     float_model = strip_qat(qat_model)                          # plain modules, same weights
 
-What a prepared layer computes (paper §2.1, Fig. 1: "fake quantization between layers"):
-
-- **Weights**: ``fedhq_kernels.fake_quant(w, bits=weight_bits, axis=0)``: per output
-  channel, symmetric, with the range observed from the current weights inside the
-  kernel (MinMaxObserver semantics), on every forward.
-- **Input activations**: per-tensor affine fake quantization with a running range. In
-  training mode the batch's min and max (one ``aminmax`` pass) update the buffer
-  ``act_range`` = (min, max): the first batch sets it, later ones move it by an
-  exponential moving average of ``averaging_constant`` (torch.ao's
-  MovingAverageMinMaxObserver rule, ``observer="ema"``) and, with the default
-  ``observer="envelope"``, the range then widens at once to take in the batch's own
-  extremes, so it never clips a network whose activations are growing (it still shrinks
-  by the average; docs/fl.md, "The QAT recipe", has the measurements). In eval mode
-  the stored range is used and not updated.
-  Scale and zero point follow MinMaxObserver's formulas
-  (``fedhq_kernels.qparams.qparams_from_range``, which copies nothing from the host), then
-  ``fedhq_kernels.fake_quant(x, scale, zero_point, bits=act_bits)``. The update uses
-  ``torch.where`` on the ``act_observed`` flag instead of a Python ``if``: no ``.item()``
-  and no host synchronization in the forward.
-- Gradients are straight-through (those of fedhq_kernels.fake_quant); the bias is not
-  quantized; BatchNorm is not folded (it stays a float layer after the convolution).
-
-Only modules whose type is exactly nn.Conv2d or nn.Linear are swapped: subclasses
-(e.g. MultiheadAttention's out_proj, whose weight is read directly by the attention
-function) are left alone, since a swapped forward would never run for them.
-
-State dicts and federated aggregation
--------------------------------------
-A prepared layer keeps the float layer's parameter names (``weight``, ``bias``), so the
-weights of PTQ and QAT clients aggregate together. It adds two buffers per layer,
-``act_range`` (float32 (min, max)) and ``act_observed`` (bool), named in
-``OBSERVER_BUFFERS``. The FL layer treats them as client-local state, like optimizer
-momentum:
-
-- upload ``float_state_dict(model)``: exactly the float model's names (observer
-  entries dropped), then ``fedhq_kernels.quantize_state_dict`` it;
-- load a global model with ``load_float_state_dict(model, state_dict)``: weights are
-  replaced, a QAT model's own observer ranges are kept (a range widens at once to the
-  new weights' activations and shrinks within about 10 batches);
-- a client that switches PTQ -> QAT starts with fresh observers: its first training
-  batch sets every range. A full ``model.state_dict()`` (checkpoints) includes the
-  observers, so a restored QAT client evaluates with the ranges it had.
+Weights: symmetric per output channel; input activations: per-tensor affine with a
+running range (buffers ``act_range``, ``act_observed``, client-local state in FL).
+What a prepared layer computes and how its state dict aggregates: docs/kernels.md,
+"The QAT layer".
 """
 
 from __future__ import annotations
@@ -78,14 +40,11 @@ class QATConfig:
     # a new global model within its round (a digits client takes 9 steps per epoch).
     averaging_constant: float = 0.1
     act_symmetric: bool = False
-    observer: str = "envelope"  # or "ema"; see the module docstring
+    observer: str = "envelope"  # or "ema"; see docs/kernels.md, "The QAT layer"
 
     def __post_init__(self):
         for field in ("weight_bits", "act_bits"):
-            try:
-                check_bits("QATConfig", getattr(self, field))
-            except ValueError as error:
-                raise ValueError(str(error).replace("QATConfig: bits", f"QATConfig: {field}")) from None
+            check_bits("QATConfig", getattr(self, field), field)
         c = self.averaging_constant
         if not (is_real(c) and 0 < c <= 1):
             raise ValueError(f"QATConfig: averaging_constant must be in (0, 1], got {c!r}")
@@ -159,7 +118,7 @@ class _QATMixin:
 
 
 class QATConv2d(_QATMixin, nn.Conv2d):
-    """nn.Conv2d whose input and weight are fake-quantized (module docstring)."""
+    """nn.Conv2d whose input and weight are fake-quantized (docs/kernels.md)."""
 
     def __init__(self, *args, qat_config: QATConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -191,7 +150,7 @@ class QATConv2d(_QATMixin, nn.Conv2d):
 
 
 class QATLinear(_QATMixin, nn.Linear):
-    """nn.Linear whose input and weight are fake-quantized (module docstring)."""
+    """nn.Linear whose input and weight are fake-quantized (docs/kernels.md)."""
 
     def __init__(self, *args, qat_config: QATConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,18 +1,7 @@
-"""The ``triton`` backend: Triton kernels for every fedhq op, one file per op family
-(fake_quant.py, quantize.py, aggregate.py; shared math, tiling and the range observer
-in _common.py). Runs on CUDA tensors; also on CPU tensors under Triton's interpreter
-(TRITON_INTERPRET=1, set before this package is imported), which is how CI tests the
-same kernels without a GPU.
-
-Results are bit-identical to the reference backend (see _common.py for how).
-
-Host synchronization: fake_quant and its backward with given parameters never sync.
-That is why, on a GPU, they do not check the values of scale / zero point (finite,
-> 0, in range): that check needs a device -> host read, which the QAT hot path cannot
-afford on every call; on CPU tensors (the interpreter) it is free and done. The
-observed-range ops (fake_quant with scale=None, quantize), dequantize and aggregate
-need a value check anyway (NaN / Inf seen by the observer, bad parameters) and read
-back one small flag per call, after their kernels are queued.
+"""The ``triton`` backend: Triton kernels for every fedhq op (fake_quant.py,
+quantize.py, aggregate.py; shared kernels and math in _common.py). Runs on CUDA
+tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before
+import). Bit-identical to the reference; host synchronization: docs/kernels.md.
 """
 
 from __future__ import annotations

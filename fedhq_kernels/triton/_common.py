@@ -1,30 +1,7 @@
 """What every Triton op family shares: the exact per-element math (the Triton twin of
-csrc/quant_math.h), the 2-D tiling of a tensor into quantization segments, the fused
-range observer (pass 1) and the kernel that turns observed ranges into scales and zero
-points, plus the host-side launch helpers.
-
-Exactness. Every float32 operation is the one PyTorch / reference.py performs, in the
-same order, so results are bit-identical:
-    code = zero_point + round_half_even(x * (1 / scale))   (x * inv saturated to
-           [qmin - zp - 1, qmax - zp + 1] first, so NaN -> qmin - 1)
-    fake = (clamp(code, qmin, qmax) - zero_point) * scale
-    mask = qmin <= code <= qmax
-Three things would break that and are guarded against: FMA contraction of
-`x * inv + magic` (every launch passes enable_fp_fusion=False, which makes Triton emit
-mul.rn/add.rn and run ptxas with --fmad=false; tests/test_triton.py checks the PTX),
-Triton's approximate float32 division (`/` lowers to div.full.f32: we use
-tl.math.div_rn, i.e. div.rn.f32) and rounding helpers that are not half-to-even
-(libdevice rint does not exist under the interpreter, so the magic-number form is used,
-which is exact in IEEE float32 on both). bfloat16 is converted with integer bit
-operations because the interpreter truncates float32 -> bfloat16 instead of rounding.
-
-Tiling. A tensor is viewed as a 2-D matrix [nrows, ncols] (row-major, contiguous) in
-one of three modes, so that one tile's quantization parameters are one scalar, one
-vector per row, or one vector per column, and never need a per-element division:
-    FLAT  per-tensor: [1, numel], one segment
-    ROW   per-channel with inner > 1: [outer * C, inner], row r is channel r % C
-    COL   per-channel along the last (or an inner-size-1) axis: [outer, C], column c is channel c
-A tile is [BR, BW] elements, BR * BW <= BLOCK.
+csrc/quant_math.h), the 2-D tiling of a tensor into quantization segments (FLAT, ROW,
+COL), the range observer, the elementwise kernels and the host-side launch helpers.
+Why the math is exact and how tiles are laid out: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -38,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fedhq_kernels import reference
+from fedhq_kernels import qparams, reference
 
 # Set (by tests/conftest.py, say) before this module is imported: @triton.jit reads it
 # when the kernels are defined.
@@ -48,7 +25,7 @@ FLAT = tl.constexpr(0)
 ROW = tl.constexpr(1)
 COL = tl.constexpr(2)
 INF = tl.constexpr(float("inf"))
-SCALE_EPS = tl.constexpr(reference.SCALE_EPS)  # float32 eps: MinMaxObserver's smallest scale
+SCALE_EPS = tl.constexpr(qparams.SCALE_EPS)  # float32 eps: MinMaxObserver's smallest scale
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
 if INTERPRET:
@@ -525,7 +502,7 @@ class View:
 
 def launch(kernel, grid, *args, num_warps: int = NUM_WARPS, **constexprs) -> None:
     """Every launch goes through here: FP fusion off, or `x * inv + magic` becomes an
-    FMA and codes change (TOOLCHAIN.md)."""
+    FMA and codes change (docs/kernels.md, "Exactness")."""
     kernel[grid](*args, **constexprs, num_warps=num_warps, enable_fp_fusion=False)
 
 
