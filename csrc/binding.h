@@ -131,6 +131,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const
 
 // ---- aggregate ----
 
+// aggregate's parameters as both bindings take them (its schema: optable.py).
+#define FEDHQ_AGGREGATE_PARAMS                                                                                  \
+  at::TensorList codes_in, at::TensorList scales_in, at::TensorList zero_points_in, const at::Tensor& weights_in, \
+      at::IntArrayRef axes, int64_t qmin, int64_t qmax, bool symmetric, std::vector<std::string> names
+
 struct AggregateCounts {
   int64_t tensors;
   int64_t clients;

@@ -170,10 +170,7 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, co
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in, at::TensorList scales_in,
-                                                         at::TensorList zero_points_in, const at::Tensor& weights_in,
-                                                         at::IntArrayRef axes, int64_t qmin, int64_t qmax,
-                                                         bool symmetric, std::vector<std::string> names) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {
   const auto [tensors, clients] =
       check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names);
   const at::Device device = tensors > 0 ? codes_in[0].device() : weights_in.device();
