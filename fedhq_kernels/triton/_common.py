@@ -246,7 +246,7 @@ def _range_kernel(
 
 @triton.jit
 def qparams_from_range(lo, hi, qmin, qmax, half_range, span, SYMMETRIC: tl.constexpr):
-    """reference.qparams_from_range: float32 scale and int32 zero point of observed
+    """fedhq_kernels.qparams.qparams_from_range: float32 scale and int32 zero point of observed
     ranges, the same float32 operations in the same order (divisions exact)."""
     lo_neg = tl.minimum(lo, 0.0)
     hi_pos = tl.maximum(hi, 0.0)
