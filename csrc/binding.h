@@ -19,7 +19,7 @@ namespace fedhq::binding {
 
 // Registers a binding's functions, named as the ops, as namespace `ns`'s kernels for
 // dispatch key `key`. The schemas are fedhq_kernels/optable.py's, declared by the
-// Python side (cpu.py, cuda.py) before it loads the library.
+// Python side (cpu.py, cuda.py) once the library has loaded.
 #define FEDHQ_IMPLEMENT_OPS(ns, key)                       \
   TORCH_LIBRARY_IMPL(ns, key, m) {                         \
     m.impl("fake_quant", &fake_quant);                     \

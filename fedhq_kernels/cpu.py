@@ -15,10 +15,11 @@ DEVICES = ("cpu",)
 UNAVAILABLE: str | None = None
 KERNELS: dict = {}
 
-define_library("fedhq_cpu")
 try:
     from fedhq_kernels import _C  # noqa: F401  (loading it implements torch.ops.fedhq_cpu)
-except ImportError as error:
+
+    define_library("fedhq_cpu")
+except (ImportError, RuntimeError) as error:
     UNAVAILABLE = (
         f"the C++ extension fedhq_kernels._C did not load ({error}); rebuild with "
         "`pip install --no-build-isolation -e .` and look for 'fedhq:' lines in the build log"

@@ -18,10 +18,11 @@ KERNELS: dict = {}
 if torch.version.cuda is None:
     UNAVAILABLE = f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
 else:
-    define_library("fedhq_cuda")
     try:
         from fedhq_kernels import _C_cuda  # noqa: F401  (loading it implements torch.ops.fedhq_cuda)
-    except ImportError as error:
+
+        define_library("fedhq_cuda")
+    except (ImportError, RuntimeError) as error:
         UNAVAILABLE = (
             f"the CUDA extension fedhq_kernels._C_cuda did not load ({error}); rebuild with a CUDA toolkit "
             "matching torch's CUDA version (`pip install --no-build-isolation -e .`, FEDHQ_BUILD_CUDA=1 to make a "

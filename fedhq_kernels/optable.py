@@ -1,7 +1,7 @@
 """The op table: every fedhq op's name and schema, in one place. It drives the
 registration of torch.ops.fedhq (ops.py), the schemas of the C++ libraries'
-namespaces (torch.ops.fedhq_cpu / fedhq_cuda, declared here before the libraries load
-and implement them), each backend's ``KERNELS`` and the dispatch."""
+namespaces (torch.ops.fedhq_cpu / fedhq_cuda: the libraries implement them, these
+declare them), each backend's ``KERNELS`` and the dispatch."""
 
 from __future__ import annotations
 
@@ -23,12 +23,17 @@ _LIBRARIES: dict[str, torch.library.Library] = {}
 
 
 def define_library(namespace: str) -> torch.library.Library:
-    """Declares every op's schema in ``namespace`` (a compiled backend's), once; the
-    Library stays alive here."""
+    """Declares every op's schema in ``namespace`` (a compiled backend's, after its
+    library has loaded), once; the Library stays alive here. An op the library defined
+    itself (an older build) must have the table's schema, else RuntimeError."""
     if namespace not in _LIBRARIES:
-        library = torch.library.Library(namespace, "DEF")
+        library = torch.library.Library(namespace, "FRAGMENT")
         for name, schema in SCHEMAS.items():
-            library.define(name + schema)
+            existing = [str(s) for s in torch._C._jit_get_schemas_for_operator(f"{namespace}::{name}")]
+            if not existing:
+                library.define(name + schema)
+            elif existing != [f"{namespace}::{name}{schema}"]:
+                raise RuntimeError(f"{namespace}::{name} is {existing}, not the op table's schema: rebuild the extension")
         _LIBRARIES[namespace] = library
     return _LIBRARIES[namespace]
 
