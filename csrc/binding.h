@@ -1,14 +1,10 @@
 // Torch-side helpers shared by the CPU binding (csrc/ops.cpp, torch.ops.fedhq_cpu)
-// and the CUDA binding (csrc/cuda_ops.cpp, torch.ops.fedhq_cuda): the op schemas,
-// the argument checks and their messages, so both backends reject the same input
-// with the same words. Checks here read metadata only; checks of values (scale > 0,
-// zero point in range) take the values from wherever the backend has them (the CPU
-// reads the tensors, the CUDA backend flags them on the device and reads back only
-// the offending entry).
-//
-// Argument conventions (shared with fedhq_kernels/ops.py): `axis` < 0 means
-// per-tensor; scale is float32 and zero_point int32, one entry per channel.
+// and the CUDA binding (csrc/cuda_ops.cpp, torch.ops.fedhq_cuda): the op
+// registration, the Python module, the argument checks and their messages, so both
+// backends reject the same input with the same words. Conventions: docs/kernels.md.
 #pragma once
+
+#include <Python.h>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -21,21 +17,26 @@
 
 namespace fedhq::binding {
 
-// The op schemas, identical for every backend's namespace.
-inline void define_ops(torch::Library& m) {
-  m.def("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int axis) -> Tensor");
-  m.def(
-      "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
-      "int axis) -> Tensor");
-  m.def(
-      "fake_quant_observed(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, "
-      "Tensor)");
-  m.def("quantize(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)");
-  m.def("dequantize(Tensor codes, Tensor scale, Tensor zero_point, int axis, ScalarType dtype) -> Tensor");
-  m.def(
-      "aggregate(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
-      "int quant_max, bool symmetric, str[] names) -> (Tensor, Tensor, Tensor)");
-}
+// Registers a binding's functions, named as the ops, as namespace `ns`'s kernels for
+// dispatch key `key`. The schemas are fedhq_kernels/optable.py's, declared by the
+// Python side (cpu.py, cuda.py) once the library has loaded.
+#define FEDHQ_IMPLEMENT_OPS(ns, key)                       \
+  TORCH_LIBRARY_IMPL(ns, key, m) {                         \
+    m.impl("fake_quant", &fake_quant);                     \
+    m.impl("fake_quant_backward", &fake_quant_backward);   \
+    m.impl("fake_quant_observed", &fake_quant_observed);   \
+    m.impl("quantize", &quantize);                         \
+    m.impl("dequantize", &dequantize);                     \
+    m.impl("aggregate", &aggregate);                       \
+  }
+
+// The Python module fedhq_kernels.<name>: importing it loads the library, which runs
+// its registrations.
+#define FEDHQ_PYTHON_MODULE(name, doc)                                                                            \
+  PyMODINIT_FUNC PyInit_##name(void) {                                                                            \
+    static PyModuleDef module = {PyModuleDef_HEAD_INIT, #name, doc, -1, nullptr, nullptr, nullptr, nullptr, nullptr}; \
+    return PyModule_Create(&module);                                                                              \
+  }
 
 // [outer, channels, inner] of a contiguous tensor quantized along `axis` (< 0: per
 // tensor, one channel with inner = numel). inner is at least 1.
@@ -111,16 +112,46 @@ inline std::tuple<at::Tensor, at::Tensor> empty_qparams(const at::Tensor& x, int
   return {at::empty({x.size(axis)}, options), at::empty({x.size(axis)}, options.dtype(at::kInt))};
 }
 
+// The frame of the observed ops (fake_quant_observed, quantize): checks, contiguous
+// input, fresh outputs (`out_type`: x's type, or int8 codes, from alloc(sizes,
+// options)); run(x, out, scale, zero_point) fills them and returns the first tensor
+// holding a NaN / Inf, or -1.
+template <class Alloc, class Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
+                                                           int64_t qmax, int64_t axis, at::ScalarType out_type,
+                                                           Alloc&& alloc, Run&& run) {
+  check_range(op, qmin, qmax);
+  if (out_type == at::kChar) check_int8_codes(op, qmin, qmax);
+  const at::Tensor x = x_in.contiguous();
+  auto [scale, zero_point] = empty_qparams(x, axis);
+  at::Tensor out = alloc(x.sizes(), x.options().dtype(out_type));
+  check_observed(op, run(x, out, scale, zero_point));
+  return {out, scale, zero_point};
+}
+
 // ---- aggregate ----
 
-// Counts of the client-major lists; returns the number of clients.
-inline int64_t check_aggregate_counts(at::TensorList codes, at::TensorList scales, at::TensorList zero_points,
-                                      const at::Tensor& weights, int64_t tensors, const std::vector<std::string>& names) {
-  const int64_t clients = weights.numel();
+// aggregate's parameters as both bindings take them (its schema: optable.py).
+#define FEDHQ_AGGREGATE_PARAMS                                                                                  \
+  at::TensorList codes_in, at::TensorList scales_in, at::TensorList zero_points_in, const at::Tensor& weights_in, \
+      at::IntArrayRef axes, int64_t qmin, int64_t qmax, bool symmetric, std::vector<std::string> names
+
+struct AggregateCounts {
+  int64_t tensors;
+  int64_t clients;
+};
+
+// The range and the counts of the client-major lists.
+inline AggregateCounts check_aggregate_args(at::TensorList codes, at::TensorList scales, at::TensorList zero_points,
+                                            const at::Tensor& weights, at::IntArrayRef axes, int64_t qmin,
+                                            int64_t qmax, const std::vector<std::string>& names) {
+  check_range("aggregate", qmin, qmax);
+  check_int8_codes("aggregate", qmin, qmax);
+  const int64_t tensors = int64_t(axes.size()), clients = weights.numel();
   TORCH_CHECK_VALUE(clients > 0 && int64_t(codes.size()) == clients * tensors && scales.size() == codes.size() &&
                         zero_points.size() == codes.size() && int64_t(names.size()) == tensors,
                     "aggregate: expected ", clients, " clients x ", tensors, " tensors of codes, scales and zero points");
-  return clients;
+  return {tensors, clients};
 }
 
 inline std::string aggregate_owner(int64_t client, const std::string& name) {

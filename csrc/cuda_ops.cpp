@@ -1,19 +1,7 @@
-// Torch binding of the CUDA kernels: registers them as torch.ops.fedhq_cuda.*, which
-// fedhq_kernels/cuda.py hands to the dispatcher. Built only into the CUDA extension
-// fedhq_kernels._C_cuda. Same schemas, checks and messages as the CPU binding
-// (csrc/ops.cpp, both from binding.h); this layer unpacks tensors, allocates outputs
-// and workspaces with torch's caching allocator, and launches on the current stream
-// of the input's device through the launchers of csrc/cuda/launchers.h, which see
-// only pointers.
-//
-// Host synchronization: fake_quant and its backward never synchronize, so they do
-// not check the values of CUDA-resident scales / zero points (that would read them
-// back on every QAT step); parameters passed as CPU tensors are checked for free.
-// The other ops must look at values (a NaN / Inf seen by the observer, a bad client
-// scale): their kernels flag problems in a small device Status that is read back
-// once, after all their work is queued.
-#include <Python.h>
-
+// Torch binding of the CUDA kernels (torch.ops.fedhq_cuda.*, fedhq_kernels._C_cuda):
+// unpacks tensors, allocates with torch's caching allocator and launches on the
+// input's current stream through csrc/cuda/launchers.h. Checks and messages are
+// binding.h's; host synchronization: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -118,41 +106,44 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   return grad_x;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
-                                                                   bool symmetric, int64_t axis) {
-  check_range("fake_quant", qmin, qmax);
-  const fc::FloatType type = float_type(x_in.scalar_type(), "fake_quant");
+// binding.h's observed_op on the GPU: launch(type, x, out, layout, scale, zero_point,
+// workspace, stream) queues the launcher; the one read-back follows.
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
+                                                                int64_t qmax, int64_t axis, at::ScalarType out_type,
+                                                                Launch&& launch) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const fc::Layout layout = layout_of(x, axis);
-  auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
-  check_launch(fc::fake_quant_observed(type, x.const_data_ptr(), y.data_ptr(), layout, symmetric, int32_t(qmin),
-                                       int32_t(qmax), scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(),
-                                       workspace.data_ptr(), stream_of(x)),
-               "fake_quant");
-  check_observed("fake_quant", fc::first_nonfinite_tensor(read_status(workspace)));
-  return {y, scale, zero_point};
+  const auto alloc = [](at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); };
+  return observed_op(op, x_in, qmin, qmax, axis, out_type, alloc,
+                     [&](const at::Tensor& x, at::Tensor& out, at::Tensor& scale, at::Tensor& zero_point) {
+                       const fc::FloatType type = float_type(x.scalar_type(), op);
+                       const fc::Layout layout = layout_of(x, axis);
+                       const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
+                       check_launch(launch(type, x.const_data_ptr(), out.data_ptr(), layout, scale.data_ptr<float>(),
+                                           zero_point.data_ptr<int32_t>(), workspace.data_ptr(), stream_of(x)),
+                                    op);
+                       return fc::first_nonfinite_tensor(read_status(workspace));
+                     });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                                   bool symmetric, int64_t axis) {
+  return cuda_observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
+                          [&](fc::FloatType type, const void* in, void* y, fc::Layout layout, float* scale, int32_t* zp,
+                              void* workspace, cudaStream_t stream) {
+                            return fc::fake_quant_observed(type, in, y, layout, symmetric, int32_t(qmin), int32_t(qmax),
+                                                           scale, zp, workspace, stream);
+                          });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
-  check_range("quantize", qmin, qmax);
-  check_int8_codes("quantize", qmin, qmax);
-  const fc::FloatType type = float_type(x_in.scalar_type(), "quantize");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const fc::Layout layout = layout_of(x, axis);
-  auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  const at::Tensor workspace = empty_workspace(x, fc::observe_workspace_bytes(layout.channels));
-  check_launch(fc::quantize(type, x.const_data_ptr(), codes.data_ptr<int8_t>(), layout, symmetric, int32_t(qmin),
-                            int32_t(qmax), scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(), workspace.data_ptr(),
-                            stream_of(x)),
-               "quantize");
-  check_observed("quantize", fc::first_nonfinite_tensor(read_status(workspace)));
-  return {codes, scale, zero_point};
+  return cuda_observed_op("quantize", x, qmin, qmax, axis, at::kChar,
+                          [&](fc::FloatType type, const void* in, void* codes, fc::Layout layout, float* scale, int32_t* zp,
+                              void* workspace, cudaStream_t stream) {
+                            return fc::quantize(type, in, static_cast<int8_t*>(codes), layout, symmetric, int32_t(qmin),
+                                                int32_t(qmax), scale, zp, workspace, stream);
+                          });
 }
 
 at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
@@ -179,18 +170,13 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, co
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in, at::TensorList scales_in,
-                                                         at::TensorList zero_points_in, const at::Tensor& weights_in,
-                                                         at::IntArrayRef axes, int64_t qmin, int64_t qmax,
-                                                         bool symmetric, std::vector<std::string> names) {
-  check_range("aggregate", qmin, qmax);
-  check_int8_codes("aggregate", qmin, qmax);
-  const int64_t tensors = int64_t(axes.size());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {
+  const auto [tensors, clients] =
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names);
   const at::Device device = tensors > 0 ? codes_in[0].device() : weights_in.device();
   TORCH_CHECK_VALUE(device.is_cuda(), "aggregate: expected CUDA tensors, got codes on ", device);
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor weights = weights_in.to(device, at::kFloat).contiguous();
-  const int64_t clients = check_aggregate_counts(codes_in, scales_in, zero_points_in, weights, tensors, names);
 
   std::vector<fc::Layout> layouts;
   std::vector<int64_t> segment_base;
@@ -256,22 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
 
 }  // namespace
 
-TORCH_LIBRARY(fedhq_cuda, m) { define_ops(m); }
-
-TORCH_LIBRARY_IMPL(fedhq_cuda, CUDA, m) {
-  m.impl("fake_quant", &fake_quant);
-  m.impl("fake_quant_backward", &fake_quant_backward);
-  m.impl("fake_quant_observed", &fake_quant_observed);
-  m.impl("quantize", &quantize);
-  m.impl("dequantize", &dequantize);
-  m.impl("aggregate", &aggregate);
-}
+FEDHQ_IMPLEMENT_OPS(fedhq_cuda, CUDA)
 
 }  // namespace fedhq::binding
 
-// Importing fedhq_kernels._C_cuda loads this library, which runs the registrations above.
-PyMODINIT_FUNC PyInit__C_cuda(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", "FedHQ CUDA kernels (torch.ops.fedhq_cuda)", -1,
-                               nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
-}
+FEDHQ_PYTHON_MODULE(_C_cuda, "FedHQ CUDA kernels (torch.ops.fedhq_cuda)")

@@ -1,13 +1,6 @@
-// Torch binding of the CPU kernels: registers them as torch.ops.fedhq_cpu.*, which
-// fedhq_kernels/cpu.py hands to the dispatcher. This layer unpacks tensors, checks
-// what the kernels must be able to trust (sizes, dtypes, parameter values) and
-// allocates outputs; the kernels in csrc/cpu/ see only pointers.
-//
-// Argument conventions (shared with fedhq_kernels/ops.py): `axis` < 0 means
-// per-tensor; scale is float32 and zero_point int32, one entry per channel. Schemas
-// and argument checks are shared with the CUDA binding (binding.h).
-#include <Python.h>
-
+// Torch binding of the CPU kernels (torch.ops.fedhq_cpu.*, fedhq_kernels._C): unpacks
+// tensors, checks what the kernels must trust (binding.h) and allocates outputs; the
+// kernels in csrc/cpu/ see only pointers. Conventions: docs/kernels.md.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -101,35 +94,42 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
   return grad_x;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
-                                                                   bool symmetric, int64_t axis) {
-  check_range("fake_quant", qmin, qmax);
-  const at::Tensor x = x_in.contiguous();
-  auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor y = empty_output(x.sizes(), x.options());
-  dispatch_float_type(x.scalar_type(), "fake_quant", [&](auto tag) {
-    using T = decltype(tag);
-    check_observed("fake_quant", cpu::fake_quant_observed<T>(cptr<T>(x), ptr<T>(y), layout_of(x, axis), symmetric,
-                                                             int32_t(qmin), int32_t(qmax), ptr<float>(scale),
-                                                             ptr<int32_t>(zero_point), at::get_num_threads()));
-  });
-  return {y, scale, zero_point};
+// binding.h's observed_op on the CPU: kernel(tag, x, out, layout, scale, zero_point)
+// runs the kernel for element type decltype(tag) and returns its non-finite report.
+template <class Kernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
+                                                               int64_t qmax, int64_t axis, at::ScalarType out_type,
+                                                               Kernel&& kernel) {
+  return observed_op(op, x_in, qmin, qmax, axis, out_type, empty_output,
+                     [&](const at::Tensor& x, at::Tensor& out, at::Tensor& scale, at::Tensor& zero_point) {
+                       int64_t bad = -1;
+                       dispatch_float_type(x.scalar_type(), op, [&](auto tag) {
+                         using T = decltype(tag);
+                         bad = kernel(tag, cptr<T>(x), out, layout_of(x, axis), ptr<float>(scale),
+                                      ptr<int32_t>(zero_point));
+                       });
+                       return bad;
+                     });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x_in, int64_t qmin, int64_t qmax,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                                   bool symmetric, int64_t axis) {
+  return cpu_observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
+                         [&](auto tag, auto in, at::Tensor& y, const TensorLayout& layout, float* scale, int32_t* zp) {
+                           using T = decltype(tag);
+                           return cpu::fake_quant_observed<T>(in, ptr<T>(y), layout, symmetric, int32_t(qmin),
+                                                              int32_t(qmax), scale, zp, at::get_num_threads());
+                         });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
-  check_range("quantize", qmin, qmax);
-  check_int8_codes("quantize", qmin, qmax);
-  const at::Tensor x = x_in.contiguous();
-  auto [scale, zero_point] = empty_qparams(x, axis);
-  at::Tensor codes = empty_output(x.sizes(), x.options().dtype(at::kChar));
-  dispatch_float_type(x.scalar_type(), "quantize", [&](auto tag) {
-    using T = decltype(tag);
-    check_observed("quantize", cpu::quantize<T>(cptr<T>(x), ptr<int8_t>(codes), layout_of(x, axis), symmetric,
-                                                int32_t(qmin), int32_t(qmax), ptr<float>(scale),
-                                                ptr<int32_t>(zero_point), at::get_num_threads()));
-  });
-  return {codes, scale, zero_point};
+  return cpu_observed_op("quantize", x, qmin, qmax, axis, at::kChar,
+                         [&](auto tag, auto in, at::Tensor& codes, const TensorLayout& layout, float* scale, int32_t* zp) {
+                           using T = decltype(tag);
+                           return cpu::quantize<T>(in, ptr<int8_t>(codes), layout, symmetric, int32_t(qmin), int32_t(qmax),
+                                                   scale, zp, at::get_num_threads());
+                         });
 }
 
 at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
@@ -149,15 +149,10 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, co
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in, at::TensorList scales_in,
-                                                         at::TensorList zero_points_in, const at::Tensor& weights_in,
-                                                         at::IntArrayRef axes, int64_t qmin, int64_t qmax,
-                                                         bool symmetric, std::vector<std::string> names) {
-  check_range("aggregate", qmin, qmax);
-  check_int8_codes("aggregate", qmin, qmax);
-  const int64_t tensors = int64_t(axes.size());
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {
+  const auto [tensors, clients] =
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names);
   const at::Tensor weights = weights_in.to(at::kFloat).contiguous();
-  const int64_t clients = check_aggregate_counts(codes_in, scales_in, zero_points_in, weights, tensors, names);
 
   std::vector<TensorLayout> layouts;
   std::vector<int64_t> element_base;
@@ -203,21 +198,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(at::TensorList codes_in
 
 }  // namespace
 
-TORCH_LIBRARY(fedhq_cpu, m) { define_ops(m); }
-
-TORCH_LIBRARY_IMPL(fedhq_cpu, CPU, m) {
-  m.impl("fake_quant", &fake_quant);
-  m.impl("fake_quant_backward", &fake_quant_backward);
-  m.impl("fake_quant_observed", &fake_quant_observed);
-  m.impl("quantize", &quantize);
-  m.impl("dequantize", &dequantize);
-  m.impl("aggregate", &aggregate);
-}
+FEDHQ_IMPLEMENT_OPS(fedhq_cpu, CPU)
 
 }  // namespace fedhq::binding
 
-// Importing fedhq_kernels._C loads this library, which runs the registrations above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "FedHQ CPU kernels (torch.ops.fedhq_cpu)", -1, nullptr};
-  return PyModule_Create(&module);
-}
+FEDHQ_PYTHON_MODULE(_C, "FedHQ CPU kernels (torch.ops.fedhq_cpu)")

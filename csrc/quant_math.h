@@ -1,13 +1,6 @@
-// Per-element quantization math shared by the C++ (CPU) and CUDA kernels.
-//
-// Every function reproduces PyTorch's quantization arithmetic bit for bit:
-//   code      = zero_point + round_half_even(x * (1.0f / scale))     (float32)
-//   fake(x)   = (clamp(code, qmin, qmax) - zero_point) * scale         (float32)
-//   STE mask  = qmin <= code <= qmax
-// and MinMaxObserver's scale / zero-point formulas. Two things break exactness and
-// are guarded against here: FMA contraction of `x * inv + magic` (host code must be
-// built with -ffp-contract=off; device code uses __fmul_rn) and rounding helpers that
-// are not half-to-even.
+// Per-element quantization math shared by the C++ (CPU) and CUDA kernels: PyTorch's
+// quantization arithmetic and MinMaxObserver's formulas, bit for bit. The formulas and
+// what would break their exactness: docs/kernels.md, "Exactness".
 #pragma once
 
 #include <cstdint>
@@ -24,35 +17,23 @@
 namespace fedhq {
 
 // ---- 16-bit float storage types (bit patterns; converted with round-half-even) ----
-// On the device the conversions are the hardware's (cvt.f32.f16 is exact; cvt.rn.f16.f32
-// and cvt.rn.bf16.f32 round half to even and keep subnormals: IEEE 754, the same
-// function as the bit manipulation the host uses), one instruction instead of about
-// ten. That matters for 16-bit inputs: by estimate (132 SMs x 128 lanes x 1.98 GHz vs.
-// 3.35 TB/s over 4 bytes in + out per element), an H100 fake-quant kernel has ~40
-// instructions per element before it stops being memory-bound. NaN is mapped as on
-// the host (NaN payloads can still differ: GPU arithmetic returns a canonical NaN).
+// On the device the conversions are the hardware's (cvt.rn: the same IEEE function as
+// the host's bit manipulation, in one instruction); NaN is mapped as on the host.
 struct half_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 
-FEDHQ_HD uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
+// std::bit_cast (C++20); a 4-byte memcpy compiles to a register move, host and device.
+template <class To, class From>
+FEDHQ_HD To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To to;
+  memcpy(&to, &from, sizeof to);
+  return to;
 }
 
-FEDHQ_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
+FEDHQ_HD uint32_t float_bits(float f) { return bit_cast<uint32_t>(f); }
+
+FEDHQ_HD float bits_float(uint32_t u) { return bit_cast<float>(u); }
 
 FEDHQ_HD float to_float(float v) { return v; }
 

@@ -1,17 +1,6 @@
 """The ``cuda`` backend: the CUDA kernels of csrc/cuda/ (fedhq_kernels._C_cuda, built
-at install time when torch is a CUDA build and a CUDA toolkit is present; see
-setup.py), registered as torch.ops.fedhq_cuda.*.
-
-Availability, most basic reason first: a CPU build of torch (silently unavailable:
-nothing to warn about), a CUDA torch without the extension (warned once, at import:
-the build skipped or failed it, and CUDA tensors fall back to triton or reference),
-no visible GPU.
-
-Results are bit-identical to the cpu and reference backends (NaN payloads aside).
-Host synchronization: fake_quant and its backward with given parameters never sync,
-so they do not check the values of CUDA-resident scales / zero points; the other ops
-read back one small status word per call (a NaN / Inf seen by the observer, a bad
-client parameter), after all their kernels are queued.
+when torch is a CUDA build and a toolkit is present), as torch.ops.fedhq_cuda.*.
+Availability and host synchronization: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -19,6 +8,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from fedhq_kernels.optable import define_library, op_table
 
 DEVICES = ("cuda",)
 UNAVAILABLE: str | None = None
@@ -28,8 +19,10 @@ if torch.version.cuda is None:
     UNAVAILABLE = f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
 else:
     try:
-        from fedhq_kernels import _C_cuda  # noqa: F401  (loading it registers torch.ops.fedhq_cuda)
-    except ImportError as error:
+        from fedhq_kernels import _C_cuda  # noqa: F401  (loading it implements torch.ops.fedhq_cuda)
+
+        define_library("fedhq_cuda")
+    except (ImportError, RuntimeError) as error:
         UNAVAILABLE = (
             f"the CUDA extension fedhq_kernels._C_cuda did not load ({error}); rebuild with a CUDA toolkit "
             "matching torch's CUDA version (`pip install --no-build-isolation -e .`, FEDHQ_BUILD_CUDA=1 to make a "
@@ -41,9 +34,6 @@ else:
             stacklevel=2,
         )
     else:
-        KERNELS = {
-            name: getattr(torch.ops.fedhq_cuda, name).default
-            for name in ("fake_quant", "fake_quant_backward", "fake_quant_observed", "quantize", "dequantize", "aggregate")
-        }
+        KERNELS = op_table(torch.ops.fedhq_cuda)
         if not torch.cuda.is_available():
             UNAVAILABLE = "no CUDA device is visible (torch.cuda.is_available() is False)"

@@ -7,14 +7,14 @@ ValueError naming the op and the offending value.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from fedhq_kernels import ops
-from fedhq_kernels.quantized_tensor import QuantizedTensor, check_bits, quant_range
+from fedhq_kernels.checks import FLOAT_DTYPES, check_bits, check_float_dtype, is_int, is_real
+from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range
 
 # ---- argument checks shared by the ops ----
 
@@ -22,36 +22,35 @@ from fedhq_kernels.quantized_tensor import QuantizedTensor, check_bits, quant_ra
 def _check_tensor(op: str, x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in ops.FLOAT_DTYPES:
-        raise TypeError(f"{op}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
+    check_float_dtype(op, x.dtype)
 
 
 def _resolve_range(op: str, bits, quant_min, quant_max) -> tuple[int, int]:
     """quant_min / quant_max if given (both, spanning at most 2^bits codes), else the
     signed range of ``bits``."""
-    check_bits(op, bits)
+    bits = check_bits(op, bits)
     if quant_min is None and quant_max is None:
         return quant_range(bits)
     if quant_min is None or quant_max is None:
         raise ValueError(f"{op}: give both quant_min and quant_max or neither, got {quant_min!r} and {quant_max!r}")
-    if not all(isinstance(q, int) and not isinstance(q, bool) for q in (quant_min, quant_max)):
+    if not (is_int(quant_min) and is_int(quant_max)):
         raise TypeError(f"{op}: quant_min and quant_max must be ints, got {quant_min!r} and {quant_max!r}")
     if not quant_min < quant_max or quant_max - quant_min + 1 > (1 << bits):
         raise ValueError(
             f"{op}: need quant_min < quant_max spanning at most 2^{bits} codes, got [{quant_min}, {quant_max}]"
         )
-    return quant_min, quant_max
+    return int(quant_min), int(quant_max)
 
 
 def _normalize_axis(op: str, x: Tensor, axis) -> int:
     """The schema's axis: -1 for per-tensor, else 0 <= axis < x.dim()."""
     if axis is None:
         return -1
-    if isinstance(axis, bool) or not isinstance(axis, int):
+    if not is_int(axis):
         raise TypeError(f"{op}: axis must be None or an int, got {axis!r}")
     if not -x.dim() <= axis < x.dim():
         raise ValueError(f"{op}: axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
-    return axis % x.dim()
+    return int(axis) % x.dim()
 
 
 def _check_symmetric_range(op: str, symmetric: bool, quant_min: int, quant_max: int) -> None:
@@ -77,9 +76,9 @@ def _qparam_tensor(op: str, name: str, value, dtype: torch.dtype, x: Tensor, axi
     if axis >= 0:
         raise ValueError(f"{op}: per-channel quantization (axis={axis}) needs a {name} tensor of {channels} values")
     if dtype == torch.float32:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        if not (is_real(value) and value > 0):
             raise ValueError(f"{op}: the scale must be finite and > 0, got {value!r}")
-    elif isinstance(value, bool) or not isinstance(value, int):
+    elif not is_int(value):
         raise TypeError(f"{op}: zero_point must be an int, got {value!r}")
     # a fill kernel, not torch.tensor's host-to-device copy, which waits for the GPU
     return torch.full((), value, dtype=dtype, device=x.device)
@@ -164,7 +163,7 @@ def quantize_state_dict(
     buffers such as BatchNorm's num_batches_tracked) are kept as they are."""
     out: dict[str, QuantizedTensor | Tensor] = {}
     for key, value in state_dict.items():
-        if isinstance(value, Tensor) and value.dtype in ops.FLOAT_DTYPES:
+        if isinstance(value, Tensor) and value.dtype in FLOAT_DTYPES:
             axis = 0 if per_channel and value.dim() >= 2 else None
             try:
                 out[key] = quantize(value, bits=bits, symmetric=symmetric, axis=axis)

@@ -1,12 +1,8 @@
-"""The fedhq ops, registered once with torch.library (``torch.ops.fedhq.*``): schema,
-fake (meta) implementation for torch.compile / export, straight-through autograd,
-and a real implementation that hands the call to the backend the dispatcher picks
-(fedhq_kernels/dispatch.py).
-
-Conventions: ``axis`` < 0 means per-tensor (the public API uses None); ``scale`` is
-float32 and ``zero_point`` int32, 0-d per-tensor or [C] per-channel. Shape and dtype
-checks live here (they hold for fake tensors too); value checks (scale > 0, zero
-point in range, finite input) need the data and live in the backends.
+"""The fedhq ops (``torch.ops.fedhq.*``, schemas from optable.py): fake (meta)
+implementations for torch.compile / export, straight-through autograd, and a real
+implementation that hands the call to the backend dispatch.py picks. Shape and dtype
+checks live here (they hold for fake tensors too); value checks need the data and live
+in the backends. Conventions: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -17,15 +13,14 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fedhq_kernels import dispatch
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fedhq_kernels.checks import check_float_dtype
+from fedhq_kernels.optable import SCHEMAS
 
 
 # Plain comparisons, not torch._check_*: these run on every eager call, where building
 # torch._check's lazy messages cost ~15 us; on fake tensors they add shape guards.
 def check_float_input(op: str, x: Tensor) -> None:
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
+    check_float_dtype(op, x.dtype)
 
 
 def check_axis(op: str, x: Tensor, axis: int) -> None:
@@ -51,6 +46,22 @@ def check_qparams_shape(op: str, x: Tensor, scale: Tensor, zero_point: Tensor, a
         )
 
 
+def check_given(op: str, x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> None:
+    """The checks of the ops that take a scale and zero point."""
+    check_float_input(op, x)
+    check_qparams_shape(op, x, scale, zero_point, axis)
+
+
+def check_observed(op: str, x: Tensor, axis: int) -> None:
+    """The checks of the ops that observe the range of x."""
+    check_float_input(op, x)
+    check_axis(op, x, axis)
+
+
+def _custom_op(name: str):
+    return torch.library.custom_op(f"fedhq::{name}", mutates_args=(), schema=SCHEMAS[name])
+
+
 def _empty_qparams(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
     shape = qparams_shape(x, axis)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32)
@@ -59,26 +70,23 @@ def _empty_qparams(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
 # ---- fake_quant with given scale / zero point ----
 
 
-@torch.library.custom_op("fedhq::fake_quant", mutates_args=())
+@_custom_op("fake_quant")
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int, axis: int) -> Tensor:
-    check_float_input("fake_quant", x)
-    check_qparams_shape("fake_quant", x, scale, zero_point, axis)
+    check_given("fake_quant", x, scale, zero_point, axis)
     return dispatch.kernel("fake_quant", x.device)(x, scale, zero_point, quant_min, quant_max, axis)
 
 
 @fake_quant.register_fake
 def _(x, scale, zero_point, quant_min, quant_max, axis):
-    check_float_input("fake_quant", x)
-    check_qparams_shape("fake_quant", x, scale, zero_point, axis)
+    check_given("fake_quant", x, scale, zero_point, axis)
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fedhq::fake_quant_backward", mutates_args=())
+@_custom_op("fake_quant_backward")
 def fake_quant_backward(
     grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int, axis: int
 ) -> Tensor:
-    check_float_input("fake_quant_backward", x)
-    check_qparams_shape("fake_quant_backward", x, scale, zero_point, axis)
+    check_given("fake_quant_backward", x, scale, zero_point, axis)
     return dispatch.kernel("fake_quant_backward", x.device)(grad, x, scale, zero_point, quant_min, quant_max, axis)
 
 
@@ -106,19 +114,17 @@ torch.library.register_autograd("fedhq::fake_quant", _fake_quant_backward, setup
 # ---- fake_quant with the range observed in the same kernel ----
 
 
-@torch.library.custom_op("fedhq::fake_quant_observed", mutates_args=())
+@_custom_op("fake_quant_observed")
 def fake_quant_observed(
     x: Tensor, quant_min: int, quant_max: int, symmetric: bool, axis: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    check_float_input("fake_quant", x)
-    check_axis("fake_quant", x, axis)
+    check_observed("fake_quant", x, axis)
     return dispatch.kernel("fake_quant_observed", x.device)(x, quant_min, quant_max, symmetric, axis)
 
 
 @fake_quant_observed.register_fake
 def _(x, quant_min, quant_max, symmetric, axis):
-    check_float_input("fake_quant", x)
-    check_axis("fake_quant", x, axis)
+    check_observed("fake_quant", x, axis)
     return (x.new_empty(x.shape), *_empty_qparams(x, axis))
 
 
@@ -164,8 +170,7 @@ class FakeQuantEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis):
-        check_float_input("fake_quant", x)
-        check_qparams_shape("fake_quant", x, scale, zero_point, axis)
+        check_given("fake_quant", x, scale, zero_point, axis)
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange_axis = (quant_min, quant_max, axis)
         return dispatch.kernel("fake_quant", x.device)(x, scale, zero_point, quant_min, quant_max, axis)
@@ -181,8 +186,7 @@ class FakeQuantObservedEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, quant_min, quant_max, symmetric, axis):
-        check_float_input("fake_quant", x)
-        check_axis("fake_quant", x, axis)
+        check_observed("fake_quant", x, axis)
         y, scale, zero_point = dispatch.kernel("fake_quant_observed", x.device)(x, quant_min, quant_max, symmetric, axis)
         ctx.mark_non_differentiable(scale, zero_point)
         ctx.save_for_backward(x, scale, zero_point)
@@ -198,21 +202,19 @@ class FakeQuantObservedEager(torch.autograd.Function):
 # ---- quantize / dequantize ----
 
 
-@torch.library.custom_op("fedhq::quantize", mutates_args=())
+@_custom_op("quantize")
 def quantize(x: Tensor, quant_min: int, quant_max: int, symmetric: bool, axis: int) -> tuple[Tensor, Tensor, Tensor]:
-    check_float_input("quantize", x)
-    check_axis("quantize", x, axis)
+    check_observed("quantize", x, axis)
     return dispatch.kernel("quantize", x.device)(x, quant_min, quant_max, symmetric, axis)
 
 
 @quantize.register_fake
 def _(x, quant_min, quant_max, symmetric, axis):
-    check_float_input("quantize", x)
-    check_axis("quantize", x, axis)
+    check_observed("quantize", x, axis)
     return (x.new_empty(x.shape, dtype=torch.int8), *_empty_qparams(x, axis))
 
 
-@torch.library.custom_op("fedhq::dequantize", mutates_args=())
+@_custom_op("dequantize")
 def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
     torch._check_type(codes.dtype == torch.int8, lambda: f"dequantize: codes must be int8, got {codes.dtype}")
     check_qparams_shape("dequantize", codes, scale, zero_point, axis)
@@ -266,13 +268,7 @@ def _check_aggregate(codes, scales, zero_points, weights, axes, names) -> None:
             check_qparams_shape(owner, c, s, z, axes[t])
 
 
-@torch.library.custom_op(
-    "fedhq::aggregate",
-    mutates_args=(),
-    # written out: schema inference does not accept list[str]
-    schema="(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
-    "int quant_max, bool symmetric, str[] names) -> (Tensor, Tensor, Tensor)",
-)
+@_custom_op("aggregate")
 def aggregate(
     codes: list[Tensor],
     scales: list[Tensor],

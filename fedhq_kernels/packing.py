@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from fedhq_kernels.quantized_tensor import _describe, check_bits, packed_size, quant_range
+from fedhq_kernels.checks import check_bits
+from fedhq_kernels.quantized_tensor import _describe, packed_size, quant_range
 
 GROUP = 8  # codes per group; a group is exactly ``bits`` bytes
 

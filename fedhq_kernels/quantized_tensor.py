@@ -6,19 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_BITS, MAX_BITS = 2, 8
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, check_bits, check_float_dtype, is_int  # noqa: F401  (re-exported)
 
 
 def quant_range(bits: int) -> tuple[int, int]:
     """The signed code range of ``bits``-bit quantization: [-2^(b-1), 2^(b-1) - 1]."""
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def check_bits(op: str, bits: object) -> int:
-    """``bits`` if it is an int in [MIN_BITS, MAX_BITS], else ValueError naming ``op``."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{op}: bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
-    return bits
 
 
 def packed_size(numel: int, bits: int) -> int:
@@ -50,9 +43,8 @@ class QuantizedTensor:
             raise TypeError(f"QuantizedTensor: data must be an int8 tensor, got {_describe(self.data)}")
         if tuple(self.data.shape) != tuple(self.shape):
             raise ValueError(f"QuantizedTensor: data shape {tuple(self.data.shape)} != shape {tuple(self.shape)}")
-        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"QuantizedTensor: bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
-        if self.axis is not None and not (isinstance(self.axis, int) and 0 <= self.axis < len(self.shape)):
+        check_bits("QuantizedTensor", self.bits)
+        if self.axis is not None and not (is_int(self.axis) and 0 <= self.axis < len(self.shape)):
             raise ValueError(f"QuantizedTensor: axis must be None or in [0, {len(self.shape)}), got {self.axis!r}")
         expected = () if self.axis is None else (self.shape[self.axis],)
         for name, value, dtype in (("scale", self.scale, torch.float32), ("zero_point", self.zero_point, torch.int32)):
@@ -60,8 +52,7 @@ class QuantizedTensor:
                 raise ValueError(
                     f"QuantizedTensor: {name} must be a {dtype} tensor of shape {expected}, got {_describe(value)}"
                 )
-        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"QuantizedTensor: dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        check_float_dtype("QuantizedTensor", self.dtype, "dtype must be {}")
 
     @property
     def quant_range(self) -> tuple[int, int]:

@@ -1,23 +1,20 @@
 """Plain-torch twin of every fedhq_kernels op: the oracle the tests compare the
-compiled backends against, and the ``reference`` backend that runs anywhere.
-
-Written for clarity, not speed, but with the same float32 operations in the same
-order as the kernels (csrc/quant_math.h), so the results are identical bit for bit:
-    code = zero_point + round_half_even(x * (1 / scale))
-    fake = (clamp(code, qmin, qmax) - zero_point) * scale
-    mask = qmin <= code <= qmax                       (straight-through gradient)
-and the scale / zero point of an observed range follow MinMaxObserver.
-Functions take the ops' schema arguments: ``axis`` < 0 means per-tensor, scale is
-float32 and zero_point int32 with one entry per channel.
+compiled backends against, and the ``reference`` backend that runs anywhere. Written
+for clarity, with the kernels' float32 operations in the same order, so results are
+bit-identical (docs/kernels.md, "Exactness").
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+
+from fedhq_kernels.optable import op_table
+from fedhq_kernels.qparams import SCALE_EPS, qparams_from_range  # noqa: F401  (SCALE_EPS: re-exported)
 
 DEVICES = ("cpu", "cuda")
 UNAVAILABLE = None
-SCALE_EPS = torch.finfo(torch.float32).eps
 
 
 def _along(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
@@ -97,22 +94,6 @@ def observe_range(op: str, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, to
     return lo, hi
 
 
-def qparams_from_range(lo, hi, symmetric: bool, quant_min: int, quant_max: int):
-    """MinMaxObserver's scale (float32) and zero point (int32) for an observed range."""
-    lo_neg = torch.minimum(lo, torch.zeros_like(lo))
-    hi_pos = torch.maximum(hi, torch.zeros_like(hi))
-    eps = torch.tensor(SCALE_EPS, device=lo.device)
-    if symmetric:
-        half_range = torch.tensor((quant_max - quant_min) / 2, dtype=torch.float32, device=lo.device)
-        scale = torch.maximum(torch.maximum(-lo_neg, hi_pos) / half_range, eps)
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        span = torch.tensor(float(quant_max - quant_min), dtype=torch.float32, device=lo.device)
-        scale = torch.maximum((hi_pos - lo_neg) / span, eps)
-        zero_point = (quant_min - torch.round(lo_neg / scale)).clamp(quant_min, quant_max).to(torch.int32)
-    return scale, zero_point
-
-
 def fake_quant_observed(x, quant_min, quant_max, symmetric, axis):
     scale, zero_point = qparams_from_range(*observe_range("fake_quant", x, axis), symmetric, quant_min, quant_max)
     return fake_quant(x, scale, zero_point, quant_min, quant_max, axis), scale, zero_point
@@ -173,11 +154,4 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
     )
 
 
-KERNELS = {
-    "fake_quant": fake_quant,
-    "fake_quant_backward": fake_quant_backward,
-    "fake_quant_observed": fake_quant_observed,
-    "quantize": quantize,
-    "dequantize": dequantize,
-    "aggregate": aggregate,
-}
+KERNELS = op_table(sys.modules[__name__])

@@ -118,3 +118,17 @@ def test_eager_fast_path_equals_registered_op(backend, gen, observed):
     assert expected in recorder.ops
     for a, b in zip(eager, registered):
         assert_equal(a, b)
+
+
+def test_op_table_drives_every_backend():
+    """optable.SCHEMAS is the one list of ops: torch.ops.fedhq, the C++ namespaces and
+    every backend's KERNELS follow it."""
+    from fedhq_kernels import cpu, dispatch, optable
+
+    for name, schema in optable.SCHEMAS.items():
+        assert str(getattr(torch.ops.fedhq, name).default._schema) == f"fedhq::{name}{schema}"
+    for backend in fk.backends():
+        assert tuple(dispatch._module(backend).KERNELS) == optable.OP_NAMES, backend
+    if cpu.UNAVAILABLE is None:
+        for name in optable.OP_NAMES:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fedhq_cpu::{name}", "CPU"), name

@@ -48,13 +48,17 @@ def _triton_modules():
 RECORDED_LAYOUTS = [((100_003,), -1), ((1000,), -1), ((), -1), ((64, 576), 0), ((3, 7, 40), 1), ((33, 1000), 1),
                     ((100, 3), 1), ((9, 1), 0)]  # fmt: skip
 AGGREGATE_MODEL = [((300,), -1), ((64, 3, 3, 3), 0), ((512, 10), 1), ((), -1), ((7,), 0)]
-# kernels that compute codes (round half to even, exact 1 / scale), that write a float
-# output (float16: cvt.rn), and that stream a tensor (vector loads when all aligned)
-CODE_KERNELS = {"_fake_quant_fwd_kernel", "_fake_quant_observed_small_kernel", "_quantize_kernel",
-                "_quantize_small_kernel", "_aggregate_quantize_kernel"}  # fmt: skip
-FLOAT_OUT_KERNELS = {"_fake_quant_fwd_kernel", "_fake_quant_observed_small_kernel", "_dequantize_kernel"}
-STREAM_KERNELS = {"_fake_quant_fwd_kernel", "_fake_quant_bwd_kernel", "_range_kernel", "_quantize_kernel",
-                  "_dequantize_kernel"}  # fmt: skip
+# kernels (name -> the values of their KIND or WRITE constexpr that qualify, None: all)
+# that compute codes (round half to even, exact 1 / scale), that write a float output
+# (float16: cvt.rn), and that stream a tensor (vector loads when all aligned). KIND:
+# 0 fake_quant, 1 its backward, 2 quantize, 3 dequantize (_common.py).
+CODE_KERNELS = {"_elementwise_kernel": {0, 2}, "_observed_small_kernel": None, "_aggregate_kernel": {True}}
+FLOAT_OUT_KERNELS = {"_elementwise_kernel": {0, 3}, "_observed_small_kernel": {0}}
+STREAM_KERNELS = {"_elementwise_kernel": None, "_range_kernel": None}
+
+
+def _among(kernels: dict, name: str, values: dict) -> bool:
+    return name in kernels and (kernels[name] is None or values.get("KIND", values.get("WRITE")) in kernels[name])
 
 
 def _recorded_launches(dtypes: list[torch.dtype], with_aggregate: bool) -> list[tuple]:
@@ -78,14 +82,14 @@ def _recorded_launches(dtypes: list[torch.dtype], with_aggregate: bool) -> list[
             c = 1 if axis < 0 else shape[axis]
             scale = (torch.rand(c, generator=g) + 0.01).reshape(() if axis < 0 else (c,))
             zero_point = torch.zeros(scale.shape, dtype=torch.int32)
-            fq.fake_quant_fwd(x, scale, zero_point, -128, 127, axis)
-            fq.fake_quant_bwd(x, x, scale, zero_point, -128, 127, axis)
+            fq.fake_quant(x, scale, zero_point, -128, 127, axis)
+            fq.fake_quant_backward(x, x, scale, zero_point, -128, 127, axis)
             for symmetric in (True, False):
                 fq.fake_quant_observed(x, -128, 127, symmetric, axis)
                 qz.quantize(x, -128, 127, symmetric, axis)
             qz.dequantize(torch.zeros(shape, dtype=torch.int8), scale, zero_point, axis, dtype)
         unaligned = torch.randn(100_004, generator=g).to(dtype)[1:]
-        fq.fake_quant_fwd(unaligned, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127, -1)
+        fq.fake_quant(unaligned, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127, -1)
         fq.fake_quant_observed(unaligned, -128, 127, True, -1)
     if with_aggregate:
         codes, scales, zero_points = [], [], []
@@ -128,10 +132,10 @@ def _expectations(name: str, signature: dict, values: dict, attrs: dict) -> dict
     pointers = [i for i, kind in enumerate(signature.values()) if kind.startswith("*")]
     aligned = all((i,) in attrs for i in pointers)
     return dict(
-        rounds=name in CODE_KERNELS or (name == "_qparams_kernel" and not values.get("SYMMETRIC")),
-        f16=name in FLOAT_OUT_KERNELS and "*fp16" in signature.values(),
+        rounds=_among(CODE_KERNELS, name, values) or (name == "_qparams_kernel" and not values.get("SYMMETRIC")),
+        f16=_among(FLOAT_OUT_KERNELS, name, values) and "*fp16" in signature.values(),
         # 16-byte loads need 16 bytes per thread: full streaming tiles (BLOCK elements)
-        vector=name in STREAM_KERNELS and values.get("MODE") == 0 and aligned
+        vector=_among(STREAM_KERNELS, name, values) and values.get("MODE") == 0 and aligned
         and values["BR"] * values["BW"] >= _triton_modules()[0].BLOCK,
         aligned=aligned,
     )
@@ -180,7 +184,8 @@ def _compile_main(jobs: list[str]) -> None:
             if key in seen or (mode == ["one"] and any(k[0] == name for k in seen)):
                 continue
             seen.add(key)
-            shown = {k: v for k, v in values.items() if k in ("MODE", "BR", "BW", "BF16", "SYMMETRIC", "BS", "EVEN")}
+            shown = {k: v for k, v in values.items()
+                     if k in ("KIND", "WRITE", "MODE", "BR", "BW", "BF16", "SYMMETRIC", "BS", "EVEN")}  # fmt: skip
             record = {"name": f"{name} {shown} {signature}", "kernel": name, "cc": int(cc),
                       "expect": _expectations(name, signature, values, attrs)}  # fmt: skip
             try:

@@ -360,6 +360,27 @@ __device__ __forceinline__ void elementwise_tiles(Op& op, const Params& params, 
   }
 }
 
+// An elementwise op from `In` to `Out` values through F (a functor (In, QParams) ->
+// Out): N elements per vector, U vectors in flight per lane.
+template <class In, class Out, int N_, int U_, class F>
+struct MapOp {
+  using InT = In;
+  using OutT = Out;
+  static constexpr int N = N_, U = U_;
+  using Batch = Vec<In, N>;
+  const In* __restrict__ in;
+  Out* __restrict__ out;
+  bool vec;
+  __device__ __forceinline__ void load(int64_t i, Batch& b) const { load_vec(in + i, b); }
+  __device__ __forceinline__ void use(int64_t i, const Batch& b, const QParams& p) const {
+    Vec<Out, N> o;
+#pragma unroll
+    for (int j = 0; j < N; ++j) o.v[j] = F{}(b.v[j], p);
+    store_vec(out + i, o);
+  }
+  __device__ __forceinline__ void one(int64_t i, const QParams& p) const { out[i] = F{}(load_one(in + i), p); }
+};
+
 // Range of a float tensor's values (pass 1 of fake_quant_observed and quantize).
 template <class T>
 struct RangeOp {
@@ -442,5 +463,45 @@ template <class Op>
 constexpr int64_t tile_elems(int repeats = 2) {
   return int64_t(kWarp) * Op::N * Op::U * repeats;
 }
+
+namespace {
+// Pass 1 of fake_quant_observed and quantize: clears the workspace (Status and range
+// slots) and queues the range kernel, none for an empty tensor.
+template <class T>
+cudaError_t launch_observe_range(const T* x, const Layout& layout, void* workspace, cudaStream_t stream) {
+  cudaError_t error = cudaMemsetAsync(workspace, 0, observe_workspace_bytes(layout.channels), stream);
+  if (error != cudaSuccess) return error;
+  const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<RangeOp<T>>());
+  if (d.tiles == 0) return cudaSuccess;
+  constexpr auto kernel = kObserveRange<T>;
+  kernel<<<grid_blocks<kernel>(d.tiles), kBlock, 0, stream>>>(x, aligned16(x), d,
+                                                               range_slots(workspace, layout.channels));
+  return cudaGetLastError();
+}
+
+// An elementwise op's kernel: every tile through `op`, parameters from `params`.
+template <class Op, class Params>
+__global__ void __launch_bounds__(kBlock) kElementwise(Op op, Params params, TensorDesc d) {
+  elementwise_tiles(op, params, d);
+}
+
+// fake_quant_observed and quantize: pass 1 observes the range, pass 2 writes through
+// the MapOp `Op` with the parameters the range implies. Pass 2 runs even for an empty
+// tensor: it writes every channel's scale / zero point.
+template <class Op>
+cudaError_t launch_observed(const typename Op::InT* x, typename Op::OutT* out, const Layout& layout, bool symmetric,
+                            int32_t qmin, int32_t qmax, float* scale, int32_t* zero_point, void* workspace,
+                            cudaStream_t stream) {
+  const cudaError_t error = launch_observe_range(x, layout, workspace, stream);
+  if (error != cudaSuccess) return error;
+  const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<Op>());
+  const Op op{x, out, aligned16(x) && aligned16(out)};
+  const ObservedParams params{range_slots(workspace, layout.channels), layout.channels, symmetric, qmin, qmax, scale,
+                              zero_point};
+  constexpr auto kernel = kElementwise<Op, ObservedParams>;
+  kernel<<<grid_blocks<kernel>(pass2_warps(d, layout.channels)), kBlock, 0, stream>>>(op, params, d);
+  return cudaGetLastError();
+}
+}  // namespace
 
 }  // namespace fedhq::cuda

@@ -1,35 +1,20 @@
-// Fake quantization (quantize -> dequantize) on the GPU: one pass with given
-// parameters; the fused observer (pass 1: range and non-finite check, pass 2: write
-// with the parameters the range implies); and the straight-through backward, which
-// recomputes the clamp mask from the input the op's autograd saves (ops.py) instead
-// of a byte per element kept from the forward. Traffic per element, forward +
-// backward, T = element size: recompute 5T, stored mask 4T + 2. Equal at 16 bits;
-// at float32 the mask would move 2 bytes (10%) less, but would keep an extra byte
-// per element alive between forward and backward, and the saved input usually is
-// alive anyway (a weight, or the previous layer's output).
+// Fake quantization on the GPU: one pass with given parameters, the fused observer
+// (pass 1: range, pass 2: write), and the straight-through backward, which recomputes
+// the clamp mask from the saved input (docs/kernels.md) instead of keeping a mask.
 #include "common.cuh"
 
 namespace fedhq::cuda {
 namespace {
 
 template <class T>
-struct FakeQuantOp {
-  static constexpr int N = 16 / sizeof(T), U = 4;
-  using Batch = Vec<T, N>;
-  const T* __restrict__ x;
-  T* __restrict__ y;
-  bool vec;
-  __device__ __forceinline__ void load(int64_t i, Batch& b) const { load_vec(x + i, b); }
-  __device__ __forceinline__ void use(int64_t i, const Batch& b, const QParams& p) const {
-    Batch out;
-#pragma unroll
-    for (int j = 0; j < N; ++j) out.v[j] = from_float<T>(fake_quant_value(to_float(b.v[j]), p));
-    store_vec(y + i, out);
-  }
-  __device__ __forceinline__ void one(int64_t i, const QParams& p) const {
-    y[i] = from_float<T>(fake_quant_value(to_float(load_one(x + i)), p));
+struct FakeQuantValue {
+  __device__ __forceinline__ T operator()(T v, const QParams& p) const {
+    return from_float<T>(fake_quant_value(to_float(v), p));
   }
 };
+
+template <class T>
+using FakeQuantOp = MapOp<T, T, 16 / sizeof(T), 4, FakeQuantValue<T>>;
 
 // grad * mask, as PyTorch computes it: a NaN gradient stays NaN even where masked.
 __device__ __forceinline__ float masked_grad(float grad, float x, const QParams& p) {
@@ -61,19 +46,14 @@ struct BackwardOp {
   }
 };
 
-template <class T, class Params>
-__global__ void __launch_bounds__(kBlock) kFakeQuant(FakeQuantOp<T> op, Params params, TensorDesc d) {
-  elementwise_tiles(op, params, d);
-}
-
-template <class T>
-__global__ void __launch_bounds__(kBlock) kFakeQuantBackward(BackwardOp<T> op, GivenParams params, TensorDesc d) {
-  elementwise_tiles(op, params, d);
-}
-
-template <class T>
-TensorDesc fake_quant_desc(const Layout& layout) {
-  return make_desc(layout.numel, layout.channels, layout.inner, tile_elems<FakeQuantOp<T>>());
+// fake_quant and its backward: every tile through `op` with the given parameters.
+template <class Op>
+cudaError_t launch_given(const Op& op, const Layout& layout, const GivenParams& params, cudaStream_t stream) {
+  const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<Op>());
+  if (d.tiles == 0) return cudaSuccess;
+  constexpr auto kernel = kElementwise<Op, GivenParams>;
+  kernel<<<grid_blocks<kernel>(d.tiles), kBlock, 0, stream>>>(op, params, d);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -82,12 +62,8 @@ cudaError_t fake_quant(FloatType type, const void* x, void* y, Layout layout, co
                        const int32_t* zero_point, int32_t qmin, int32_t qmax, cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const TensorDesc d = fake_quant_desc<T>(layout);
-    if (d.tiles == 0) return cudaSuccess;
     const FakeQuantOp<T> op{static_cast<const T*>(x), static_cast<T*>(y), aligned16(x) && aligned16(y)};
-    constexpr auto kernel = kFakeQuant<T, GivenParams>;
-    kernel<<<grid_blocks<kernel>(d.tiles), kBlock, 0, stream>>>(op, GivenParams{scale, zero_point, qmin, qmax}, d);
-    return cudaGetLastError();
+    return launch_given(op, layout, GivenParams{scale, zero_point, qmin, qmax}, stream);
   });
 }
 
@@ -96,13 +72,9 @@ cudaError_t fake_quant_backward(FloatType type, const void* grad, const void* x,
                                 cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<BackwardOp<T>>());
-    if (d.tiles == 0) return cudaSuccess;
     const BackwardOp<T> op{static_cast<const T*>(grad), static_cast<const T*>(x), static_cast<T*>(grad_x),
                            aligned16(grad) && aligned16(x) && aligned16(grad_x)};
-    constexpr auto kernel = kFakeQuantBackward<T>;
-    kernel<<<grid_blocks<kernel>(d.tiles), kBlock, 0, stream>>>(op, GivenParams{scale, zero_point, qmin, qmax}, d);
-    return cudaGetLastError();
+    return launch_given(op, layout, GivenParams{scale, zero_point, qmin, qmax}, stream);
   });
 }
 
@@ -111,23 +83,8 @@ cudaError_t fake_quant_observed(FloatType type, const void* x, void* y, Layout l
                                 cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const RangeSlots slots = range_slots(workspace, layout.channels);
-    cudaError_t error = cudaMemsetAsync(workspace, 0, observe_workspace_bytes(layout.channels), stream);
-    if (error != cudaSuccess) return error;
-    const T* in = static_cast<const T*>(x);
-    const TensorDesc observe = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<RangeOp<T>>());
-    if (observe.tiles > 0) {
-      constexpr auto kernel = kObserveRange<T>;
-      kernel<<<grid_blocks<kernel>(observe.tiles), kBlock, 0, stream>>>(in, aligned16(x), observe, slots);
-      if ((error = cudaGetLastError()) != cudaSuccess) return error;
-    }
-    // Pass 2 runs even for an empty tensor: it writes every channel's scale / zero point.
-    const TensorDesc d = fake_quant_desc<T>(layout);
-    const FakeQuantOp<T> op{in, static_cast<T*>(y), aligned16(x) && aligned16(y)};
-    const ObservedParams params{slots, layout.channels, symmetric, qmin, qmax, scale, zero_point};
-    constexpr auto kernel = kFakeQuant<T, ObservedParams>;
-    kernel<<<grid_blocks<kernel>(pass2_warps(d, layout.channels)), kBlock, 0, stream>>>(op, params, d);
-    return cudaGetLastError();
+    return launch_observed<FakeQuantOp<T>>(static_cast<const T*>(x), static_cast<T*>(y), layout, symmetric, qmin,
+                                           qmax, scale, zero_point, workspace, stream);
   });
 }
 

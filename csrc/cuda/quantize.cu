@@ -6,42 +6,22 @@ namespace fedhq::cuda {
 namespace {
 
 template <class T>
-struct QuantizeOp {
-  static constexpr int N = 16, U = 2;
-  using Batch = Vec<T, N>;
-  const T* __restrict__ x;
-  int8_t* __restrict__ codes;
-  bool vec;
-  __device__ __forceinline__ void load(int64_t i, Batch& b) const { load_vec(x + i, b); }
-  __device__ __forceinline__ void use(int64_t i, const Batch& b, const QParams& p) const {
-    Vec<int8_t, N> out;
-#pragma unroll
-    for (int j = 0; j < N; ++j) out.v[j] = quantize_value(to_float(b.v[j]), p);
-    store_vec(codes + i, out);
-  }
-  __device__ __forceinline__ void one(int64_t i, const QParams& p) const {
-    codes[i] = quantize_value(to_float(load_one(x + i)), p);
+struct QuantizeValue {
+  __device__ __forceinline__ int8_t operator()(T v, const QParams& p) const { return quantize_value(to_float(v), p); }
+};
+
+template <class T>
+struct DequantizeValue {
+  __device__ __forceinline__ T operator()(int8_t code, const QParams& p) const {
+    return from_float<T>(dequantize_code(float(code), p));
   }
 };
 
 template <class T>
-struct DequantizeOp {
-  static constexpr int N = 16, U = 4;
-  using Batch = Vec<int8_t, N>;
-  const int8_t* __restrict__ codes;
-  T* __restrict__ y;
-  bool vec;
-  __device__ __forceinline__ void load(int64_t i, Batch& b) const { load_vec(codes + i, b); }
-  __device__ __forceinline__ void use(int64_t i, const Batch& b, const QParams& p) const {
-    Vec<T, N> out;
-#pragma unroll
-    for (int j = 0; j < N; ++j) out.v[j] = from_float<T>(dequantize_code(float(b.v[j]), p));
-    store_vec(y + i, out);
-  }
-  __device__ __forceinline__ void one(int64_t i, const QParams& p) const {
-    y[i] = from_float<T>(dequantize_code(float(load_one(codes + i)), p));
-  }
-};
+using QuantizeOp = MapOp<T, int8_t, 16, 2, QuantizeValue<T>>;
+
+template <class T>
+using DequantizeOp = MapOp<int8_t, T, 16, 4, DequantizeValue<T>>;
 
 // Dequantization's parameters: the given ones, each checked once (by the grid's
 // threads, before the tiles) into Status.bad_qparam. The clamp range is irrelevant
@@ -58,38 +38,14 @@ struct CheckedParams {
   }
 };
 
-template <class T>
-__global__ void __launch_bounds__(kBlock) kQuantize(QuantizeOp<T> op, ObservedParams params, TensorDesc d) {
-  elementwise_tiles(op, params, d);
-}
-
-template <class T>
-__global__ void __launch_bounds__(kBlock) kDequantize(DequantizeOp<T> op, CheckedParams params, TensorDesc d) {
-  elementwise_tiles(op, params, d);
-}
-
 }  // namespace
 
 cudaError_t quantize(FloatType type, const void* x, int8_t* codes, Layout layout, bool symmetric, int32_t qmin,
                      int32_t qmax, float* scale, int32_t* zero_point, void* workspace, cudaStream_t stream) {
   return dispatch_float_type(type, [&](auto tag) {
     using T = decltype(tag);
-    const RangeSlots slots = range_slots(workspace, layout.channels);
-    cudaError_t error = cudaMemsetAsync(workspace, 0, observe_workspace_bytes(layout.channels), stream);
-    if (error != cudaSuccess) return error;
-    const T* in = static_cast<const T*>(x);
-    const TensorDesc observe = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<RangeOp<T>>());
-    if (observe.tiles > 0) {
-      constexpr auto kernel = kObserveRange<T>;
-      kernel<<<grid_blocks<kernel>(observe.tiles), kBlock, 0, stream>>>(in, aligned16(x), observe, slots);
-      if ((error = cudaGetLastError()) != cudaSuccess) return error;
-    }
-    const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<QuantizeOp<T>>());
-    const QuantizeOp<T> op{in, codes, aligned16(x) && aligned16(codes)};
-    const ObservedParams params{slots, layout.channels, symmetric, qmin, qmax, scale, zero_point};
-    constexpr auto kernel = kQuantize<T>;
-    kernel<<<grid_blocks<kernel>(pass2_warps(d, layout.channels)), kBlock, 0, stream>>>(op, params, d);
-    return cudaGetLastError();
+    return launch_observed<QuantizeOp<T>>(static_cast<const T*>(x), codes, layout, symmetric, qmin, qmax, scale,
+                                          zero_point, workspace, stream);
   });
 }
 
@@ -103,7 +59,7 @@ cudaError_t dequantize(FloatType type, const int8_t* codes, void* y, Layout layo
     const TensorDesc d = make_desc(layout.numel, layout.channels, layout.inner, tile_elems<DequantizeOp<T>>());
     const DequantizeOp<T> op{codes, static_cast<T*>(y), aligned16(codes) && aligned16(y)};
     const CheckedParams params{GivenParams{scale, zero_point, -128, 127}, layout.channels, status};
-    constexpr auto kernel = kDequantize<T>;
+    constexpr auto kernel = kElementwise<DequantizeOp<T>, CheckedParams>;
     kernel<<<grid_blocks<kernel>(pass2_warps(d, layout.channels)), kBlock, 0, stream>>>(op, params, d);
     return cudaGetLastError();
   });

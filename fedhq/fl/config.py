@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS
-from fedhq_kernels.checks import is_int, is_real
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
 
 STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
 PARTITIONS = ("iid", "dirichlet", "quantity")
@@ -129,8 +129,8 @@ class RunConfig:
         for name in ("clients", "rounds", "local_epochs", "batch_size", "threads"):
             _int_at_least(name, getattr(self, name), 1)
         _int_at_least("seed", self.seed, 0)
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits must be an int in [2, 8], got {self.bits!r}")
+        if not valid_bits(self.bits):
+            raise ConfigError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
         for name in ("lr", "dirichlet_alpha", "quantity_sigma", "uplink_mbps"):
             _positive(name, getattr(self, name))
         if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):

@@ -27,11 +27,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 import fedhq_kernels as fk
+from fedhq_kernels.checks import FLOAT_DTYPE_NAMES as FLOAT_DTYPES
 
 SCALE = ":scale"
 ZERO_POINT = ":zero_point"
 LAYOUT_LISTS = {"quantized": str, "bits": int, "axis": int, "symmetric": bool, "dtype": str, "shape": str}
-FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class RecordError(ValueError):

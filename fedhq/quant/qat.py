@@ -3,49 +3,10 @@
     qat_model = prepare_qat(model, bits=4)                      # a copy by default
     float_model = strip_qat(qat_model)                          # plain modules, same weights
 
-What a prepared layer computes (paper §2.1, Fig. 1: "fake quantization between layers"):
-
-- **Weights**: ``fedhq_kernels.fake_quant(w, bits=weight_bits, axis=0)``: per output
-  channel, symmetric, with the range observed from the current weights inside the
-  kernel (MinMaxObserver semantics), on every forward.
-- **Input activations**: per-tensor affine fake quantization with a running range. In
-  training mode the batch's min and max (one ``aminmax`` pass) update the buffer
-  ``act_range`` = (min, max): the first batch sets it, later ones move it by an
-  exponential moving average of ``averaging_constant`` (torch.ao's
-  MovingAverageMinMaxObserver rule, ``observer="ema"``) and, with the default
-  ``observer="envelope"``, the range then widens at once to take in the batch's own
-  extremes, so it never clips a network whose activations are growing (it still shrinks
-  by the average; docs/fl.md, "The QAT recipe", has the measurements). In eval mode
-  the stored range is used and not updated.
-  Scale and zero point follow MinMaxObserver's formulas
-  (``fedhq_kernels.reference.qparams_from_range``, recomputed here with Python-scalar
-  constants so no tensor is copied from the host), then
-  ``fedhq_kernels.fake_quant(x, scale, zero_point, bits=act_bits)``. The update uses
-  ``torch.where`` on the ``act_observed`` flag instead of a Python ``if``: no ``.item()``
-  and no host synchronization in the forward.
-- Gradients are straight-through (those of fedhq_kernels.fake_quant); the bias is not
-  quantized; BatchNorm is not folded (it stays a float layer after the convolution).
-
-Only modules whose type is exactly nn.Conv2d or nn.Linear are swapped: subclasses
-(e.g. MultiheadAttention's out_proj, whose weight is read directly by the attention
-function) are left alone, since a swapped forward would never run for them.
-
-State dicts and federated aggregation
--------------------------------------
-A prepared layer keeps the float layer's parameter names (``weight``, ``bias``), so the
-weights of PTQ and QAT clients aggregate together. It adds two buffers per layer,
-``act_range`` (float32 (min, max)) and ``act_observed`` (bool), named in
-``OBSERVER_BUFFERS``. The FL layer treats them as client-local state, like optimizer
-momentum:
-
-- upload ``float_state_dict(model)``: exactly the float model's names (observer
-  entries dropped), then ``fedhq_kernels.quantize_state_dict`` it;
-- load a global model with ``load_float_state_dict(model, state_dict)``: weights are
-  replaced, a QAT model's own observer ranges are kept (a range widens at once to the
-  new weights' activations and shrinks within about 10 batches);
-- a client that switches PTQ -> QAT starts with fresh observers: its first training
-  batch sets every range. A full ``model.state_dict()`` (checkpoints) includes the
-  observers, so a restored QAT client evaluates with the ranges it had.
+Weights: symmetric per output channel; input activations: per-tensor affine with a
+running range (buffers ``act_range``, ``act_observed``, client-local state in FL).
+What a prepared layer computes and how its state dict aggregates: docs/kernels.md,
+"The QAT layer".
 """
 
 from __future__ import annotations
@@ -59,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fedhq_kernels as fk
-from fedhq_kernels.quantized_tensor import MAX_BITS, MIN_BITS, quant_range
+from fedhq_kernels.checks import check_bits, is_real
+from fedhq_kernels.qparams import qparams_from_range
+from fedhq_kernels.quantized_tensor import quant_range
 
 OBSERVER_BUFFERS = ("act_range", "act_observed")
 OBSERVERS = ("envelope", "ema")
-_SCALE_EPS = torch.finfo(torch.float32).eps  # MinMaxObserver's (and fedhq_kernels') clamp
 
 
 @dataclass(frozen=True)
@@ -78,36 +40,16 @@ class QATConfig:
     # a new global model within its round (a digits client takes 9 steps per epoch).
     averaging_constant: float = 0.1
     act_symmetric: bool = False
-    observer: str = "envelope"  # or "ema"; see the module docstring
+    observer: str = "envelope"  # or "ema"; see docs/kernels.md, "The QAT layer"
 
     def __post_init__(self):
         for field in ("weight_bits", "act_bits"):
-            bits = getattr(self, field)
-            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-                raise ValueError(f"QATConfig: {field} must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+            check_bits("QATConfig", getattr(self, field), field)
         c = self.averaging_constant
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+        if not (is_real(c) and 0 < c <= 1):
             raise ValueError(f"QATConfig: averaging_constant must be in (0, 1], got {c!r}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"QATConfig: observer must be one of {OBSERVERS}, got {self.observer!r}")
-
-
-def qparams_from_range(lo: Tensor, hi: Tensor, symmetric: bool, quant_min: int, quant_max: int):
-    """MinMaxObserver's float32 scale and int32 zero point for a range: the same
-    operations as fedhq_kernels.reference.qparams_from_range (and bit-identical to it,
-    tested), with the constants as Python scalars so nothing is copied from the host.
-    A non-finite range gives a non-finite scale, which fake_quant rejects."""
-    return _qparams(torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0), symmetric, quant_min, quant_max)
-
-
-def _qparams(lo_neg: Tensor, hi_pos: Tensor, symmetric: bool, quant_min: int, quant_max: int):
-    if symmetric:
-        scale = torch.clamp(torch.maximum(-lo_neg, hi_pos) / ((quant_max - quant_min) / 2), min=_SCALE_EPS)
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        scale = torch.clamp((hi_pos - lo_neg) / float(quant_max - quant_min), min=_SCALE_EPS)
-        zero_point = (quant_min - torch.round(lo_neg / scale)).clamp(quant_min, quant_max).to(torch.int32)
-    return scale, zero_point
 
 
 class _QATMixin:
@@ -122,10 +64,6 @@ class _QATMixin:
         # update and the scale computation are a handful of small ops, not two sets.
         self.register_buffer("act_range", torch.zeros(2, dtype=torch.float32, device=device))
         self.register_buffer("act_observed", torch.zeros((), dtype=torch.bool, device=device))
-        # clamp bounds taking (min, max) to (min(min, 0), max(max, 0)); not state
-        inf = float("inf")
-        self.register_buffer("_range_lower", torch.tensor([-inf, 0.0], device=device), persistent=False)
-        self.register_buffer("_range_upper", torch.tensor([0.0, inf], device=device), persistent=False)
 
     def _activation_range(self, x: Tensor) -> Tensor:
         """(min, max) to quantize this input with; in training mode it also updates the
@@ -156,8 +94,8 @@ class _QATMixin:
             return x
         cfg = self.qat_config
         quant_min, quant_max = quant_range(cfg.act_bits)
-        bounds = torch.clamp(self._activation_range(x), min=self._range_lower, max=self._range_upper)
-        scale, zero_point = _qparams(bounds[0], bounds[1], cfg.act_symmetric, quant_min, quant_max)
+        lo, hi = self._activation_range(x)
+        scale, zero_point = qparams_from_range(lo, hi, cfg.act_symmetric, quant_min, quant_max)
         try:
             return fk.fake_quant(x, scale, zero_point, bits=cfg.act_bits)
         except ValueError as error:
@@ -180,7 +118,7 @@ class _QATMixin:
 
 
 class QATConv2d(_QATMixin, nn.Conv2d):
-    """nn.Conv2d whose input and weight are fake-quantized (module docstring)."""
+    """nn.Conv2d whose input and weight are fake-quantized (docs/kernels.md)."""
 
     def __init__(self, *args, qat_config: QATConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -212,7 +150,7 @@ class QATConv2d(_QATMixin, nn.Conv2d):
 
 
 class QATLinear(_QATMixin, nn.Linear):
-    """nn.Linear whose input and weight are fake-quantized (module docstring)."""
+    """nn.Linear whose input and weight are fake-quantized (docs/kernels.md)."""
 
     def __init__(self, *args, qat_config: QATConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)

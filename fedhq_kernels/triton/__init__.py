@@ -1,23 +1,14 @@
-"""The ``triton`` backend: Triton kernels for every fedhq op, one file per op family
-(fake_quant.py, quantize.py, aggregate.py; shared math, tiling and the range observer
-in _common.py). Runs on CUDA tensors; also on CPU tensors under Triton's interpreter
-(TRITON_INTERPRET=1, set before this package is imported), which is how CI tests the
-same kernels without a GPU.
-
-Results are bit-identical to the reference backend (see _common.py for how).
-
-Host synchronization: fake_quant and its backward with given parameters never sync.
-That is why, on a GPU, they do not check the values of scale / zero point (finite,
-> 0, in range): that check needs a device -> host read, which the QAT hot path cannot
-afford on every call; on CPU tensors (the interpreter) it is free and done. The
-observed-range ops (fake_quant with scale=None, quantize), dequantize and aggregate
-need a value check anyway (NaN / Inf seen by the observer, bad parameters) and read
-back one small flag per call, after their kernels are queued.
+"""The ``triton`` backend: Triton kernels for every fedhq op (fake_quant.py,
+quantize.py, aggregate.py; shared kernels and math in _common.py). Runs on CUDA
+tensors, and on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before
+import). Bit-identical to the reference; host synchronization: docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import os
+
+from fedhq_kernels.optable import op_table
 
 DEVICES: tuple[str, ...] = ("cuda",)
 UNAVAILABLE: str | None = None
@@ -37,14 +28,7 @@ else:
     from fedhq_kernels.triton import fake_quant as _fake_quant
     from fedhq_kernels.triton import quantize as _quantize
 
-    KERNELS = {
-        "fake_quant": _fake_quant.fake_quant_fwd,
-        "fake_quant_backward": _fake_quant.fake_quant_bwd,
-        "fake_quant_observed": _fake_quant.fake_quant_observed,
-        "quantize": _quantize.quantize,
-        "dequantize": _quantize.dequantize,
-        "aggregate": _aggregate.aggregate,
-    }
+    KERNELS = op_table(_fake_quant, _quantize, _aggregate)
     if not _INTERPRET:
         import torch
 

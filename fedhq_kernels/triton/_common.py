@@ -1,30 +1,7 @@
 """What every Triton op family shares: the exact per-element math (the Triton twin of
-csrc/quant_math.h), the 2-D tiling of a tensor into quantization segments, the fused
-range observer (pass 1) and the kernel that turns observed ranges into scales and zero
-points, plus the host-side launch helpers.
-
-Exactness. Every float32 operation is the one PyTorch / reference.py performs, in the
-same order, so results are bit-identical:
-    code = zero_point + round_half_even(x * (1 / scale))   (x * inv saturated to
-           [qmin - zp - 1, qmax - zp + 1] first, so NaN -> qmin - 1)
-    fake = (clamp(code, qmin, qmax) - zero_point) * scale
-    mask = qmin <= code <= qmax
-Three things would break that and are guarded against: FMA contraction of
-`x * inv + magic` (every launch passes enable_fp_fusion=False, which makes Triton emit
-mul.rn/add.rn and run ptxas with --fmad=false; tests/test_triton.py checks the PTX),
-Triton's approximate float32 division (`/` lowers to div.full.f32: we use
-tl.math.div_rn, i.e. div.rn.f32) and rounding helpers that are not half-to-even
-(libdevice rint does not exist under the interpreter, so the magic-number form is used,
-which is exact in IEEE float32 on both). bfloat16 is converted with integer bit
-operations because the interpreter truncates float32 -> bfloat16 instead of rounding.
-
-Tiling. A tensor is viewed as a 2-D matrix [nrows, ncols] (row-major, contiguous) in
-one of three modes, so that one tile's quantization parameters are one scalar, one
-vector per row, or one vector per column, and never need a per-element division:
-    FLAT  per-tensor: [1, numel], one segment
-    ROW   per-channel with inner > 1: [outer * C, inner], row r is channel r % C
-    COL   per-channel along the last (or an inner-size-1) axis: [outer, C], column c is channel c
-A tile is [BR, BW] elements, BR * BW <= BLOCK.
+csrc/quant_math.h), the 2-D tiling of a tensor into quantization segments (FLAT, ROW,
+COL), the range observer, the elementwise kernels and the host-side launch helpers.
+Why the math is exact and how tiles are laid out: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -38,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fedhq_kernels import reference
+from fedhq_kernels import qparams, reference
 
 # Set (by tests/conftest.py, say) before this module is imported: @triton.jit reads it
 # when the kernels are defined.
@@ -48,7 +25,7 @@ FLAT = tl.constexpr(0)
 ROW = tl.constexpr(1)
 COL = tl.constexpr(2)
 INF = tl.constexpr(float("inf"))
-SCALE_EPS = tl.constexpr(reference.SCALE_EPS)  # float32 eps: MinMaxObserver's smallest scale
+SCALE_EPS = tl.constexpr(qparams.SCALE_EPS)  # float32 eps: MinMaxObserver's smallest scale
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
 if INTERPRET:
@@ -269,7 +246,7 @@ def _range_kernel(
 
 @triton.jit
 def qparams_from_range(lo, hi, qmin, qmax, half_range, span, SYMMETRIC: tl.constexpr):
-    """reference.qparams_from_range: float32 scale and int32 zero point of observed
+    """fedhq_kernels.qparams.qparams_from_range: float32 scale and int32 zero point of observed
     ranges, the same float32 operations in the same order (divisions exact)."""
     lo_neg = tl.minimum(lo, 0.0)
     hi_pos = tl.maximum(hi, 0.0)
@@ -342,28 +319,122 @@ def observe_small(
         inv_scale = tl.math.div_rn(tl.full([], 1.0, tl.float32), scale)
         zero_point = zero_point.to(tl.float32)
     elif MODE == ROW:
-        ch = tl.arange(0, BR)
-        lo_c = tl.min(lo, axis=1)
-        hi_c = tl.max(hi, axis=1)
-        scale, zero_point = qparams_from_range(lo_c, hi_c, qmin, qmax, half_range, span, SYMMETRIC)
-        tl.store(scale_ptr + ch, scale, mask=ch < nrows)
-        tl.store(zp_ptr + ch, zero_point, mask=ch < nrows)
-        tl.store(flag_ptr, tl.max((~range_is_finite(lo_c, hi_c)).to(tl.int32)))
-        inv_scale = tl.math.div_rn(tl.full([BR], 1.0, tl.float32), scale)[:, None]
-        scale = scale[:, None]
-        zero_point = zero_point.to(tl.float32)[:, None]
+        scale, inv_scale, zero_point = _store_channel_qparams(
+            tl.min(lo, axis=1), tl.max(hi, axis=1), scale_ptr, zp_ptr, flag_ptr, nrows, qmin, qmax, half_range, span,
+            SYMMETRIC, BR,
+        )
+        scale, inv_scale, zero_point = scale[:, None], inv_scale[:, None], zero_point[:, None]
     else:
-        ch = tl.arange(0, BW)
-        lo_c = tl.min(lo, axis=0)
-        hi_c = tl.max(hi, axis=0)
-        scale, zero_point = qparams_from_range(lo_c, hi_c, qmin, qmax, half_range, span, SYMMETRIC)
-        tl.store(scale_ptr + ch, scale, mask=ch < ncols)
-        tl.store(zp_ptr + ch, zero_point, mask=ch < ncols)
-        tl.store(flag_ptr, tl.max((~range_is_finite(lo_c, hi_c)).to(tl.int32)))
-        inv_scale = tl.math.div_rn(tl.full([BW], 1.0, tl.float32), scale)[None, :]
-        scale = scale[None, :]
-        zero_point = zero_point.to(tl.float32)[None, :]
+        scale, inv_scale, zero_point = _store_channel_qparams(
+            tl.min(lo, axis=0), tl.max(hi, axis=0), scale_ptr, zp_ptr, flag_ptr, ncols, qmin, qmax, half_range, span,
+            SYMMETRIC, BW,
+        )
+        scale, inv_scale, zero_point = scale[None, :], inv_scale[None, :], zero_point[None, :]
     return scale, inv_scale, zero_point, n_loop
+
+
+@triton.jit
+def _store_channel_qparams(lo_c, hi_c, scale_ptr, zp_ptr, flag_ptr, n, qmin, qmax, half_range, span,
+                           SYMMETRIC: tl.constexpr, CH: tl.constexpr):
+    """observe_small's per-channel end: scale and zero point of channels 0..n-1 from
+    their ranges [CH], stored with the non-finite flag; returns (scale, 1 / scale, float
+    zero point)."""
+    ch = tl.arange(0, CH)
+    scale, zero_point = qparams_from_range(lo_c, hi_c, qmin, qmax, half_range, span, SYMMETRIC)
+    tl.store(scale_ptr + ch, scale, mask=ch < n)
+    tl.store(zp_ptr + ch, zero_point, mask=ch < n)
+    tl.store(flag_ptr, tl.max((~range_is_finite(lo_c, hi_c)).to(tl.int32)))
+    inv_scale = tl.math.div_rn(tl.full([CH], 1.0, tl.float32), scale)
+    return scale, inv_scale, zero_point.to(tl.float32)
+
+
+# ---------------------------------------------------------------------------------
+# The elementwise ops' tiles and programs (fake_quant.py, quantize.py)
+# ---------------------------------------------------------------------------------
+
+FAKE_QUANT = tl.constexpr(0)
+FAKE_QUANT_BACKWARD = tl.constexpr(1)
+QUANTIZE = tl.constexpr(2)
+DEQUANTIZE = tl.constexpr(3)
+
+
+@triton.jit
+def elementwise_tile(
+    a_ptr, b_ptr, out_ptr, scale, inv_scale, zero_point, rb, cb, nrows, ncols, qmin, qmax,
+    KIND: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """Tile (rb, cb) of op KIND: out = fake_quant(a), quantize(a) (int8 codes),
+    dequantize(a) (a: int8 codes), or a * mask(b) (the backward: a = grad, b = x)."""
+    offs, mask = tile_offsets(rb, cb, nrows, ncols, MODE, BR, BW, EVEN)
+    if KIND == DEQUANTIZE:
+        code = tl.load(a_ptr + offs, mask=mask, other=0).to(tl.float32)
+        store_f32(out_ptr, offs, (code - zero_point) * scale, mask, BF16)
+    elif KIND == FAKE_QUANT_BACKWARD:
+        code = unclamped_code(load_f32(b_ptr, offs, mask, BF16), inv_scale, zero_point, qmin, qmax)
+        inside = ((code >= qmin) & (code <= qmax)).to(tl.float32)
+        # grad * mask as PyTorch computes it: a NaN gradient stays NaN even where masked
+        store_f32(out_ptr, offs, load_f32(a_ptr, offs, mask, BF16) * inside, mask, BF16)
+    else:
+        code = clamp_code(unclamped_code(load_f32(a_ptr, offs, mask, BF16), inv_scale, zero_point, qmin, qmax),
+                          qmin, qmax)
+        if KIND == QUANTIZE:
+            tl.store(out_ptr + offs, code.to(tl.int8), mask=mask)
+        else:
+            store_f32(out_ptr, offs, (code - zero_point) * scale, mask, BF16)
+
+
+@triton.jit
+def _elementwise_kernel(
+    a_ptr, b_ptr, out_ptr, scale_ptr, zp_ptr, nrows, ncols, C, qmin, qmax,
+    KIND: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr,
+):
+    """Op KIND, one tile per program, with parameters from scale_ptr / zp_ptr (given,
+    or observed by pass 1); FLAT runs its full tiles unmasked."""
+    pid = tl.program_id(0)
+    n_cb = tl.cdiv(ncols, BW)
+    rb = pid // n_cb
+    cb = pid % n_cb
+    scale, inv_scale, zero_point = tile_qparams(scale_ptr, zp_ptr, rb, cb, nrows, ncols, C, MODE, BR, BW)
+    if MODE == FLAT:
+        if cb < ncols // BW:
+            elementwise_tile(a_ptr, b_ptr, out_ptr, scale, inv_scale, zero_point, rb, cb, nrows, ncols, qmin, qmax,
+                             KIND, MODE, BR, BW, BF16, True)
+        else:
+            elementwise_tile(a_ptr, b_ptr, out_ptr, scale, inv_scale, zero_point, rb, cb, nrows, ncols, qmin, qmax,
+                             KIND, MODE, BR, BW, BF16, False)
+    else:
+        elementwise_tile(a_ptr, b_ptr, out_ptr, scale, inv_scale, zero_point, rb, cb, nrows, ncols, qmin, qmax,
+                         KIND, MODE, BR, BW, BF16, False)
+
+
+@triton.jit
+def _observed_small_kernel(
+    x_ptr, out_ptr, scale_ptr, zp_ptr, flag_ptr, nrows, ncols, qmin, qmax, half_range, span,
+    KIND: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+):
+    """Observer and writer (fake_quant or quantize) in one program, for tensors of
+    View.small_tile."""
+    scale, inv_scale, zero_point, n_loop = observe_small(
+        x_ptr, scale_ptr, zp_ptr, flag_ptr, nrows, ncols, qmin, qmax, half_range, span, MODE, BR, BW, BF16, SYMMETRIC
+    )
+    if MODE == COL:
+        for i in range(n_loop):
+            elementwise_tile(x_ptr, x_ptr, out_ptr, scale, inv_scale, zero_point, i, 0, nrows, ncols, qmin, qmax,
+                             KIND, MODE, BR, BW, BF16, False)
+    elif MODE == ROW:
+        for i in range(n_loop):
+            elementwise_tile(x_ptr, x_ptr, out_ptr, scale, inv_scale, zero_point, 0, i, nrows, ncols, qmin, qmax,
+                             KIND, MODE, BR, BW, BF16, False)
+    else:
+        full = ncols // BW
+        for i in range(full):
+            elementwise_tile(x_ptr, x_ptr, out_ptr, scale, inv_scale, zero_point, 0, i, nrows, ncols, qmin, qmax,
+                             KIND, MODE, BR, BW, BF16, True)
+        for i in range(full, n_loop):
+            elementwise_tile(x_ptr, x_ptr, out_ptr, scale, inv_scale, zero_point, 0, i, nrows, ncols, qmin, qmax,
+                             KIND, MODE, BR, BW, BF16, False)
 
 
 # ---------------------------------------------------------------------------------
@@ -431,7 +502,7 @@ class View:
 
 def launch(kernel, grid, *args, num_warps: int = NUM_WARPS, **constexprs) -> None:
     """Every launch goes through here: FP fusion off, or `x * inv + magic` becomes an
-    FMA and codes change (TOOLCHAIN.md)."""
+    FMA and codes change (docs/kernels.md, "Exactness")."""
     kernel[grid](*args, **constexprs, num_warps=num_warps, enable_fp_fusion=False)
 
 
@@ -544,3 +615,38 @@ def finalize_qparams(lo, hi, scale, zero_point, seg_tensor, flag, tensors, symme
 
 def qparams_shape(x: torch.Tensor, axis: int) -> tuple[int, ...]:
     return () if axis < 0 else (x.shape[axis],)
+
+
+def write_tiles(kind, view: View, a, b, out, scale, zero_point, quant_min, quant_max, bf16: bool) -> None:
+    """Launches op ``kind`` (_elementwise_kernel), one program per tile; a, b and out
+    have the same contiguous layout (b is read by the backward only)."""
+    if view.numel == 0:
+        return
+    br, bw = view.tile()
+    n_rb, n_cb = view.tile_count(br, bw)
+    launch(_elementwise_kernel, (n_rb * n_cb,), a, b, out, scale, zero_point, view.nrows, view.ncols, view.channels,
+           float(quant_min), float(quant_max), KIND=kind.value, MODE=view.mode, BR=br, BW=bw, BF16=bf16)
+
+
+def run_observed(op: str, kind, x: torch.Tensor, out: torch.Tensor, symmetric: bool, quant_min: int, quant_max: int,
+                 axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fake_quant_observed / quantize (``kind``): observe x's range, then write ``out``
+    with it, in one program (View.small_tile) or through observe and write_tiles.
+    The non-finite flag is read once, after everything is queued. Returns the scale and
+    zero point, shaped as the schema says."""
+    view = View.of(x.shape, axis)
+    bf16 = x.dtype == torch.bfloat16
+    small = view.small_tile()
+    with on_device(x):
+        if small:
+            scale, zero_point, flag = empty_qparams(x, view)
+            launch(_observed_small_kernel, (1,), bf16_bits(x), bf16_bits(out), scale, zero_point, flag, view.nrows,
+                   view.ncols, *range_constants(quant_min, quant_max),
+                   KIND=kind.value, MODE=view.mode, BR=small[0], BW=small[1], BF16=bf16, SYMMETRIC=bool(symmetric))
+        else:
+            scale, zero_point, flag = observe(op, x, view, symmetric, quant_min, quant_max)
+            write_tiles(kind, view, bf16_bits(x), bf16_bits(x), bf16_bits(out), scale, zero_point, quant_min,
+                        quant_max, bf16)
+    raise_if_flagged(op, flag)
+    shape = qparams_shape(x, axis)
+    return scale.view(shape), zero_point.view(shape)

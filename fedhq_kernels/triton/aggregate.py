@@ -100,37 +100,21 @@ def _aggregate_tile(
 
 
 @triton.jit
-def _aggregate_range_kernel(
-    tiles_ptr, meta_ptr, code_ptrs, params_ptr, w_ptr, lo_ptr, hi_ptr, K, T, S,
-    BR: tl.constexpr, BW: tl.constexpr,
+def _aggregate_kernel(
+    tiles_ptr, meta_ptr, code_ptrs, params_ptr, w_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr, K, T, S, qmin,
+    qmax, WRITE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
 ):
+    """One tile per program: its range into lo / hi (pass 1), or its codes (WRITE)."""
     pid = tl.program_id(0)
     t = tl.load(tiles_ptr + pid * 3)
     rb = tl.load(tiles_ptr + pid * 3 + 1)
     cb = tl.load(tiles_ptr + pid * 3 + 2)
     if tl.load(meta_ptr + t * 8) != 0:
-        _aggregate_tile(code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, lo_ptr, lo_ptr, lo_ptr,
-                        K, T, S, t, rb, cb, 0.0, 0.0, IS_COL=True, WRITE=False, BR=BR, BW=BW)
+        _aggregate_tile(code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr,
+                        K, T, S, t, rb, cb, qmin, qmax, IS_COL=True, WRITE=WRITE, BR=BR, BW=BW)
     else:
-        _aggregate_tile(code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, lo_ptr, lo_ptr, lo_ptr,
-                        K, T, S, t, rb, cb, 0.0, 0.0, IS_COL=False, WRITE=False, BR=BR, BW=BW)
-
-
-@triton.jit
-def _aggregate_quantize_kernel(
-    tiles_ptr, meta_ptr, code_ptrs, params_ptr, w_ptr, out_ptr, scale_ptr, zp_ptr, K, T, S, qmin, qmax,
-    BR: tl.constexpr, BW: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    t = tl.load(tiles_ptr + pid * 3)
-    rb = tl.load(tiles_ptr + pid * 3 + 1)
-    cb = tl.load(tiles_ptr + pid * 3 + 2)
-    if tl.load(meta_ptr + t * 8) != 0:
-        _aggregate_tile(code_ptrs, params_ptr, w_ptr, meta_ptr, scale_ptr, scale_ptr, out_ptr, scale_ptr, zp_ptr,
-                        K, T, S, t, rb, cb, qmin, qmax, IS_COL=True, WRITE=True, BR=BR, BW=BW)
-    else:
-        _aggregate_tile(code_ptrs, params_ptr, w_ptr, meta_ptr, scale_ptr, scale_ptr, out_ptr, scale_ptr, zp_ptr,
-                        K, T, S, t, rb, cb, qmin, qmax, IS_COL=False, WRITE=True, BR=BR, BW=BW)
+        _aggregate_tile(code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr,
+                        K, T, S, t, rb, cb, qmin, qmax, IS_COL=False, WRITE=WRITE, BR=BR, BW=BW)
 
 
 def _aggregate_view(shape, axis: int) -> View:
@@ -211,13 +195,14 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
 
     with cm.on_device(weights):
         if n_tiles:
-            launch(_aggregate_range_kernel, (n_tiles,), tiles, meta, code_ptrs, params, weights, lo, hi, K, T, S,
-                   BR=AGG_BR, BW=AGG_BW, num_warps=AGG_WARPS)
+            launch(_aggregate_kernel, (n_tiles,), tiles, meta, code_ptrs, params, weights, lo, hi, out_codes,
+                   out_scale, out_zero_point, K, T, S, float(quant_min), float(quant_max),
+                   WRITE=False, BR=AGG_BR, BW=AGG_BW, num_warps=AGG_WARPS)
         cm.finalize_qparams(lo, hi, out_scale, out_zero_point, seg_tensor, flag, T, symmetric, quant_min, quant_max)
         if n_tiles:
-            launch(_aggregate_quantize_kernel, (n_tiles,), tiles, meta, code_ptrs, params, weights, out_codes,
+            launch(_aggregate_kernel, (n_tiles,), tiles, meta, code_ptrs, params, weights, lo, hi, out_codes,
                    out_scale, out_zero_point, K, T, S, float(quant_min), float(quant_max),
-                   BR=AGG_BR, BW=AGG_BW, num_warps=AGG_WARPS)
+                   WRITE=True, BR=AGG_BR, BW=AGG_BW, num_warps=AGG_WARPS)
 
     if device.type == "cuda":
         bad_params = (~(torch.isfinite(scale_all) & (scale_all > 0)) | (zp_all < quant_min) | (zp_all > quant_max)).any()
