@@ -107,8 +107,7 @@ def cpu_extension():
 
 
 # torch's names for architecture families (TORCH_CUDA_ARCH_LIST accepts them too)
-NAMED_CUDA_ARCHS = {"turing": "7.5", "ampere": "8.0;8.6", "ada": "8.9", "hopper": "9.0",
-                    "blackwell": "10.0;12.0"}
+NAMED_CUDA_ARCHS = {"turing": "7.5", "ampere": "8.0;8.6", "ada": "8.9", "hopper": "9.0", "blackwell": "10.0;12.0"}
 
 
 def cuda_arch_flags(nvcc_archs):
@@ -151,8 +150,11 @@ def _run(command):
 
 
 def _is_toolkit(home):
-    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")) and bool(
-        shutil.which("nvcc", path=os.path.join(home, "bin")))
+    return (
+        bool(home)
+        and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h"))
+        and bool(shutil.which("nvcc", path=os.path.join(home, "bin")))
+    )
 
 
 def cuda_toolkit_root():
@@ -166,8 +168,11 @@ def cuda_toolkit_root():
     for name in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(name)
         if home:
-            return (home, None) if _is_toolkit(home) else (
-                None, f"{name}={home} holds no CUDA toolkit (bin/nvcc and include/cuda_runtime_api.h)")
+            return (
+                (home, None)
+                if _is_toolkit(home)
+                else (None, f"{name}={home} holds no CUDA toolkit (bin/nvcc and include/cuda_runtime_api.h)")
+            )
     nvcc = shutil.which("nvcc")
     if nvcc:
         match = re.search(r"^#\$ _HERE_=(.+)$", _run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull]), re.M)
@@ -211,8 +216,9 @@ def cuda_extension_or_reason():
     )
     extension.optional = _flag("FEDHQ_BUILD_CUDA", "") != "1"
     extension.fallback = "CUDA tensors will use the triton or reference backend"
-    print(f"fedhq: building fedhq_kernels._C_cuda for sm_{', sm_'.join(archs)} with nvcc {'.'.join(release)} "
-          f"from {home}")
+    print(
+        f"fedhq: building fedhq_kernels._C_cuda for sm_{', sm_'.join(archs)} with nvcc {'.'.join(release)} from {home}"
+    )
     return extension, None
 
 

@@ -18,9 +18,9 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.ao.quantization import (
@@ -32,15 +32,16 @@ from torch.ao.quantization import (
 
 # this checkout's packages, whether or not (or wherever) fedhq is installed; and bench/
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-import fedhq_kernels as fk  # noqa: E402
-from fedhq.profile import micro, timing  # noqa: E402
-from fedhq_kernels import dispatch, reference  # noqa: E402
 from resnet18_shapes import (  # noqa: E402
     RESNET18_CIFAR_PARAMS,
     RESNET18_CIFAR_TENSORS,
     count_params,
     resnet18_cifar_shapes,
 )
+
+import fedhq_kernels as fk  # noqa: E402
+from fedhq.profile import micro, timing  # noqa: E402
+from fedhq_kernels import dispatch, reference  # noqa: E402
 
 QMIN, QMAX = -128, 127  # 8-bit signed codes throughout
 FULL_SIZE = {"cpu": 16 * 2**20, "cuda": 64 * 2**20}
@@ -55,11 +56,23 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecat
 # The project's targets per device: case key -> (speedup over its baseline, % of the
 # copy's bandwidth); None where it sets none.
 GOALS = {
-    "cpu": {"fq_tensor": (2.5, 60), "fq_channel": (2.5, 60), "fq_observed": (3.0, None), "quantize": (None, None),
-            "dequantize": (None, None), "aggregate": (4.0, None)},
-    "cuda": {"fq_tensor": (None, 85), "fq_channel": (None, 85), "fq_observed": (2.0, None), "quantize": (None, 85),
-             "dequantize": (None, 85), "aggregate": (None, 80)},
-}  # fmt: skip
+    "cpu": {
+        "fq_tensor": (2.5, 60),
+        "fq_channel": (2.5, 60),
+        "fq_observed": (3.0, None),
+        "quantize": (None, None),
+        "dequantize": (None, None),
+        "aggregate": (4.0, None),
+    },
+    "cuda": {
+        "fq_tensor": (None, 85),
+        "fq_channel": (None, 85),
+        "fq_observed": (2.0, None),
+        "quantize": (None, 85),
+        "dequantize": (None, 85),
+        "aggregate": (None, 80),
+    },
+}
 
 
 class Mismatch(AssertionError):
@@ -220,9 +233,13 @@ def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
         return y, torch.autograd.grad(y, leaf, grad)[0]
 
     fused = FusedMovingAvgObsFakeQuantize(
-        observer=MovingAverageMinMaxObserver, averaging_constant=1.0, quant_min=QMIN, quant_max=QMAX,
-        dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
-    ).to(x.device)  # fmt: skip
+        observer=MovingAverageMinMaxObserver,
+        averaging_constant=1.0,
+        quant_min=QMIN,
+        quant_max=QMAX,
+        dtype=torch.qint8,
+        qscheme=torch.per_tensor_symmetric,
+    ).to(x.device)
 
     def torch_ao_fused():
         y = fused(leaf)
@@ -256,7 +273,9 @@ def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
         ours,
         [
             Baseline("torch.ao FakeQuantize(MinMaxObserver) fwd+bwd", "torch.ao", torch_ao),
-            Baseline("torch.ao FusedMovingAvgObsFakeQuantize fwd+bwd", "torch.ao-fused", torch_ao_fused, validate_fused),
+            Baseline(
+                "torch.ao FusedMovingAvgObsFakeQuantize fwd+bwd", "torch.ao-fused", torch_ao_fused, validate_fused
+            ),
         ],
         validate,
         floor_bytes=24 * x.numel(),
@@ -441,8 +460,9 @@ def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Ca
     def validate():
         expected = reference.aggregate(*args)  # the oracle the test-suite holds the kernels to
         result = ours()
-        ours_packed = [torch.cat([getattr(result[n], field).flatten() for n in names])
-                       for field in ("data", "scale", "zero_point")]  # fmt: skip
+        ours_packed = [
+            torch.cat([getattr(result[n], field).flatten() for n in names]) for field in ("data", "scale", "zero_point")
+        ]
         for what, got, baseline, want in zip(("codes", "scales", "zero points"), ours_packed, torch_loop(), expected):
             check_equal(f"aggregate {what}", got, want)
             check_equal(f"aggregate {what} (plain torch baseline vs the oracle)", baseline, want)
@@ -465,7 +485,10 @@ def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Ca
 
 def machine(device: torch.device) -> dict:
     if device.type == "cuda":
-        return {"machine": torch.cuda.get_device_name(device), "cores": torch.cuda.get_device_properties(device).multi_processor_count}
+        return {
+            "machine": torch.cuda.get_device_name(device),
+            "cores": torch.cuda.get_device_properties(device).multi_processor_count,
+        }
     model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -537,16 +560,32 @@ def time_case(case: Case, args, device: torch.device) -> tuple[list[dict], list[
         return rows, failures
     strongest, strongest_stats = min(timed, key=lambda pair: pair[1]["median_ms"])
     for baseline, stats in timed:
-        rows.append(make_row(*same, baseline.backend, baseline.name, case.nbytes, stats, baseline=strongest.name,
-                             speedup=strongest_stats["median_ms"] / stats["median_ms"]))  # fmt: skip
+        rows.append(
+            make_row(
+                *same,
+                baseline.backend,
+                baseline.name,
+                case.nbytes,
+                stats,
+                baseline=strongest.name,
+                speedup=strongest_stats["median_ms"] / stats["median_ms"],
+            )
+        )
     named = next((st for b, st in timed if b is case.baselines[0]), None)  # the goal's baseline, if checked
     target, aim = GOALS[device.type][case.key]
     for backend in args.backends:
         if not checked(f"fedhq-{backend}", forced(backend, case.validate)):
             continue
         ours = summarize(measure(forced(backend, case.ours), args.repeats, device))
-        row = make_row(*same, f"fedhq-{backend}", f"fedhq_kernels ({backend})", case.nbytes, ours,
-                       baseline=strongest.name, speedup=strongest_stats["median_ms"] / ours["median_ms"])  # fmt: skip
+        row = make_row(
+            *same,
+            f"fedhq-{backend}",
+            f"fedhq_kernels ({backend})",
+            case.nbytes,
+            ours,
+            baseline=strongest.name,
+            speedup=strongest_stats["median_ms"] / ours["median_ms"],
+        )
         if target is not None and named is not None:
             row["target"] = f">= {target}x {case.baselines[0].backend}"
             row["target_speedup"] = named["median_ms"] / ours["median_ms"]
@@ -573,11 +612,14 @@ def run(args) -> tuple[list[dict], list[str]]:
 
     def reference_row(op, impl, name):
         fn, nbytes = copies[name]
-        return make_row(op, str(tuple(x.shape)), x.numel(), "torch", impl, nbytes,
-                        summarize(measure(fn, args.repeats, device)))  # fmt: skip
+        return make_row(
+            op, str(tuple(x.shape)), x.numel(), "torch", impl, nbytes, summarize(measure(fn, args.repeats, device))
+        )
 
-    rows = [reference_row(f"{copy_name} (reference)", "Tensor.copy_", "copy"),
-            reference_row("clone, allocating (reference)", "Tensor.clone", "clone")]  # fmt: skip
+    rows = [
+        reference_row(f"{copy_name} (reference)", "Tensor.copy_", "copy"),
+        reference_row("clone, allocating (reference)", "Tensor.clone", "clone"),
+    ]
 
     cases = [
         *fake_quant_given_scale_cases(x, gen),
@@ -633,10 +675,11 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(cells) + " |")
     r = rows[0]
     print(
-        f"\nfloat32 on {r['device']}; {r['machine']}, {r['cores']} cores/SMs, {r['threads']} threads; torch {r['torch']}; "
-        f"fedhq backends {r['fedhq_backends']}. GB/s = logical bytes (each tensor read or written once) / median; "
-        "% copy is against the faster copy_ row of this run; the last column is the case's fastest baseline's time over "
-        "the row's. Every op row allocates its output (compare with clone)."
+        f"\nfloat32 on {r['device']}; {r['machine']}, {r['cores']} cores/SMs, {r['threads']} threads; "
+        f"torch {r['torch']}; fedhq backends {r['fedhq_backends']}. "
+        "GB/s = logical bytes (each tensor read or written once) / median; % copy is against the faster copy_ "
+        "row of this run; the last column is the case's fastest baseline's time over the row's. "
+        "Every op row allocates its output (compare with clone)."
     )
     if r["quick"]:
         print("--quick is a smoke test: its inputs fit in the caches, so these are not memory bandwidths.")
@@ -659,14 +702,18 @@ def print_targets(rows: list[dict]) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the tensors live (default cpu)")
-    parser.add_argument("--backends", help="comma-separated fedhq_kernels backends to time (default: all that run there)")
+    parser.add_argument(
+        "--backends", help="comma-separated fedhq_kernels backends to time (default: all that run there)"
+    )
     parser.add_argument(
         "--size", type=int, help=f"float32 elements per input (default {FULL_SIZE}; --quick: {QUICK_SIZE})"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the C++ kernels share its pool)")
     parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 30; --quick: 3)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test (< 30 s)")
-    parser.add_argument("--json", type=Path, help="where to write the rows (default bench/results/kernels-<device>.json)")
+    parser.add_argument(
+        "--json", type=Path, help="where to write the rows (default bench/results/kernels-<device>.json)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver)")
@@ -675,7 +722,9 @@ def parse_args(argv=None):
     args.backends = args.backends.split(",") if args.backends else available
     unknown = [b for b in args.backends if b not in available]
     if unknown or not args.backends:
-        parser.error(f"--backends {','.join(args.backends)}: runnable on {args.device} here: {', '.join(available) or 'none'}")
+        parser.error(
+            f"--backends {','.join(args.backends)}: runnable on {args.device} here: {', '.join(available) or 'none'}"
+        )
     args.json = args.json or Path(__file__).resolve().parent / "results" / f"kernels-{args.device}.json"
     args.size = args.size or (QUICK_SIZE if args.quick else FULL_SIZE[args.device])
     args.repeats = args.repeats or (3 if args.quick else 30)

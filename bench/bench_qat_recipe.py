@@ -97,23 +97,48 @@ def run_seed(args, dataset_name: str, seed: int, common: dict) -> list[dict]:
     names = quantized_names(spec.build())
 
     def fit(strategy: str, bits: int):
-        plan = RoundPlan(round=1, strategy=strategy, epochs=cfg["epochs"], batch_size=args.batch_size, lr=args.lr,
-                         momentum=args.momentum, bits=bits, seed=seed)  # fmt: skip
+        plan = RoundPlan(
+            round=1,
+            strategy=strategy,
+            epochs=cfg["epochs"],
+            batch_size=args.batch_size,
+            lr=args.lr,
+            momentum=args.momentum,
+            bits=bits,
+            seed=seed,
+        )
         started = time.perf_counter()
         update, _ = train_local(spec, initial, train, plan, client=0)
         return update.state, time.perf_counter() - started
 
-    base = common | {"dataset": dataset_name, "model": spec.key, "seed": seed, "epochs": cfg["epochs"],
-                     "train_samples": len(train), "test_samples": len(dataset.test)}  # fmt: skip
+    base = common | {
+        "dataset": dataset_name,
+        "model": spec.key,
+        "seed": seed,
+        "epochs": cfg["epochs"],
+        "train_samples": len(train),
+        "test_samples": len(dataset.test),
+    }
 
     def row(strategy: str, bits: int | None, measure) -> dict:
         try:
             accuracy, deployed, seconds = measure()
         except ValueError as error:  # training diverged: NaN / Inf weights or activations
-            return base | {"strategy": strategy, "bits": bits, "accuracy": None, "deployed_accuracy": None,
-                           "train_s": None, "error": str(error)}  # fmt: skip
-        return base | {"strategy": strategy, "bits": bits, "accuracy": accuracy, "deployed_accuracy": deployed,
-                       "train_s": seconds}  # fmt: skip
+            return base | {
+                "strategy": strategy,
+                "bits": bits,
+                "accuracy": None,
+                "deployed_accuracy": None,
+                "train_s": None,
+                "error": str(error),
+            }
+        return base | {
+            "strategy": strategy,
+            "bits": bits,
+            "accuracy": accuracy,
+            "deployed_accuracy": deployed,
+            "train_s": seconds,
+        }
 
     trained = {}
 
@@ -134,7 +159,7 @@ def run_seed(args, dataset_name: str, seed: int, common: dict) -> list[dict]:
 
     rows = [row("fp32", None, float_model)]
     for bits in args.bits:
-        rows += [row("ptq", bits, lambda: ptq(bits)), row("qat", bits, lambda: qat(bits))]
+        rows += [row("ptq", bits, lambda b=bits: ptq(b)), row("qat", bits, lambda b=bits: qat(b))]
     return rows
 
 
@@ -145,21 +170,32 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[str]]:
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         fp32 = [r for r in rows if r["dataset"] == dataset and r["strategy"] == "fp32"]
         m, ci = _mean_half(mean_ci(_percent(fp32, "accuracy")))
-        lines.append(f"{dataset} ({fp32[0]['epochs']} epochs, {fp32[0]['train_samples']} train, n={len(fp32)} seeds): "
-                     f"float model {m:.2f} +- {ci:.2f}%{_diverged(fp32)}")  # fmt: skip
+        lines.append(
+            f"{dataset} ({fp32[0]['epochs']} epochs, {fp32[0]['train_samples']} train, n={len(fp32)} seeds): "
+            f"float model {m:.2f} +- {ci:.2f}%{_diverged(fp32)}"
+        )
         for bits in dict.fromkeys(r["bits"] for r in rows if r["bits"] is not None):
-            by = {s: sorted((r for r in rows if r["dataset"] == dataset and r["bits"] == bits and r["strategy"] == s),
-                            key=lambda r: r["seed"]) for s in ("ptq", "qat")}  # fmt: skip
+            by = {
+                s: sorted(
+                    (r for r in rows if r["dataset"] == dataset and r["bits"] == bits and r["strategy"] == s),
+                    key=lambda r: r["seed"],
+                )
+                for s in ("ptq", "qat")
+            }
             row = {"bench": "qat_recipe", "summary": True, "dataset": dataset, "bits": bits, "n": len(by["qat"])}
             for s, runs in by.items():
                 for key in ("accuracy", "deployed_accuracy"):
                     row[f"{s}_{key}"], row[f"{s}_{key}_ci95"] = _mean_half(mean_ci(_percent(runs, key)))
                 row[f"{s}_diverged"] = sum(r["deployed_accuracy"] is None for r in runs)
-                lines.append(f"  {bits}-bit {s.upper()}: float activations {row[f'{s}_accuracy']:6.2f} +- "
-                             f"{row[f'{s}_accuracy_ci95']:.2f}%   deployed {row[f'{s}_deployed_accuracy']:6.2f} +- "
-                             f"{row[f'{s}_deployed_accuracy_ci95']:.2f}%{_diverged(runs)}")  # fmt: skip
-            deployed = {s: [None if r["deployed_accuracy"] is None else 100 * r["deployed_accuracy"] for r in runs]
-                        for s, runs in by.items()}  # fmt: skip
+                lines.append(
+                    f"  {bits}-bit {s.upper()}: float activations {row[f'{s}_accuracy']:6.2f} +- "
+                    f"{row[f'{s}_accuracy_ci95']:.2f}%   deployed {row[f'{s}_deployed_accuracy']:6.2f} +- "
+                    f"{row[f'{s}_deployed_accuracy_ci95']:.2f}%{_diverged(runs)}"
+                )
+            deployed = {
+                s: [None if r["deployed_accuracy"] is None else 100 * r["deployed_accuracy"] for r in runs]
+                for s, runs in by.items()
+            }
             paired = paired_differences(deployed["qat"], deployed["ptq"])  # both sorted by seed
             row["qat_minus_ptq"], row["qat_minus_ptq_ci95"] = _mean_half(paired)
             row["goal_at_least_ptq"] = bool(row["qat_minus_ptq"] >= 0)  # nan (nothing paired): not met
@@ -168,8 +204,10 @@ def summarize(rows: list[dict]) -> tuple[list[dict], list[str]]:
                 low = row["qat_minus_ptq"] - row["qat_minus_ptq_ci95"]
                 row["goal_clearly_above"] = bool(low > 0)  # nan (one seed) is not evidence
                 verdict += f"; clearly above (interval > 0) -> {'MET' if row['goal_clearly_above'] else 'NOT MET'}"
-            lines.append(f"  {bits}-bit QAT - PTQ deployed (paired): {row['qat_minus_ptq']:+.2f} +- "
-                         f"{row['qat_minus_ptq_ci95']:.2f} pts: {verdict}")  # fmt: skip
+            lines.append(
+                f"  {bits}-bit QAT - PTQ deployed (paired): {row['qat_minus_ptq']:+.2f} +- "
+                f"{row['qat_minus_ptq_ci95']:.2f} pts: {verdict}"
+            )
             out.append(row)
     return out, lines
 
@@ -192,12 +230,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     qat = QATConfig()
-    common = {"bench": "qat_recipe", "lr": args.lr, "momentum": args.momentum, "batch_size": args.batch_size,
-              "observer": qat.observer, "averaging_constant": qat.averaging_constant, "threads": args.threads,
-              "machine": platform.node(), "torch": torch.__version__,
-              "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-    print(f"QAT recipe: observer {qat.observer}, averaging constant {qat.averaging_constant}; "
-          f"lr {args.lr}, momentum {args.momentum}, batch {args.batch_size}, seeds 0..{args.seeds - 1}", flush=True)
+    common = {
+        "bench": "qat_recipe",
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "batch_size": args.batch_size,
+        "observer": qat.observer,
+        "averaging_constant": qat.averaging_constant,
+        "threads": args.threads,
+        "machine": platform.node(),
+        "torch": torch.__version__,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(
+        f"QAT recipe: observer {qat.observer}, averaging constant {qat.averaging_constant}; "
+        f"lr {args.lr}, momentum {args.momentum}, batch {args.batch_size}, seeds 0..{args.seeds - 1}",
+        flush=True,
+    )
     rows = []
     for dataset in args.datasets:
         for seed in range(args.seeds):
@@ -207,8 +256,11 @@ def main(argv=None) -> int:
                 print(f"{dataset}: skipped, {error}")
                 break
             rows.extend(new)
-            done = ", ".join(f"{r['strategy']}{r['bits'] or ''} " + (f"{100 * r['deployed_accuracy']:.1f}%"
-                             if r["deployed_accuracy"] is not None else "diverged") for r in new)  # fmt: skip
+            done = ", ".join(
+                f"{r['strategy']}{r['bits'] or ''} "
+                + (f"{100 * r['deployed_accuracy']:.1f}%" if r["deployed_accuracy"] is not None else "diverged")
+                for r in new
+            )
             print(f"  {dataset} seed {seed}: deployed {done}", flush=True)
     summary, lines = summarize(rows) if rows else ([], ["nothing ran"])
     print("\n".join(lines))

@@ -44,7 +44,11 @@ def torch_ao_qat(model: torch.nn.Module) -> torch.nn.Module:
     return prepare_qat(model, inplace=True)
 
 
-VARIANTS = {"fp32": lambda m: m, "fedhq-qat": lambda m: fedhq_prepare_qat(m, inplace=True), "torch.ao-qat": torch_ao_qat}
+VARIANTS = {
+    "fp32": lambda m: m,
+    "fedhq-qat": lambda m: fedhq_prepare_qat(m, inplace=True),
+    "torch.ao-qat": torch_ao_qat,
+}
 
 
 def timed_rounds(steps: dict, batches: list, device: torch.device, repeats: int, warmup: int) -> dict[str, list[float]]:
@@ -57,10 +61,15 @@ def timed_rounds(steps: dict, batches: list, device: torch.device, repeats: int,
     names = list(steps)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         k = r % len(batches)
-        timings = measure_interleaved({name: steps[name] for name in order}, device=device, repeats=1,
-                                      warmup=warmup if r == 0 else 0, inputs=batches[k:] + batches[:k])  # fmt: skip
+        timings = measure_interleaved(
+            {name: steps[name] for name in order},
+            device=device,
+            repeats=1,
+            warmup=warmup if r == 0 else 0,
+            inputs=batches[k:] + batches[:k],
+        )
         for name, timing in timings.items():
             samples[name].append(timing.median_s)
     return samples
@@ -79,30 +88,47 @@ def run(args) -> list[dict]:
         steps[name] = make_step(model, optimizer)
     gen = torch.Generator().manual_seed(1)
     batches = [
-        (randn_nonzero((args.batch, *spec.input_shape), generator=gen).to(device),
-         torch.randint(0, spec.num_classes, (args.batch,), generator=gen).to(device))
+        (
+            randn_nonzero((args.batch, *spec.input_shape), generator=gen).to(device),
+            torch.randint(0, spec.num_classes, (args.batch,), generator=gen).to(device),
+        )
         for _ in range(ROTATING_BATCHES)
-    ]  # fmt: skip
+    ]
     load_before = _load_average()
     samples = timed_rounds(steps, batches, device, args.repeats, args.warmup)
     timings = {name: Timing.from_samples(s) for name, s in samples.items()}
     fp32 = timings["fp32"].median_s
     context = {
-        "model": spec.key, "params": count_parameters(spec.build()), "batch": args.batch, "device": device.type,
+        "model": spec.key,
+        "params": count_parameters(spec.build()),
+        "batch": args.batch,
+        "device": device.type,
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "fedhq_backends": fk.backends(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fedhq_backends": fk.backends(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_average_1m": [load_before, _load_average()] if device.type == "cpu" else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
-        if device.type == "cuda" else None,
-    }  # fmt: skip
+        if device.type == "cuda"
+        else None,
+    }
     rows = []
     for name, t in timings.items():
         paired = Timing.from_samples([a / b for a, b in zip(samples[name], samples["fp32"])])
-        row = {"variant": name, "median_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3,
-               "repeats": t.repeats, "ratio_to_fp32": t.median_s / fp32, "paired_ratio_median": paired.median_s,
-               "paired_ratio_p10": paired.p10_s, "paired_ratio_p90": paired.p90_s, **context}  # fmt: skip
+        row = {
+            "variant": name,
+            "median_ms": t.median_s * 1e3,
+            "p10_ms": t.p10_s * 1e3,
+            "p90_ms": t.p90_s * 1e3,
+            "repeats": t.repeats,
+            "ratio_to_fp32": t.median_s / fp32,
+            "paired_ratio_median": paired.median_s,
+            "paired_ratio_p10": paired.p10_s,
+            "paired_ratio_p90": paired.p90_s,
+            **context,
+        }
         if name == "fedhq-qat":
             row["goal"] = f"<= {GOAL_RATIO}x fp32"
             row["goal_figure"] = "paired_ratio_median"
@@ -129,21 +155,30 @@ def _cpu_name() -> str:
 
 def print_table(rows: list[dict]) -> None:
     r = rows[0]
-    print(f"\nOne training step of {r['model']} ({r['params'] / 1e6:.2f}M params), batch {r['batch']}, "
-          f"on {r['machine']} ({r['device']}, {r['threads']} threads), torch {r['torch']}")  # fmt: skip
+    print(
+        f"\nOne training step of {r['model']} ({r['params'] / 1e6:.2f}M params), batch {r['batch']}, "
+        f"on {r['machine']} ({r['device']}, {r['threads']} threads), torch {r['torch']}"
+    )
     print("| variant | median ms | p10-p90 ms | / fp32 (medians) | / fp32 paired: median [p10-p90] |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | {r['ratio_to_fp32']:.2f}x | "
-              f"{r['paired_ratio_median']:.2f}x [{r['paired_ratio_p10']:.2f}-{r['paired_ratio_p90']:.2f}] |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | "
+            f"{r['ratio_to_fp32']:.2f}x | {r['paired_ratio_median']:.2f}x "
+            f"[{r['paired_ratio_p10']:.2f}-{r['paired_ratio_p90']:.2f}] |"
+        )
     ours = next(r for r in rows if r["variant"] == "fedhq-qat")
     load = rows[0]["load_average_1m"]
     if load and None not in load and max(load) > (os.cpu_count() or 1) + 0.5:  # more runnable threads than cores
-        print(f"\nThe machine was busy (1-minute load average {load[0]:.1f} before, {load[1]:.1f} after, on "
-              f"{os.cpu_count()} cores): trust the paired ratios, not the medians")  # fmt: skip
-    print(f"\nGoal: fedhq-qat {ours['goal']} (paired ratio): {ours['paired_ratio_median']:.2f}x -> "
-          f"{'MET' if ours['goal_met'] else 'NOT MET'}; "
-          f"{ours['speedup_vs_torch_ao']:.2f}x faster than torch.ao's QAT step")  # fmt: skip
+        print(
+            f"\nThe machine was busy (1-minute load average {load[0]:.1f} before, {load[1]:.1f} after, on "
+            f"{os.cpu_count()} cores): trust the paired ratios, not the medians"
+        )
+    print(
+        f"\nGoal: fedhq-qat {ours['goal']} (paired ratio): {ours['paired_ratio_median']:.2f}x -> "
+        f"{'MET' if ours['goal_met'] else 'NOT MET'}; "
+        f"{ours['speedup_vs_torch_ao']:.2f}x faster than torch.ao's QAT step"
+    )
 
 
 def parse_args(argv=None):

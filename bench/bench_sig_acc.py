@@ -51,10 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
     p.add_argument("--epochs", type=int, default=2, help="local epochs from the common start")
-    p.add_argument("--warmup-epochs", type=int, default=0,
-                   help="float epochs on the whole training set before the common start (0: the initial model)")
-    p.add_argument("--repeats", type=int, default=3, 
-                   help="trainings per client and strategy (shuffling seeds), averaged")
+    p.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        help="float epochs on the whole training set before the common start (0: the initial model)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="trainings per client and strategy (shuffling seeds), averaged"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
@@ -98,23 +103,45 @@ def client_rows(name: str, seed: int, args) -> list[dict]:
     torch.manual_seed(seed)
     start = spec.build().state_dict()
     if args.warmup_epochs:  # a global model partway through training, instead of round 1's
-        plan = RoundPlan(round=0, strategy="fp32", epochs=args.warmup_epochs, batch_size=args.batch_size, lr=args.lr,
-                         momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
+        plan = RoundPlan(
+            round=0,
+            strategy="fp32",
+            epochs=args.warmup_epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            momentum=args.momentum,
+            bits=args.bits,
+            seed=seed,
+        )
         start = train_local(spec, start, data.train, plan, client=-1)[0].state
     calibration_x = calibration_split(data.train, streams.generator(seed, "calibration"))  # the same for every upload
     rows = []
     for cid, indices in enumerate(parts):
         local = data.train.subset(indices)
         x, y = local.x.numpy(), local.y.numpy()
-        row = {"dataset": name, "seed": seed, "client": cid, "samples": len(local),
-               "classes": int(np.unique(y).size), "sig": {}}  # fmt: skip
+        row = {
+            "dataset": name,
+            "seed": seed,
+            "client": cid,
+            "samples": len(local),
+            "classes": int(np.unique(y).size),
+            "sig": {},
+        }
         for stat in STATISTICS:
             row["sig"][stat] = client_significance(x, y, statistic=stat)
         runs = {(m, st): [] for m in METRICS for st in ("ptq", "qat")}
         for strategy in ("ptq", "qat"):
             for repeat in range(args.repeats):  # PTQ and QAT see the same shuffling in each repeat
-                plan = RoundPlan(round=1 + repeat, strategy=strategy, epochs=args.epochs, batch_size=args.batch_size,
-                                 lr=args.lr, momentum=args.momentum, bits=args.bits, seed=seed)  # fmt: skip
+                plan = RoundPlan(
+                    round=1 + repeat,
+                    strategy=strategy,
+                    epochs=args.epochs,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    momentum=args.momentum,
+                    bits=args.bits,
+                    seed=seed,
+                )
                 update, _ = train_local(spec, start, local, plan, cid)
                 runs["weights", strategy].append(evaluate(spec, fk.dequantize_state_dict(update.state), test)[0])
                 deployed = evaluate_deployed(spec.build(), update.state, calibration_x, test, bits=args.bits)
@@ -136,6 +163,7 @@ def two_class_check(name: str, args, per_class: int = PER_CLASS) -> list[dict]:
     pools = [np.flatnonzero(y == c) for c in range(k)]
     balanced = np.concatenate([rng.choice(p, per_class, replace=False) for p in pools])
     half = per_class * k // 2
+
     def draw(c: int) -> np.ndarray:
         return rng.choice(pools[c], half, replace=False)
 
@@ -146,8 +174,16 @@ def two_class_check(name: str, args, per_class: int = PER_CLASS) -> list[dict]:
         scores = [(client_significance(x[i], y[i], statistic=stat), a, b) for a, b, i in pairs]
         top, a, b = max(scores)
         above = sum(sc > ref for sc, _, _ in scores)
-        rows.append({"statistic": stat, "balanced": ref, "top_two_class": top, "top_classes": [int(a), int(b)],
-                     "pairs_above": above, "pairs": len(pairs)})  # fmt: skip
+        rows.append(
+            {
+                "statistic": stat,
+                "balanced": ref,
+                "top_two_class": top,
+                "top_classes": [int(a), int(b)],
+                "pairs_above": above,
+                "pairs": len(pairs),
+            }
+        )
     return rows
 
 
@@ -181,9 +217,18 @@ def summarize(rows: list[dict], seeds: list[int], metric: str) -> list[dict]:
         rho, spread = mean_ci(_finite(rhos)), mean_ci(_finite(spread_rhos))
         mean, half, n = _nan(rho["mean"]), _nan(rho["half_width"]), rho["n"]
         spread_mean, spread_half = _nan(spread["mean"]), _nan(spread["half_width"])
-        summary.append({"statistic": stat, "rho_mean": mean, "rho_ci95": half, "seeds_used": n, "rho_per_seed": rhos,
-                        "ci_below_zero": bool(math.isfinite(half) and mean + half < 0),
-                        "size_free_rho_mean": spread_mean, "size_free_rho_ci95": spread_half})  # fmt: skip
+        summary.append(
+            {
+                "statistic": stat,
+                "rho_mean": mean,
+                "rho_ci95": half,
+                "seeds_used": n,
+                "rho_per_seed": rhos,
+                "ci_below_zero": bool(math.isfinite(half) and mean + half < 0),
+                "size_free_rho_mean": spread_mean,
+                "size_free_rho_ci95": spread_half,
+            }
+        )
     return summary
 
 
@@ -191,15 +236,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
-    out = {"args": vars(args), "machine": platform.node(), "torch": torch.__version__,
-           "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "datasets": {}}  # fmt: skip
+    out = {
+        "args": vars(args),
+        "machine": platform.node(),
+        "torch": torch.__version__,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "datasets": {},
+    }
     print(f"# python {' '.join(sys.argv)}")
     for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         started = time.perf_counter()
         rows = [r for s in seeds for r in client_rows(name, s, args)]
-        print(f"\n## {name}: {args.seeds} seeds x {args.clients} clients, Dirichlet {args.alpha}, "
-              f"{args.epochs} epochs, "
-              f"INT{args.bits} ({time.perf_counter() - started:.0f} s)")  # fmt: skip
+        print(
+            f"\n## {name}: {args.seeds} seeds x {args.clients} clients, Dirichlet {args.alpha}, "
+            f"{args.epochs} epochs, "
+            f"INT{args.bits} ({time.perf_counter() - started:.0f} s)"
+        )
         out["datasets"][name] = {"clients": rows, "summary": {}, "ptq_loss": {}}
         for metric in METRICS:
             summary = out["datasets"][name]["summary"][metric] = summarize(rows, seeds, metric)
@@ -208,31 +260,43 @@ def main(argv=None) -> int:
             loss_mean, loss_half = _nan(loss_ci["mean"]), _nan(loss_ci["half_width"])
             out["datasets"][name]["ptq_loss"][metric] = {"mean": loss_mean, "ci95": loss_half}
             print(f"\n### {metric} accuracy\n")
-            print(f"PTQ loss acc(QAT) - acc(PTQ) over clients: mean {100 * loss_mean:+.2f} +/- "
-                  f"{100 * loss_half:.2f} pp, range {100 * min(loss):+.2f} .. {100 * max(loss):+.2f} pp, "
-                  f"sd {100 * np.std(loss, ddof=1):.2f} pp")  # fmt: skip
+            print(
+                f"PTQ loss acc(QAT) - acc(PTQ) over clients: mean {100 * loss_mean:+.2f} +/- "
+                f"{100 * loss_half:.2f} pp, range {100 * min(loss):+.2f} .. {100 * max(loss):+.2f} pp, "
+                f"sd {100 * np.std(loss, ddof=1):.2f} pp"
+            )
             if args.repeats > 1:  # how much of that spread is the training's own noise
                 within = math.sqrt(np.mean([np.var(r["ptq_loss_runs"][metric], ddof=1) for r in rows]) / args.repeats)
-                print(f"noise of one client's loss (sd over its {args.repeats} repeats / sqrt({args.repeats})): "
-                      f"{100 * within:.2f} pp")  # fmt: skip
-            print("\n| statistic | rho(Sig_acc, PTQ loss): mean +/- 95% CI | per seed | CI below 0 | "
-                  "rho(Sig_acc / V^(1-a), PTQ loss) |")  # fmt: skip
+                print(
+                    f"noise of one client's loss (sd over its {args.repeats} repeats / sqrt({args.repeats})): "
+                    f"{100 * within:.2f} pp"
+                )
+            print(
+                "\n| statistic | rho(Sig_acc, PTQ loss): mean +/- 95% CI | per seed | CI below 0 | "
+                "rho(Sig_acc / V^(1-a), PTQ loss) |"
+            )
             print("| --- | --- | --- | --- | --- |")
             for s in summary:
                 label = s["statistic"] + (" (default)" if s["statistic"] == DEFAULT_STATISTIC else "")
                 per_seed = " ".join(f"{r:+.2f}" for r in s["rho_per_seed"])
                 size_free = f"{s['size_free_rho_mean']:+.3f} +/- {s['size_free_rho_ci95']:.3f}"
                 size_free = "" if s["statistic"] == SIZE else size_free
-                print(f"| {label} | {s['rho_mean']:+.3f} +/- {s['rho_ci95']:.3f} (n={s['seeds_used']}) | {per_seed} | "
-                      f"{'yes' if s['ci_below_zero'] else 'no'} | {size_free} |")  # fmt: skip
+                print(
+                    f"| {label} | {s['rho_mean']:+.3f} +/- {s['rho_ci95']:.3f} (n={s['seeds_used']}) | {per_seed} | "
+                    f"{'yes' if s['ci_below_zero'] else 'no'} | {size_free} |"
+                )
         check = two_class_check(name, args)
-        print(f"\nRequirement 2 on {name}'s images: a balanced client ({PER_CLASS} per class) against the "
-              "two-class clients of its size")  # fmt: skip
+        print(
+            f"\nRequirement 2 on {name}'s images: a balanced client ({PER_CLASS} per class) against the "
+            "two-class clients of its size"
+        )
         print("\n| statistic | balanced | highest two-class (classes) | two-class clients above balanced |")
         print("| --- | --- | --- | --- |")
         for c in check:
-            print(f"| {c['statistic']} | {c['balanced']:.2f} | {c['top_two_class']:.2f} {tuple(c['top_classes'])} | "
-                  f"{c['pairs_above']} of {c['pairs']} |")  # fmt: skip
+            print(
+                f"| {c['statistic']} | {c['balanced']:.2f} | {c['top_two_class']:.2f} {tuple(c['top_classes'])} | "
+                f"{c['pairs_above']} of {c['pairs']} |"
+            )
         out["datasets"][name]["two_class_check"] = check
     if args.json:
         with open(args.json, "w") as f:

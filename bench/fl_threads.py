@@ -67,12 +67,19 @@ def main() -> None:
     p.add_argument("--reference-profile", default="docs/results/default-comparison/profile-reference.json")
     args = p.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
-    base = RunConfig(strategy=args.strategy, bits=args.bits, seed=args.seed, rounds=args.rounds,
-                     reference_profile=args.reference_profile).validated()  # fmt: skip
+    base = RunConfig(
+        strategy=args.strategy,
+        bits=args.bits,
+        seed=args.seed,
+        rounds=args.rounds,
+        reference_profile=args.reference_profile,
+    ).validated()
     runs = [trajectory(base, nudge=False), trajectory(base, nudge=args.nudge)]
     torch.backends.mkldnn.enabled = not args.no_mkldnn
-    print(f"{args.strategy}, {args.bits} bits, seed {args.seed}, threads {threads}, nudge {args.nudge}, "
-          f"mkldnn {torch.backends.mkldnn.enabled}")
+    print(
+        f"{args.strategy}, {args.bits} bits, seed {args.seed}, threads {threads}, nudge {args.nudge}, "
+        f"mkldnn {torch.backends.mkldnn.enabled}"
+    )
     print("round  acc A %  acc B %  rel L2 dist  max |diff|  wall A s  wall B s")
     for r in range(1, args.rounds + 1):
         accs, walls = [], []
@@ -83,8 +90,11 @@ def main() -> None:
             walls.append(time.perf_counter() - started)
             accs.append(evaluate(ctx.spec, ctx.server.global_weights(), dataset.test)[0])
         rel, top = distance(runs[0][0].server.global_weights(), runs[1][0].server.global_weights())
-        print(f"{r:5d}  {100 * accs[0]:7.2f}  {100 * accs[1]:7.2f}  {rel:11.3g}  {top:10.3g}  "
-              f"{walls[0]:8.2f}  {walls[1]:8.2f}", flush=True)  # fmt: skip
+        print(
+            f"{r:5d}  {100 * accs[0]:7.2f}  {100 * accs[1]:7.2f}  {rel:11.3g}  {top:10.3g}  "
+            f"{walls[0]:8.2f}  {walls[1]:8.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

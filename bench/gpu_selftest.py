@@ -55,8 +55,10 @@ def pytest_configure(config):
 
     module = dispatch._module(name)
     if module is None or "cuda" not in module.DEVICES or not torch.cuda.is_available():
-        raise pytest.UsageError(f"{_ENV}={name}: that backend cannot run on a GPU here: "
-                                f"{dispatch.unavailable_backends().get(name, 'no CUDA device')}")
+        raise pytest.UsageError(
+            f"{_ENV}={name}: that backend cannot run on a GPU here: "
+            f"{dispatch.unavailable_backends().get(name, 'no CUDA device')}"
+        )
     on_device = dispatch.kernel
 
     def kernel(op, device):
@@ -94,10 +96,12 @@ def pytest_collection_modifyitems(config, items):
                 dropped.append(item)
                 continue
         if item.originalname == "test_bad_arguments" and _bad_tensor_qparams(params.get("kwargs")):
-            item.add_marker(pytest.mark.xfail(
-                reason="given-parameter fake_quant does not read CUDA scales / zero points back (no host sync)",
-                strict=False,
-            ))
+            item.add_marker(
+                pytest.mark.xfail(
+                    reason="given-parameter fake_quant does not read CUDA scales / zero points back (no host sync)",
+                    strict=False,
+                )
+            )
         kept.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
@@ -109,11 +113,15 @@ def _bad_tensor_qparams(kwargs) -> bool:
     if not isinstance(kwargs, dict):
         return False
     scale, zero_point = kwargs.get("scale"), kwargs.get("zero_point")
-    bad_scale = isinstance(scale, torch.Tensor) and scale.is_floating_point() and not bool(
-        (torch.isfinite(scale) & (scale > 0)).all()
+    bad_scale = (
+        isinstance(scale, torch.Tensor)
+        and scale.is_floating_point()
+        and not bool((torch.isfinite(scale) & (scale > 0)).all())
     )
-    bad_zero_point = isinstance(zero_point, torch.Tensor) and not zero_point.is_floating_point() and bool(
-        ((zero_point < -128) | (zero_point > 127)).any()
+    bad_zero_point = (
+        isinstance(zero_point, torch.Tensor)
+        and not zero_point.is_floating_point()
+        and bool(((zero_point < -128) | (zero_point > 127)).any())
     )
     return bad_scale or bad_zero_point
 
@@ -130,6 +138,7 @@ def _run(command: list[str], env: dict[str, str], capture: bool, cwd: Path | Non
     try:
         result = subprocess.run(command, env=env, cwd=cwd, capture_output=capture, text=True, timeout=_step_timeout())
     except subprocess.TimeoutExpired as expired:
+
         def text(out):
             return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
 
@@ -163,9 +172,18 @@ def _pytest(args: list[str], env: dict[str, str], rerouted_to: str | None = None
 BENCHMARKS = (
     ("bench_kernels.py", "--device", "cuda"),
     ("bench_qat_step.py", "--device", "cuda"),
-    ("bench_qat_step.py", "--device", "cuda", "--model", "small_cnn@8x8x1:10", "--batch", "16",
-     "--json", "bench/results/qat-step-cuda-small_cnn.json"),
-)  # fmt: skip
+    (
+        "bench_qat_step.py",
+        "--device",
+        "cuda",
+        "--model",
+        "small_cnn@8x8x1:10",
+        "--batch",
+        "16",
+        "--json",
+        "bench/results/qat-step-cuda-small_cnn.json",
+    ),
+)
 
 
 def _benchmarks(bench: Path, env: dict[str, str]) -> list[tuple]:
@@ -188,11 +206,14 @@ def _build(root: Path) -> int:
     major, minor = torch.cuda.get_device_capability()
     env = {**os.environ, "FEDHQ_BUILD_CUDA": "1"}
     env.setdefault("FEDHQ_CUDA_ARCHS", f"{major}.{minor}")
-    print(f"\n$ FEDHQ_BUILD_CUDA=1 FEDHQ_CUDA_ARCHS={env['FEDHQ_CUDA_ARCHS']} python setup.py build_ext --inplace",
-          flush=True)  # fmt: skip
+    print(
+        f"\n$ FEDHQ_BUILD_CUDA=1 FEDHQ_CUDA_ARCHS={env['FEDHQ_CUDA_ARCHS']} python setup.py build_ext --inplace",
+        flush=True,
+    )
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=root, env=env, capture_output=True, text=True
+    )
     log = result.stdout + result.stderr
     fedhq_lines = [line for line in log.splitlines() if line.startswith("fedhq:")]
     sys.stdout.write(log[-8000:] if result.returncode else "\n".join(fedhq_lines) + "\n")
@@ -233,7 +254,8 @@ def main(argv: list[str]) -> int:
     print(f"GPU: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
     available = [b for b in GPU_BACKENDS if b in dispatch.backends()]
     for name in GPU_BACKENDS:
-        print(f"  {name:7s} {'available' if name in available else 'unavailable: ' + dispatch.unavailable_backends()[name]}")
+        state = "available" if name in available else "unavailable: " + dispatch.unavailable_backends()[name]
+        print(f"  {name:7s} {state}")
 
     # one seed for every step, so that a failure can be repeated (tests/conftest.py)
     os.environ.setdefault("FEDHQ_TEST_SEED", str(int.from_bytes(os.urandom(4), "little")))

@@ -100,9 +100,11 @@ def _add_profile(subparsers) -> None:
     )
     add_arguments(parser)
     parser.add_argument(
-        "--no-validate", dest="validate", action="store_false",
+        "--no-validate",
+        dest="validate",
+        action="store_false",
         help="skip the predicted-vs-measured training run (CPU profiles only)",
-    )  # fmt: skip
+    )
     parser.set_defaults(handler=_profile)
 
 
@@ -110,8 +112,12 @@ def _add_profile(subparsers) -> None:
 
 # flag -> (RunConfig field, type, help); lists are comma-separated
 _RUN_SETTINGS = {
-    "--dataset": ("dataset", str, "digits (bundled, default), cifar10, cifar100, svhn (read from --data-root), "
-                  "fashion-mnist, mnist (IDX files; default root /usr/share/datasets/NAME), synthetic"),
+    "--dataset": (
+        "dataset",
+        str,
+        "digits (bundled, default), cifar10, cifar100, svhn (read from --data-root), "
+        "fashion-mnist, mnist (IDX files; default root /usr/share/datasets/NAME), synthetic",
+    ),
     "--data-root": ("data_root", str, "directory holding the dataset's files (nothing is downloaded)"),
     "--max-train": ("max_train", int, "keep a seeded stratified subset of this many training images"),
     "--max-test": ("max_test", int, "evaluate on a seeded stratified subset of this many test images"),
@@ -130,18 +136,33 @@ _RUN_SETTINGS = {
     "--betas": ("betas", "list:float", "per-client compute fraction beta in (0, 1]; default drawn from the seed"),
     "--xi": ("xi", float, "Theta's weight of speed significance (Eq. 6, default 0.2)"),
     "--area-threshold": ("area_threshold", float, "triangle area below which a client is PTQ (default 0.0625)"),
-    "--speed-orientation": ("speed_orientation", str, "read Sig_speed as 'speed' (default, measured better) or 'time' (Eq. 2 as printed)"),
-    "--acc-statistic": ("acc_statistic", str, "per-sample statistic of Sig_acc (default label_surprisal; "
-                        "docs/accuracy-significance.md compares the others)"),
+    "--speed-orientation": (
+        "speed_orientation",
+        str,
+        "read Sig_speed as 'speed' (default, measured better) or 'time' (Eq. 2 as printed)",
+    ),
+    "--acc-statistic": (
+        "acc_statistic",
+        str,
+        "per-sample statistic of Sig_acc (default label_surprisal; docs/accuracy-significance.md compares the others)",
+    ),
     "--bits": ("bits", int, "bits of the uploaded weights, 2..8 (default 8)"),
     "--seed": ("seed", int, "seed of the partition, clients, initialization and shuffling (default 0)"),
-    "--output": ("output_dir", str, "output directory (default results/run for run, results/compare for compare); "
-                 "one that holds results is refused without --resume or --overwrite"),
+    "--output": (
+        "output_dir",
+        str,
+        "output directory (default results/run for run, results/compare for compare); "
+        "one that holds results is refused without --resume or --overwrite",
+    ),
     "--reference-profile": ("reference_profile", str, "measured profile of this machine to reuse (else measured)"),
     "--uplink-mbps": ("uplink_mbps", float, "uplink of devices whose profile has none (default 20)"),
     "--client-timeout": ("client_timeout_s", float, "seconds after which a client's update is dropped"),
-    "--max-weight-growth": ("max_weight_growth", float, "reject an update holding a weight above this many times the "
-                            "global model's largest in that tensor, or 1.0 (default 100; null in a config file: no bound)"),
+    "--max-weight-growth": (
+        "max_weight_growth",
+        float,
+        "reject an update holding a weight above this many times the "
+        "global model's largest in that tensor, or 1.0 (default 100; null in a config file: no bound)",
+    ),
     "--threads": ("threads", int, "torch threads (default 2)"),
     "--topology": ("topology", str, "hierarchical system: 'hierarchical:AxL' or a JSON file of parents (default flat)"),
     "--adjust-after": ("adjust_after", int, "rounds observed before the adjustment (default 2)"),
@@ -168,11 +189,16 @@ def _add_run_settings(parser) -> None:
             parser.add_argument(flag, dest=dest, type=lambda t, k=kind: _parse_list(k, t), help=help_text)
         else:
             parser.add_argument(flag, dest=dest, type=kind, help=help_text)
-    parser.add_argument("--adjust", action="store_true", default=None,
-                        help="FedHQ's fine-grained adjustment after --adjust-after rounds (strategy fedhq)")  # fmt: skip
+    parser.add_argument(
+        "--adjust",
+        action="store_true",
+        default=None,
+        help="FedHQ's fine-grained adjustment after --adjust-after rounds (strategy fedhq)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the output directory's checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results an earlier command left in the output directory")  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the results an earlier command left in the output directory"
+    )
 
 
 def _run_config(args, **fixed):
@@ -193,8 +219,9 @@ def _run(args) -> int:
 
     fixed = {"strategy": args.strategy} if args.strategy else {}
     config = _run_config(args, **fixed)
-    claim_output(config.output_dir, (engine.RESULTS_FILE, engine.CHECKPOINT_FILE), resume=args.resume,
-                 overwrite=args.overwrite)  # fmt: skip
+    claim_output(
+        config.output_dir, (engine.RESULTS_FILE, engine.CHECKPOINT_FILE), resume=args.resume, overwrite=args.overwrite
+    )
     if args.engine == "flower":
         results = _flower_run(config, args.resume)
     else:
@@ -207,8 +234,10 @@ def _run(args) -> int:
 
 def _flower_run(config, resume: bool) -> dict:
     if resume:
-        raise ValueError("--resume: the Flower engine cannot resume (its nodes keep their QAT observers); "
-                         "resume runs on the embedded engine")
+        raise ValueError(
+            "--resume: the Flower engine cannot resume (its nodes keep their QAT observers); "
+            "resume runs on the embedded engine"
+        )
     try:
         from fedhq.flower import simulation
     except ImportError as error:
@@ -241,8 +270,10 @@ def _compare(args) -> int:
     paths = report.write_report(comparison, out)
     top = [p.name for p in paths if p.parent == out]
     per_seed = "; each seed's table and plots in its seed<S>/ folder" if len(comparison["seeds"]) > 1 else ""
-    print(f"wrote {out}/: {', '.join([COMPARISON_FILE, *top])}{per_seed}; every run's files in seed<S>/<strategy>/ "
-          f"(results.json, checkpoint.pt, {report.ROUNDS_CSV})")  # fmt: skip
+    print(
+        f"wrote {out}/: {', '.join([COMPARISON_FILE, *top])}{per_seed}; every run's files in seed<S>/<strategy>/ "
+        f"(results.json, checkpoint.pt, {report.ROUNDS_CSV})"
+    )
     return 0
 
 
@@ -254,32 +285,44 @@ def _strategies():
 
 def _add_run(subparsers) -> None:
     parser = subparsers.add_parser(
-        "run", help="run federated training with one strategy",
+        "run",
+        help="run federated training with one strategy",
         description="Federated training where each client is PTQ or QAT (strategy fedhq: chosen by FedHQ's "
         "analysis; fedaqt: all QAT; fedfq: all PTQ; fedrh: random; fp32: no quantization). Writes "
         "results.json, a checkpoint after every round, and plots to the output directory.",
-    )  # fmt: skip
+    )
     parser.add_argument("--strategy", help="fedhq (default), fedaqt, fedfq, fedrh or fp32")
-    parser.add_argument("--engine", choices=("embedded", "flower"), default="embedded",
-                        help="embedded (default): every client in this process; flower: Flower's simulation "
-                        "engine, clients in Ray actors of --threads CPUs (pip install 'fedhq[flower]'; docs/flower.md)")  # fmt: skip
+    parser.add_argument(
+        "--engine",
+        choices=("embedded", "flower"),
+        default="embedded",
+        help="embedded (default): every client in this process; flower: Flower's simulation "
+        "engine, clients in Ray actors of --threads CPUs (pip install 'fedhq[flower]'; docs/flower.md)",
+    )
     _add_run_settings(parser)
     parser.set_defaults(handler=_run)
 
 
 def _add_compare(subparsers) -> None:
     parser = subparsers.add_parser(
-        "compare", help="run every strategy on the same partition and devices and compare them",
+        "compare",
+        help="run every strategy on the same partition and devices and compare them",
         description="Runs fedhq, fedaqt, fedfq, fedrh and fp32 (or --strategies) on the same data, partition, "
         "devices and reference profile, on one seed or several (--seeds); prints one table (accuracy, wall and "
         "simulated time, bytes, PTQ/QAT per client; with several seeds, mean and 95%% confidence interval over "
         "them and FedHQ's paired differences) and writes comparison.json, rounds.csv and PNG plots.",
-    )  # fmt: skip
-    parser.add_argument("--strategies", type=lambda t: _parse_list("list:str", t),
-                        help="comma-separated subset of fedhq,fedaqt,fedfq,fedrh,fp32 (default all)")  # fmt: skip
-    parser.add_argument("--seeds", help="run every strategy on each of these seeds and report mean and 95%% "
-                        "confidence interval over them: a list and/or ranges, e.g. 0,1,2 or 0-4 "
-                        "(default: --seed)")  # fmt: skip
+    )
+    parser.add_argument(
+        "--strategies",
+        type=lambda t: _parse_list("list:str", t),
+        help="comma-separated subset of fedhq,fedaqt,fedfq,fedrh,fp32 (default all)",
+    )
+    parser.add_argument(
+        "--seeds",
+        help="run every strategy on each of these seeds and report mean and 95%% "
+        "confidence interval over them: a list and/or ranges, e.g. 0,1,2 or 0-4 "
+        "(default: --seed)",
+    )
     _add_run_settings(parser)
     parser.set_defaults(handler=_compare)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -119,7 +119,9 @@ def fake_quant(
             return ops.FakeQuantObservedEager.apply(x, quant_min, quant_max, symmetric, axis)[0]
         return ops.fake_quant_observed(x, quant_min, quant_max, symmetric, axis)[0]
     scale = _qparam_tensor("fake_quant", "scale", scale, torch.float32, x, axis)
-    zero_point = _qparam_tensor("fake_quant", "zero_point", 0 if zero_point is None else zero_point, torch.int32, x, axis)
+    zero_point = _qparam_tensor(
+        "fake_quant", "zero_point", 0 if zero_point is None else zero_point, torch.int32, x, axis
+    )
     if ops.eager_fast_path(x):
         return ops.FakeQuantEager.apply(x, scale, zero_point, quant_min, quant_max, axis)
     return ops.fake_quant(x, scale, zero_point, quant_min, quant_max, axis)

@@ -141,9 +141,7 @@ def _observed_backward(ctx, grad, _grad_scale, _grad_zero_point):
     return fake_quant_backward(grad, x, scale, zero_point, *ctx.qrange_axis), None, None, None, None
 
 
-torch.library.register_autograd(
-    "fedhq::fake_quant_observed", _observed_backward, setup_context=_observed_setup_context
-)
+torch.library.register_autograd("fedhq::fake_quant_observed", _observed_backward, setup_context=_observed_setup_context)
 
 
 # ---- the eager fast path of fake_quant ----
@@ -187,7 +185,9 @@ class FakeQuantObservedEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, quant_min, quant_max, symmetric, axis):
         check_observed("fake_quant", x, axis)
-        y, scale, zero_point = dispatch.kernel("fake_quant_observed", x.device)(x, quant_min, quant_max, symmetric, axis)
+        y, scale, zero_point = dispatch.kernel("fake_quant_observed", x.device)(
+            x, quant_min, quant_max, symmetric, axis
+        )
         ctx.mark_non_differentiable(scale, zero_point)
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange_axis = (quant_min, quant_max, axis)
@@ -245,8 +245,10 @@ def _check_aggregate(codes, scales, zero_points, weights, axes, names) -> None:
     clients = weights.numel()
     torch._check_value(
         len(codes) == len(scales) == len(zero_points) == clients * tensors and len(names) == tensors,
-        lambda: f"aggregate: expected {clients} clients x {tensors} tensors of codes, scales and zero points "
-        f"and {tensors} names, got {len(codes)}, {len(scales)}, {len(zero_points)} and {len(names)}",
+        lambda: (
+            f"aggregate: expected {clients} clients x {tensors} tensors of codes, scales and zero points "
+            f"and {tensors} names, got {len(codes)}, {len(scales)}, {len(zero_points)} and {len(names)}"
+        ),
     )
     for t, axis in enumerate(axes):
         check_axis(f"aggregate: '{names[t]}'", codes[t], axis)
@@ -256,14 +258,18 @@ def _check_aggregate(codes, scales, zero_points, weights, axes, names) -> None:
         t = e % tensors
         owner = f"aggregate: client {e // tensors}'s '{names[t]}'"
         if c.dtype != torch.int8 or c.shape != codes[t].shape:
-            raise ValueError(f"{owner} must be int8 codes of shape {tuple(codes[t].shape)}, got {c.dtype} {tuple(c.shape)}")
+            raise ValueError(
+                f"{owner} must be int8 codes of shape {tuple(codes[t].shape)}, got {c.dtype} {tuple(c.shape)}"
+            )
         channels = 1 if axes[t] < 0 else c.shape[axes[t]]
         s, z = scales[e], zero_points[e]
         # GPU kernels read every client's tensors through a table of raw addresses, so a
         # tensor on another device must be refused here, not dereferenced there
         if c.device != weights.device or s.device != weights.device or z.device != weights.device:
-            raise ValueError(f"{owner}: codes, scale and zero point must be on the weights' device {weights.device}, "
-                             f"got {c.device}, {s.device} and {z.device}")
+            raise ValueError(
+                f"{owner}: codes, scale and zero point must be on the weights' device {weights.device}, "
+                f"got {c.device}, {s.device} and {z.device}"
+            )
         if s.dtype != torch.float32 or z.dtype != torch.int32 or s.numel() != channels or z.numel() != channels:
             check_qparams_shape(owner, c, s, z, axes[t])
 

@@ -33,7 +33,9 @@ def define_library(namespace: str) -> torch.library.Library:
             if not existing:
                 library.define(name + schema)
             elif existing != [f"{namespace}::{name}{schema}"]:
-                raise RuntimeError(f"{namespace}::{name} is {existing}, not the op table's schema: rebuild the extension")
+                raise RuntimeError(
+                    f"{namespace}::{name} is {existing}, not the op table's schema: rebuild the extension"
+                )
         _LIBRARIES[namespace] = library
     return _LIBRARIES[namespace]
 

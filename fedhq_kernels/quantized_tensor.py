@@ -61,7 +61,9 @@ class QuantizedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes on the wire: the codes packed to ``bits`` bits each, scales and zero points."""
-        return packed_size(self.data.numel(), self.bits) + sum(t.numel() * t.element_size() for t in (self.scale, self.zero_point))
+        return packed_size(self.data.numel(), self.bits) + sum(
+            t.numel() * t.element_size() for t in (self.scale, self.zero_point)
+        )
 
     def dequantize(self) -> torch.Tensor:
         from fedhq_kernels.functional import dequantize

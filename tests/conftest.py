@@ -97,10 +97,15 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -
     mismatches when it fails."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    same = (actual == expected) | (torch.isnan(actual) & torch.isnan(expected)) if actual.is_floating_point() else (
-        actual == expected
+    same = (
+        (actual == expected) | (torch.isnan(actual) & torch.isnan(expected))
+        if actual.is_floating_point()
+        else (actual == expected)
     )
     if not bool(same.all()):
         idx = (~same).nonzero()[:5]
-        rows = [f"  at {tuple(i.tolist())}: got {actual[tuple(i)].item()!r}, expected {expected[tuple(i)].item()!r}" for i in idx]
+        rows = [
+            f"  at {tuple(i.tolist())}: got {actual[tuple(i)].item()!r}, expected {expected[tuple(i)].item()!r}"
+            for i in idx
+        ]
         raise AssertionError(f"{what}: {int((~same).sum())} of {same.numel()} elements differ\n" + "\n".join(rows))

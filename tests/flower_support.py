@@ -1,5 +1,5 @@
-"""Test helpers for the Flower adapter: an in-process grid that can corrupt or drop replies, and a SuperLink + SuperNodes deployment on
-127.0.0.1 that is always torn down."""
+"""Test helpers for the Flower adapter: an in-process grid that can corrupt or drop
+replies, and a SuperLink + SuperNodes deployment on 127.0.0.1 that is always torn down."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from pathlib import Path
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-
 
 BIN = Path(sys.executable).parent
 READY_S = 60.0  # for the SuperLink to listen (imports take seconds, more on a busy machine)
@@ -41,10 +40,15 @@ class LocalGrid(Grid):
         # Flower 1.41's Message() reads the task's identity, which its runtimes set
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
         self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, node_config={"partition-id": i, "num-partitions": partitions},
-                              state=RecordDict(), run_config={})
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": partitions},
+                state=RecordDict(),
+                run_config={},
+            )
             for i in range(partitions)
-        }  # fmt: skip
+        }
 
     # Grid's other abstract methods: run_on_grid never calls them, so they refuse, saying so.
     def set_run(self, run) -> None:
@@ -122,22 +126,47 @@ class LocalDeployment:
 
     def _start(self, name: str, *args: str) -> None:
         log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.processes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                               env=self.env, cwd=self.home, start_new_session=True))  # fmt: skip
+        self.processes.append(
+            subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.home,
+                start_new_session=True,
+            )
+        )
         log.close()
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         (self.home / "flwr-home").mkdir(parents=True, exist_ok=True)
         (self.home / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
         try:
-            self._start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                        "--disable-runtime-dependency-installation")  # fmt: skip
+            self._start(
+                "superlink",
+                "flower-superlink",
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            )
             self._wait_for_port(self.port, READY_S)
             for i, node_config in enumerate(self.node_configs):
-                self._start(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                            "--port", str(free_port()), "--node-config", node_config)  # fmt: skip
+                self._start(
+                    f"supernode{i}",
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node_config,
+                )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -154,14 +183,20 @@ class LocalDeployment:
             time.sleep(0.2)
         raise TimeoutError(f"the SuperLink did not listen on port {port} within {wait_s} s:\n{self.log('superlink')}")
 
-    def run_app(self, app_dir: Path, run_config: str, timeout_s: float,
-                on_line: Callable[[str], None] = lambda line: None) -> tuple[int, str]:
+    def run_app(
+        self, app_dir: Path, run_config: str, timeout_s: float, on_line: Callable[[str], None] = lambda line: None
+    ) -> tuple[int, str]:
         """``flwr run --stream``, which returns when the run ends: (exit code, output).
         ``on_line`` sees each output line as it comes (the ServerApp's log among them);
         past ``timeout_s`` the ``flwr`` process is killed."""
-        proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app_dir), "local", "--stream", "--run-config", run_config],
-                                env=self.env, cwd=self.home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(app_dir), "local", "--stream", "--run-config", run_config],
+            env=self.env,
+            cwd=self.home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         watchdog = threading.Timer(timeout_s, proc.kill)
         watchdog.start()
         lines = []

@@ -287,6 +287,7 @@ def skew_families(k: int) -> dict[str, list[np.ndarray]]:
 def skew_violations(name: str, k: int, v: int, rng) -> list[str]:
     """Where more skew scores higher: along each family (non-increasing), and any of 100
     Dirichlet draws against the balanced client of the same size."""
+
     def sig(share):
         labels = labels_with_shares(share, v)
         return client_significance(class_features(labels, k, rng), labels, statistic=name)
@@ -362,8 +363,13 @@ def test_both_engines_use_the_configured_statistic():
     labels = rng.choice(10, 400, p=rng.dirichlet(np.full(10, 0.5)))
     data = Split(torch.from_numpy(class_features(labels, 10, rng)), torch.from_numpy(labels))
     estimate = SimpleNamespace(time_s=2.5)
-    client = SimpleNamespace(data=data, alpha=1.0, beta=1.0, batch=16,
-                             device=SimpleNamespace(speed=SimpleNamespace(estimate=lambda *a, **k: estimate)))  # fmt: skip
+    client = SimpleNamespace(
+        data=data,
+        alpha=1.0,
+        beta=1.0,
+        batch=16,
+        device=SimpleNamespace(speed=SimpleNamespace(estimate=lambda *a, **k: estimate)),
+    )
     for name in STATISTICS:
         config = RunConfig(acc_statistic=name).validated()
         expected = client_significance(data.x.numpy(), labels, statistic=name)

@@ -45,8 +45,15 @@ def reference_state_dict(sds, weights):
         axis = -1 if qs[0].axis is None else qs[0].axis
         qmin, qmax = qs[0].quant_range
         codes, scale, zero_point = reference.aggregate(
-            [q.data for q in qs], [q.scale for q in qs], [q.zero_point for q in qs], w, [axis], qmin, qmax,
-            qs[0].symmetric, [name],
+            [q.data for q in qs],
+            [q.scale for q in qs],
+            [q.zero_point for q in qs],
+            w,
+            [axis],
+            qmin,
+            qmax,
+            qs[0].symmetric,
+            [name],
         )
         out[name] = (codes.view(qs[0].shape), scale.view(qs[0].scale.shape), zero_point.view(qs[0].scale.shape))
     return out
@@ -64,7 +71,11 @@ def test_matches_reference_bit_for_bit(backend, gen, clients, dtype, symmetric):
     for name, q in got.items():
         first = sds[0][name]
         assert (q.shape, q.dtype, q.bits, q.axis, q.symmetric) == (
-            first.shape, first.dtype, first.bits, first.axis, first.symmetric,
+            first.shape,
+            first.dtype,
+            first.bits,
+            first.axis,
+            first.symmetric,
         )
         for actual, wanted, what in zip((q.data, q.scale, q.zero_point), expected[name], ("codes", "scale", "zp")):
             assert_equal(actual, wanted, f"{name} {what}")
@@ -82,8 +93,10 @@ def test_close_to_float64_average(backend, gen):
         clients = [fk.dequantize(sd[name]).double() for sd in sds]
         exact = sum(w * x for w, x in zip(weights, clients)) / sum(weights)
         magnitude = sum(w * x.abs() for w, x in zip(weights, clients)) / sum(weights)
-        step = q.scale.double() if q.axis is None else q.scale.double().reshape(
-            [-1 if d == q.axis else 1 for d in range(len(q.shape))]
+        step = (
+            q.scale.double()
+            if q.axis is None
+            else q.scale.double().reshape([-1 if d == q.axis else 1 for d in range(len(q.shape))])
         )
         error = (fk.dequantize(q).double() - exact).abs()
         bound = 0.5 * step + 16 * eps32 * (magnitude + step)
@@ -151,8 +164,11 @@ def test_rejects_mismatched_names(backend, gen):
     sds = client_state_dicts(gen, 3)
     del sds[2]["bn.weight"]
     sds[2]["extra"] = sds[0]["scalar"]
-    with pytest.raises(ValueError, match=r"client 2's names differ from client 0's: missing \['bn.weight'\], "
-                       r"unexpected \['extra'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"client 2's names differ from client 0's: missing \['bn.weight'\], "
+        r"unexpected \['extra'\]",
+    ):
         fk.aggregate_state_dicts(sds, [1, 1, 1])
 
 
@@ -186,8 +202,16 @@ def test_rejects_mismatched_metadata(backend, gen, field, value):
 def test_rejects_bad_qparams(backend, gen, what, value, message):
     sds = client_state_dicts(gen, 3)
     q = sds[1]["bn.weight"]
-    fields = dict(data=q.data, scale=q.scale, zero_point=q.zero_point, bits=q.bits, axis=q.axis,
-                  symmetric=q.symmetric, dtype=q.dtype, shape=q.shape)
+    fields = dict(
+        data=q.data,
+        scale=q.scale,
+        zero_point=q.zero_point,
+        bits=q.bits,
+        axis=q.axis,
+        symmetric=q.symmetric,
+        dtype=q.dtype,
+        shape=q.shape,
+    )
     fields[what] = torch.tensor(value, dtype=fields[what].dtype)
     sds[1]["bn.weight"] = fk.QuantizedTensor(**fields)
     with pytest.raises(ValueError, match=message):
@@ -199,12 +223,23 @@ def test_rejects_a_tensor_on_another_device(backend, gen, what):
     # GPU kernels would dereference another device's address: refused before any kernel
     sds = client_state_dicts(gen, 3)
     q = sds[2]["fc.weight"]
-    fields = dict(data=q.data, scale=q.scale, zero_point=q.zero_point, bits=q.bits, axis=q.axis,
-                  symmetric=q.symmetric, dtype=q.dtype, shape=q.shape)
+    fields = dict(
+        data=q.data,
+        scale=q.scale,
+        zero_point=q.zero_point,
+        bits=q.bits,
+        axis=q.axis,
+        symmetric=q.symmetric,
+        dtype=q.dtype,
+        shape=q.shape,
+    )
     fields[what] = fields[what].to("meta")
     sds[2]["fc.weight"] = fk.QuantizedTensor(**fields)
-    with pytest.raises(ValueError, match="client 2's 'fc.weight': codes, scale and zero point must be on the "
-                       "weights' device cpu, got (meta|cpu), (meta|cpu) and (meta|cpu)"):
+    with pytest.raises(
+        ValueError,
+        match="client 2's 'fc.weight': codes, scale and zero point must be on the "
+        "weights' device cpu, got (meta|cpu), (meta|cpu) and (meta|cpu)",
+    ):
         fk.aggregate_state_dicts(sds, [1, 1, 1])
 
 
@@ -213,8 +248,9 @@ def test_rejects_overflowing_average(backend, gen):
     for sd in sds:
         q = sd["fc.weight"]
         huge = torch.full_like(q.scale, 3e38)
-        sd["fc.weight"] = fk.QuantizedTensor(q.data.clone().fill_(127), huge, q.zero_point, 8, 0, True,
-                                             torch.float32, q.shape)
+        sd["fc.weight"] = fk.QuantizedTensor(
+            q.data.clone().fill_(127), huge, q.zero_point, 8, 0, True, torch.float32, q.shape
+        )
     with pytest.raises(ValueError, match="aggregate: the weighted average of 'fc.weight' is not finite"):
         fk.aggregate_state_dicts(sds, [1, 1])
 

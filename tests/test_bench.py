@@ -32,8 +32,27 @@ def test_bench_kernels_quick(tmp_path):
     ops = {row["op"] for row in rows}
     assert any("aggregate_state_dicts" in op for op in ops) and any("fake_quant" in op for op in ops)
     assert any("copy_" in op for op in ops)
-    fields = {"op", "size", "elements", "backend", "impl", "bytes", "median_ms", "p10_ms", "p90_ms", "repeats", "gbps",
-              "baseline", "speedup", "copy_gbps", "pct_of_copy", "machine", "device", "torch", "timestamp"}  # fmt: skip
+    fields = {
+        "op",
+        "size",
+        "elements",
+        "backend",
+        "impl",
+        "bytes",
+        "median_ms",
+        "p10_ms",
+        "p90_ms",
+        "repeats",
+        "gbps",
+        "baseline",
+        "speedup",
+        "copy_gbps",
+        "pct_of_copy",
+        "machine",
+        "device",
+        "torch",
+        "timestamp",
+    }
     for row in rows:
         assert fields <= set(row), fields - set(row)
         assert row["median_ms"] > 0 and row["gbps"] > 0 and row["pct_of_copy"] > 0 and row["device"] == "cpu"
@@ -82,7 +101,9 @@ def test_a_failed_check_skips_that_side_only(bench_kernels):
     assert failures == ["op [torch-broken]: x", "op [fedhq-reference]: planted"]
     ours = rows[-1]
     assert ours["baseline"] == "fast"  # speedup against the strongest baseline...
-    assert ours["target_speedup"] == pytest.approx(rows[0]["median_ms"] / ours["median_ms"])  # ...the target against its named one
+    assert ours["target_speedup"] == pytest.approx(
+        rows[0]["median_ms"] / ours["median_ms"]
+    )  # ...the target against its named one
     assert rows[1]["speedup"] == 1.0 and rows[0]["speedup"] < 1.0
 
 
@@ -95,16 +116,31 @@ def test_gpu_goals_are_the_projects_targets(bench_kernels):
     module = bench_kernels
     gpu = module.GOALS["cuda"]
     assert {key: aim for key, (_, aim) in gpu.items() if aim is not None} == {
-        "fq_tensor": 85, "fq_channel": 85, "quantize": 85, "dequantize": 85, "aggregate": 80
-    }  # fmt: skip
+        "fq_tensor": 85,
+        "fq_channel": 85,
+        "quantize": 85,
+        "dequantize": 85,
+        "aggregate": 80,
+    }
     assert {key: target for key, (target, _) in gpu.items() if target is not None} == {"fq_observed": 2.0}
     assert module.FULL_SIZE["cuda"] == 64 * 2**20
 
 
 def test_bench_qat_step_small_model(tmp_path):
     out = tmp_path / "qat.json"
-    result = _run("bench_qat_step.py", "--model", "small_cnn@8x8x1:10", "--batch", "4", "--repeats", "3",
-                  "--warmup", "1", "--json", str(out))  # fmt: skip
+    result = _run(
+        "bench_qat_step.py",
+        "--model",
+        "small_cnn@8x8x1:10",
+        "--batch",
+        "4",
+        "--repeats",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {row["variant"]: row for row in json.loads(out.read_text())}
     assert set(rows) == {"fp32", "fedhq-qat", "torch.ao-qat"}
@@ -136,7 +172,13 @@ def test_bench_qat_recipe_quick(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())
     runs = [r for r in rows if not r.get("summary")]
-    assert {(r["strategy"], r["bits"]) for r in runs} == {("fp32", None), ("ptq", 8), ("qat", 8), ("ptq", 4), ("qat", 4)}
+    assert {(r["strategy"], r["bits"]) for r in runs} == {
+        ("fp32", None),
+        ("ptq", 8),
+        ("qat", 8),
+        ("ptq", 4),
+        ("qat", 4),
+    }
     assert sorted({r["seed"] for r in runs}) == [0, 1] and len(runs) == 10
     for r in runs:
         assert 0 < r["accuracy"] <= 1 and 0 < r["deployed_accuracy"] <= 1 and r["train_s"] > 0
@@ -151,15 +193,18 @@ def test_bench_qat_recipe_goals_use_the_paired_interval():
     spec = importlib.util.spec_from_file_location("bench_qat_recipe", BENCH / "bench_qat_recipe.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+
     def rows(gains):
         """Three runs per seed; QAT's deployed accuracy is PTQ's + gain (None: it diverged)."""
         out = []
         for seed, gain in enumerate(gains):
             base = {"dataset": "fashion-mnist", "seed": seed, "epochs": 1, "train_samples": 10}
             qat = None if gain is None else 0.7 + gain
-            out += [base | {"strategy": "fp32", "bits": None, "accuracy": 0.8, "deployed_accuracy": 0.8},
-                    base | {"strategy": "ptq", "bits": 4, "accuracy": 0.8, "deployed_accuracy": 0.7},
-                    base | {"strategy": "qat", "bits": 4, "accuracy": qat, "deployed_accuracy": qat}]  # fmt: skip
+            out += [
+                base | {"strategy": "fp32", "bits": None, "accuracy": 0.8, "deployed_accuracy": 0.8},
+                base | {"strategy": "ptq", "bits": 4, "accuracy": 0.8, "deployed_accuracy": 0.7},
+                base | {"strategy": "qat", "bits": 4, "accuracy": qat, "deployed_accuracy": qat},
+            ]
         return module.summarize(out)[0][0]
 
     clear = rows([0.010, 0.012, 0.011])

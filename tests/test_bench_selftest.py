@@ -22,8 +22,9 @@ _spec.loader.exec_module(selftest)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the self test would run")
 def test_refuses_without_a_gpu_before_building():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--build", "--no-bench"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--build", "--no-bench"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "no CUDA GPU visible" in result.stdout and "setup.py" not in result.stdout
 
@@ -51,7 +52,9 @@ def test_op_suite_step_fails_when_nothing_ran_on_the_gpu(tmp_path):
 
 def test_op_suite_step_reads_the_plugins_count(tmp_path):
     line = "fedhq selftest: 7 op calls rerouted to cuda on the GPU"
-    test = _suite(tmp_path, f"def pytest_terminal_summary(terminalreporter):\n    terminalreporter.write_line({line!r})\n")
+    test = _suite(
+        tmp_path, f"def pytest_terminal_summary(terminalreporter):\n    terminalreporter.write_line({line!r})\n"
+    )
     code, summary, _ = selftest._pytest([str(test)], dict(os.environ), rerouted_to="cuda")
     assert code == 0 and "1 passed" in summary and "7 op calls on the GPU" in summary
     code, _, _ = selftest._pytest([str(test)], dict(os.environ), rerouted_to="triton")  # another backend's count

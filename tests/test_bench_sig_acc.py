@@ -29,8 +29,13 @@ def bench():
 def test_quick_run_correlates_every_statistic(tmp_path):
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout, not an installed copy
-    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], capture_output=True,
-                            text=True, timeout=300, env=env)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(out.read_text())
     rows, summary = doc["datasets"]["digits"]["clients"], doc["datasets"]["digits"]["summary"]
@@ -55,8 +60,16 @@ def test_quick_run_correlates_every_statistic(tmp_path):
 
 def test_summary_is_the_student_t_interval_over_seeds_with_a_ranking(bench):
     clients, ranked = 4, [[0.1, 0.4, 0.2, 0.3], [0.3, 0.1, 0.4, 0.2], [0.4, 0.3, 0.1, 0.2], [0.2, 0.2, 0.2, 0.2]]
-    rows = [{"seed": seed, "samples": 10 + c, "sig": {name: float(c) for name in STATISTICS},
-             "ptq_loss": {"deployed": loss[c]}} for seed, loss in enumerate(ranked) for c in range(clients)]  # fmt: skip
+    rows = [
+        {
+            "seed": seed,
+            "samples": 10 + c,
+            "sig": {name: float(c) for name in STATISTICS},
+            "ptq_loss": {"deployed": loss[c]},
+        }
+        for seed, loss in enumerate(ranked)
+        for c in range(clients)
+    ]
     for s in bench.summarize(rows, [0, 1, 2, 3], "deployed"):
         rhos = s["rho_per_seed"]
         assert np.isnan(rhos[3]) and s["seeds_used"] == 3  # the seed without a ranking is left out

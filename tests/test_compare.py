@@ -20,7 +20,9 @@ from fedhq.models import ModelSpec
 
 
 def tiny(reference, out, **changes) -> RunConfig:
-    settings = dict(clients=2, rounds=2, local_epochs=1, batch_size=16, output_dir=str(out), reference_profile=reference)
+    settings = dict(
+        clients=2, rounds=2, local_epochs=1, batch_size=16, output_dir=str(out), reference_profile=reference
+    )
     settings.update(changes)
     return RunConfig(**settings).validated()
 
@@ -37,9 +39,15 @@ def test_parse_seeds():
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert parse_seeds(" 7, 0-2 ,1") == [0, 1, 2, 7]  # sorted, each once
     assert parse_seeds("5") == [5] and parse_seeds("3-3") == [3]
-    for bad, message in [("", "expected numbers and ranges"), ("a", "got 'a'"), ("1.5", "got '1.5'"),
-                         ("-1", "got '-1'"), ("0,,1", "got ''"), ("4-2", "runs backwards"),
-                         ("0-5000", "more than 1000 seeds")]:  # fmt: skip
+    for bad, message in [
+        ("", "expected numbers and ranges"),
+        ("a", "got 'a'"),
+        ("1.5", "got '1.5'"),
+        ("-1", "got '-1'"),
+        ("0,,1", "got ''"),
+        ("4-2", "runs backwards"),
+        ("0-5000", "more than 1000 seeds"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_seeds(bad)
 
@@ -84,9 +92,11 @@ def test_summarize_pairs_by_seed():
     def run(acc, sim):
         return {"rounds": [{"accuracy": acc}], "sim_time_s": sim}
 
-    by_seed = {0: {"fedhq": run(0.9, 10.0), "fedaqt": run(0.8, 30.0)},
-               1: {"fedhq": run(0.7, 20.0), "fedaqt": run(0.65, 40.0)},
-               2: {"fedhq": run(0.8, 10.0)}}  # fmt: skip
+    by_seed = {
+        0: {"fedhq": run(0.9, 10.0), "fedaqt": run(0.8, 30.0)},
+        1: {"fedhq": run(0.7, 20.0), "fedaqt": run(0.65, 40.0)},
+        2: {"fedhq": run(0.8, 10.0)},
+    }
     summary = summarize(by_seed)
     assert summary["seeds"] == [0, 1, 2]
     assert summary["strategies"]["fedhq"]["headline_accuracy"]["n"] == 3
@@ -104,8 +114,9 @@ def same_numbers(a: dict, b: dict) -> bool:
     keys = ("accuracy", "loss", "train_loss", "sim_s", "upload_bytes")
     return all(
         [[r[k] for k in keys] for r in a[s][n]["rounds"]] == [[r[k] for k in keys] for r in b[s][n]["rounds"]]
-        for s in a for n in a[s]
-    )  # fmt: skip
+        for s in a
+        for n in a[s]
+    )
 
 
 def test_resume_continues_a_partly_done_multi_seed_comparison(reference, tmp_path, monkeypatch):
@@ -155,9 +166,12 @@ def test_resume_continues_a_partly_done_multi_seed_comparison(reference, tmp_pat
 def test_an_earlier_comparison_is_never_overwritten_silently(reference, tmp_path):
     config = tiny(reference, tmp_path / "cmp", rounds=1)
     compare(config, ["fedfq"], seeds=[0, 1], echo=quiet)
-    with pytest.raises(ConfigError, match=r"cmp already holds results \(comparison.json, seed0/fedfq/checkpoint.pt, "
-                                          r"seed0/fedfq/results.json, ...\): pass --resume to continue them, "
-                                          r"--output DIR for a new folder, or --overwrite to replace them"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"cmp already holds results \(comparison.json, seed0/fedfq/checkpoint.pt, "
+        r"seed0/fedfq/results.json, ...\): pass --resume to continue them, "
+        r"--output DIR for a new folder, or --overwrite to replace them",
+    ):
         compare(config, ["fedfq"], seeds=[0], echo=quiet)
     with pytest.raises(ConfigError, match="pass one"):
         compare(config, ["fedfq"], seeds=[0], resume=True, overwrite=True, echo=quiet)
@@ -170,15 +184,30 @@ def test_an_earlier_comparison_is_never_overwritten_silently(reference, tmp_path
 
 def test_cli_run_refuses_an_output_that_holds_results(reference, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["run", "--strategy", "fedfq", "--clients", "2", "--rounds", "1", "--local-epochs", "1",
-            "--reference-profile", reference, "--output", str(out)]  # fmt: skip
+    argv = [
+        "run",
+        "--strategy",
+        "fedfq",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--reference-profile",
+        reference,
+        "--output",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     assert (out / "rounds.csv").read_text().splitlines()[0].startswith("dataset,model,bits,seed,strategy,round")
     capsys.readouterr()
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"fedhq run: error: {out} already holds results (checkpoint.pt, results.json): pass --resume to "
-                   "continue them, --output DIR for a new folder, or --overwrite to replace them"]  # fmt: skip
+    assert err == [
+        f"fedhq run: error: {out} already holds results (checkpoint.pt, results.json): pass --resume to "
+        "continue them, --output DIR for a new folder, or --overwrite to replace them"
+    ]
     assert cli.main([*argv, "--overwrite"]) == 0
     assert cli.main([*argv[:-4], "--rounds", "2", *argv[-4:], "--resume"]) == 0  # extends it
     assert len(json.loads((out / "results.json").read_text())["rounds"]) == 2
@@ -213,8 +242,19 @@ def test_reference_profile_is_reused_only_when_passed_or_resuming(reference, tmp
 
 def test_cli_compare_seeds_and_default_folder(reference, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["compare", "--strategies", "fedfq", "--clients", "2", "--rounds", "1", "--local-epochs", "1",
-            "--reference-profile", reference]  # fmt: skip
+    argv = [
+        "compare",
+        "--strategies",
+        "fedfq",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--reference-profile",
+        reference,
+    ]
     assert cli.main([*argv, "--seeds", "0-1"]) == 0
     comparison = json.loads((tmp_path / "results/compare/comparison.json").read_text())
     assert comparison["seeds"] == [0, 1] and not (tmp_path / "results/run").exists()
@@ -222,9 +262,11 @@ def test_cli_compare_seeds_and_default_folder(reference, tmp_path, monkeypatch, 
     assert out.startswith("digits, small_cnn@8x8x1:10, 8-bit uploads, 2 clients, 1 rounds, seeds 0-1")
     assert (tmp_path / "results/compare/seed_summary.png").exists()
     assert (tmp_path / "results/compare/seed1/fedfq/rounds.csv").exists()
-    for extra, message in [(["--seeds", "0-1", "--seed", "2"], "pass one of them"),
-                           (["--seeds", "1-0"], "runs backwards"),
-                           (["--seeds", "0"], "already holds results")]:  # fmt: skip
+    for extra, message in [
+        (["--seeds", "0-1", "--seed", "2"], "pass one of them"),
+        (["--seeds", "1-0"], "runs backwards"),
+        (["--seeds", "0"], "already holds results"),
+    ]:
         assert cli.main([*argv, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fedhq compare: error:") and message in err[0], err

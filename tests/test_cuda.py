@@ -55,8 +55,9 @@ def setup_nvcc_flags() -> list[str]:
 
 def toolkit_include() -> str:
     """The CUDA toolkit's include directory, as nvcc itself reports it."""
-    out = subprocess.run([NVCC, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [NVCC, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True, timeout=60
+    )
     match = re.search(r'INCLUDES="-I([^"]+)"', out.stdout + out.stderr)
     assert match, f"cannot find the toolkit's include directory in nvcc --dryrun:\n{out.stderr}"
     return match.group(1).strip()
@@ -90,28 +91,72 @@ def builds(tmp_path_factory):
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the defines the real build adds
 
     flags = [f for f in setup_nvcc_flags() if f != "--fmad=false"] + ["--fmad=true"]  # see test_ptx_is_exact
-    strict = ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra",
-              "-Xptxas", "-v,-warn-spills,-warn-lmem-usage"]
+    strict = ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra", "-Xptxas", "-v,-warn-spills,-warn-lmem-usage"]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
     out = tmp_path_factory.mktemp("cuda")
     jobs = {}
     for source in CUDA_SOURCES:
         keep = out / source.stem
         keep.mkdir()
-        jobs[source.name] = ([NVCC, *COMMON_NVCC_FLAGS, *flags, *gencode, *strict, "--keep", "--keep-dir", str(keep),
-                              "-c", str(source), "-o", str(keep / f"{source.stem}.o")], keep, source.stem)
-    jobs["tiles_test"] = ([NVCC, *flags, "-arch=sm_90", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra",
-                           str(ROOT / "tests" / "cuda" / "tiles_test.cu"), str(CUDA_DIR / "aggregate.cu"),
-                           "-o", str(out / "tiles_test")], None, "")
+        jobs[source.name] = (
+            [
+                NVCC,
+                *COMMON_NVCC_FLAGS,
+                *flags,
+                *gencode,
+                *strict,
+                "--keep",
+                "--keep-dir",
+                str(keep),
+                "-c",
+                str(source),
+                "-o",
+                str(keep / f"{source.stem}.o"),
+            ],
+            keep,
+            source.stem,
+        )
+    jobs["tiles_test"] = (
+        [
+            NVCC,
+            *flags,
+            "-arch=sm_90",
+            "-Werror",
+            "all-warnings",
+            "-Xcompiler",
+            "-Wall,-Wextra",
+            str(ROOT / "tests" / "cuda" / "tiles_test.cu"),
+            str(CUDA_DIR / "aggregate.cu"),
+            "-o",
+            str(out / "tiles_test"),
+        ],
+        None,
+        "",
+    )
     cxx = shutil.which(os.environ.get("CXX", "c++"))
     if cxx is not None:
         from torch.utils.cpp_extension import include_paths
 
-        system = [arg for path in include_paths() + [sysconfig.get_paths()["include"], toolkit_include()]
-                  for arg in ("-isystem", path)]
-        jobs["binding"] = ([cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
-                            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", *system, str(ROOT / "csrc" / "cuda_ops.cpp")],
-                           None, "")
+        system = [
+            arg
+            for path in include_paths() + [sysconfig.get_paths()["include"], toolkit_include()]
+            for arg in ("-isystem", path)
+        ]
+        jobs["binding"] = (
+            [
+                cxx,
+                "-std=c++20",
+                "-fsyntax-only",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+                *system,
+                str(ROOT / "csrc" / "cuda_ops.cpp"),
+            ],
+            None,
+            "",
+        )
     # the binding (torch headers) takes longest: submitted first
     order = sorted(jobs, key=lambda name: name != "binding")
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
@@ -284,7 +329,9 @@ def test_fake_quant_every_bit_width_matches_torch(cuda_backend, gen, bits):
 def test_half_subnormal_outputs(cuda_backend, gen):
     x = sample((5000,), 3e-7, gen, torch.float16)
     got = fk.fake_quant(x.to(cuda_backend), 3e-7, 1)
-    assert_equal(got.cpu(), reference.fake_quant(x, torch.tensor(3e-7), torch.tensor(1, dtype=torch.int32), -128, 127, -1))
+    assert_equal(
+        got.cpu(), reference.fake_quant(x, torch.tensor(3e-7), torch.tensor(1, dtype=torch.int32), -128, 127, -1)
+    )
 
 
 @gpu
@@ -412,7 +459,13 @@ def test_dequantize_rejects_bad_parameters(cuda_backend):
         ("bn.weight", "scale", float("nan"), None, "client 1's 'bn.weight' scale must be finite and > 0, got nan"),
         ("bn.weight", "zero_point", 300, None, r"client 1's 'bn.weight' zero_point must lie in \[-128, 127\], got 300"),
         ("conv.weight", "scale", 0.0, 5, "client 1's 'conv.weight' scale must be finite and > 0, got 0 at channel 5"),
-        ("emb.weight", "scale", -2.0, 4100, "client 1's 'emb.weight' scale must be finite and > 0, got -2 at channel 4100"),
+        (
+            "emb.weight",
+            "scale",
+            -2.0,
+            4100,
+            "client 1's 'emb.weight' scale must be finite and > 0, got -2 at channel 4100",
+        ),
     ],
 )
 def test_aggregate_rejects_bad_parameters(cuda_backend, gen, name, what, value, channel, message):
@@ -437,7 +490,9 @@ def test_aggregate_rejects_overflowing_average(cuda_backend, gen):
     sds = [{k: on(cuda_backend, q) for k, q in sd.items()} for sd in client_state_dicts(gen, 2)]
     for sd in sds:
         q = sd["fc.weight"]
-        sd["fc.weight"] = dataclasses.replace(q, data=torch.full_like(q.data, 127), scale=torch.full_like(q.scale, 3e38))
+        sd["fc.weight"] = dataclasses.replace(
+            q, data=torch.full_like(q.data, 127), scale=torch.full_like(q.scale, 3e38)
+        )
     with pytest.raises(ValueError, match="aggregate: the weighted average of 'fc.weight' is not finite"):
         fk.aggregate_state_dicts(sds, [1, 1])
 
@@ -502,8 +557,12 @@ def test_opcheck_on_cuda(cuda_backend):
         (torch.tensor(0.02, device=dev), torch.tensor(3, dtype=torch.int32, device=dev), -1),
         (torch.rand(33, device=dev) * 0.05 + 0.01, torch.randint(-4, 4, (33,), dtype=torch.int32, device=dev), 1),
     ):
-        torch.library.opcheck(torch.ops.fedhq.fake_quant, (x.clone().requires_grad_(), scale, zero_point, -128, 127, axis))
-        torch.library.opcheck(torch.ops.fedhq.fake_quant_backward, (torch.randn_like(x), x, scale, zero_point, -8, 7, axis))
+        torch.library.opcheck(
+            torch.ops.fedhq.fake_quant, (x.clone().requires_grad_(), scale, zero_point, -128, 127, axis)
+        )
+        torch.library.opcheck(
+            torch.ops.fedhq.fake_quant_backward, (torch.randn_like(x), x, scale, zero_point, -8, 7, axis)
+        )
         torch.library.opcheck(torch.ops.fedhq.fake_quant_observed, (x.clone().requires_grad_(), -128, 127, False, axis))
         torch.library.opcheck(torch.ops.fedhq.quantize, (x, -8, 7, True, axis))
         codes = torch.randint(-128, 128, (6, 33), dtype=torch.int8, device=dev)
@@ -511,6 +570,15 @@ def test_opcheck_on_cuda(cuda_backend):
     q = [on(dev, fk.quantize(torch.randn(5, 7), axis=0)) for _ in range(2)]
     torch.library.opcheck(
         torch.ops.fedhq.aggregate,
-        ([t.data for t in q], [t.scale for t in q], [t.zero_point for t in q], torch.tensor([0.4, 0.6], device=dev),
-         [0], -128, 127, True, ["w"]),
+        (
+            [t.data for t in q],
+            [t.scale for t in q],
+            [t.zero_point for t in q],
+            torch.tensor([0.4, 0.6], device=dev),
+            [0],
+            -128,
+            127,
+            True,
+            ["w"],
+        ),
     )

@@ -85,8 +85,12 @@ def write_cifar10(root, rng, sizes=(5, 4, 6, 3, 4), n_test=7, meta=True):
     xs, ys = [], []
     for i, n in enumerate(sizes, start=1):
         x, y = random_images(rng, n), [int(v) for v in rng.integers(0, 10, n)]
-        batch = {b"batch_label": b"training batch %d of 5" % i, b"labels": y, b"data": x,
-                 b"filenames": [b"img_%d.png" % j for j in range(n)]}
+        batch = {
+            b"batch_label": b"training batch %d of 5" % i,
+            b"labels": y,
+            b"data": x,
+            b"filenames": [b"img_%d.png" % j for j in range(n)],
+        }
         (folder / f"data_batch_{i}").write_bytes(py2_pickle(batch))
         xs.append(x)
         ys += y
@@ -108,12 +112,23 @@ def write_cifar100(root, rng, n_train=12, n_test=5):
         x, fine = random_images(rng, n), [int(v) for v in rng.integers(0, 100, n)]
         fine[0] = 99
         coarse = [f // 5 for f in fine]
-        entries = {b"filenames": [b"f%d.png" % j for j in range(n)], b"batch_label": name.encode(),
-                   b"fine_labels": fine, b"coarse_labels": coarse, b"data": x}
+        entries = {
+            b"filenames": [b"f%d.png" % j for j in range(n)],
+            b"batch_label": name.encode(),
+            b"fine_labels": fine,
+            b"coarse_labels": coarse,
+            b"data": x,
+        }
         (folder / name).write_bytes(py2_pickle(entries))
         sets[name] = (x, np.array(fine))
-    (folder / "meta").write_bytes(py2_pickle({b"fine_label_names": [b"class%d" % i for i in range(100)],
-                                              b"coarse_label_names": [b"super%d" % i for i in range(20)]}))
+    (folder / "meta").write_bytes(
+        py2_pickle(
+            {
+                b"fine_label_names": [b"class%d" % i for i in range(100)],
+                b"coarse_label_names": [b"super%d" % i for i in range(20)],
+            }
+        )
+    )
     return folder, sets["train"], sets["test"]
 
 
@@ -165,18 +180,25 @@ def test_synthetic_is_seeded_shaped_and_learnable():
     assert np.bincount(d.train.y.numpy()).tolist() == [100] * 4
     same = load_dataset("synthetic", seed=3, num_classes=4, num_train=400, num_test=200, channels=2, image_size=8)
     assert torch.equal(same.train.x, d.train.x) and torch.equal(same.test.y, d.test.y)
-    assert not torch.equal(load_dataset("synthetic", seed=4, num_train=400, num_test=200, channels=2,
-                                        image_size=8, num_classes=4).train.x, d.train.x)
+    assert not torch.equal(
+        load_dataset("synthetic", seed=4, num_train=400, num_test=200, channels=2, image_size=8, num_classes=4).train.x,
+        d.train.x,
+    )
     # A nearest-class-mean classifier does far better than chance (0.25).
     means = torch.stack([d.train.x[d.train.y == c].mean(0) for c in range(4)])
     pred = ((d.test.x[:, None] - means[None]) ** 2).flatten(2).sum(-1).argmin(1)
     assert (pred == d.test.y).float().mean() > 0.6
 
 
-@pytest.mark.parametrize("opts, msg", [
-    (dict(num_classes=1), "num_classes"), (dict(num_train=0), "num_train"),
-    (dict(image_size=2.5), "image_size"), (dict(class_sep=float("nan")), "class_sep"),
-])
+@pytest.mark.parametrize(
+    "opts, msg",
+    [
+        (dict(num_classes=1), "num_classes"),
+        (dict(num_train=0), "num_train"),
+        (dict(image_size=2.5), "image_size"),
+        (dict(class_sep=float("nan")), "class_sep"),
+    ],
+)
 def test_synthetic_rejects_bad_options(opts, msg):
     with pytest.raises(ValueError, match=msg):
         load_dataset("synthetic", **opts)
@@ -272,11 +294,20 @@ def test_svhn_reads_the_mat_files_and_maps_10_to_0(tmp_path):
     assert torch.equal(load_dataset("svhn", sub).train.x, d.train.x)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("cifar10", r"expected <root>/cifar-10-batches-py/data_batch_1 \.\.\. .*https://www\.cs\.toronto\.edu/~kriz/cifar\.html"),
-    ("cifar100", r"expected <root>/cifar-100-python/train and test .*https://www\.cs\.toronto\.edu/~kriz/cifar\.html"),
-    ("svhn", r"expected <root>/train_32x32\.mat and <root>/test_32x32\.mat"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "cifar10",
+            r"expected <root>/cifar-10-batches-py/data_batch_1 \.\.\. .*https://www\.cs\.toronto\.edu/~kriz/cifar\.html",
+        ),
+        (
+            "cifar100",
+            r"expected <root>/cifar-100-python/train and test .*https://www\.cs\.toronto\.edu/~kriz/cifar\.html",
+        ),
+        ("svhn", r"expected <root>/train_32x32\.mat and <root>/test_32x32\.mat"),
+    ],
+)
 def test_missing_directory_or_files_name_the_layout(tmp_path, name, expected):
     with pytest.raises(DatasetNotFoundError, match=f"{name}.*read from local files.*{expected}"):
         load_dataset(name)
@@ -301,17 +332,20 @@ def test_missing_single_file_and_unextracted_archive(tmp_path):
         load_dataset("cifar10", other / "cifar-10-python.tar.gz")
 
 
-@pytest.mark.parametrize("content, msg", [
-    (b"not a pickle at all", "not a readable CIFAR python pickle"),
-    (b"", "not a readable CIFAR python pickle"),
-    (py2_pickle([1, 2]), "expected a dict, found list"),
-    (py2_pickle({b"labels": [1]}), "no b'data' entry"),
-    (py2_pickle({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]}), r"b'data' must be uint8 \[N, 3072\]"),
-    (py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]}), "expected 2 integer labels"),
-    (py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]}), r"labels must be in \[0, 10\)"),
-    # a pickle that would run a command: refused, never executed
-    (b"\x80\x02cos\nsystem\nU\x04true\x85R.", "refusing to load os.system"),
-])
+@pytest.mark.parametrize(
+    "content, msg",
+    [
+        (b"not a pickle at all", "not a readable CIFAR python pickle"),
+        (b"", "not a readable CIFAR python pickle"),
+        (py2_pickle([1, 2]), "expected a dict, found list"),
+        (py2_pickle({b"labels": [1]}), "no b'data' entry"),
+        (py2_pickle({b"data": np.zeros((2, 100), np.uint8), b"labels": [1, 2]}), r"b'data' must be uint8 \[N, 3072\]"),
+        (py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]}), "expected 2 integer labels"),
+        (py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]}), r"labels must be in \[0, 10\)"),
+        # a pickle that would run a command: refused, never executed
+        (b"\x80\x02cos\nsystem\nU\x04true\x85R.", "refusing to load os.system"),
+    ],
+)
 def test_corrupt_cifar_files_name_the_file(tmp_path, content, msg):
     folder, _, _ = write_cifar10(tmp_path, np.random.default_rng(6))
     (folder / "data_batch_3").write_bytes(content)
@@ -356,10 +390,17 @@ def assert_partition(parts, n, num_clients):
     assert joined.size == n and np.array_equal(np.sort(joined), np.arange(n))  # covers all, no overlap
 
 
-@pytest.mark.parametrize("method, opts", [
-    ("iid", {}), ("dirichlet", {"alpha": 0.1}), ("dirichlet", {"alpha": 0.5}), ("dirichlet", {"alpha": 100.0}),
-    ("quantity", {"alpha": 0.5}), ("quantity", {"sigma": 1.0}),
-])
+@pytest.mark.parametrize(
+    "method, opts",
+    [
+        ("iid", {}),
+        ("dirichlet", {"alpha": 0.1}),
+        ("dirichlet", {"alpha": 0.5}),
+        ("dirichlet", {"alpha": 100.0}),
+        ("quantity", {"alpha": 0.5}),
+        ("quantity", {"sigma": 1.0}),
+    ],
+)
 @pytest.mark.parametrize("num_clients", [1, 10, 37])
 def test_partitions_cover_without_overlap_and_are_deterministic(method, opts, num_clients):
     y = digits_labels()
@@ -416,31 +457,38 @@ def test_quantity_skew_gives_unequal_sizes_with_iid_labels():
     assert [len(p) for p in quantity_skew(y, 10, seed=1)] == [len(p) for p in quantity_skew(y, 10, alpha=0.5, seed=1)]
 
 
-@pytest.mark.parametrize("call, msg", [
-    (lambda: iid(np.arange(7), 10), "10 clients but only 7 samples"),
-    (lambda: dirichlet(np.arange(7) % 2, 10, 0.5), "10 clients but only 7 samples"),
-    (lambda: quantity_skew(np.arange(7), 10), "10 clients but only 7 samples"),
-    (lambda: iid(np.arange(7), 0), "num_clients must be a positive integer, got 0"),
-    (lambda: iid(np.arange(7), 2.5), "num_clients must be a positive integer, got 2.5"),
-    (lambda: iid(np.arange(7), True), "num_clients must be a positive integer"),
-    (lambda: dirichlet(np.arange(50) % 5, 5, 0.0), "alpha must be a positive finite number, got 0.0"),
-    (lambda: dirichlet(np.arange(50) % 5, 5, -1), "alpha must be a positive"),
-    (lambda: dirichlet(np.arange(50) % 5, 5, float("inf")), "alpha must be a positive"),
-    (lambda: dirichlet(np.arange(50) % 5, 5, 0.5, min_size=11),
-     "5 clients with at least min_size=11 .* need 55 samples, but there are only 50"),
-    (lambda: dirichlet(np.arange(50) % 5, 5, 0.5, max_tries=0), "max_tries must be a positive integer"),
-    (lambda: quantity_skew(np.arange(50), 5, alpha=0.5, sigma=1.0), "either alpha .* or sigma"),
-    (lambda: quantity_skew(np.arange(50), 5, sigma=0), "sigma must be a positive"),
-    (lambda: iid(np.zeros((4, 2), np.int64), 2), "labels must be 1-D"),
-    (lambda: iid(np.array([0.5, 1.0]), 2), "labels must be integers"),
-    (lambda: iid(np.array([], np.int64), 1), "labels are empty"),
-    (lambda: iid(np.array([0, -1]), 1), "non-negative"),
-    (lambda: iid(np.arange(7), 2, seed=1.5), "seed must be an integer"),
-    (lambda: partition("pathological", np.arange(7), 2),
-     "unknown partition 'pathological'; choose one of: iid, dirichlet, quantity"),
-    (lambda: partition("dirichlet", np.arange(7), 2), "missing a required argument: 'alpha'"),
-    (lambda: partition("iid", np.arange(7), 2, alpha=0.5), "unknown option.*alpha"),
-])
+@pytest.mark.parametrize(
+    "call, msg",
+    [
+        (lambda: iid(np.arange(7), 10), "10 clients but only 7 samples"),
+        (lambda: dirichlet(np.arange(7) % 2, 10, 0.5), "10 clients but only 7 samples"),
+        (lambda: quantity_skew(np.arange(7), 10), "10 clients but only 7 samples"),
+        (lambda: iid(np.arange(7), 0), "num_clients must be a positive integer, got 0"),
+        (lambda: iid(np.arange(7), 2.5), "num_clients must be a positive integer, got 2.5"),
+        (lambda: iid(np.arange(7), True), "num_clients must be a positive integer"),
+        (lambda: dirichlet(np.arange(50) % 5, 5, 0.0), "alpha must be a positive finite number, got 0.0"),
+        (lambda: dirichlet(np.arange(50) % 5, 5, -1), "alpha must be a positive"),
+        (lambda: dirichlet(np.arange(50) % 5, 5, float("inf")), "alpha must be a positive"),
+        (
+            lambda: dirichlet(np.arange(50) % 5, 5, 0.5, min_size=11),
+            "5 clients with at least min_size=11 .* need 55 samples, but there are only 50",
+        ),
+        (lambda: dirichlet(np.arange(50) % 5, 5, 0.5, max_tries=0), "max_tries must be a positive integer"),
+        (lambda: quantity_skew(np.arange(50), 5, alpha=0.5, sigma=1.0), "either alpha .* or sigma"),
+        (lambda: quantity_skew(np.arange(50), 5, sigma=0), "sigma must be a positive"),
+        (lambda: iid(np.zeros((4, 2), np.int64), 2), "labels must be 1-D"),
+        (lambda: iid(np.array([0.5, 1.0]), 2), "labels must be integers"),
+        (lambda: iid(np.array([], np.int64), 1), "labels are empty"),
+        (lambda: iid(np.array([0, -1]), 1), "non-negative"),
+        (lambda: iid(np.arange(7), 2, seed=1.5), "seed must be an integer"),
+        (
+            lambda: partition("pathological", np.arange(7), 2),
+            "unknown partition 'pathological'; choose one of: iid, dirichlet, quantity",
+        ),
+        (lambda: partition("dirichlet", np.arange(7), 2), "missing a required argument: 'alpha'"),
+        (lambda: partition("iid", np.arange(7), 2, alpha=0.5), "unknown option.*alpha"),
+    ],
+)
 def test_partitioners_reject_bad_input(call, msg):
     with pytest.raises(ValueError, match=msg):
         call()

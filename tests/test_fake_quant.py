@@ -132,7 +132,9 @@ def test_gradient_passes_nan_like_torch(backend, gen):
     x = sample((1000,), 0.01, gen)
     grad = torch.randn(1000, generator=gen)
     grad[::7] = float("nan")
-    ours = torch.ops.fedhq.fake_quant_backward(grad, x, torch.tensor(0.01), torch.tensor(0, dtype=torch.int32), -128, 127, -1)
+    ours = torch.ops.fedhq.fake_quant_backward(
+        grad, x, torch.tensor(0.01), torch.tensor(0, dtype=torch.int32), -128, 127, -1
+    )
     xt = x.clone().requires_grad_()
     torch.fake_quantize_per_tensor_affine(xt, 0.01, 0, -128, 127).backward(grad)
     assert_equal(ours, xt.grad)
@@ -275,8 +277,11 @@ BAD_CALLS = [
     (dict(scale=float("inf")), ValueError, "got inf"),
     (dict(scale=torch.tensor(-0.5)), ValueError, "scale must be finite and > 0, got -0.5"),
     (dict(scale=torch.tensor(float("nan"))), ValueError, "scale must be finite and > 0, got nan"),
-    (dict(scale=torch.tensor([0.1, 0.0, 0.1]), zero_point=torch.zeros(3, dtype=torch.int32), axis=0), ValueError,
-     "got 0(\\.0)? at channel 1"),
+    (
+        dict(scale=torch.tensor([0.1, 0.0, 0.1]), zero_point=torch.zeros(3, dtype=torch.int32), axis=0),
+        ValueError,
+        "got 0(\\.0)? at channel 1",
+    ),
     (dict(scale=0.1, zero_point=200), ValueError, "zero_point must lie in \\[-128, 127\\], got 200"),
     (dict(scale=0.1, zero_point=torch.tensor(-129)), ValueError, "got -129"),
     (dict(scale=0.1, zero_point=0.5), TypeError, "zero_point must be an int"),

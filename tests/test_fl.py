@@ -15,8 +15,14 @@ from fedhq.models import ModelSpec
 
 
 def tiny(reference, tmp_path, **changes) -> RunConfig:
-    settings = dict(clients=4, rounds=2, local_epochs=2, batch_size=16, output_dir=str(tmp_path / "run"),
-                    reference_profile=reference)  # fmt: skip
+    settings = dict(
+        clients=4,
+        rounds=2,
+        local_epochs=2,
+        batch_size=16,
+        output_dir=str(tmp_path / "run"),
+        reference_profile=reference,
+    )
     settings.update(changes)
     return RunConfig(**settings).validated()
 
@@ -61,8 +67,9 @@ def test_int8_upload_is_about_four_times_smaller(reference, tmp_path):
 def test_fedrh_is_seeded(reference, tmp_path):
     first = quiet(tiny(reference, tmp_path / "a", strategy="fedrh", clients=8, rounds=1))
     again = quiet(tiny(reference, tmp_path / "b", strategy="fedrh", clients=8, rounds=1))
-    other = [quiet(tiny(reference, tmp_path / f"s{s}", strategy="fedrh", clients=8, rounds=1, seed=s))
-             for s in (1, 2, 3)]  # fmt: skip
+    other = [
+        quiet(tiny(reference, tmp_path / f"s{s}", strategy="fedrh", clients=8, rounds=1, seed=s)) for s in (1, 2, 3)
+    ]
     assert first["allocation"] == again["allocation"]
     assert any(o["allocation"]["ptq"] != first["allocation"]["ptq"] for o in other)
 
@@ -125,8 +132,9 @@ def _faulty(faults):
         if fault == "nan_scale":
             name = next(k for k, v in update.state.items() if isinstance(v, fk.QuantizedTensor))
             q = update.state[name]
-            update.state[name] = fk.QuantizedTensor(q.data, torch.full_like(q.scale, math.nan), q.zero_point,
-                                                    q.bits, q.axis, q.symmetric, q.dtype, q.shape)  # fmt: skip
+            update.state[name] = fk.QuantizedTensor(
+                q.data, torch.full_like(q.scale, math.nan), q.zero_point, q.bits, q.axis, q.symmetric, q.dtype, q.shape
+            )
         if fault == "missing_key":
             update.state.pop(next(iter(update.state)))
         if fault == "wrong_shape":
@@ -208,8 +216,23 @@ def test_setup_errors(reference, tmp_path):
 
 def test_cli_run_writes_results_and_bad_settings_exit_2(reference, tmp_path, capsys):
     out = tmp_path / "cli"
-    code = cli.main(["run", "--strategy", "fedhq", "--clients", "3", "--rounds", "1", "--local-epochs", "1",
-                     "--reference-profile", reference, "--output", str(out)])  # fmt: skip
+    code = cli.main(
+        [
+            "run",
+            "--strategy",
+            "fedhq",
+            "--clients",
+            "3",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--reference-profile",
+            reference,
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     assert json.loads((out / "results.json").read_text())["strategy"] == "fedhq"
     assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -224,8 +247,23 @@ def test_cli_run_writes_results_and_bad_settings_exit_2(reference, tmp_path, cap
 
 def test_cli_compare_runs_every_strategy_on_the_same_setup(reference, tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = cli.main(["compare", "--strategies", "fedhq,fedfq", "--clients", "3", "--rounds", "1",
-                     "--local-epochs", "1", "--reference-profile", reference, "--output", str(out)])  # fmt: skip
+    code = cli.main(
+        [
+            "compare",
+            "--strategies",
+            "fedhq,fedfq",
+            "--clients",
+            "3",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--reference-profile",
+            reference,
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["seeds"] == [0] and list(comparison["runs_by_seed"]["0"]) == ["fedhq", "fedfq"]

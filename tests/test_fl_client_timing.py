@@ -7,6 +7,7 @@ strategy allocates as specified."""
 
 import json
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,8 @@ from fedhq.fl.server import Server
 from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology
 from fedhq.models import ModelSpec
-from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys
 from fedhq.profile import schema
+from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys
 
 KEY = "small_cnn@8x8x1:10"
 DEVICES = Path(__file__).resolve().parents[1] / "fedhq" / "devices"
@@ -138,19 +139,35 @@ def measured_profile(name, step0, step1, *, uplink_mbps=None):
     batch sizes, with memory enough for any batch used here."""
 
     def rows(factor):
-        return [{"batch": b, "step_s": {"median": factor * (step0 + step1 * b)}, "peak_memory_bytes": (50 + b) * MiB,
-                 "ops": 40, "flops": 1e6 * b, "bytes_compute": 1e5 * b, "bytes_other": 1e5 * b}
-                for b in (4, 16, 64)]  # fmt: skip
+        return [
+            {
+                "batch": b,
+                "step_s": {"median": factor * (step0 + step1 * b)},
+                "peak_memory_bytes": (50 + b) * MiB,
+                "ops": 40,
+                "flops": 1e6 * b,
+                "bytes_compute": 1e5 * b,
+                "bytes_other": 1e5 * b,
+            }
+            for b in (4, 16, 64)
+        ]
 
     doc = {
-        "schema": schema.SCHEMA, "schema_version": schema.SCHEMA_VERSION, "kind": "measured",
-        "timestamp": "2026-01-01T00:00:00+00:00", "software": {"torch": torch.__version__},
+        "schema": schema.SCHEMA,
+        "schema_version": schema.SCHEMA_VERSION,
+        "kind": "measured",
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "software": {"torch": torch.__version__},
         "device": {"name": name, "type": "cpu", "memory_bytes": 64 << 30, "memory_overhead_bytes": 0},
-        "figures": {"copy_bandwidth_gbps": {"median": 10.0}, "matmul_tflops": {"float32": {"median": 0.1}},
-                    "launch_overhead_us": {"median": 5.0}},
-        "models": {KEY: {"params": 20_000,
-                         "strategies": {"ptq": {"batches": rows(1.0)}, "qat": {"batches": rows(2.0)}}}},
-    }  # fmt: skip
+        "figures": {
+            "copy_bandwidth_gbps": {"median": 10.0},
+            "matmul_tflops": {"float32": {"median": 0.1}},
+            "launch_overhead_us": {"median": 5.0},
+        },
+        "models": {
+            KEY: {"params": 20_000, "strategies": {"ptq": {"batches": rows(1.0)}, "qat": {"batches": rows(2.0)}}}
+        },
+    }
     if uplink_mbps is not None:
         doc["network"] = {"uplink_mbps": {"median": uplink_mbps, "source": "test"}}
     return doc
@@ -194,9 +211,20 @@ def test_engine_round_time_follows_the_clients_devices(tmp_path):
     slow = measured_profile("slow", 10e-3, 1e-3)  # no network figure: uplink_mbps below
     paths = [schema.dump(doc, tmp_path / f"{doc['device']['name']}.json") for doc in (fast, slow)]
     betas = [1.0, 0.25, 0.5, 0.5]
-    config = RunConfig(strategy="fedhq", clients=4, rounds=2, local_epochs=2, batch_size=64, partition="iid",
-                       devices=[str(p) for p in paths], alphas=[1.0] * 4, betas=betas, uplink_mbps=20.0,
-                       reference_profile=str(paths[0]), output_dir=str(tmp_path / "run")).validated()  # fmt: skip
+    config = RunConfig(
+        strategy="fedhq",
+        clients=4,
+        rounds=2,
+        local_epochs=2,
+        batch_size=64,
+        partition="iid",
+        devices=[str(p) for p in paths],
+        alphas=[1.0] * 4,
+        betas=betas,
+        uplink_mbps=20.0,
+        reference_profile=str(paths[0]),
+        output_dir=str(tmp_path / "run"),
+    ).validated()
     results = engine.run(config, echo=lambda s: None)
     docs = [fast, slow, fast, slow]
     uplinks = [0.05, 20.0, 0.05, 20.0]
@@ -217,8 +245,9 @@ def test_engine_round_time_follows_the_clients_devices(tmp_path):
     # allocation: global_init on the reported significances; normalized values as reported
     speed_sig = [c["speed_sig"] for c in results["clients"]]
     acc_sig = [c["acc_sig"] for c in results["clients"]]
-    expected = global_init(speed_sig, acc_sig, config.xi, config.area_threshold,
-                           speed_orientation=config.speed_orientation)  # fmt: skip
+    expected = global_init(
+        speed_sig, acc_sig, config.xi, config.area_threshold, speed_orientation=config.speed_orientation
+    )
     assert [c["strategy"] for c in results["clients"]] == [str(s) for s in expected.strategies]
     norm_speed = normalize_significance(speed_sig)
     if config.speed_orientation == "speed":
@@ -254,8 +283,9 @@ def test_zero_point_out_of_range_is_rejected(spec):
     state = dict(server.state)
     key = sorted(names)[0]
     q = state[key]
-    state[key] = fk.QuantizedTensor(q.data, q.scale, torch.full_like(q.zero_point, 300), q.bits, q.axis,
-                                    q.symmetric, q.dtype, q.shape)  # fmt: skip
+    state[key] = fk.QuantizedTensor(
+        q.data, q.scale, torch.full_like(q.zero_point, 300), q.bits, q.axis, q.symmetric, q.dtype, q.shape
+    )
     update = type("U", (), {"client": 1, "state": state, "num_samples": 5})()
     before = {k: v.data.clone() for k, v in server.state.items() if isinstance(v, fk.QuantizedTensor)}
     accepted, rejected = server.aggregate([update])
@@ -267,7 +297,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path):
     path = tmp_path / "checkpoint.pt"
     q = fk.quantize(torch.randn(4, 3), axis=0)
     checkpoint.save(path, {"history": [1, 2], "server_state": {"w": q}})
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.PicklingError):
         checkpoint.save(path, {"history": [1, 2, 3], "bad": lambda: None})  # cannot be pickled
     saved = checkpoint.load(path)
     assert saved["history"] == [1, 2] and torch.equal(saved["server_state"]["w"].data, q.data)
@@ -285,8 +315,9 @@ def test_each_strategy_allocates_as_specified():
         return engine.allocate(RunConfig(strategy=strategy, clients=16, seed=seed).validated(), speed_sig, acc_sig)
 
     config = RunConfig(strategy="fedhq", clients=16).validated()
-    expected = global_init(speed_sig, acc_sig, config.xi, config.area_threshold,
-                           speed_orientation=config.speed_orientation)  # fmt: skip
+    expected = global_init(
+        speed_sig, acc_sig, config.xi, config.area_threshold, speed_orientation=config.speed_orientation
+    )
     assert allocate("fedhq") == [str(s) for s in expected.strategies]
     assert allocate("fedaqt") == ["qat"] * 16 and allocate("fedfq") == ["ptq"] * 16
     assert allocate("fp32") == ["fp32"] * 16
@@ -301,9 +332,16 @@ def test_each_strategy_allocates_as_specified():
 def test_flags_override_the_config_file(tmp_path, capsys):
     doc = measured_profile("here", 1e-3, 1e-4)
     reference = schema.dump(doc, tmp_path / "here.json")
-    settings = {"strategy": "fedfq", "clients": 3, "rounds": 4, "local_epochs": 1, "batch_size": 64,
-                "reference_profile": str(reference),
-                "devices": [str(reference)], "output_dir": str(tmp_path / "from-file")}  # fmt: skip
+    settings = {
+        "strategy": "fedfq",
+        "clients": 3,
+        "rounds": 4,
+        "local_epochs": 1,
+        "batch_size": 64,
+        "reference_profile": str(reference),
+        "devices": [str(reference)],
+        "output_dir": str(tmp_path / "from-file"),
+    }
     (tmp_path / "run.json").write_text(json.dumps(settings))
     out = tmp_path / "from-flags"
     assert cli.main(["run", "--config", str(tmp_path / "run.json"), "--rounds", "1", "--output", str(out)]) == 0
@@ -334,7 +372,7 @@ def test_a_reference_measured_on_a_busy_machine_is_flagged(tmp_path, monkeypatch
         doc = measured_profile("here", 1e-3, 1e-4)
         doc["device"]["cores"] = 2
         doc["conditions"] = {"threads": 2, "load_average_start": load, "load_average_end": load}
-        monkeypatch.setattr(profile_run, "run_profile", lambda **_: doc)
+        monkeypatch.setattr(profile_run, "run_profile", lambda doc=doc, **_: doc)
         lines = []
         out = tmp_path / f"load{load}"
         engine.reference_profile(RunConfig(output_dir=str(out)).validated(), spec, out, lines.append)

@@ -40,15 +40,27 @@ def test_batchnorm_trains_on_a_client_whose_last_batch_has_one_sample(strategy):
 
 @pytest.mark.parametrize("samples, batch", [(1, 16), (40, 1)])
 def test_a_client_that_cannot_make_a_batch_of_two_says_why(samples, batch):
-    with pytest.raises(ValueError, match=f"BatchNorm cannot train on batches of one sample, and this client's "
-                                         f"{samples} sample\\(s\\) at batch size {batch} make no other"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=f"BatchNorm cannot train on batches of one sample, and this client's "
+        f"{samples} sample\\(s\\) at batch size {batch} make no other",
+    ):
         train_local(RESNET, RESNET.build().state_dict(), digits_like(samples), plan(batch), client=0)
 
 
 def test_resnet18_trains_federated_with_every_update_accepted(tmp_path):
     # 386 samples: two IID clients of 193 = 12 x 16 + 1, so every epoch ends on a batch of one
-    config = RunConfig(dataset="digits", max_train=386, model="resnet18@8x8x1", clients=2, rounds=2, local_epochs=1,
-                       partition="iid", lr=0.01, output_dir=str(tmp_path / "run"))  # fmt: skip
+    config = RunConfig(
+        dataset="digits",
+        max_train=386,
+        model="resnet18@8x8x1",
+        clients=2,
+        rounds=2,
+        local_epochs=1,
+        partition="iid",
+        lr=0.01,
+        output_dir=str(tmp_path / "run"),
+    )
     results = engine.run(config, echo=lambda line: None)
     assert all(c["samples"] % c["batch"] == 1 for c in results["clients"])
     for row in results["rounds"]:

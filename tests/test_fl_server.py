@@ -26,8 +26,10 @@ def setup(gen):
     names = quantized_names(net)
     updates = []
     for client in range(3):
-        weights = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + client
-                   for k, v in net.state_dict().items()}  # fmt: skip
+        weights = {
+            k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + client
+            for k, v in net.state_dict().items()
+        }
         weights["1.running_var"] = weights["1.running_var"].abs() + 1e-3
         updates.append(Update(client, quantize_upload(weights, names, 8), 10 * (client + 1), 0.0, 1, 0.0))
     return net, names, updates
@@ -158,8 +160,9 @@ def test_running_statistics_are_bounded_as_statistics_not_as_weights(setup):
     limits = growth_limits(Server(net.state_dict(), bits=8, quantized=names).state, 100.0, stats)
     assert limits["1.running_mean"] == limits["1.running_var"] == 100.0  # mean 0, std 1: the floor of 1.0
 
-    def offer(global_state=net.state_dict(), stats=stats, max_growth=100.0, **entries):
+    def offer(global_state=None, stats=stats, max_growth=100.0, **entries):
         """The rejection reason of a fresh server for an update holding ``entries``, or None."""
+        global_state = net.state_dict() if global_state is None else global_state
         server = Server(global_state, bits=8, quantized=names, max_growth=max_growth, stats=stats)
         state = {**updates[0].state, **{f"1.{k}": torch.full((4,), float(v)) for k, v in entries.items()}}
         accepted, rejected = server.aggregate([Update(0, state, 10, 0.0, 1, 0.0)])

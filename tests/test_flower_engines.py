@@ -32,8 +32,19 @@ def _no_children_left(within_s: float) -> list[int]:
 
 def test_fedhq_run_on_the_flower_simulation_engine(reference, tmp_path, capsys):
     out = tmp_path / "flower"
-    args = ["run", "--engine", "flower", "--clients", "3", "--rounds", "2", "--local-epochs", "1",
-            "--reference-profile", reference]  # fmt: skip
+    args = [
+        "run",
+        "--engine",
+        "flower",
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--local-epochs",
+        "1",
+        "--reference-profile",
+        reference,
+    ]
     assert cli.main([*args, "--output", str(out)]) == 0
     flower = json.loads((out / "results.json").read_text())
     assert flower["schema"] == "fedhq.run/2" and flower["engine"] == "flower" and flower["excluded"] == []
@@ -66,9 +77,13 @@ def test_deployment_on_this_machine_and_a_node_that_goes_away(reference, tmp_pat
             if "round   2/3" in line:
                 deployment.stop_node(1)
 
-        code, output = deployment.run_app(APP, f"clients=2 rounds=3 local-epochs=1 seed=2 client-timeout-s=90 "
-                                               f"output-dir='{out}' reference-profile='{reference}'",
-                                          timeout_s=300, on_line=stop_node_after_round_2)  # fmt: skip
+        code, output = deployment.run_app(
+            APP,
+            f"clients=2 rounds=3 local-epochs=1 seed=2 client-timeout-s=90 "
+            f"output-dir='{out}' reference-profile='{reference}'",
+            timeout_s=300,
+            on_line=stop_node_after_round_2,
+        )
         logs = "\n".join(deployment.log(n) for n in ("superlink", "supernode0", "supernode1"))
     assert deployment.survivors == [], deployment.survivors
     assert code == 0 and (out / "results.json").exists(), output + logs
@@ -78,8 +93,15 @@ def test_deployment_on_this_machine_and_a_node_that_goes_away(reference, tmp_pat
 
     # The embedded engine on the same settings: the same allocation, and the same
     # simulated round times, which depend on the strategy each node trained with.
-    config = RunConfig(clients=2, rounds=2, local_epochs=1, seed=2, devices=["rtx-a6000", PHONE],
-                       output_dir=str(tmp_path / "embedded"), reference_profile=reference)  # fmt: skip
+    config = RunConfig(
+        clients=2,
+        rounds=2,
+        local_epochs=1,
+        seed=2,
+        devices=["rtx-a6000", PHONE],
+        output_dir=str(tmp_path / "embedded"),
+        reference_profile=reference,
+    )
     embedded = engine.run(config, echo=lambda line: None)
     assert results["assignment_before"] == embedded["assignment_before"]
     assert [c["speed_time_s"] for c in results["clients"]] == [c["speed_time_s"] for c in embedded["clients"]]

@@ -38,7 +38,12 @@ def assert_same(a: dict, b: dict) -> None:
             for field in ("data", "scale", "zero_point"):
                 assert torch.equal(getattr(x, field), getattr(y, field)), (name, field)
             assert (x.bits, x.axis, x.symmetric, x.dtype, tuple(x.shape)) == (
-                y.bits, y.axis, y.symmetric, y.dtype, tuple(y.shape)), name  # fmt: skip
+                y.bits,
+                y.axis,
+                y.symmetric,
+                y.dtype,
+                tuple(y.shape),
+            ), name
         else:
             assert x.dtype == y.dtype and torch.equal(x, y), name
 
@@ -49,7 +54,10 @@ def test_round_trip_is_exact(state):
     assert arrays["conv.weight:scale"].shape == (6,)
     # codes travel packed: 162 8-bit codes in 162 bytes, 6 4-bit codes in 3, 35 6-bit codes in 27
     assert [(arrays[n].dtype, arrays[n].shape) for n in ("conv.weight", "conv.bias", "fc.weight")] == [
-        ("uint8", (162,)), ("uint8", (3,)), ("uint8", (27,))]  # fmt: skip
+        ("uint8", (162,)),
+        ("uint8", (3,)),
+        ("uint8", (27,)),
+    ]
 
 
 def test_float_state_has_an_empty_layout():

@@ -30,7 +30,13 @@ def quiet(line: str) -> None:
 
 
 def tiny(reference, tmp_path, **changes) -> RunConfig:
-    settings = {"clients": 4, "rounds": 2, "local_epochs": 1, "output_dir": str(tmp_path), "reference_profile": reference}
+    settings = {
+        "clients": 4,
+        "rounds": 2,
+        "local_epochs": 1,
+        "output_dir": str(tmp_path),
+        "reference_profile": reference,
+    }
     return RunConfig(**{**settings, **changes}).validated()
 
 
@@ -61,8 +67,16 @@ def test_a_node_builds_only_its_own_client_as_the_run_does(reference, tmp_path):
     for cid in (0, 3):
         _, own = engine.client_setup(config, profile, cid)
         c = everyone[cid]
-        assert (own.id, own.alpha, own.beta, own.batch, own.device_source) == (c.id, c.alpha, c.beta, c.batch, c.device_source)
-        assert np.array_equal(own.data.y.numpy(), c.data.y.numpy()) and np.array_equal(own.data.x.numpy(), c.data.x.numpy())
+        assert (own.id, own.alpha, own.beta, own.batch, own.device_source) == (
+            c.id,
+            c.alpha,
+            c.beta,
+            c.batch,
+            c.device_source,
+        )
+        assert np.array_equal(own.data.y.numpy(), c.data.y.numpy()) and np.array_equal(
+            own.data.x.numpy(), c.data.x.numpy()
+        )
 
 
 def _not_for_query(fault):
@@ -157,8 +171,13 @@ def _drop_record(reply, msg):
 
 
 def test_nodes_with_unusable_significance_are_left_out_of_the_run(reference, tmp_path, caplog):
-    faults = {1: _significance("acc", float("nan")), 2: _significance("time-s", float("inf")),
-              3: _drop_record, 4: _claims_partition(0), 5: lambda reply, msg: None}  # fmt: skip
+    faults = {
+        1: _significance("acc", float("nan")),
+        2: _significance("time-s", float("inf")),
+        3: _drop_record,
+        4: _claims_partition(0),
+        5: lambda reply, msg: None,
+    }
     config = tiny(reference, tmp_path, clients=7, rounds=1)
     with caplog.at_level("WARNING", logger="fedhq"):
         results = run_on_grid(LocalGrid(client_app.app, 7, faults), config, echo=quiet)
@@ -174,8 +193,15 @@ def test_nodes_with_unusable_significance_are_left_out_of_the_run(reference, tmp
 def test_settings_from_a_flower_run_config(reference, tmp_path):
     file = tmp_path / "run.json"
     file.write_text(json.dumps({"rounds": 7, "lr": 0.01, "seed": 3}))
-    values = {"config-file": str(file), "rounds": 2, "local-epochs": 1, "devices": "rtx-a6000, jetson-orin-nano-8gb",
-              "alphas": "0.5,1", "model": "", "client-timeout-s": 30.0}  # fmt: skip
+    values = {
+        "config-file": str(file),
+        "rounds": 2,
+        "local-epochs": 1,
+        "devices": "rtx-a6000, jetson-orin-nano-8gb",
+        "alphas": "0.5,1",
+        "model": "",
+        "client-timeout-s": 30.0,
+    }
     config = run_config_from_flower({**values, "clients": 2})
     assert (config.rounds, config.lr, config.seed, config.local_epochs) == (2, 0.01, 3, 1)
     assert config.devices == ["rtx-a6000", "jetson-orin-nano-8gb"] and config.alphas == [0.5, 1.0]

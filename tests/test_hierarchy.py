@@ -53,8 +53,16 @@ def test_topology_from_a_file_and_bad_trees(tmp_path):
         Topology.parse("tree-please", 3)
     with pytest.raises(ConfigError, match="cycle"):
         path.write_text(json.dumps({"parents": [1, 0, None]}))
-        engine.run(RunConfig(clients=3, rounds=1, topology=str(path), output_dir=str(tmp_path / "o"),
-                             reference_profile=str(tmp_path / "none.json")), echo=lambda s: None)  # fmt: skip
+        engine.run(
+            RunConfig(
+                clients=3,
+                rounds=1,
+                topology=str(path),
+                output_dir=str(tmp_path / "o"),
+                reference_profile=str(tmp_path / "none.json"),
+            ),
+            echo=lambda s: None,
+        )
 
 
 def test_round_time_follows_the_tree():
@@ -76,8 +84,10 @@ def updates(gen):
     names = quantized_names(net)
     result = []
     for client in range(5):
-        weights = {k: v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-                   for k, v in net.state_dict().items()}  # fmt: skip
+        weights = {
+            k: v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in net.state_dict().items()
+        }
         result.append(Update(client, quantize_upload(weights, names, 8), 10 + 7 * client, 0.0, 1, 0.0))
     return net, names, result
 
@@ -157,21 +167,39 @@ def test_ranked_search_finds_the_best_subtree_with_few_trainings():
 
 
 def hierarchical(reference, tmp_path, **changes):
-    settings = dict(clients=6, topology="hierarchical:2x2", rounds=3, local_epochs=1, batch_size=16, adjust=True,
-                    adjust_after=1, adjust_budget=4, output_dir=str(tmp_path / "run"), reference_profile=reference)
-    settings.update(changes)  # fmt: skip
+    settings = dict(
+        clients=6,
+        topology="hierarchical:2x2",
+        rounds=3,
+        local_epochs=1,
+        batch_size=16,
+        adjust=True,
+        adjust_after=1,
+        adjust_budget=4,
+        output_dir=str(tmp_path / "run"),
+        reference_profile=reference,
+    )
+    settings.update(changes)
     return RunConfig(**settings).validated()
 
 
 def test_adjustment_in_a_run_situations_ranking_and_snapshot_isolation(reference, tmp_path, monkeypatch):
     """Detection is forced to flag aggregator 0 (Situation 2) and leaf 5 (Situation 1);
     every candidate trial must leave the main run's model and client state untouched."""
-    monkeypatch.setattr(adjustment, "detect", lambda *a, **k: [
-        adjust.Flag(0, ["time: forced by the test"]), adjust.Flag(5, ["accuracy: forced by the test"])])
+    monkeypatch.setattr(
+        adjustment,
+        "detect",
+        lambda *a, **k: [
+            adjust.Flag(0, ["time: forced by the test"]),
+            adjust.Flag(5, ["accuracy: forced by the test"]),
+        ],
+    )
     real_trial, checked = adjustment.trial, []
 
     def isolated_trial(ctx, assignment, first_round, validation):
-        before = {k: (v.data.clone() if isinstance(v, fk.QuantizedTensor) else v.clone()) for k, v in ctx.server.state.items()}
+        before = {
+            k: (v.data.clone() if isinstance(v, fk.QuantizedTensor) else v.clone()) for k, v in ctx.server.state.items()
+        }
         states = {c: {k: v.clone() for k, v in s.observers.items()} for c, s in ctx.states.items()}
         strategies = [c.strategy for c in ctx.clients]
         result = real_trial(ctx, assignment, first_round, validation)

@@ -15,8 +15,10 @@ from fedhq.data.idx import read_idx
 from fedhq.data.registry import dataset_key
 from fedhq.fl import RunConfig, engine
 
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -112,11 +114,17 @@ def test_no_root_reads_the_default_directory(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- missing files
 
 
-@pytest.mark.parametrize("module, how", [
-    (fashion_mnist, r"/usr/share/datasets/fashion-mnist, the default \(apt-get install dataset-fashion-mnist\)"),
-    (mnist, r"no package installs them: get the four files from http://yann\.lecun\.com/exdb/mnist/.*"
-            r"/usr/share/datasets/mnist \(the default\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "module, how",
+    [
+        (fashion_mnist, r"/usr/share/datasets/fashion-mnist, the default \(apt-get install dataset-fashion-mnist\)"),
+        (
+            mnist,
+            r"no package installs them: get the four files from http://yann\.lecun\.com/exdb/mnist/.*"
+            r"/usr/share/datasets/mnist \(the default\)",
+        ),
+    ],
+)
 def test_missing_files_say_where_to_get_them(tmp_path, module, how):
     name = "fashion-mnist" if module is fashion_mnist else "mnist"
     with pytest.raises(DatasetNotFoundError, match=f"{tmp_path / 'nope'} does not exist.*{how}"):
@@ -145,18 +153,24 @@ def _header(type_code, dims) -> bytes:
 
 
 @pytest.mark.parametrize("gz", [False, True])
-@pytest.mark.parametrize("which, content, msg", [
-    ("images", b"\x12\x34\x08\x03" + b"\0" * 20, "not an IDX file .magic number 12340803"),
-    ("images", b"", "not an IDX file .magic number missing"),
-    ("images", idx_bytes(GOOD_IMAGES, type_code=0x0D), "IDX type code 0x0d, expected 0x08"),
-    ("labels", idx_bytes(GOOD_LABELS[:, None]), "2-dimensional IDX data, expected 1 dimensions"),
-    ("images", _header(0x08, (4, 28, 28))[:10], r"truncated IDX header \(10 of 16 bytes\)"),
-    ("images", idx_bytes(GOOD_IMAGES)[:-100],
-     "truncated: header says 4x28x28 = 3136 bytes of data, the file holds 3036"),
-    ("images", idx_bytes(np.zeros((4, 27, 28), np.uint8)), "27x28 images, expected 28x28"),
-    ("labels", idx_bytes(GOOD_LABELS[:3]), r"3 labels for the 4 images of .*t10k-images-idx3-ubyte"),
-    ("labels", idx_bytes(np.array([0, 1, 10, 3], np.uint8)), r"labels must be in \[0, 10\), found \[0, 10\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "which, content, msg",
+    [
+        ("images", b"\x12\x34\x08\x03" + b"\0" * 20, "not an IDX file .magic number 12340803"),
+        ("images", b"", "not an IDX file .magic number missing"),
+        ("images", idx_bytes(GOOD_IMAGES, type_code=0x0D), "IDX type code 0x0d, expected 0x08"),
+        ("labels", idx_bytes(GOOD_LABELS[:, None]), "2-dimensional IDX data, expected 1 dimensions"),
+        ("images", _header(0x08, (4, 28, 28))[:10], r"truncated IDX header \(10 of 16 bytes\)"),
+        (
+            "images",
+            idx_bytes(GOOD_IMAGES)[:-100],
+            "truncated: header says 4x28x28 = 3136 bytes of data, the file holds 3036",
+        ),
+        ("images", idx_bytes(np.zeros((4, 27, 28), np.uint8)), "27x28 images, expected 28x28"),
+        ("labels", idx_bytes(GOOD_LABELS[:3]), r"3 labels for the 4 images of .*t10k-images-idx3-ubyte"),
+        ("labels", idx_bytes(np.array([0, 1, 10, 3], np.uint8)), r"labels must be in \[0, 10\), found \[0, 10\]"),
+    ],
+)
 def test_damaged_files_name_the_file_and_the_fault(tmp_path, gz, which, content, msg):
     write_idx_dataset(tmp_path, np.random.default_rng(7))
     t10k = {"images": "t10k-images-idx3-ubyte", "labels": "t10k-labels-idx1-ubyte"}
@@ -186,11 +200,17 @@ def test_a_damaged_gzip_stream_names_the_file(tmp_path):
         read_idx(path, 1)
 
 
-@pytest.mark.parametrize("gz, msg", [
-    (False, r"truncated: header says 4294967295x28x28 = 3367254359280 bytes of data, the file holds 8"),
-    (True, r"header claims 4294967295x28x28 = 3367254359280 bytes of data, "
-           r"more than a gzipped file of \d+ bytes can hold"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "gz, msg",
+    [
+        (False, r"truncated: header says 4294967295x28x28 = 3367254359280 bytes of data, the file holds 8"),
+        (
+            True,
+            r"header claims 4294967295x28x28 = 3367254359280 bytes of data, "
+            r"more than a gzipped file of \d+ bytes can hold",
+        ),
+    ],
+)
 def test_an_absurd_header_is_refused_before_anything_is_allocated(tmp_path, gz, msg):
     path = write_file(tmp_path / "images", _header(0x08, (2**32 - 1, 28, 28)) + b"\0" * 8, gz)
     tracemalloc.start()
@@ -208,8 +228,15 @@ def test_an_absurd_header_is_refused_before_anything_is_allocated(tmp_path, gz, 
 
 def test_a_federated_run_on_fashion_mnist_files(tmp_path):
     write_idx_dataset(tmp_path / "data", np.random.default_rng(8), n_train=300, n_test=100, gz=True)
-    config = RunConfig(dataset="fashion-mnist", data_root=str(tmp_path / "data"), clients=3, rounds=2,
-                       local_epochs=1, partition="iid", output_dir=str(tmp_path / "run"))  # fmt: skip
+    config = RunConfig(
+        dataset="fashion-mnist",
+        data_root=str(tmp_path / "data"),
+        clients=3,
+        rounds=2,
+        local_epochs=1,
+        partition="iid",
+        output_dir=str(tmp_path / "run"),
+    )
     results = engine.run(config, echo=lambda s: None)
     assert results["dataset"] == "fashion-mnist" and results["model"] == "small_cnn@28x28x1:10"
     assert all(r["rejected"] == [] and r["participants"] == [0, 1, 2] for r in results["rounds"])

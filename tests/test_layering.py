@@ -82,7 +82,8 @@ def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path):
     (tmp_path / "fedhq" / "flower").mkdir()
     (tmp_path / "fedhq_kernels" / "__init__.py").write_text("")
     (tmp_path / "fedhq_kernels" / "sub" / "__init__.py").write_text("")
-    (tmp_path / "fedhq_kernels" / "sub" / "m.py").write_text(textwrap.dedent("""
+    (tmp_path / "fedhq_kernels" / "sub" / "m.py").write_text(
+        textwrap.dedent("""
         import torch
         def f():
             from fedhq.profile import timing
@@ -90,16 +91,19 @@ def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path):
             import importlib
             importlib.import_module("fedhq.models")
         from ..functional import fake_quant
-    """))
+    """)
+    )
     (tmp_path / "fedhq" / "__init__.py").write_text("")
-    (tmp_path / "fedhq" / "fl" / "engine.py").write_text(textwrap.dedent("""
+    (tmp_path / "fedhq" / "fl" / "engine.py").write_text(
+        textwrap.dedent("""
         from fedhq_kernels import quantize
         class C:
             def m(self):
                 import flwr.common
                 from ..flower import strategy
                 import bench_kernels
-    """))
+    """)
+    )
     (tmp_path / "fedhq" / "flower" / "app.py").write_text("import flwr\nfrom fedhq.fl import engine\n")
     found = violations(tmp_path)
     assert [v.split(" (")[0] for v in found] == [
@@ -161,8 +165,9 @@ print("ok", ",".join(fk.backends()))
 
 
 def test_the_library_imports_and_runs_without_fedhq():
-    result = subprocess.run([sys.executable, "-c", WITHOUT_FEDHQ], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_FEDHQ], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("ok ")
 

@@ -102,8 +102,10 @@ def test_prepare_keeps_subclasses_and_shared_modules():
 
 
 def test_gradients_reach_every_weight():
-    for model, x in [(small_cnn(in_channels=1, image_size=8), torch.randn(4, 1, 8, 8)),
-                     (_tiny_resnet(), torch.randn(2, 3, 16, 16))]:  # fmt: skip
+    for model, x in [
+        (small_cnn(in_channels=1, image_size=8), torch.randn(4, 1, 8, 8)),
+        (_tiny_resnet(), torch.randn(2, 3, 16, 16)),
+    ]:
         qat = prepare_qat(model)
         F.cross_entropy(qat(x), torch.tensor([1, 2, 3, 4][: x.shape[0]])).backward()
         for name, p in qat.named_parameters():

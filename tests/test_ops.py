@@ -31,8 +31,17 @@ def op_samples():
             codes = torch.randint(-128, 128, (6, 33), dtype=torch.int8)
             add(torch.ops.fedhq.dequantize, (codes, scale, zero_point, axis, dtype), note)
     q = [fk.quantize(torch.randn(5, 7), axis=0) for _ in range(3)] + [fk.quantize(torch.randn(9)) for _ in range(3)]
-    agg_args = ([t.data for t in q], [t.scale for t in q], [t.zero_point for t in q], torch.tensor([0.2, 0.3, 0.5]),
-                [0, -1], -128, 127, True, ["w", "b"])
+    agg_args = (
+        [t.data for t in q],
+        [t.scale for t in q],
+        [t.zero_point for t in q],
+        torch.tensor([0.2, 0.3, 0.5]),
+        [0, -1],
+        -128,
+        127,
+        True,
+        ["w", "b"],
+    )
     # client-major order: client k's tensors are entries k * 2 + t
     order = [0, 3, 1, 4, 2, 5]
     agg_args = tuple([a[i] for i in order] for a in agg_args[:3]) + agg_args[3:]
@@ -100,7 +109,11 @@ def test_eager_fast_path_equals_registered_op(backend, gen, observed):
     forward and gradient."""
     x = torch.randn(6, 5, 7, generator=gen).mul(3)[:, ::2]  # non-contiguous
     grad = torch.randn(x.shape, generator=gen)
-    kwargs = {"axis": 1} if observed else {"scale": torch.rand(3, generator=gen) + 0.05, "zero_point": torch.tensor([0, 3, -2]), "axis": 1}
+    kwargs = (
+        {"axis": 1}
+        if observed
+        else {"scale": torch.rand(3, generator=gen) + 0.05, "zero_point": torch.tensor([0, 3, -2]), "axis": 1}
+    )
 
     def run(recorder):
         leaf = x.clone().requires_grad_(True)

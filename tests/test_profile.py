@@ -61,8 +61,10 @@ def test_measure_interleaved_alternates():
     order = []
     result = timing.measure_interleaved(
         {"ptq": lambda x: order.append(("ptq", x)), "qat": lambda x: order.append(("qat", x))},
-        repeats=3, warmup=1, inputs=[0, 1],
-    )  # fmt: skip
+        repeats=3,
+        warmup=1,
+        inputs=[0, 1],
+    )
     timed = [name for name, _ in order[2:]]
     assert timed == ["ptq", "qat"] * 3
     assert set(result) == {"ptq", "qat"} and result["ptq"].repeats == 3
@@ -123,10 +125,14 @@ def test_training_memory_is_affine_and_matches_resident_memory():
 
     spec = ModelSpec.parse("small_cnn@32x32x3")
     result = steps.profile_training(
-        spec.build, spec.input_shape, spec.num_classes,
-        {"ptq": prepare_ptq, "qat": lambda m: prepare_qat(m, inplace=True)}, [4, 16, 64, 40],
-        repeats=1, warmup=1,
-    )  # fmt: skip
+        spec.build,
+        spec.input_shape,
+        spec.num_classes,
+        {"ptq": prepare_ptq, "qat": lambda m: prepare_qat(m, inplace=True)},
+        [4, 16, 64, 40],
+        repeats=1,
+        warmup=1,
+    )
     for strategy, data in result.items():
         rows = {r["batch"]: r for r in data["batches"]}
         xs = [4, 16, 64]
@@ -158,8 +164,14 @@ def test_heap_peak_agrees_with_the_resident_high_water_mark():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
-    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(64 * 32 * 32, 10))  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 32 * 32, 10),
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step = steps.make_step(model, optimizer)
     batch = (torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)))
@@ -234,14 +246,20 @@ def _broken(doc, path, value=schema._MISSING):
         ("figures.launch_overhead_us.median", "fast", "figures.launch_overhead_us.median"),
         ("timestamp", schema._MISSING, "timestamp"),
         (f"models.{KEY}.params", schema._MISSING, f"models.{KEY}.params"),
-        (f"models.{KEY}.strategies.qat.batches.1.step_s", schema._MISSING,
-         f"models.{KEY}.strategies.qat.batches.1.step_s.median"),
-        (f"models.{KEY}.strategies.ptq.batches.0.peak_memory_bytes", 0,
-         f"models.{KEY}.strategies.ptq.batches.0.peak_memory_bytes"),
+        (
+            f"models.{KEY}.strategies.qat.batches.1.step_s",
+            schema._MISSING,
+            f"models.{KEY}.strategies.qat.batches.1.step_s.median",
+        ),
+        (
+            f"models.{KEY}.strategies.ptq.batches.0.peak_memory_bytes",
+            0,
+            f"models.{KEY}.strategies.ptq.batches.0.peak_memory_bytes",
+        ),
         (f"models.{KEY}.strategies.ptq.batches.1.batch", 8, "repeats a batch size"),
         (f"models.{KEY}.strategies.int4", {"batches": []}, "unknown strategy"),
     ],
-)  # fmt: skip
+)
 def test_bad_profiles_name_the_field(profile_doc, tmp_path, path, value, match):
     bad = _broken(profile_doc, path, value)
     with pytest.raises(schema.ProfileError, match=match.replace("[", r"\[")):

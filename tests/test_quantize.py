@@ -57,7 +57,7 @@ def test_quantize_matches_torch(backend, gen, symmetric, dtype, shape, axis):
         differ = (q.data.int() - theirs.int()).abs()
         shape_c = [-1 if d == axis else 1 for d in range(x.dim())] if axis is not None else []
         ratio = x.double() / q.scale.double().reshape(shape_c)
-        near_tie = ((ratio - ratio.floor() - 0.5).abs() <= 4e-7 * ratio.abs().clamp(min=1))
+        near_tie = (ratio - ratio.floor() - 0.5).abs() <= 4e-7 * ratio.abs().clamp(min=1)
         assert int(differ.max()) <= 1 and bool(near_tie[differ > 0].all())
     # dequantize is (code - zero_point) * scale in float32, like torch.dequantize
     assert_equal(fk.dequantize(q), torch_quantized(q.data, q).dequantize().to(dtype), "dequantized")
@@ -134,7 +134,9 @@ def test_quantized_tensor_metadata_checks(change, error, message):
 def test_check_codes_finds_out_of_range_codes():
     q = fk.quantize(torch.randn(100), bits=4)
     q.check_codes()
-    tampered = fk.QuantizedTensor(q.data.clone().fill_(100), q.scale, q.zero_point, 4, None, True, torch.float32, q.shape)
+    tampered = fk.QuantizedTensor(
+        q.data.clone().fill_(100), q.scale, q.zero_point, 4, None, True, torch.float32, q.shape
+    )
     with pytest.raises(ValueError, match="codes outside the 4-bit range \\[-8, 7\\]"):
         tampered.check_codes()
 

@@ -34,24 +34,70 @@ def fake_run(strategy, accuracies, sim_round_s, strategies, rejected=(), seed=0,
     for r, acc in enumerate(accuracies, start=1):
         cum += sim_round_s
         bad = [{"client": c, "reason": "non-finite weights"} for rr, c in rejected if rr == r]
-        rounds.append({"round": r, "accuracy": acc, "loss": 1 - acc, "wall_s": 0.5, "sim_s": sim_round_s,
-                       "sim_epoch_s": sim_round_s / 2, "cum_wall_s": 0.5 * r, "cum_sim_s": cum,
-                       "upload_bytes": 1000, "participants": [0, 1, 2], "rejected": bad, "slowest_client": 0})  # fmt: skip
-    clients = [{"id": i, "device": "rtx-a6000", "alpha": 0.5, "beta": 0.5, "samples": 10, "batch": 4, "strategy": s,
-                "speed_time_s": 1.0, "speed_sig": 0.5, "acc_sig": 0.5, "norm_speed": 0.2 + 0.3 * i,
-                "norm_acc": 0.9 - 0.3 * i} for i, s in enumerate(strategies)]  # fmt: skip
-    return {"schema": "fedhq.run/2", "config": {"bits": bits, "seed": seed}, "strategy": strategy,
-            "model": "small_cnn@8x8x1:10", "dataset": "digits", "clients": clients,
-            "allocation": {"xi": 0.2, "area_threshold": 0.0625, "speed_orientation": "speed",
-                           "ptq": [c["id"] for c in clients if c["strategy"] == "ptq"],
-                           "qat": [c["id"] for c in clients if c["strategy"] == "qat"]},
-            "rounds": rounds, "final_accuracy": accuracies[-1], "wall_time_s": 0.5 * len(rounds), "sim_time_s": cum,
-            "upload_bytes": 1000 * len(rounds), "timing": {}, "reference_profile": "x.json"}  # fmt: skip
+        rounds.append(
+            {
+                "round": r,
+                "accuracy": acc,
+                "loss": 1 - acc,
+                "wall_s": 0.5,
+                "sim_s": sim_round_s,
+                "sim_epoch_s": sim_round_s / 2,
+                "cum_wall_s": 0.5 * r,
+                "cum_sim_s": cum,
+                "upload_bytes": 1000,
+                "participants": [0, 1, 2],
+                "rejected": bad,
+                "slowest_client": 0,
+            }
+        )
+    clients = [
+        {
+            "id": i,
+            "device": "rtx-a6000",
+            "alpha": 0.5,
+            "beta": 0.5,
+            "samples": 10,
+            "batch": 4,
+            "strategy": s,
+            "speed_time_s": 1.0,
+            "speed_sig": 0.5,
+            "acc_sig": 0.5,
+            "norm_speed": 0.2 + 0.3 * i,
+            "norm_acc": 0.9 - 0.3 * i,
+        }
+        for i, s in enumerate(strategies)
+    ]
+    return {
+        "schema": "fedhq.run/2",
+        "config": {"bits": bits, "seed": seed},
+        "strategy": strategy,
+        "model": "small_cnn@8x8x1:10",
+        "dataset": "digits",
+        "clients": clients,
+        "allocation": {
+            "xi": 0.2,
+            "area_threshold": 0.0625,
+            "speed_orientation": "speed",
+            "ptq": [c["id"] for c in clients if c["strategy"] == "ptq"],
+            "qat": [c["id"] for c in clients if c["strategy"] == "qat"],
+        },
+        "rounds": rounds,
+        "final_accuracy": accuracies[-1],
+        "wall_time_s": 0.5 * len(rounds),
+        "sim_time_s": cum,
+        "upload_bytes": 1000 * len(rounds),
+        "timing": {},
+        "reference_profile": "x.json",
+    }
 
 
 def comparison_of(by_seed):
     """A fedhq.compare/2 document of seed -> strategy -> run."""
-    return {"schema": "fedhq.compare/2", "seeds": sorted(by_seed), "runs_by_seed": {str(s): r for s, r in by_seed.items()}}
+    return {
+        "schema": "fedhq.compare/2",
+        "seeds": sorted(by_seed),
+        "runs_by_seed": {str(s): r for s, r in by_seed.items()},
+    }
 
 
 def seed_runs(seed=0, shift=0.0, bits=8):
@@ -62,10 +108,17 @@ def seed_runs(seed=0, shift=0.0, bits=8):
         "fedhq": fake_run("fedhq", acc([0.5, 0.8, 0.9123]), 20.0, ["ptq", "qat", "ptq"], seed=seed, bits=bits),
         "fedaqt": fake_run("fedaqt", acc([0.4, 0.7, 0.93], 1), 50.0, ["qat"] * 3, seed=seed, bits=bits),
         "fedfq": fake_run("fedfq", acc([0.45, 0.75, 0.88], 2), 10.0, ["ptq"] * 3, seed=seed, bits=bits),
-        "fedrh": fake_run("fedrh", acc([0.42, 0.72, 0.9]), 30.0, ["qat", "ptq", "qat"], rejected=[(2, 1), (3, 1)],
-                          seed=seed, bits=bits),
+        "fedrh": fake_run(
+            "fedrh",
+            acc([0.42, 0.72, 0.9]),
+            30.0,
+            ["qat", "ptq", "qat"],
+            rejected=[(2, 1), (3, 1)],
+            seed=seed,
+            bits=bits,
+        ),
         "fp32": fake_run("fp32", acc([0.55, 0.85, 0.95]), 8.0, ["fp32"] * 3, seed=seed, bits=bits),
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture
@@ -139,11 +192,13 @@ def test_run_table(comparison):
 
 def test_ptq_region_is_the_rule():
     # the rule written out independently (docs/method.md §4.2), at points on either side of each boundary
-    points = [((0.1, 0.5), True),  # y/x = 5 > 4
-              ((0.2, 0.8), False),  # y/x = 4, not steeper; area 0.08
-              ((0.25, 0.5), False),  # area exactly 0.0625, not below; y/x = 2
-              ((0.3, 0.3), True),  # area 0.045
-              ((0.9, 0.9), False)]  # fmt: skip
+    points = [
+        ((0.1, 0.5), True),  # y/x = 5 > 4
+        ((0.2, 0.8), False),  # y/x = 4, not steeper; area 0.08
+        ((0.25, 0.5), False),  # area exactly 0.0625, not below; y/x = 2
+        ((0.3, 0.3), True),  # area 0.045
+        ((0.9, 0.9), False),
+    ]
     xy = np.array([p for p, _ in points])
     assert ptq_region(xy[:, 0], xy[:, 1], 0.2, 0.0625).tolist() == [ptq for _, ptq in points]
     rng = np.random.default_rng(0)
@@ -177,7 +232,13 @@ def test_allocation_plot_shades_with_ptq_region(comparison, tmp_path, monkeypatc
 def test_write_report(comparison, tmp_path):
     paths = write_report(comparison, tmp_path / "out")
     top = {p.name for p in paths if p.parent == tmp_path / "out"}
-    assert top == {"comparison.txt", "accuracy_vs_time.png", "allocation_fedhq.png", "allocation_fedrh.png", "rounds.csv"}
+    assert top == {
+        "comparison.txt",
+        "accuracy_vs_time.png",
+        "allocation_fedhq.png",
+        "allocation_fedrh.png",
+        "rounds.csv",
+    }
     runs = {p.relative_to(tmp_path / "out").as_posix() for p in paths if p.parent != tmp_path / "out"}
     assert runs == {f"seed0/{name}/rounds.csv" for name in ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")}
     for p in paths:
@@ -220,8 +281,14 @@ def test_bad_input(comparison):
         write_run_report([1, 2], "/nonexistent")
     cases = [
         (lambda runs: runs["fedfq"].pop("sim_time_s"), r"run 'fedfq': missing \['sim_time_s'\]"),
-        (lambda runs: runs["fedhq"]["rounds"][1].pop("cum_sim_s"), r"run 'fedhq': rounds\[1\]: missing \['cum_sim_s'\]"),
-        (lambda runs: runs["fedrh"]["clients"][2].pop("strategy"), r"run 'fedrh': clients\[2\]: missing \['strategy'\]"),
+        (
+            lambda runs: runs["fedhq"]["rounds"][1].pop("cum_sim_s"),
+            r"run 'fedhq': rounds\[1\]: missing \['cum_sim_s'\]",
+        ),
+        (
+            lambda runs: runs["fedrh"]["clients"][2].pop("strategy"),
+            r"run 'fedrh': clients\[2\]: missing \['strategy'\]",
+        ),
         (lambda runs: runs["fedhq"]["allocation"].pop("xi"), r"run 'fedhq': allocation: missing \['xi'\]"),
         (lambda runs: runs["fp32"].update(rounds="none"), r"run 'fp32': 'rounds' must be a list"),
         (lambda runs: runs["fedfq"]["config"].pop("bits"), r"run 'fedfq': config: missing \['bits'\]"),
@@ -274,7 +341,11 @@ def test_summary_table_gives_student_t_intervals_and_paired_differences():
 
 
 def test_seeds_text_and_accuracy_limits():
-    assert seeds_text([3]) == "seed 3" and seeds_text([2, 0, 1]) == "seeds 0-2" and seeds_text([0, 2, 7]) == "seeds 0, 2, 7"
+    assert (
+        seeds_text([3]) == "seed 3"
+        and seeds_text([2, 0, 1]) == "seeds 0-2"
+        and seeds_text([0, 2, 7]) == "seeds 0, 2, 7"
+    )
     assert accuracy_limits([97.0, 99.0]) == (96.0, 100.0)  # a 97-99% race is not flattened into 0-100
     assert accuracy_limits([10.0, 90.0]) == (6.0, 94.0)  # margin 5% of the span
     assert accuracy_limits([]) == (0.0, 100.0) and accuracy_limits([0.0, 100.0]) == (0.0, 100.0)
@@ -284,7 +355,6 @@ def test_seeds_text_and_accuracy_limits():
 def figures(monkeypatch):
     """The figures the plots save, kept open for inspection."""
     saved = []
-    original = plots._save
 
     def keep(fig, path):
         saved.append(fig)
@@ -328,7 +398,7 @@ def test_allocation_labels_never_overlap_and_devices_are_shown(figures, tmp_path
         t.update_positions(renderer)
     boxes = [plots.Text.get_window_extent(t, renderer) for t in labels]  # the text, without its leader line
     for i, a in enumerate(boxes):
-        assert not any(a.overlaps(b) for b in boxes[i + 1:]), labels[i].get_text()
+        assert not any(a.overlaps(b) for b in boxes[i + 1 :]), labels[i].get_text()
     points = ax.transData.transform([(c["norm_speed"], c["norm_acc"]) for c in run["clients"]])
     for box in boxes:  # and no label covers a point
         assert not any(box.x0 < x < box.x1 and box.y0 < y < box.y1 for x, y in points)
@@ -352,19 +422,35 @@ def test_rounds_csv(tmp_path):
     with open(tmp_path / "rounds.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 5 * 3  # seeds x strategies x rounds
-    assert list(rows[0])[:8] == ["dataset", "model", "bits", "seed", "strategy", "round", "accuracy", "deployed_accuracy"]
+    assert list(rows[0])[:8] == [
+        "dataset",
+        "model",
+        "bits",
+        "seed",
+        "strategy",
+        "round",
+        "accuracy",
+        "deployed_accuracy",
+    ]
     row = next(r for r in rows if r["seed"] == "1" and r["strategy"] == "fedrh" and r["round"] == "2")
     source = by_seed[1]["fedrh"]["rounds"][1]
     assert float(row["accuracy"]) == source["accuracy"] and float(row["cum_sim_s"]) == source["cum_sim_s"]
-    assert row["rejected"] == "1" and row["participants"] == "3" and row["bits"] == "4" and row["deployed_accuracy"] == ""
+    assert (
+        row["rejected"] == "1" and row["participants"] == "3" and row["bits"] == "4" and row["deployed_accuracy"] == ""
+    )
     assert [r["deployed_accuracy"] for r in rows if r["seed"] == "1" and r["strategy"] == "fedhq"] == ["0.25", "", ""]
     with open(tmp_path / "seed2" / "fedfq" / "rounds.csv", newline="") as f:
         own = list(csv.DictReader(f))
     same = [r for r in rows if r["seed"] == "2" and r["strategy"] == "fedfq"]
     assert own == [{k: v for k, v in r.items() if k != "deployed_accuracy"} for r in same]  # none recorded there
     names = {p.relative_to(tmp_path).as_posix() for p in paths}
-    assert {"comparison.txt", "seed_summary.png", "seed0/comparison.txt", "seed2/accuracy_vs_time.png",
-            "seed1/allocation_fedhq.png"} <= names  # fmt: skip
+    assert {
+        "comparison.txt",
+        "seed_summary.png",
+        "seed0/comparison.txt",
+        "seed2/accuracy_vs_time.png",
+        "seed1/allocation_fedhq.png",
+    } <= names
     assert (tmp_path / "seed_summary.png").read_bytes()[:8] == PNG_MAGIC
     write_rounds_csv(tmp_path / "empty.csv", [])
     assert (tmp_path / "empty.csv").read_text().startswith("dataset,model,bits,seed,strategy,round,accuracy,loss")

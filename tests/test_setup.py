@@ -40,7 +40,8 @@ def test_default_archs_with_newest_ptx(setup_py, arch_env):
     flags, archs, warnings = setup_py.cuda_arch_flags(NVCC_ARCHS)
     assert archs == ["75", "80", "86", "90"] and warnings == []
     assert flags == [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs] + [
-        "-gencode=arch=compute_90,code=compute_90"]
+        "-gencode=arch=compute_90,code=compute_90"
+    ]
 
 
 def test_named_archs_ptx_and_precedence(setup_py, arch_env):

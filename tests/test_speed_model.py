@@ -24,18 +24,35 @@ STEP0, STEP1, MEM0, MEM1, PARAMS = 6e-3, 0.5e-3, 100 * MiB, 1 * MiB, 50_000
 def _rows(batches=(8, 32, 128), step=lambda b: STEP0 + STEP1 * b, mem=lambda b: MEM0 + MEM1 * b):
     return [
         {
-            "batch": b, "step_s": {"median": step(b), "p10": step(b), "p90": step(b), "repeats": 5},
-            "peak_memory_bytes": mem(b), "step_growth_bytes": MEM1 * b,
-            "ops": 60, "flops": 1e6 * b, "bytes_compute": 1e5 + 1e4 * b, "bytes_other": 2e5 + 3e4 * b,
-        }  # fmt: skip
+            "batch": b,
+            "step_s": {"median": step(b), "p10": step(b), "p90": step(b), "repeats": 5},
+            "peak_memory_bytes": mem(b),
+            "step_growth_bytes": MEM1 * b,
+            "ops": 60,
+            "flops": 1e6 * b,
+            "bytes_compute": 1e5 + 1e4 * b,
+            "bytes_other": 2e5 + 3e4 * b,
+        }
         for b in batches
     ]
 
 
-def make_profile(kind="measured", name="here", *, memory=1 << 30, overhead=20 * MiB, gbps=10.0, tflops=0.05,
-                 launch_us=5.0, models=True, **rows_kw):  # fmt: skip
+def make_profile(
+    kind="measured",
+    name="here",
+    *,
+    memory=1 << 30,
+    overhead=20 * MiB,
+    gbps=10.0,
+    tflops=0.05,
+    launch_us=5.0,
+    models=True,
+    **rows_kw,
+):
     doc = {
-        "schema": schema.SCHEMA, "schema_version": schema.SCHEMA_VERSION, "kind": kind,
+        "schema": schema.SCHEMA,
+        "schema_version": schema.SCHEMA_VERSION,
+        "kind": kind,
         "device": {"name": name, "type": "cpu", "memory_bytes": memory, "memory_overhead_bytes": overhead},
         "figures": {
             "copy_bandwidth_gbps": {"median": gbps},
@@ -43,7 +60,7 @@ def make_profile(kind="measured", name="here", *, memory=1 << 30, overhead=20 * 
             "launch_overhead_us": {"median": launch_us},
         },
         "models": {},
-    }  # fmt: skip
+    }
     if kind == "measured":
         doc.update(timestamp="2026-01-01T00:00:00+00:00", software={"torch": torch.__version__})
     if models:
@@ -144,16 +161,17 @@ def test_other_bad_client_inputs():
 
 def test_preset_scaling_is_the_roofline_ratio():
     here = make_profile()
-    fast = make_profile("preset", "fast", memory=4 << 30, overhead=300 * MiB, gbps=40.0, tflops=0.5, launch_us=2.0,
-                        models=False)  # fmt: skip
+    fast = make_profile(
+        "preset", "fast", memory=4 << 30, overhead=300 * MiB, gbps=40.0, tflops=0.5, launch_us=2.0, models=False
+    )
     model = speed.SpeedModel(fast, reference=here)
-    for b in (8, 48, 300):
+
+    def cost(b, gbps, tflops, launch_us):
         ops, flops, bc, bo = 60, 1e6 * b, 1e5 + 1e4 * b, 2e5 + 3e4 * b
+        return ops * launch_us * 1e-6 + max(bc / (gbps * 1e9), flops / (tflops * 1e12)) + bo / (gbps * 1e9)
 
-        def cost(gbps, tflops, launch_us):
-            return ops * launch_us * 1e-6 + max(bc / (gbps * 1e9), flops / (tflops * 1e12)) + bo / (gbps * 1e9)
-
-        expected = (STEP0 + STEP1 * b) * cost(40.0, 0.5, 2.0) / cost(10.0, 0.05, 5.0)
+    for b in (8, 48, 300):
+        expected = (STEP0 + STEP1 * b) * cost(b, 40.0, 0.5, 2.0) / cost(b, 10.0, 0.05, 5.0)
         assert model.step_time(KEY, "ptq", b) == pytest.approx(expected)
         assert model.step_time(KEY, "ptq", b) < speed.SpeedModel(here).step_time(KEY, "ptq", b)
     # memory: the reference's model bytes plus the preset's runtime overhead
@@ -235,9 +253,10 @@ def test_prediction_matches_a_real_training_run():
         measured_ratio = rows["qat"]["measured_s"] / rows["ptq"]["measured_s"]
         ratio_error = predicted_ratio / measured_ratio - 1
         print(
-            "predicted vs measured:", {s: f"{e:+.1%}" for s, e in errors.items()},
+            "predicted vs measured:",
+            {s: f"{e:+.1%}" for s, e in errors.items()},
             f"QAT/PTQ {predicted_ratio:.2f} vs {measured_ratio:.2f}",
-        )  # fmt: skip
+        )
         attempts.append((errors, ratio_error))
         if all(abs(e) <= VALIDATION_BOUND for e in errors.values()) and abs(ratio_error) <= RATIO_BOUND:
             break

@@ -45,8 +45,16 @@ def _triton_modules():
 # a middle axis, a last axis wider than a tile and one with few channels, a size-1
 # channel axis, and a view whose data is not 16-byte aligned; aggregate over a small
 # mixed model in both schemes.
-RECORDED_LAYOUTS = [((100_003,), -1), ((1000,), -1), ((), -1), ((64, 576), 0), ((3, 7, 40), 1), ((33, 1000), 1),
-                    ((100, 3), 1), ((9, 1), 0)]  # fmt: skip
+RECORDED_LAYOUTS = [
+    ((100_003,), -1),
+    ((1000,), -1),
+    ((), -1),
+    ((64, 576), 0),
+    ((3, 7, 40), 1),
+    ((33, 1000), 1),
+    ((100, 3), 1),
+    ((9, 1), 0),
+]
 AGGREGATE_MODEL = [((300,), -1), ((64, 3, 3, 3), 0), ((512, 10), 1), ((), -1), ((7,), 0)]
 # kernels (name -> the values of their KIND or WRITE constexpr that qualify, None: all)
 # that compute codes (round half to even, exact 1 / scale), that write a float output
@@ -95,13 +103,24 @@ def _recorded_launches(dtypes: list[torch.dtype], with_aggregate: bool) -> list[
         codes, scales, zero_points = [], [], []
         for _ in range(3):
             for shape, axis in AGGREGATE_MODEL:
-                for out, value in zip((codes, scales, zero_points),
-                                      reference.quantize(torch.randn(shape, generator=g), -128, 127, False, axis)):
-                    out.append(value)  # fmt: skip
+                for out, value in zip(
+                    (codes, scales, zero_points),
+                    reference.quantize(torch.randn(shape, generator=g), -128, 127, False, axis),
+                ):
+                    out.append(value)
         axes = [axis for _, axis in AGGREGATE_MODEL]
         for symmetric in (True, False):
-            ag.aggregate(codes, scales, zero_points, torch.tensor([0.2, 0.3, 0.5]), axes, -128, 127, symmetric,
-                         [str(i) for i in axes])  # fmt: skip
+            ag.aggregate(
+                codes,
+                scales,
+                zero_points,
+                torch.tensor([0.2, 0.3, 0.5]),
+                axes,
+                -128,
+                127,
+                symmetric,
+                [str(i) for i in axes],
+            )
     return records
 
 
@@ -135,7 +154,9 @@ def _expectations(name: str, signature: dict, values: dict, attrs: dict) -> dict
         rounds=_among(CODE_KERNELS, name, values) or (name == "_qparams_kernel" and not values.get("SYMMETRIC")),
         f16=_among(FLOAT_OUT_KERNELS, name, values) and "*fp16" in signature.values(),
         # 16-byte loads need 16 bytes per thread: full streaming tiles (BLOCK elements)
-        vector=_among(STREAM_KERNELS, name, values) and values.get("MODE") == 0 and aligned
+        vector=_among(STREAM_KERNELS, name, values)
+        and values.get("MODE") == 0
+        and aligned
         and values["BR"] * values["BW"] >= _triton_modules()[0].BLOCK,
         aligned=aligned,
     )
@@ -151,12 +172,13 @@ def _ptx_stats(ptx: str) -> dict:
         "div_inexact": len(re.findall(r"\bdiv\.(full|approx)(\.ftz)?\.f32\b", ptx)),
         # round half to even: (v + 1.5 * 2^23) - 1.5 * 2^23, both steps rounded to nearest
         "magic_add": sum(1 for ln in lines if re.search(r"\badd\.rn\.f32\b", ln) and "0f4B400000" in ln),
-        "magic_sub": sum(1 for ln in lines if re.search(r"\b(sub\.rn\.f32\b.*0f4B400000|add\.rn\.f32\b.*0fCB400000)", ln)),
+        "magic_sub": sum(
+            1 for ln in lines if re.search(r"\b(sub\.rn\.f32\b.*0f4B400000|add\.rn\.f32\b.*0fCB400000)", ln)
+        ),
         "cvt_rn_f16": len(re.findall(r"\bcvt\.rn\.f16x?2?\.f32\b", ptx)),
         "cvt_rz_16": len(re.findall(r"\bcvt\.rz\.(f16|bf16)", ptx)),
         "vector_loads": len(re.findall(r"\bld\.global(\.\w+)*\.v[24]\.", ptx)),
     }
-
 
 
 DTYPES_BY_NAME = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -184,13 +206,21 @@ def _compile_main(jobs: list[str]) -> None:
             if key in seen or (mode == ["one"] and any(k[0] == name for k in seen)):
                 continue
             seen.add(key)
-            shown = {k: v for k, v in values.items()
-                     if k in ("KIND", "WRITE", "MODE", "BR", "BW", "BF16", "SYMMETRIC", "BS", "EVEN")}  # fmt: skip
-            record = {"name": f"{name} {shown} {signature}", "kernel": name, "cc": int(cc),
-                      "expect": _expectations(name, signature, values, attrs)}  # fmt: skip
+            shown = {
+                k: v
+                for k, v in values.items()
+                if k in ("KIND", "WRITE", "MODE", "BR", "BW", "BF16", "SYMMETRIC", "BS", "EVEN")
+            }
+            record = {
+                "name": f"{name} {shown} {signature}",
+                "kernel": name,
+                "cc": int(cc),
+                "expect": _expectations(name, signature, values, attrs),
+            }
             try:
                 compiled = triton.compile(
-                    ASTSource(kernel, signature, values, attrs), target=GPUTarget("cuda", int(cc), 32),
+                    ASTSource(kernel, signature, values, attrs),
+                    target=GPUTarget("cuda", int(cc), 32),
                     options={"num_warps": num_warps, "enable_fp_fusion": False},
                 )
                 record.update(_ptx_stats(compiled.asm["ptx"]), cubin_bytes=len(compiled.asm["cubin"]))
@@ -208,8 +238,14 @@ def gpu_builds():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_INTERPRET"] = "0"
     jobs = [
-        subprocess.Popen([sys.executable, __file__, "--compile", *job], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+        subprocess.Popen(
+            [sys.executable, __file__, "--compile", *job],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent,
+        )
         for job in (["90:fp32+agg"], ["90:fp16+bf16", "80:fp32+agg:one", "86:fp32+agg:one"])
     ]
     records = []
@@ -226,8 +262,12 @@ def test_every_kernel_compiles_for_sm80_sm86_sm90(gpu_builds):
     assert not errors, "\n".join(errors)
     assert {r["cc"] for r in builds} == set(ARCHS)
     # every kernel the backend defines was launched by the recorded calls, for every arch
-    defined = {name for module in _triton_modules() for name, value in vars(module).items()
-               if name.endswith("_kernel") and hasattr(value, "arg_names")}  # fmt: skip
+    defined = {
+        name
+        for module in _triton_modules()
+        for name, value in vars(module).items()
+        if name.endswith("_kernel") and hasattr(value, "arg_names")
+    }
     for cc in ARCHS:
         assert {r["kernel"] for r in builds if r["cc"] == cc} == defined, cc
     for r in builds:
@@ -238,7 +278,9 @@ def test_every_kernel_compiles_for_sm80_sm86_sm90(gpu_builds):
     assert any("'*fp16'" in r["name"] for r in sm90) and any("'BF16': True" in r["name"] for r in sm90)
     assert any(not r["expect"]["aligned"] for r in sm90)
     assert any("'nrows': 'constexpr'" in r["name"] for r in sm90)
-    assert {"'SYMMETRIC': True", "'SYMMETRIC': False"} <= {p for r in sm90 for p in re.findall(r"'SYMMETRIC': \w+", r["name"])}
+    assert {"'SYMMETRIC': True", "'SYMMETRIC': False"} <= {
+        p for r in sm90 for p in re.findall(r"'SYMMETRIC': \w+", r["name"])
+    }
 
 
 def test_ptx_keeps_the_arithmetic_exact(gpu_builds):
@@ -324,19 +366,28 @@ def _params(x, axis, gen):
 def _check_all_ops(kernels, x, axis, gen):
     """Every single-tensor op of the triton backend against the reference, bit for bit."""
     scale, zero_point = _params(x, axis, gen)
-    assert_equal(kernels["fake_quant"](x, scale, zero_point, -128, 127, axis),
-                 reference.fake_quant(x, scale, zero_point, -128, 127, axis), "fake_quant")
+    assert_equal(
+        kernels["fake_quant"](x, scale, zero_point, -128, 127, axis),
+        reference.fake_quant(x, scale, zero_point, -128, 127, axis),
+        "fake_quant",
+    )
     grad = torch.randn(x.shape, generator=gen).to(x.dtype)
-    assert_equal(kernels["fake_quant_backward"](grad, x, scale, zero_point, -8, 7, axis),
-                 reference.fake_quant_backward(grad, x, scale, zero_point, -8, 7, axis), "backward")
+    assert_equal(
+        kernels["fake_quant_backward"](grad, x, scale, zero_point, -8, 7, axis),
+        reference.fake_quant_backward(grad, x, scale, zero_point, -8, 7, axis),
+        "backward",
+    )
     for symmetric in (True, False):
         for op in ("fake_quant_observed", "quantize"):
             got = kernels[op](x, -128, 127, symmetric, axis)
             for g, e, what in zip(got, getattr(reference, op)(x, -128, 127, symmetric, axis), ("out", "scale", "zp")):
                 assert_equal(g, e, f"{op} symmetric={symmetric} {what}")
     codes, s, z = reference.quantize(x, -128, 127, False, axis)
-    assert_equal(kernels["dequantize"](codes, s, z, axis, x.dtype), reference.dequantize(codes, s, z, axis, x.dtype),
-                 "dequantize")
+    assert_equal(
+        kernels["dequantize"](codes, s, z, axis, x.dtype),
+        reference.dequantize(codes, s, z, axis, x.dtype),
+        "dequantize",
+    )
 
 
 def test_real_block_boundary(triton_backend, gen):
@@ -412,12 +463,23 @@ def _aggregate_inputs(gen, shapes_axes, clients, bits=8, symmetric=True):
 def test_aggregate_many_tiles(triton_backend, small_tiles, gen, clients, symmetric):
     """Tiles of 4 x 32 codes: every tensor spans several tiles, rows and channels cross
     tile edges, per-tensor matrices end mid-row, and one launch covers all of them."""
-    model = [((300,), -1), ((33,), -1), ((5, 70), 0), ((3, 5, 9), 1), ((3, 70), 1), ((40, 3), 1), ((), -1),
-             ((0, 4), 1), ((0, 3), -1), ((9, 1), 0)]
+    model = [
+        ((300,), -1),
+        ((33,), -1),
+        ((5, 70), 0),
+        ((3, 5, 9), 1),
+        ((3, 70), 1),
+        ((40, 3), 1),
+        ((), -1),
+        ((0, 4), 1),
+        ((0, 3), -1),
+        ((9, 1), 0),
+    ]
     args = _aggregate_inputs(gen, model, clients, bits=4 if symmetric else 8, symmetric=symmetric)
     names = [f"t{i}" for i in range(len(model))]
-    for got, expected, what in zip(triton_backend["aggregate"](*args, names), reference.aggregate(*args, names),
-                                   ("codes", "scales", "zero points")):
+    for got, expected, what in zip(
+        triton_backend["aggregate"](*args, names), reference.aggregate(*args, names), ("codes", "scales", "zero points")
+    ):
         assert_equal(got, expected, what)
 
 

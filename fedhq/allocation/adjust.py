@@ -53,7 +53,9 @@ def detect(
         elif client in round_time and round_time[client] > (1 + time_tolerance) * median:
             reasons.append(f"time: {round_time[client]:.3g} s > (1 + {time_tolerance}) x median {median:.3g} s")
         if contribution.get(client, 0.0) < -acc_tolerance:
-            reasons.append(f"accuracy: leaving its update out raises validation accuracy by {-contribution[client]:.3f}")
+            reasons.append(
+                f"accuracy: leaving its update out raises validation accuracy by {-contribution[client]:.3f}"
+            )
         if reasons:
             flags.append(Flag(client, reasons))
     return flags
@@ -75,11 +77,19 @@ class SearchReport:
         if not self.predictions:
             return None
         p = np.array(self.predictions)
-        return {"time_rel": float(np.mean(np.abs(p[:, 0] / p[:, 1] - 1))), "accuracy_abs": float(np.mean(np.abs(p[:, 2] - p[:, 3])))}
+        return {
+            "time_rel": float(np.mean(np.abs(p[:, 0] / p[:, 1] - 1))),
+            "accuracy_abs": float(np.mean(np.abs(p[:, 2] - p[:, 3]))),
+        }
 
     def as_dict(self) -> dict:
-        return {"node": self.node, "ranked": self.ranked, "trained": self.trained,
-                "prediction_error": self.prediction_error(), "chosen": {str(k): v for k, v in self.chosen.items()}}  # fmt: skip
+        return {
+            "node": self.node,
+            "ranked": self.ranked,
+            "trained": self.trained,
+            "prediction_error": self.prediction_error(),
+            "chosen": {str(k): v for k, v in self.chosen.items()},
+        }
 
 
 def _features(assignment: Mapping[int, str], nodes: list[int]) -> list[float]:

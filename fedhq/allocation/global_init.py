@@ -56,7 +56,9 @@ class Allocation:
 
 
 def _as_significances(values: Any, name: str) -> np.ndarray:
-    return finite_vector(values, name, one_per="client", empty=f"{name} is empty: need at least one client", at="client")
+    return finite_vector(
+        values, name, one_per="client", empty=f"{name} is empty: need at least one client", at="client"
+    )
 
 
 def normalize_significance(values: Any, margin: float = NORMALIZATION_MARGIN) -> np.ndarray:

@@ -14,8 +14,9 @@ and why: docs/accuracy-significance.md.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -319,9 +320,7 @@ def fit_distribution(
         raise RuntimeError(f"no Table 1 family could be fitted: {skipped}")
     best = _select(table, tie_fraction / np.sqrt(x.size))
     table.sort(key=lambda f: f.ks)
-    return DistributionFit(
-        best.family, best.params, best.ks, best.mean, best.transform, tuple(table), skipped
-    )
+    return DistributionFit(best.family, best.params, best.ks, best.mean, best.transform, tuple(table), skipped)
 
 
 # ---- Eq. 3 --------------------------------------------------------------------------

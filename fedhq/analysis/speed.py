@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from fedhq_kernels.checks import is_int, is_real
 from fedhq.profile import fit, schema
 from fedhq.profile.timing import randn_nonzero, synchronize
+from fedhq_kernels.checks import is_int, is_real
 
 STRATEGIES = schema.STRATEGIES
 EQUAL_TIMES_RTOL = 1e-9  # Eq. 2 guard: T_max - T_min at or below this fraction of T_max counts as 0
@@ -287,8 +287,8 @@ def measure_training_runs(
     untimed epoch first (a client's later rounds start warm)."""
     from fedhq.fl.client import has_batchnorm, training_batches
     from fedhq.models import ModelSpec
-    from fedhq.quant import prepare
     from fedhq.profile.steps import make_step
+    from fedhq.quant import prepare
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec.parse(model)
     gen = torch.Generator().manual_seed(seed)

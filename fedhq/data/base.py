@@ -6,9 +6,9 @@ from __future__ import annotations
 import importlib
 import math
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def subset(self, indices) -> "Split":
+    def subset(self, indices) -> Split:
         """The samples at `indices` (e.g. one client's shard from a partitioner)."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return Split(self.x[idx], self.y[idx])
@@ -300,7 +300,7 @@ def call_with_options(what: str, func, args: tuple, options: dict):
     import inspect
 
     sig = inspect.signature(func)
-    valid = [p.name for p in list(sig.parameters.values())[len(args):]]
+    valid = [p.name for p in list(sig.parameters.values())[len(args) :]]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"{what} got unknown option(s) {', '.join(unknown)}; it takes: {', '.join(valid) or 'none'}")

@@ -80,6 +80,13 @@ def cifar_dataset(name: str, folder: Path, arrays, num_classes: int, class_names
     (x_train, y_train, x_test, y_test), then the standardized Dataset of uint8 images."""
     x_train, y_train, x_test, y_test = subsample_splits(*arrays, max_train, max_test, seed)
     return build_dataset(
-        name, x_train, y_train, x_test, y_test,
-        num_classes=num_classes, class_names=class_names, source=str(folder), max_value=255.0,
+        name,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        num_classes=num_classes,
+        class_names=class_names,
+        source=str(folder),
+        max_value=255.0,
     )

@@ -22,7 +22,11 @@ def load(*, seed: int = 0, test_fraction: float = 0.2, max_train: int | None = N
     train, test = stratified_split(y, test_fraction, seed)
     x_train, y_train = subsample(x[train], y[train], max_train, seed, "max_train")
     return build_dataset(
-        "digits", x_train, y_train, x[test], y[test],
+        "digits",
+        x_train,
+        y_train,
+        x[test],
+        y[test],
         num_classes=10,
         class_names=[str(n) for n in bunch.target_names],
         source="sklearn.datasets.load_digits",

@@ -13,8 +13,7 @@ from .idx import FILE_LIST, load_idx_dataset
 
 FOLDER = "fashion-mnist"
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot")  # fmt: skip
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 LAYOUT = (
     f"expected the IDX files {FILE_LIST} (each may end in .gz) in one directory; "
     f"Debian's package installs them in {DEFAULT_ROOT}, the default (apt-get install dataset-fashion-mnist), "
@@ -26,5 +25,6 @@ def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | N
     """Fashion-MNIST (60000 train / 10000 test, 1x28x28, 10 classes), standardized
     with the training images' statistics. `max_train`/`max_test` keep a seeded
     stratified subset."""
-    return load_idx_dataset("fashion-mnist", root, FOLDER, LAYOUT, CLASS_NAMES,
-                            seed=seed, max_train=max_train, max_test=max_test)  # fmt: skip
+    return load_idx_dataset(
+        "fashion-mnist", root, FOLDER, LAYOUT, CLASS_NAMES, seed=seed, max_train=max_train, max_test=max_test
+    )

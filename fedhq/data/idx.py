@@ -40,8 +40,10 @@ DEFLATE_MAX_RATIO = 1032
 CHUNK_BYTES = 1 << 20
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
-SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}  # fmt: skip
+SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 FILE_LIST = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
 
 
@@ -53,7 +55,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     with open(path, "rb") as f:
         gzipped = f.read(2) == GZIP_MAGIC
     try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
             dims = _read_header(f, path, ndim)
             header_bytes = 4 + 4 * ndim
             claimed = math.prod(dims)
@@ -83,8 +85,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 def _read_header(f, path: Path, ndim: int) -> tuple[int, ...]:
     magic = f.read(4)
     if len(magic) < 4 or magic[:2] != b"\0\0":
-        raise CorruptDatasetError(f"{path}: not an IDX file (magic number {magic.hex() or 'missing'}, "
-                                  "expected two zero bytes, a type code and a dimension count)")  # fmt: skip
+        raise CorruptDatasetError(
+            f"{path}: not an IDX file (magic number {magic.hex() or 'missing'}, "
+            "expected two zero bytes, a type code and a dimension count)"
+        )
     if magic[2] != UBYTE:
         raise CorruptDatasetError(f"{path}: IDX type code 0x{magic[2]:02x}, expected 0x08 (unsigned bytes)")
     if magic[3] != ndim:
@@ -125,19 +129,28 @@ def read_split(folder: Path, split: str, layout: str) -> tuple[np.ndarray, np.nd
     images_path, labels_path = (find_file(folder, name, layout) for name in SPLITS[split])
     images = read_idx(images_path, 3)
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise CorruptDatasetError(f"{images_path}: {images.shape[1]}x{images.shape[2]} images, expected "
-                                  f"{IMAGE_SIZE}x{IMAGE_SIZE}")  # fmt: skip
+        raise CorruptDatasetError(
+            f"{images_path}: {images.shape[1]}x{images.shape[2]} images, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
+        )
     labels = read_idx(labels_path, 1)
     if labels.shape[0] != images.shape[0]:
-        raise CorruptDatasetError(f"{labels_path}: {labels.shape[0]} labels for the {images.shape[0]} images "
-                                  f"of {images_path}")  # fmt: skip
+        raise CorruptDatasetError(
+            f"{labels_path}: {labels.shape[0]} labels for the {images.shape[0]} images of {images_path}"
+        )
     return images[:, None], check_labels(labels, images.shape[0], NUM_CLASSES, labels_path)
 
 
 def load_idx_dataset(
-    name: str, root, folder_name: str, layout: str, class_names, *, seed: int, max_train: int | None,
+    name: str,
+    root,
+    folder_name: str,
+    layout: str,
+    class_names,
+    *,
+    seed: int,
+    max_train: int | None,
     max_test: int | None,
-) -> Dataset:  # fmt: skip
+) -> Dataset:
     """A 28x28 grayscale, 10-class IDX dataset from `root` (or its `folder_name`
     subfolder), standardized with the training images' statistics."""
     folder = require_directory(locate(root, folder_name, SPLITS["train"][0], None, layout), layout)
@@ -145,6 +158,13 @@ def load_idx_dataset(
     x_test, y_test = read_split(folder, "test", layout)
     x_train, y_train, x_test, y_test = subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed)
     return build_dataset(
-        name, x_train, y_train, x_test, y_test,
-        num_classes=NUM_CLASSES, class_names=class_names, source=str(folder), max_value=255.0,
+        name,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        num_classes=NUM_CLASSES,
+        class_names=class_names,
+        source=str(folder),
+        max_value=255.0,
     )

@@ -23,5 +23,6 @@ LAYOUT = (
 def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | None = None) -> Dataset:
     """MNIST (60000 train / 10000 test, 1x28x28, 10 classes), standardized with the
     training images' statistics. `max_train`/`max_test` keep a seeded stratified subset."""
-    return load_idx_dataset("mnist", root, FOLDER, LAYOUT, [str(d) for d in range(10)],
-                            seed=seed, max_train=max_train, max_test=max_test)  # fmt: skip
+    return load_idx_dataset(
+        "mnist", root, FOLDER, LAYOUT, [str(d) for d in range(10)], seed=seed, max_train=max_train, max_test=max_test
+    )

@@ -136,7 +136,12 @@ def dirichlet(
     moved = _fill_short_clients(best, y, min_size, rng)
     log.warning(
         "dirichlet(alpha=%g): no draw in %d gave all %d clients >= %d samples; moved %d samples "
-        "from the largest clients to the short ones", alpha, max_tries, num_clients, min_size, moved,
+        "from the largest clients to the short ones",
+        alpha,
+        max_tries,
+        num_clients,
+        min_size,
+        moved,
     )
     return [np.sort(p) for p in best]
 
@@ -161,7 +166,12 @@ def _fill_short_clients(parts: list[np.ndarray], y: np.ndarray, min_size: int, r
 
 
 def quantity_skew(
-    labels, num_clients: int, alpha: float | None = None, seed: int = 0, *, sigma: float | None = None,
+    labels,
+    num_clients: int,
+    alpha: float | None = None,
+    seed: int = 0,
+    *,
+    sigma: float | None = None,
     min_size: int = 10,
 ) -> list[np.ndarray]:
     """Quantity skew: client sizes follow Dirichlet(alpha) proportions (default alpha

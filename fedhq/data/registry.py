@@ -7,8 +7,15 @@ from .base import Dataset, DatasetNotFoundError, call_with_options
 
 # name -> module with `load`; modules with a LAYOUT read files from a root directory,
 # those with a DEFAULT_ROOT too when no root is given.
-DATASETS = {"digits": digits, "cifar10": cifar10, "cifar100": cifar100, "svhn": svhn, "mnist": mnist,
-            "fashion-mnist": fashion_mnist, "synthetic": synthetic}  # fmt: skip
+DATASETS = {
+    "digits": digits,
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "svhn": svhn,
+    "mnist": mnist,
+    "fashion-mnist": fashion_mnist,
+    "synthetic": synthetic,
+}
 
 
 def _folded(name: str) -> str:

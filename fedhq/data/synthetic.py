@@ -61,7 +61,11 @@ def load(
     x_train, y_train = draw(num_train)
     x_test, y_test = draw(num_test)
     return build_dataset(
-        "synthetic", x_train, y_train, x_test, y_test,
+        "synthetic",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
         num_classes=num_classes,
         class_names=None,
         source=f"generated (seed {seed}, class_sep {class_sep})",

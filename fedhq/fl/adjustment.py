@@ -40,8 +40,11 @@ def contributions(ctx: RoundContext, outcome: RoundOutcome, validation: Split) -
         others = [u for u in accepted if u is not update]
         if not others:
             continue
-        without = (ctx.server.combine([(u.state, u.num_samples) for u in others]) if ctx.topology.is_flat
-                   else ctx.server.combine_tree(others, ctx.topology))  # fmt: skip
+        without = (
+            ctx.server.combine([(u.state, u.num_samples) for u in others])
+            if ctx.topology.is_flat
+            else ctx.server.combine_tree(others, ctx.topology)
+        )
         result[update.client] = full - _validation_accuracy(ctx, without, validation)
     return result
 
@@ -54,9 +57,14 @@ def predicted_round_times(ctx: RoundContext, outcome: RoundOutcome) -> dict[int,
     for c in ctx.clients:
         if c.id in outcome.times:
             estimate = c.device.speed.estimate(
-                ctx.spec.key, COST_STRATEGY[c.strategy], alpha=c.alpha, beta=c.beta, samples=len(c.data),
-                epochs=config.local_epochs, batch=c.batch,
-            )  # fmt: skip
+                ctx.spec.key,
+                COST_STRATEGY[c.strategy],
+                alpha=c.alpha,
+                beta=c.beta,
+                samples=len(c.data),
+                epochs=config.local_epochs,
+                batch=c.batch,
+            )
             predicted[c.id] = estimate.time_s + c.device.upload_seconds(nbytes[c.id])
     return predicted
 
@@ -108,12 +116,18 @@ def adjust_allocation(
             entry.update(situation=2, action="no search budget left (adjust_budget): strategy kept")
         else:  # Situation 2
             subtree = topology.subtree(node)
-            levels = [[n for n in subtree if topology.level(n) == lv] for lv in sorted({topology.level(n) for n in subtree})]
+            levels = [
+                [n for n in subtree if topology.level(n) == lv] for lv in sorted({topology.level(n) for n in subtree})
+            ]
             current = {c.id: c.strategy for c in ctx.clients}
             search = search_subtree(
-                levels, current, lambda a: trial(ctx, a, next_round, validation), budget=budget,
-                acc_tolerance=config.adjust_acc_tolerance, rng=rng,
-            )  # fmt: skip
+                levels,
+                current,
+                lambda a: trial(ctx, a, next_round, validation),
+                budget=budget,
+                acc_tolerance=config.adjust_acc_tolerance,
+                rng=rng,
+            )
             budget -= search.trained
             for n, s in search.chosen.items():
                 ctx.clients[n].strategy = s
@@ -129,7 +143,9 @@ def adjust_allocation(
     report["before"] = topology.per_level(changed, before)
     report["after"] = topology.per_level(changed, after)
     report["time_s"] = time.perf_counter() - started
-    echo(f"adjustment after round {outcome.round}: {len(report['flagged'])} flagged, {len(changed)} changed "
-         f"{report['before']} -> {report['after']}; {report['trained']} candidates trained, "
-         f"{report['ranked']} ranked; {report['time_s']:.1f} s")  # fmt: skip
+    echo(
+        f"adjustment after round {outcome.round}: {len(report['flagged'])} flagged, {len(changed)} changed "
+        f"{report['before']} -> {report['after']}; {report['trained']} candidates trained, "
+        f"{report['ranked']} ranked; {report['time_s']:.1f} s"
+    )
     return report

@@ -18,9 +18,17 @@ _QT = "__quantized_tensor__"
 
 def _encode(value: Any) -> Any:
     if isinstance(value, fk.QuantizedTensor):
-        return {_QT: True, "data": value.data, "scale": value.scale, "zero_point": value.zero_point,
-                "bits": value.bits, "axis": value.axis, "symmetric": value.symmetric,
-                "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}  # fmt: skip
+        return {
+            _QT: True,
+            "data": value.data,
+            "scale": value.scale,
+            "zero_point": value.zero_point,
+            "bits": value.bits,
+            "axis": value.axis,
+            "symmetric": value.symmetric,
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "shape": list(value.shape),
+        }
     if isinstance(value, dict):
         return {k: _encode(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -32,10 +40,15 @@ def _decode(value: Any) -> Any:
     if isinstance(value, dict):
         if value.get(_QT) is True:
             return fk.QuantizedTensor(
-                data=value["data"], scale=value["scale"], zero_point=value["zero_point"], bits=value["bits"],
-                axis=value["axis"], symmetric=value["symmetric"], dtype=getattr(torch, value["dtype"]),
+                data=value["data"],
+                scale=value["scale"],
+                zero_point=value["zero_point"],
+                bits=value["bits"],
+                axis=value["axis"],
+                symmetric=value["symmetric"],
+                dtype=getattr(torch, value["dtype"]),
                 shape=torch.Size(value["shape"]),
-            )  # fmt: skip
+            )
         return {k: _decode(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decode(v) for v in value]

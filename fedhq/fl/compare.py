@@ -109,8 +109,14 @@ def compare(
     runs_by_seed: dict[int, dict[str, dict]] = {seed: {} for seed in seeds}
     for k, (seed, name, strategy, adjust) in enumerate(todo, start=1):
         path = run_dir(out, seed, name)
-        run_config = config.replace(seed=seed, strategy=strategy, adjust=adjust, hold_out_validation=config.adjust,
-                                    output_dir=str(path), reference_profile=reference)  # fmt: skip
+        run_config = config.replace(
+            seed=seed,
+            strategy=strategy,
+            adjust=adjust,
+            hold_out_validation=config.adjust,
+            output_dir=str(path),
+            reference_profile=reference,
+        )
         left = f", about {_duration(trained_s / trained * (len(todo) - k + 1))} left" if trained else ""
         header = f"[run {k}/{len(todo)}] seed {seed}, {name} (elapsed {_duration(time.perf_counter() - started)}{left})"
         done = _finished(path, run_config) if resume else None

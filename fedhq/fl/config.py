@@ -25,10 +25,15 @@ DEFAULT_DEVICES = ("rtx-a6000", "jetson-orin-nano-8gb", "phone-snapdragon-8-gen-
 ALPHA_RANGE = (0.3, 1.0)
 BETA_RANGE = (0.3, 1.0)
 # Default dataset -> model: the small CNN sized to the dataset's images.
-DEFAULT_MODELS = {"digits": "small_cnn@8x8x1:10", "cifar10": "small_cnn@32x32x3:10",
-                  "cifar100": "small_cnn@32x32x3:100", "svhn": "small_cnn@32x32x3:10",
-                  "mnist": "small_cnn@28x28x1:10", "fashion-mnist": "small_cnn@28x28x1:10",
-                  "synthetic": "small_cnn@32x32x3:10"}  # fmt: skip
+DEFAULT_MODELS = {
+    "digits": "small_cnn@8x8x1:10",
+    "cifar10": "small_cnn@32x32x3:10",
+    "cifar100": "small_cnn@32x32x3:100",
+    "svhn": "small_cnn@32x32x3:10",
+    "mnist": "small_cnn@28x28x1:10",
+    "fashion-mnist": "small_cnn@28x28x1:10",
+    "synthetic": "small_cnn@32x32x3:10",
+}
 
 
 class ConfigError(ValueError):
@@ -81,7 +86,7 @@ class RunConfig:
     # ---- construction ----
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> "RunConfig":
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> RunConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -89,7 +94,7 @@ class RunConfig:
         return cls(**values).validated()
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "RunConfig":
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
         path = Path(path)
         try:
             values = json.loads(path.read_text())
@@ -102,7 +107,7 @@ class RunConfig:
         values.update(overrides or {})
         return cls.from_dict(values, where=f"config file {path}")
 
-    def replace(self, **changes) -> "RunConfig":
+    def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes).validated()
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,7 +125,7 @@ class RunConfig:
 
     # ---- validation ----
 
-    def validated(self) -> "RunConfig":
+    def validated(self) -> RunConfig:
         self.devices = list(self.devices)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("partition", self.partition, PARTITIONS)
@@ -163,7 +168,9 @@ class RunConfig:
             if not is_real(value) or value < 1:
                 raise ConfigError(f"max_weight_growth must be a finite number >= 1 (or null: no bound), got {value!r}")
         if not self.devices or not all(isinstance(d, str) and d for d in self.devices):
-            raise ConfigError(f"devices must be a non-empty list of preset names or profile paths, got {self.devices!r}")
+            raise ConfigError(
+                f"devices must be a non-empty list of preset names or profile paths, got {self.devices!r}"
+            )
         for name in ("alphas", "betas"):
             values = getattr(self, name)
             if values is None:

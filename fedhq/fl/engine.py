@@ -29,8 +29,8 @@ from fedhq.data.base import Dataset, Split, stratified_split, stratified_test_in
 from fedhq.fl import checkpoint, seeds
 from fedhq.fl.adjustment import adjust_allocation
 from fedhq.fl.client import ClientState, RoundPlan, evaluate, train_local
-from fedhq.fl.rounds import Client, Replies, RoundContext, RoundOutcome, TrainFn, close_round, round_plan, train_clients
 from fedhq.fl.config import ALPHA_RANGE, BETA_RANGE, ConfigError, RunConfig
+from fedhq.fl.rounds import Client, Replies, RoundContext, RoundOutcome, TrainFn, close_round, round_plan, train_clients
 from fedhq.fl.server import Server
 from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
@@ -104,8 +104,13 @@ def client_partition(config: RunConfig, labels) -> list[np.ndarray]:
     """Each client's indices into the training split, from the partition's own stream."""
     options = {"iid": {}, "dirichlet": {"alpha": config.dirichlet_alpha}, "quantity": {"sigma": config.quantity_sigma}}
     try:
-        return partition(config.partition, labels, config.clients, seeds.int_seed(config.seed, "partition"),
-                         **options[config.partition])  # fmt: skip
+        return partition(
+            config.partition,
+            labels,
+            config.clients,
+            seeds.int_seed(config.seed, "partition"),
+            **options[config.partition],
+        )
     except ValueError as error:
         raise ConfigError(f"partition: {error}") from None
 
@@ -142,8 +147,10 @@ def reference_profile(
     warning = profile_run.contention_warning(doc)
     if warning:
         # Measured: at load ~10 on 2 cores the scaled simulated times came out ~4x below an idle machine's.
-        echo(f"{warning} Simulated times scale with this profile: to compare runs, pass one measured on an idle "
-             "machine with --reference-profile (any run's profile-reference.json).")  # fmt: skip
+        echo(
+            f"{warning} Simulated times scale with this profile: to compare runs, pass one measured on an idle "
+            "machine with --reference-profile (any run's profile-reference.json)."
+        )
     out.mkdir(parents=True, exist_ok=True)
     schema.dump(doc, path)
     return doc, str(path)
@@ -173,8 +180,10 @@ def make_clients(
             device = ClientDevice(source, reference, beta=betas[cid], default_uplink_mbps=config.uplink_mbps)
             limit = min(config.batch_size, len(indices))
             # B_m (Eq. 1): the configured batch, unless the client's memory budget holds less
-            batch = min(device.speed.max_batch(spec.key, "qat", alphas[cid], limit=limit),
-                        device.speed.max_batch(spec.key, "ptq", alphas[cid], limit=limit))  # fmt: skip
+            batch = min(
+                device.speed.max_batch(spec.key, "qat", alphas[cid], limit=limit),
+                device.speed.max_batch(spec.key, "ptq", alphas[cid], limit=limit),
+            )
         except (ValueError, TypeError) as error:
             raise ConfigError(f"client {cid} on device {source!r}: {error}") from None
         clients.append(Client(cid, train.subset(indices), device, source, alphas[cid], betas[cid], batch))
@@ -202,8 +211,14 @@ def client_analysis(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[floa
 
 def describe(c: Client) -> dict:
     """How a client describes itself in results.json's client rows."""
-    return {"device": c.device_source, "device_name": c.device.name, "alpha": c.alpha, "beta": c.beta,
-            "samples": len(c.data), "batch": c.batch}  # fmt: skip
+    return {
+        "device": c.device_source,
+        "device_name": c.device.name,
+        "alpha": c.alpha,
+        "beta": c.beta,
+        "samples": len(c.data),
+        "batch": c.batch,
+    }
 
 
 def normalized_significance(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) -> tuple[list, list]:
@@ -332,7 +347,9 @@ class InProcess:
         return RoundContext(s.config, s.spec, server, self.clients, self.states, s.topology, self.train_fn)
 
     def analyze(self) -> list[Answer]:
-        return [Answer(c.id, *client_analysis(c, self.setup.spec, self.setup.config), describe(c)) for c in self.clients]
+        return [
+            Answer(c.id, *client_analysis(c, self.setup.spec, self.setup.config), describe(c)) for c in self.clients
+        ]
 
     def train(self, server: Server, plans: dict[int, RoundPlan]) -> Replies:
         return train_clients(self.context(server), plans)
@@ -346,8 +363,9 @@ class InProcess:
     def adjust(self, server: Server, strategies: dict[int, str], outcome: RoundOutcome, next_round: int) -> dict:
         for c in self.clients:
             c.strategy = strategies[c.id]
-        report = adjust_allocation(self.context(server), outcome, self.setup.validation, next_round=next_round,
-                                   echo=self.setup.echo)  # fmt: skip
+        report = adjust_allocation(
+            self.context(server), outcome, self.setup.validation, next_round=next_round, echo=self.setup.echo
+        )
         strategies.update({c.id: c.strategy for c in self.clients})
         return report
 
@@ -415,8 +433,10 @@ def run(
 
     on = "" if link.name == "embedded" else f" on {link.name.capitalize()}"
     left_out = f", {len(link.excluded)} left out" if link.excluded else ""
-    echo(f"{config.strategy}{on}: {dataset.summary()}; model {spec.key}; {len(answers)} clients "
-         f"({assignment.count('ptq')} PTQ, {assignment.count('qat')} QAT){left_out}")  # fmt: skip
+    echo(
+        f"{config.strategy}{on}: {dataset.summary()}; model {spec.key}; {len(answers)} clients "
+        f"({assignment.count('ptq')} PTQ, {assignment.count('qat')} QAT){left_out}"
+    )
     for r in range(len(history) + 1, config.rounds + 1):
         round_started = time.perf_counter()
         plans = {cid: round_plan(config, r, s, batches[cid]) for cid, s in strategies.items() if topology.trains[cid]}
@@ -427,21 +447,43 @@ def run(
         training_s += row["wall_s"]
         if config.adjust and r == config.adjust_after and adjustment is None:
             adjustment = link.adjust(server, strategies, outcome, next_round=r + 1)
-        checkpoint.save(out / CHECKPOINT_FILE, {
-            "config": config.to_dict(), "server_state": server.state, "history": history, "training_s": training_s,
-            "client_states": link.local_state(), "strategies": list(strategies.values()), "adjustment": adjustment,
-        })  # fmt: skip
+        checkpoint.save(
+            out / CHECKPOINT_FILE,
+            {
+                "config": config.to_dict(),
+                "server_state": server.state,
+                "history": history,
+                "training_s": training_s,
+                "client_states": link.local_state(),
+                "strategies": list(strategies.values()),
+                "adjustment": adjustment,
+            },
+        )
         echo_progress(echo, row, config.rounds)
 
     client_rows = [
-        {"id": a.client, **a.about, "strategy": strategies[a.client], "speed_time_s": times[i],
-         "speed_sig": speed_sig[i], "acc_sig": acc_sig[i], "norm_speed": norm_speed[i], "norm_acc": norm_acc[i]}
+        {
+            "id": a.client,
+            **a.about,
+            "strategy": strategies[a.client],
+            "speed_time_s": times[i],
+            "speed_sig": speed_sig[i],
+            "acc_sig": acc_sig[i],
+            "norm_speed": norm_speed[i],
+            "norm_acc": norm_acc[i],
+        }
         for i, a in enumerate(answers)
-    ]  # fmt: skip
-    timing = {"setup_s": setup_s, "analysis_s": analysis_s, "allocation_s": allocation_s,
-              "adjustment_s": adjustment["time_s"] if adjustment else 0.0, "training_s": training_s}  # fmt: skip
-    results = results_document(config, spec, dataset.name, client_rows, assignment, topology, adjustment, history,
-                               timing, reference_path)  # fmt: skip
+    ]
+    timing = {
+        "setup_s": setup_s,
+        "analysis_s": analysis_s,
+        "allocation_s": allocation_s,
+        "adjustment_s": adjustment["time_s"] if adjustment else 0.0,
+        "training_s": training_s,
+    }
+    results = results_document(
+        config, spec, dataset.name, client_rows, assignment, topology, adjustment, history, timing, reference_path
+    )
     if link.name != "embedded":
         results |= {"engine": link.name, "excluded": link.excluded}
     out.mkdir(parents=True, exist_ok=True)
@@ -458,9 +500,17 @@ def add_round(history: list[dict], row: dict) -> dict:
 
 
 def results_document(
-    config: RunConfig, spec: ModelSpec, dataset_name: str, client_rows: list[dict], assignment_before: list[str],
-    topology: Topology, adjustment: dict | None, history: list[dict], timing: dict, reference_path: str,
-) -> dict:  # fmt: skip
+    config: RunConfig,
+    spec: ModelSpec,
+    dataset_name: str,
+    client_rows: list[dict],
+    assignment_before: list[str],
+    topology: Topology,
+    adjustment: dict | None,
+    history: list[dict],
+    timing: dict,
+    reference_path: str,
+) -> dict:
     """The results.json document (RESULTS_SCHEMA) of a finished run, from any engine."""
     return {
         "schema": RESULTS_SCHEMA,
@@ -470,12 +520,18 @@ def results_document(
         "dataset": dataset_name,
         "clients": client_rows,
         "allocation": {
-            "xi": config.xi, "area_threshold": config.area_threshold, "speed_orientation": config.speed_orientation,
+            "xi": config.xi,
+            "area_threshold": config.area_threshold,
+            "speed_orientation": config.speed_orientation,
             "ptq": [c["id"] for c in client_rows if c["strategy"] == "ptq"],
             "qat": [c["id"] for c in client_rows if c["strategy"] == "qat"],
-        },  # fmt: skip
-        "topology": {"spec": config.topology, "parents": list(topology.parents), "trains": list(topology.trains),
-                     "levels": [topology.level(n) for n in range(topology.size)]},  # fmt: skip
+        },
+        "topology": {
+            "spec": config.topology,
+            "parents": list(topology.parents),
+            "trains": list(topology.trains),
+            "levels": [topology.level(n) for n in range(topology.size)],
+        },
         "assignment_before": assignment_before,
         "assignment_after": [c["strategy"] for c in client_rows],
         "adjustment": adjustment,
@@ -505,4 +561,3 @@ def _load_checkpoint(config: RunConfig, out: Path) -> dict:
     if len(saved["history"]) > config.rounds:
         raise ConfigError(f"--resume: the checkpoint is at round {len(saved['history'])}, past rounds={config.rounds}")
     return saved
-

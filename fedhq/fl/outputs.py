@@ -23,7 +23,9 @@ def claim_output(folder: str | Path, patterns: Iterable[str], *, resume: bool, o
         return
     if not overwrite:
         names = ", ".join(str(p.relative_to(folder)) for p in found[:3]) + (", ..." if len(found) > 3 else "")
-        raise ConfigError(f"{folder} already holds results ({names}): pass --resume to continue them, "
-                          "--output DIR for a new folder, or --overwrite to replace them")  # fmt: skip
+        raise ConfigError(
+            f"{folder} already holds results ({names}): pass --resume to continue them, "
+            "--output DIR for a new folder, or --overwrite to replace them"
+        )
     for path in found:
         path.unlink()

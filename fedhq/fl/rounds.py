@@ -78,16 +78,31 @@ class RoundOutcome:
         epoch_s = max((t.compute_s for t in self.times.values()), default=0.0) / epochs
         losses = [u.train_loss for u in self.updates if u.client in self.accepted and math.isfinite(u.train_loss)]
         return {
-            "round": self.round, "accuracy": accuracy, "loss": loss, "wall_s": self.wall_s, "sim_s": self.sim_s,
-            "sim_epoch_s": epoch_s, "upload_bytes": sum(u.nbytes for u in self.updates), "participants": self.accepted,
-            "rejected": [x.as_dict() for x in self.rejected], "slowest_client": self.critical,
+            "round": self.round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "wall_s": self.wall_s,
+            "sim_s": self.sim_s,
+            "sim_epoch_s": epoch_s,
+            "upload_bytes": sum(u.nbytes for u in self.updates),
+            "participants": self.accepted,
+            "rejected": [x.as_dict() for x in self.rejected],
+            "slowest_client": self.critical,
             "train_loss": sum(losses) / len(losses) if losses else None,
-        }  # fmt: skip
+        }
 
 
 def round_plan(config: RunConfig, r: int, strategy: str, batch: int) -> RoundPlan:
-    return RoundPlan(round=r, strategy=strategy, epochs=config.local_epochs, batch_size=batch, lr=config.lr,
-                     momentum=config.momentum, bits=config.bits, seed=config.seed)  # fmt: skip
+    return RoundPlan(
+        round=r,
+        strategy=strategy,
+        epochs=config.local_epochs,
+        batch_size=batch,
+        lr=config.lr,
+        momentum=config.momentum,
+        bits=config.bits,
+        seed=config.seed,
+    )
 
 
 def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
@@ -114,8 +129,11 @@ def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
     relay: dict[int, float] = {}
     if updates:  # an inner node that did not train still uploads its subtree's aggregate
         size = statistics.median(u.nbytes for u in updates)
-        relay = {c.id: c.device.upload_seconds(size) for c in ctx.clients
-                 if c.id not in times and ctx.topology.children(c.id)}  # fmt: skip
+        relay = {
+            c.id: c.device.upload_seconds(size)
+            for c in ctx.clients
+            if c.id not in times and ctx.topology.children(c.id)
+        }
     return Replies(updates, rejected, times, relay)
 
 
@@ -127,8 +145,17 @@ def close_round(server: Server, topology: Topology, r: int, replies: Replies, st
     accepted, bad = server.aggregate(updates, topology)
     upload = {cid: t.upload_s for cid, t in replies.times.items()} | replies.relay_upload_s
     sim_s, critical = topology.round_time({cid: t.compute_s for cid, t in replies.times.items()}, upload)
-    return RoundOutcome(r, updates, accepted, replies.rejected + bad, replies.times, sim_s, critical,
-                        time.perf_counter() - started, dict(replies.extra))  # fmt: skip
+    return RoundOutcome(
+        r,
+        updates,
+        accepted,
+        replies.rejected + bad,
+        replies.times,
+        sim_s,
+        critical,
+        time.perf_counter() - started,
+        dict(replies.extra),
+    )
 
 
 def play_round(ctx: RoundContext, r: int) -> RoundOutcome:

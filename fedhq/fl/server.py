@@ -102,8 +102,10 @@ def validate_update(
 
 def _check_growth(largest: float, limit: float, what: str) -> str | None:
     if largest > limit:
-        return (f"its largest {what} {largest:.3g} exceeds {limit:.3g}, the growth limit over the global "
-                "model (a diverged or forged update)")  # fmt: skip
+        return (
+            f"its largest {what} {largest:.3g} exceeds {limit:.3g}, the growth limit over the global "
+            "model (a diverged or forged update)"
+        )
     return None
 
 
@@ -135,8 +137,11 @@ def growth_limits(
     largest standard deviation: ``max_growth`` x max(the global's, MAGNITUDE_FLOOR)."""
     if max_growth is None:
         return {}
-    limits = {name: max_growth * max(magnitude(v), MAGNITUDE_FLOOR) for name, v in state.items()
-              if isinstance(v, fk.QuantizedTensor) or v.is_floating_point()}  # fmt: skip
+    limits = {
+        name: max_growth * max(magnitude(v), MAGNITUDE_FLOOR)
+        for name, v in state.items()
+        if isinstance(v, fk.QuantizedTensor) or v.is_floating_point()
+    }
     for s in stats:
         scale = max(magnitude(state[s.mean]), math.sqrt(magnitude(state[s.var])), MAGNITUDE_FLOOR)
         limits[s.mean] = limits[s.var] = max_growth * scale
@@ -211,11 +216,15 @@ class Server:
         self.state = dict(self.template) if bits is None else quantize_upload(self.template, self.quantized, bits)
 
     @classmethod
-    def for_run(cls, config, model: torch.nn.Module) -> "Server":
+    def for_run(cls, config, model: torch.nn.Module) -> Server:
         """The server of a run (a ``RunConfig``) whose initial global model is ``model``."""
-        return cls(model.state_dict(), bits=config.bits if config.quantized else None,
-                   quantized=quantized_names(model), max_growth=config.max_weight_growth,
-                   stats=running_stats(model))  # fmt: skip
+        return cls(
+            model.state_dict(),
+            bits=config.bits if config.quantized else None,
+            quantized=quantized_names(model),
+            max_growth=config.max_weight_growth,
+            stats=running_stats(model),
+        )
 
     def global_weights(self) -> dict[str, Tensor]:
         """The global model as float tensors: what clients load and evaluation uses."""
@@ -230,9 +239,14 @@ class Server:
         limits = growth_limits(self.state, self.max_growth, self.stats)
         for update in updates:
             reason = validate_update(
-                update.state, update.num_samples, self.template, bits=self.bits, quantized=self.quantized,
-                limits=limits, stats=self.stats,
-            )  # fmt: skip
+                update.state,
+                update.num_samples,
+                self.template,
+                bits=self.bits,
+                quantized=self.quantized,
+                limits=limits,
+                stats=self.stats,
+            )
             if reason is None:
                 accepted.append(update)
             else:

@@ -46,8 +46,7 @@ def mean_ci(values: Sequence[float | None], confidence: float = CONFIDENCE) -> d
     two values (no spread to measure); None values (a run with no rounds) are left out."""
     xs = [float(v) for v in values if v is not None]
     n = len(xs)
-    result = {"n": n, "mean": sum(xs) / n if n else None, "low": None, "high": None, "half_width": None,
-              "values": xs}  # fmt: skip
+    result = {"n": n, "mean": sum(xs) / n if n else None, "low": None, "high": None, "half_width": None, "values": xs}
     if n >= 2:
         mean = result["mean"]
         sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
@@ -85,10 +84,13 @@ def summarize(runs_by_seed: Mapping[int, Mapping[str, Mapping]], confidence: flo
     seeds = sorted(runs_by_seed)
     names = list(dict.fromkeys(name for s in seeds for name in runs_by_seed[s]))
     per_seed = {
-        name: {s: run_metrics(runs_by_seed[s][name], runs_by_seed[s].get(BASELINE))
-               for s in seeds if name in runs_by_seed[s]}
+        name: {
+            s: run_metrics(runs_by_seed[s][name], runs_by_seed[s].get(BASELINE))
+            for s in seeds
+            if name in runs_by_seed[s]
+        }
         for name in names
-    }  # fmt: skip
+    }
     strategies = {
         name: {m: mean_ci([per_seed[name][s][m] for s in per_seed[name]], confidence) for m in METRICS}
         for name in names
@@ -101,14 +103,19 @@ def summarize(runs_by_seed: Mapping[int, Mapping[str, Mapping]], confidence: flo
             both = [s for s in seeds if s in per_seed[FOCUS] and s in per_seed[other]]
             focus, base = per_seed[FOCUS], per_seed[other]
             paired[other] = {
-                "headline_accuracy": paired_differences([focus[s]["headline_accuracy"] for s in both],
-                                                        [base[s]["headline_accuracy"] for s in both], confidence),
-                "final_accuracy": paired_differences([focus[s]["final_accuracy"] for s in both],
-                                                     [base[s]["final_accuracy"] for s in both], confidence),
-                "time_ratio": mean_ci([speedup(base[s]["sim_time_s"], focus[s]["sim_time_s"]) for s in both],
-                                      confidence),
+                "headline_accuracy": paired_differences(
+                    [focus[s]["headline_accuracy"] for s in both],
+                    [base[s]["headline_accuracy"] for s in both],
+                    confidence,
+                ),
+                "final_accuracy": paired_differences(
+                    [focus[s]["final_accuracy"] for s in both], [base[s]["final_accuracy"] for s in both], confidence
+                ),
+                "time_ratio": mean_ci(
+                    [speedup(base[s]["sim_time_s"], focus[s]["sim_time_s"]) for s in both], confidence
+                ),
                 "seeds": both,
-            }  # fmt: skip
+            }
     return {
         "confidence": confidence,
         "headline": f"mean accuracy of the last {HEADLINE_ROUNDS} rounds (deployed accuracy when recorded)",

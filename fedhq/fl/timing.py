@@ -46,4 +46,3 @@ class ClientDevice:
 
     def round_time(self, model_key: str, strategy: str, batch: int, steps: int, nbytes: int) -> ClientTime:
         return ClientTime(self.compute_seconds(model_key, strategy, batch, steps), self.upload_seconds(nbytes))
-

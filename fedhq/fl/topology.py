@@ -36,7 +36,9 @@ class Topology:
             seen, current = set(), node
             while current is not None:
                 if current in seen:
-                    raise TopologyError(f"topology: node {node} is in a cycle ({sorted(seen)}), not connected to the server")
+                    raise TopologyError(
+                        f"topology: node {node} is in a cycle ({sorted(seen)}), not connected to the server"
+                    )
                 seen.add(current)
                 current = self.parents[current]
         for node in range(n):
@@ -48,18 +50,22 @@ class Topology:
     # ---- construction ----
 
     @classmethod
-    def flat(cls, n: int) -> "Topology":
+    def flat(cls, n: int) -> Topology:
         return cls((None,) * n, (True,) * n)
 
     @classmethod
-    def hierarchical(cls, aggregators: int, leaves_per_aggregator: int) -> "Topology":
+    def hierarchical(cls, aggregators: int, leaves_per_aggregator: int) -> Topology:
         if aggregators < 1 or leaves_per_aggregator < 0:
-            raise TopologyError(f"topology: need >= 1 aggregator and >= 0 leaves each, got {aggregators}x{leaves_per_aggregator}")
-        parents = [None] * aggregators + [i // leaves_per_aggregator for i in range(aggregators * leaves_per_aggregator)]
+            raise TopologyError(
+                f"topology: need >= 1 aggregator and >= 0 leaves each, got {aggregators}x{leaves_per_aggregator}"
+            )
+        parents = [None] * aggregators + [
+            i // leaves_per_aggregator for i in range(aggregators * leaves_per_aggregator)
+        ]
         return cls(tuple(parents), (True,) * len(parents))
 
     @classmethod
-    def parse(cls, spec: str | None, clients: int) -> "Topology":
+    def parse(cls, spec: str | None, clients: int) -> Topology:
         """From the run config's ``topology`` setting (module docstring)."""
         if spec is None:
             return cls.flat(clients)
@@ -71,18 +77,22 @@ class Topology:
             try:
                 doc = json.loads(path.read_text())
             except FileNotFoundError:
-                raise TopologyError(f"topology {spec!r}: neither 'hierarchical:AxL' nor an existing JSON file") from None
+                raise TopologyError(
+                    f"topology {spec!r}: neither 'hierarchical:AxL' nor an existing JSON file"
+                ) from None
             except (OSError, json.JSONDecodeError) as error:
                 raise TopologyError(f"topology file {path}: not readable JSON ({error})") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("parents"), list):
-                raise TopologyError(f"topology file {path}: expected {{\"parents\": [...], \"trains\": [...]}}")
+                raise TopologyError(f'topology file {path}: expected {{"parents": [...], "trains": [...]}}')
             parents = doc["parents"]
             trains = doc.get("trains", [True] * len(parents))
             if not isinstance(trains, list) or not all(isinstance(t, bool) for t in trains):
                 raise TopologyError(f"topology file {path}: 'trains' must be a list of booleans")
             topology = cls(tuple(parents), tuple(trains))
         if len(topology.parents) != clients:
-            raise TopologyError(f"topology {spec!r} has {len(topology.parents)} nodes but the run has clients = {clients}")
+            raise TopologyError(
+                f"topology {spec!r} has {len(topology.parents)} nodes but the run has clients = {clients}"
+            )
         return topology
 
     # ---- structure ----

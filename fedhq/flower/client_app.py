@@ -57,8 +57,12 @@ def _node(context: Context) -> Node:
         raise RuntimeError("this node has not answered the query round of the run")
     setup = context.state[SETUP]
     partitions = context.node_config.get("num-partitions")
-    node = _load_node(str(setup["run-config"]), str(setup["reference"]), int(context.node_config["partition-id"]),
-                      str(context.node_config.get("device", "")))  # fmt: skip
+    node = _load_node(
+        str(setup["run-config"]),
+        str(setup["reference"]),
+        int(context.node_config["partition-id"]),
+        str(context.node_config.get("device", "")),
+    )
     if partitions is not None and int(partitions) != node.config.clients:
         raise ValueError(f"num-partitions is {partitions}, but the run has {node.config.clients} clients")
     return node
@@ -71,9 +75,18 @@ def query(msg: Message, context: Context) -> Message:
     node = _node(context)
     time_s, acc_sig = engine.client_analysis(node.client, node.spec, node.config)
     c = node.client
-    about = {"partition-id": c.id, "device": c.device_source, "device-name": c.device.name, "alpha": c.alpha,
-             "beta": c.beta, "batch": c.batch, "samples": len(c.data)}  # fmt: skip
-    content = RecordDict({"significance": MetricRecord({"time-s": time_s, "acc": acc_sig}), "node": ConfigRecord(about)})
+    about = {
+        "partition-id": c.id,
+        "device": c.device_source,
+        "device-name": c.device.name,
+        "alpha": c.alpha,
+        "beta": c.beta,
+        "batch": c.batch,
+        "samples": len(c.data),
+    }
+    content = RecordDict(
+        {"significance": MetricRecord({"time-s": time_s, "acc": acc_sig}), "node": ConfigRecord(about)}
+    )
     return Message(content, reply_to=msg)
 
 
@@ -90,8 +103,16 @@ def train(msg: Message, context: Context) -> Message:
         context.state[OBSERVERS] = ArrayRecord(state.observers)
     cost = c.device.round_time(node.spec.key, plan.strategy, plan.batch_size, update.steps, update.nbytes)
     arrays, layout = encode_state(update.state)
-    metrics = MetricRecord({"num-examples": update.num_samples, "train-loss": update.train_loss, "steps": update.steps,
-                            "wall-s": update.wall_s, "compute-s": cost.compute_s, "upload-s": cost.upload_s})  # fmt: skip
+    metrics = MetricRecord(
+        {
+            "num-examples": update.num_samples,
+            "train-loss": update.train_loss,
+            "steps": update.steps,
+            "wall-s": update.wall_s,
+            "compute-s": cost.compute_s,
+            "upload-s": cost.upload_s,
+        }
+    )
     return Message(RecordDict({"update": arrays, "layout": layout, "metrics": metrics}), reply_to=msg)
 
 

@@ -89,10 +89,15 @@ def decode_state(arrays: object, layout: object) -> dict:
             shape = _shape(shape)
             data = fk.unpack_codes(codes, bits, shape)
             state[name] = fk.QuantizedTensor(
-                data=data, scale=_array(arrays, name + SCALE), zero_point=_array(arrays, name + ZERO_POINT),
-                bits=bits, axis=None if axis == -1 else axis, symmetric=symmetric, dtype=FLOAT_DTYPES[dtype],
+                data=data,
+                scale=_array(arrays, name + SCALE),
+                zero_point=_array(arrays, name + ZERO_POINT),
+                bits=bits,
+                axis=None if axis == -1 else axis,
+                symmetric=symmetric,
+                dtype=FLOAT_DTYPES[dtype],
                 shape=data.shape,
-            )  # fmt: skip
+            )
         except (TypeError, ValueError) as error:
             raise RecordError(f"'{name}': {error}") from None
     return state
@@ -116,7 +121,7 @@ def _layout_lists(layout: object) -> dict[str, list]:
 
 
 def _shape(text: str) -> torch.Size:
-    """"64x3x3x3" -> torch.Size([64, 3, 3, 3]); "" -> torch.Size([])."""
+    """ "64x3x3x3" -> torch.Size([64, 3, 3, 3]); "" -> torch.Size([])."""
     try:
         dims = [int(t) for t in text.split("x")] if text else []
     except ValueError:

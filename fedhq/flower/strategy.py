@@ -31,12 +31,26 @@ DEFAULT_ROUND_TIMEOUT_S = 600.0
 # How long the run waits for its nodes to connect to the SuperLink.
 NODE_WAIT_S = 120.0
 # What a node says about itself in the query round (its client row): name -> type.
-ABOUT = {"partition-id": int, "device": str, "device-name": str, "alpha": float, "beta": float, "batch": int,
-         "samples": int}  # fmt: skip
+ABOUT = {
+    "partition-id": int,
+    "device": str,
+    "device-name": str,
+    "alpha": float,
+    "beta": float,
+    "batch": int,
+    "samples": int,
+}
 TRAIN_METRICS = ("num-examples", "train-loss", "steps", "wall-s", "compute-s", "upload-s")
 # The round plan's fields in a training message ("strategy" travels as the message type).
-PLAN_FIELDS = {"round": "round", "epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "momentum": "momentum",
-               "bits": "bits", "seed": "seed"}  # fmt: skip
+PLAN_FIELDS = {
+    "round": "round",
+    "epochs": "epochs",
+    "batch-size": "batch_size",
+    "lr": "lr",
+    "momentum": "momentum",
+    "bits": "bits",
+    "seed": "seed",
+}
 
 
 class FedHQStrategy:
@@ -61,8 +75,12 @@ class FedHQStrategy:
         """Asks every node for its analysis; admits each node with a usable answer and
         a partition of its own, logs and records the others."""
         setup = ConfigRecord({"run-config": json.dumps(self.config.to_dict()), "reference": json.dumps(self.reference)})
-        sent = self._track([(Message(RecordDict({"setup": setup}), dst_node_id=nid, message_type=MessageType.QUERY), nid)
-                            for nid in self.node_ids])  # fmt: skip
+        sent = self._track(
+            [
+                (Message(RecordDict({"setup": setup}), dst_node_id=nid, message_type=MessageType.QUERY), nid)
+                for nid in self.node_ids
+            ]
+        )
         replies = self.grid.send_and_receive(sent, timeout=self.timeout)
         expected, answered = {nid for _, nid in self._sent}, set()
         by_client: dict[int, tuple[int, Answer]] = {}
@@ -93,8 +111,17 @@ class FedHQStrategy:
         for client, plan in plans.items():
             record = ConfigRecord({key: getattr(plan, attr) for key, attr in PLAN_FIELDS.items()})
             content = RecordDict({"global": global_arrays, "layout": layout, "plan": record})
-            messages.append((Message(content, dst_node_id=self.nodes[client], group_id=str(plan.round),
-                                     message_type=f"{MessageType.TRAIN}.{plan.strategy}"), self.nodes[client]))  # fmt: skip
+            messages.append(
+                (
+                    Message(
+                        content,
+                        dst_node_id=self.nodes[client],
+                        group_id=str(plan.round),
+                        message_type=f"{MessageType.TRAIN}.{plan.strategy}",
+                    ),
+                    self.nodes[client],
+                )
+            )
         replies = self.grid.send_and_receive(self._track(messages), timeout=self.timeout)
         round_name = f"round {next(iter(plans.values())).round}" if plans else "round"
         clients = {nid: client for client, nid in self.nodes.items()}
@@ -127,8 +154,10 @@ class FedHQStrategy:
         return {}  # the QAT observers stay on the nodes
 
     def restore(self, states: dict) -> None:
-        raise ConfigError("--resume: the Flower engine cannot resume (the nodes keep their QAT observers); "
-                          "resume runs on the embedded engine")  # fmt: skip
+        raise ConfigError(
+            "--resume: the Flower engine cannot resume (the nodes keep their QAT observers); "
+            "resume runs on the embedded engine"
+        )
 
     def adjust(self, server: Server, strategies: dict[int, str], outcome: RoundOutcome, next_round: int) -> dict:
         raise ConfigError("the Flower engine runs without --adjust (use the embedded engine)")
@@ -146,8 +175,9 @@ class FedHQStrategy:
         for reply in replies:
             nid = pending.pop(reply.metadata.reply_to_message_id, None)
             if nid is None:
-                log.warning("%s: ignoring a reply to no message of this round (from node %d)", where,
-                            reply.metadata.src_node_id)  # fmt: skip
+                log.warning(
+                    "%s: ignoring a reply to no message of this round (from node %d)", where, reply.metadata.src_node_id
+                )
             elif not reply.has_error() and reply.metadata.src_node_id != nid:
                 log.warning("%s: node %d answered the message sent to node %d", where, reply.metadata.src_node_id, nid)
             else:
@@ -191,8 +221,15 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
         return None, f"the node description lacks or mistypes {wrong}"
     if not 0 <= about["partition-id"] < clients:
         return None, f"partition-id {about['partition-id']} is outside [0, {clients})"
-    row = {"node_id": node_id, "device": about["device"], "device_name": about["device-name"], "alpha": about["alpha"],
-           "beta": about["beta"], "samples": about["samples"], "batch": about["batch"]}  # fmt: skip
+    row = {
+        "node_id": node_id,
+        "device": about["device"],
+        "device_name": about["device-name"],
+        "alpha": about["alpha"],
+        "beta": about["beta"],
+        "samples": about["samples"],
+        "batch": about["batch"],
+    }
     return Answer(about["partition-id"], float(time_s), float(acc), row), None
 
 
@@ -202,13 +239,23 @@ def _read_update(client: int, content: RecordDict) -> tuple[Update, ClientTime, 
     if not isinstance(metrics, MetricRecord):
         raise RecordError("the reply has no 'metrics' MetricRecord")
     # a client with no training step reports a NaN loss
-    wrong = [k for k in TRAIN_METRICS if not (is_real(metrics.get(k)) or k == "train-loss" and isinstance(metrics.get(k), float))]
+    wrong = [
+        k
+        for k in TRAIN_METRICS
+        if not (is_real(metrics.get(k)) or k == "train-loss" and isinstance(metrics.get(k), float))
+    ]
     if wrong:
         raise RecordError(f"metrics {wrong} missing or not finite numbers")
     costs = [float(metrics[k]) for k in ("compute-s", "upload-s")]
     if not all(c >= 0 for c in costs):
         raise RecordError(f"simulated times must be >= 0, got {costs}")
     state = decode_state(arrays, layout)
-    update = Update(client, state, metrics["num-examples"], float(metrics["train-loss"]), int(metrics["steps"]),
-                    float(metrics["wall-s"]))  # fmt: skip
+    update = Update(
+        client,
+        state,
+        metrics["num-examples"],
+        float(metrics["train-loss"]),
+        int(metrics["steps"]),
+        float(metrics["wall-s"]),
+    )
     return update, ClientTime(*costs), arrays.count_bytes() + layout.count_bytes() + metrics.count_bytes()

@@ -12,8 +12,8 @@ hardware profile keys its measured step times by ``spec.key`` (e.g.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -58,7 +58,7 @@ class ModelSpec:
             )
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> ModelSpec:
         """``name[@HxWxC][:classes]``, e.g. ``resnet18``, ``small_cnn@8x8x1``,
         ``resnet18@32x32x3:100``; defaults 32x32x3 and 10 classes."""
         match = _SPEC.match(text.strip())

@@ -49,9 +49,14 @@ def take_profile(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
         raise SystemExit(f"fedhq profile: --repeats must be >= 1, got {args.repeats}")
     start = time.perf_counter()
     doc = run.run_profile(
-        device=args.device, quick=args.quick, models=models, batches=batches, repeats=args.repeats,
-        threads=args.threads, log=log,
-    )  # fmt: skip
+        device=args.device,
+        quick=args.quick,
+        models=models,
+        batches=batches,
+        repeats=args.repeats,
+        threads=args.threads,
+        log=log,
+    )
     out = schema.dump(doc, args.out or default_out(args.device))
     print()
     print(run.format_table(doc))

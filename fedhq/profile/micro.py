@@ -36,8 +36,11 @@ def bandwidth(device: torch.device, nbytes: int, *, repeats: int, warmup: int = 
     calls = bandwidth_calls(x)
     timing.warm_up_clocks(calls["copy"][0], device=device)
     figures = {}
-    for name, key in (("copy", "copy_bandwidth_gbps"), ("read", "read_bandwidth_gbps"),
-                      ("clone", "alloc_copy_bandwidth_gbps")):  # fmt: skip
+    for name, key in (
+        ("copy", "copy_bandwidth_gbps"),
+        ("read", "read_bandwidth_gbps"),
+        ("clone", "alloc_copy_bandwidth_gbps"),
+    ):
         fn, size = calls[name]
         t = timing.measure(fn, device=device, repeats=repeats, warmup=warmup)
         figures[key] = t.figure(_gbps(size), bytes=size)
@@ -86,7 +89,7 @@ def matmul_throughput(
                 continue
             fn()  # fails here if the dtype has no kernel on this device
             t = timing.measure(fn, device=device, repeats=repeats, warmup=warmup)
-            figures[name] = t.figure(lambda s: flops / s / 1e12, n=size)
+            figures[name] = t.figure(lambda s, flops=flops: flops / s / 1e12, n=size)
         except (RuntimeError, NotImplementedError) as error:
             figures[name], unsupported[name] = None, f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         finally:

@@ -77,10 +77,17 @@ def software_info(device: torch.device) -> dict:
         try:
             import subprocess
 
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10, check=False,
-            ).stdout.strip().splitlines()[0]  # fmt: skip
+            info["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
+                )
+                .stdout.strip()
+                .splitlines()[0]
+            )
         except (OSError, IndexError, subprocess.SubprocessError):
             info["driver"] = None
     return info
@@ -113,9 +120,16 @@ def profile_model(
     spec = ModelSpec.parse(spec_text)
     log(f"{spec.key}: training steps at batch sizes {list(batches)} ...")
     result = steps.profile_training(
-        spec.build, spec.input_shape, spec.num_classes, strategies, batches,
-        device=device, repeats=repeats, warmup=warmup, log=log,
-    )  # fmt: skip
+        spec.build,
+        spec.input_shape,
+        spec.num_classes,
+        strategies,
+        batches,
+        device=device,
+        repeats=repeats,
+        warmup=warmup,
+        log=log,
+    )
     entry = {
         "model": spec.name,
         "input_shape": list(spec.input_shape),
@@ -204,8 +218,9 @@ def run_profile(
         "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "memory_method": (
-            "torch.cuda.max_memory_allocated" if device.type == "cuda" else f"live heap ({timing.heap_method()}) "
-            "sampled after every ATen op of a step"
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else f"live heap ({timing.heap_method()}) sampled after every ATen op of a step"
         ),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "seconds": round(time.perf_counter() - started, 1),

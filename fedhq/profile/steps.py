@@ -200,9 +200,10 @@ def profile_training(
             growth, counter = _peak_growth(client, inputs[0], device)
             peak = static_bytes(client.model, client.optimizer) + sample_bytes + growth
             client.results.append(
-                BatchResult(b, step_timing, peak, growth, counter.ops, counter.flops, counter.bytes_compute,
-                            counter.bytes_other)
-            )  # fmt: skip
+                BatchResult(
+                    b, step_timing, peak, growth, counter.ops, counter.flops, counter.bytes_compute, counter.bytes_other
+                )
+            )
             log(
                 f"  {name} batch {b}: {step_timing.median_s * 1e3:.2f} ms/step "
                 f"(p10-p90 {step_timing.p10_s * 1e3:.2f}-{step_timing.p90_s * 1e3:.2f}), "

@@ -12,8 +12,9 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ class Timing:
     warmup: int
 
     @classmethod
-    def from_samples(cls, seconds: Sequence[float], *, number: int = 1, warmup: int = 0) -> "Timing":
+    def from_samples(cls, seconds: Sequence[float], *, number: int = 1, warmup: int = 0) -> Timing:
         if not seconds:
             raise ValueError("Timing: no samples")
         s = sorted(seconds)
@@ -260,7 +261,16 @@ class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
         for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
         )
     ]
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fedhq_kernels as fk
-from fedhq_kernels.checks import is_int
 from fedhq.data.base import Split
 from fedhq.quant.qat import QAT_MODULES, qparams_from_range, strip_qat
+from fedhq_kernels.checks import is_int
 from fedhq_kernels.quantized_tensor import check_bits, quant_range
 
 CALIBRATION_SAMPLES = 256
@@ -90,8 +90,11 @@ def calibrate(model: nn.Module, calibration_x: Tensor, bits: int, *, batch_size:
 
     def observe(name: str, module: nn.Module, args: tuple) -> None:
         batch = torch.stack(torch.aminmax(args[0].detach().float()))
-        seen[name] = batch if name not in seen else torch.stack([seen[name][0].minimum(batch[0]),
-                                                                 seen[name][1].maximum(batch[1])])  # fmt: skip
+        seen[name] = (
+            batch
+            if name not in seen
+            else torch.stack([seen[name][0].minimum(batch[0]), seen[name][1].maximum(batch[1])])
+        )
 
     was_training = model.training
     hooks = [m.register_forward_pre_hook(functools.partial(observe, name)) for name, m in layers]
@@ -121,8 +124,9 @@ def check_deployed_weights(model: nn.Module, weights: Mapping, bits: int) -> Non
     for name, p in model.named_parameters():
         value = weights.get(name)
         if p.is_floating_point() and (not isinstance(value, fk.QuantizedTensor) or value.bits != bits):
-            raise ValueError(f"deployed weights: '{name}' must be a {bits}-bit QuantizedTensor as uploaded, "
-                             f"got {_describe(value)}")  # fmt: skip
+            raise ValueError(
+                f"deployed weights: '{name}' must be a {bits}-bit QuantizedTensor as uploaded, got {_describe(value)}"
+            )
 
 
 def deployed_model(model: nn.Module, weights: Mapping, calibration_x: Tensor, bits: int) -> nn.Module:

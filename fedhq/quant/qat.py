@@ -128,23 +128,40 @@ class QATConv2d(_QATMixin, nn.Conv2d):
         return self._conv_forward(self.quantize_input(x), self.quantize_weight(), self.bias)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QATConfig) -> "QATConv2d":
+    def from_float(cls, conv: nn.Conv2d, config: QATConfig) -> QATConv2d:
         """A QAT twin sharing ``conv``'s parameter objects (no copy)."""
         new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device="meta", dtype=conv.weight.dtype, qat_config=config,
-        )  # fmt: skip
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device="meta",
+            dtype=conv.weight.dtype,
+            qat_config=config,
+        )
         new.weight, new.bias = conv.weight, conv.bias
         new._init_qat(config, conv.weight.device)
         return new.train(conv.training)
 
     def to_float(self) -> nn.Conv2d:
         new = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, groups=self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
-            device="meta", dtype=self.weight.dtype,
-        )  # fmt: skip
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
         new.weight, new.bias = self.weight, self.bias
         return new.train(self.training)
 
@@ -160,11 +177,15 @@ class QATLinear(_QATMixin, nn.Linear):
         return F.linear(self.quantize_input(x), self.quantize_weight(), self.bias)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, config: QATConfig) -> "QATLinear":
+    def from_float(cls, linear: nn.Linear, config: QATConfig) -> QATLinear:
         new = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-            dtype=linear.weight.dtype, qat_config=config,
-        )  # fmt: skip
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+            qat_config=config,
+        )
         new.weight, new.bias = linear.weight, linear.bias
         new._init_qat(config, linear.weight.device)
         return new.train(linear.training)
@@ -233,8 +254,12 @@ def prepare_qat(
     base = config or QATConfig()
     overrides = {
         k: v
-        for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits), ("averaging_constant", averaging_constant),
-                     ("observer", observer))
+        for k, v in (
+            ("weight_bits", weight_bits),
+            ("act_bits", act_bits),
+            ("averaging_constant", averaging_constant),
+            ("observer", observer),
+        )
         if v is not None
     }
     cfg = QATConfig(**{**base.__dict__, **overrides})

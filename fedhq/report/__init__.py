@@ -15,7 +15,11 @@ from fedhq.report.plots import plot_accuracy_vs_time, plot_allocation, plot_seed
 from fedhq.report.schema import COMPARE_SCHEMA, RUN_SCHEMA, check_comparison, check_run
 from fedhq.report.tables import format_comparison_table, format_run_table, format_seed_table
 
-ALLOCATED = ("fedhq", "fedhq+adjust", "fedrh")  # strategies whose clients differ, so their Fig. 3 picture says something
+ALLOCATED = (
+    "fedhq",
+    "fedhq+adjust",
+    "fedrh",
+)  # strategies whose clients differ, so their Fig. 3 picture says something
 ROUNDS_CSV = "rounds.csv"
 
 
@@ -63,9 +67,12 @@ def write_run_report(run: Mapping, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     table = out / "run.txt"
     table.write_text(format_run_table(run) + "\n")
-    return [table, write_rounds_csv(out / ROUNDS_CSV, [(run["strategy"], run)]),
-            plot_accuracy_vs_time({run["strategy"]: run}, out / "accuracy_vs_time.png"),
-            plot_allocation(run, out / "allocation.png")]  # fmt: skip
+    return [
+        table,
+        write_rounds_csv(out / ROUNDS_CSV, [(run["strategy"], run)]),
+        plot_accuracy_vs_time({run["strategy"]: run}, out / "accuracy_vs_time.png"),
+        plot_allocation(run, out / "allocation.png"),
+    ]
 
 
 __all__ = [

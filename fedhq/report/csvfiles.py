@@ -10,15 +10,34 @@ from pathlib import Path
 # setup columns first, then the round's own numbers; any other number a round
 # records (deployed_accuracy, Flower's record_bytes, ...) follows, sorted by name
 SETUP_COLUMNS = ("dataset", "model", "bits", "seed", "strategy")
-ROUND_COLUMNS = ("round", "accuracy", "deployed_accuracy", "loss", "train_loss", "wall_s", "sim_s", "sim_epoch_s",
-                 "cum_wall_s", "cum_sim_s", "upload_bytes", "participants", "rejected", "slowest_client")  # fmt: skip
+ROUND_COLUMNS = (
+    "round",
+    "accuracy",
+    "deployed_accuracy",
+    "loss",
+    "train_loss",
+    "wall_s",
+    "sim_s",
+    "sim_epoch_s",
+    "cum_wall_s",
+    "cum_sim_s",
+    "upload_bytes",
+    "participants",
+    "rejected",
+    "slowest_client",
+)
 COUNTED = ("participants", "rejected")  # lists in results.json, their lengths here
 
 
 def round_rows(name: str, run: Mapping) -> list[dict]:
     """The run's rounds as flat dicts (``name``: the strategy column, e.g. fedhq+adjust)."""
-    setup = {"dataset": run["dataset"], "model": run["model"], "bits": run["config"]["bits"],
-             "seed": run["config"]["seed"], "strategy": name}  # fmt: skip
+    setup = {
+        "dataset": run["dataset"],
+        "model": run["model"],
+        "bits": run["config"]["bits"],
+        "seed": run["config"]["seed"],
+        "strategy": name,
+    }
     rows = []
     for r in run["rounds"]:
         row = dict(setup)

@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
-from matplotlib.transforms import Bbox  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from fedhq.allocation import geometric_segmentation  # noqa: E402
 from fedhq.fl.summary import HEADLINE_ROUNDS, mean_ci, row_accuracy, summarize  # noqa: E402
@@ -85,8 +85,10 @@ def plot_accuracy_vs_time(runs: Mapping[str, Mapping], path: str | Path) -> Path
     for name, run in runs.items():
         check_run(run, f"run {name!r}")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    panels = ((axes[0], "cum_sim_s", "simulated time on the clients' devices"),
-              (axes[1], "cum_wall_s", "wall time on this machine"))  # fmt: skip
+    panels = (
+        (axes[0], "cum_sim_s", "simulated time on the clients' devices"),
+        (axes[1], "cum_wall_s", "wall time on this machine"),
+    )
     every = [100 * row_accuracy(r) for run in runs.values() for r in run["rounds"]]
     for ax, key, label in panels:
         ends = [run["rounds"][-1][key] for run in runs.values() if run["rounds"]]
@@ -107,8 +109,9 @@ def plot_accuracy_vs_time(runs: Mapping[str, Mapping], path: str | Path) -> Path
         ax.set_ylabel(_accuracy_label(runs.values()))
         ax.grid(alpha=0.3)
     axes[0].legend(title="strategy", loc="lower right")
-    fig.suptitle(f"{describe(list(runs.values()))}\n"
-                 "test accuracy vs cumulative time (one marker per round, thinned when many)")  # fmt: skip
+    fig.suptitle(
+        f"{describe(list(runs.values()))}\ntest accuracy vs cumulative time (one marker per round, thinned when many)"
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -139,9 +142,18 @@ def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | 
         acc, sim = s["headline_accuracy"], s["sim_time_s"]
         spread = 0.0 if acc["half_width"] is None else acc["half_width"]
         headline += [100 * (acc["mean"] - spread), 100 * (acc["mean"] + spread)]
-        right.errorbar(sim["mean"], 100 * acc["mean"], xerr=sim["half_width"],
-                       yerr=None if acc["half_width"] is None else 100 * acc["half_width"], capsize=4, ms=7,
-                       color=style.get("color"), marker=style["marker"], ls="none", label=name)  # fmt: skip
+        right.errorbar(
+            sim["mean"],
+            100 * acc["mean"],
+            xerr=sim["half_width"],
+            yerr=None if acc["half_width"] is None else 100 * acc["half_width"],
+            capsize=4,
+            ms=7,
+            color=style.get("color"),
+            marker=style["marker"],
+            ls="none",
+            label=name,
+        )
     left.set_ylim(*accuracy_limits(shown))
     right.set_ylim(*accuracy_limits(headline))  # an interval past 100% is cut at the axis
     left.set_xlabel("round")
@@ -152,14 +164,22 @@ def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | 
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend(title="strategy", loc="lower right")
-    fig.suptitle(f"{describe(runs, summary['seeds'])}\naccuracy by round, and accuracy against time "
-                 f"({len(summary['seeds'])} seeds, Student-t intervals)")  # fmt: skip
+    fig.suptitle(
+        f"{describe(runs, summary['seeds'])}\naccuracy by round, and accuracy against time "
+        f"({len(summary['seeds'])} seeds, Student-t intervals)"
+    )
     fig.tight_layout()
     return _save(fig, path)
 
 
-def place_labels(ax, xy: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 8,
-                 marker_pt: float | Sequence[float] = 7.0, rings: int = 12) -> list:
+def place_labels(
+    ax,
+    xy: Sequence[tuple[float, float]],
+    texts: Sequence[str],
+    fontsize: float = 8,
+    marker_pt: float | Sequence[float] = 7.0,
+    rings: int = 12,
+) -> list:
     """Annotates each point of ``xy`` (data coordinates) with its text where the text
     overlaps no other label, no point and no legend or title: candidate spots on rings
     of growing radius around the point, the first free one wins; beyond the first ring
@@ -186,9 +206,21 @@ def place_labels(ax, xy: Sequence[tuple[float, float]], texts: Sequence[str], fo
                 dx, dy = radius * np.cos(angle), radius * np.sin(angle)
                 ha = "left" if dx > 1 else "right" if dx < -1 else "center"
                 va = "bottom" if dy > 1 else "top" if dy < -1 else "center"
-                arrow = {"arrowstyle": "-", "lw": 0.5, "color": "0.45", "shrinkA": 1, "shrinkB": 3} if ring > 1 else None
-                candidate = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
-                                        fontsize=fontsize, zorder=5, annotation_clip=False, arrowprops=arrow)  # fmt: skip
+                arrow = (
+                    {"arrowstyle": "-", "lw": 0.5, "color": "0.45", "shrinkA": 1, "shrinkB": 3} if ring > 1 else None
+                )
+                candidate = ax.annotate(
+                    text,
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(dx, dy),
+                    ha=ha,
+                    va=va,
+                    fontsize=fontsize,
+                    zorder=5,
+                    annotation_clip=False,
+                    arrowprops=arrow,
+                )
                 candidate.update_positions(renderer)  # places the text; then measure it without its leader line
                 box = Text.get_window_extent(candidate, renderer).padded(1.0)
                 if not any(box.overlaps(other) for other in taken):
@@ -212,8 +244,9 @@ def plot_allocation(run: Mapping, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(9.0, 6.0))
     grid = np.linspace(0.0, 1.0, 501)[1:]  # x = 0 would divide the slope test by nothing
     gx, gy = np.meshgrid(grid, grid)
-    ax.contourf(gx, gy, ptq_region(gx, gy, xi, area).astype(float), levels=[0.5, 1.5], colors=[CLIENT_COLORS["ptq"]],
-                alpha=0.12)  # fmt: skip
+    ax.contourf(
+        gx, gy, ptq_region(gx, gy, xi, area).astype(float), levels=[0.5, 1.5], colors=[CLIENT_COLORS["ptq"]], alpha=0.12
+    )
     slope = (1 - xi) / xi  # Eq. 6: the ray through (xi, 1 - xi)
     ray_x = min(1.0, 1.0 / slope)
     ax.plot([0, ray_x], [0, slope * ray_x], color="black", lw=1.2)
@@ -236,20 +269,34 @@ def plot_allocation(run: Mapping, path: str | Path) -> Path:
             if mask.any():
                 ax.scatter(x[mask], y[mask], color=color, marker=marker, s=46, zorder=3, clip_on=False)
     if against.any():
-        ax.scatter(x[against], y[against], facecolors="none", edgecolors="black", s=150, lw=1.2, zorder=4,
-                   clip_on=False)  # fmt: skip
+        ax.scatter(
+            x[against], y[against], facecolors="none", edgecolors="black", s=150, lw=1.2, zorder=4, clip_on=False
+        )
 
     handles = [
         Patch(facecolor=CLIENT_COLORS["ptq"], alpha=0.12, edgecolor="none", label="PTQ region of the rule"),
         plt.Line2D([], [], color="black", lw=1.2, label=f"Theta ray, slope (1-xi)/xi = {slope:.3g}"),
         plt.Line2D([], [], color="black", ls="--", lw=1.2, label=f"area x*y/2 = {area:g}"),
-        *(plt.Line2D([], [], color=CLIENT_COLORS[n], marker="o", ls="none", label=f"{n.upper()} client")
-          for n in CLIENT_COLORS if (strategy == n).any()),
+        *(
+            plt.Line2D([], [], color=CLIENT_COLORS[n], marker="o", ls="none", label=f"{n.upper()} client")
+            for n in CLIENT_COLORS
+            if (strategy == n).any()
+        ),
         *(plt.Line2D([], [], color="0.35", marker=m, ls="none", label=f"device: {d}") for d, m in markers.items()),
-    ]  # fmt: skip
+    ]
     if against.any():
-        handles.append(plt.Line2D([], [], marker="o", ms=10, mfc="none", mec="black", ls="none",
-                                  label=f"assigned against the rule ({int(against.sum())})"))  # fmt: skip
+        handles.append(
+            plt.Line2D(
+                [],
+                [],
+                marker="o",
+                ms=10,
+                mfc="none",
+                mec="black",
+                ls="none",
+                label=f"assigned against the rule ({int(against.sum())})",
+            )
+        )
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, borderaxespad=0)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -263,8 +310,10 @@ def plot_allocation(run: Mapping, path: str | Path) -> Path:
         notes.append(f"{skipped} of {len(run['clients'])} clients without significances not shown")
     if len(placed) > MAX_LABELLED_CLIENTS:
         notes.append("ids not shown")
-    ax.set_title(f"{describe([run])}\n{run['strategy']}: xi = {xi:g}, {ptq} PTQ / {qat} QAT clients; "
-                 + "; ".join(notes), fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"{describe([run])}\n{run['strategy']}: xi = {xi:g}, {ptq} PTQ / {qat} QAT clients; " + "; ".join(notes),
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.canvas.draw()  # applies the equal aspect, which moves the axes: labels are placed on the final layout
     if len(placed) <= MAX_LABELLED_CLIENTS:

@@ -15,14 +15,35 @@ from fedhq.fl.engine import RESULTS_SCHEMA as RUN_SCHEMA
 RUN_SCHEMAS = (RUN_SCHEMA, "fedhq.run/1")
 COMPARE_SCHEMA_V1 = "fedhq.compare/1"  # one seed's runs by strategy, under "runs"
 
-RUN_KEYS = ("config", "strategy", "model", "dataset", "clients", "allocation", "rounds", "final_accuracy",
-            "wall_time_s", "sim_time_s", "upload_bytes")  # fmt: skip
+RUN_KEYS = (
+    "config",
+    "strategy",
+    "model",
+    "dataset",
+    "clients",
+    "allocation",
+    "rounds",
+    "final_accuracy",
+    "wall_time_s",
+    "sim_time_s",
+    "upload_bytes",
+)
 CONFIG_KEYS = ("bits", "seed")  # named in every title
 # norm_speed / norm_acc are optional (absent or None: the client is left out of the allocation plot)
 CLIENT_KEYS = ("id", "device", "alpha", "beta", "samples", "batch", "strategy", "speed_time_s", "speed_sig", "acc_sig")
 # participants, slowest_client and deployed_accuracy are optional
-ROUND_KEYS = ("round", "accuracy", "loss", "wall_s", "sim_s", "sim_epoch_s", "cum_wall_s", "cum_sim_s",
-              "upload_bytes", "rejected")  # fmt: skip
+ROUND_KEYS = (
+    "round",
+    "accuracy",
+    "loss",
+    "wall_s",
+    "sim_s",
+    "sim_epoch_s",
+    "cum_wall_s",
+    "cum_sim_s",
+    "upload_bytes",
+    "rejected",
+)
 ALLOCATION_KEYS = ("xi", "area_threshold", "ptq", "qat")  # speed_orientation is optional
 
 
@@ -46,7 +67,9 @@ def check_run(run: object, where: str = "run") -> Mapping:
     if not isinstance(run, Mapping):
         raise ValueError(f"{where}: expected a results dict with schema {RUN_SCHEMA!r}, got {type(run).__name__}")
     if run.get("schema") not in RUN_SCHEMAS:
-        raise ValueError(f"{where}: expected a results dict with schema {RUN_SCHEMA!r}, got schema {run.get('schema')!r}")
+        raise ValueError(
+            f"{where}: expected a results dict with schema {RUN_SCHEMA!r}, got schema {run.get('schema')!r}"
+        )
     _require(run, RUN_KEYS, where)
     _require(run["config"], CONFIG_KEYS, f"{where}: config")
     for i, client in enumerate(_require_list(run, "clients", where)):

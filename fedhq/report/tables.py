@@ -8,8 +8,15 @@ import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from fedhq.fl.summary import BASELINE, HEADLINE_ROUNDS, final_accuracy, headline_accuracy, row_accuracy, speedup
-from fedhq.fl.summary import summarize
+from fedhq.fl.summary import (
+    BASELINE,
+    HEADLINE_ROUNDS,
+    final_accuracy,
+    headline_accuracy,
+    row_accuracy,
+    speedup,
+    summarize,
+)
 from fedhq.report.schema import check_comparison, check_run
 
 LETTERS = {"ptq": "P", "qat": "Q", "fp32": "F"}
@@ -102,9 +109,14 @@ def format_seed_table(runs: Mapping[str, Mapping]) -> str:
     for name, run in runs.items():
         rounds = run["rounds"]
         ptq, qat = strategy_counts(run)
-        row = [name, _percent(headline_accuracy(run)), _percent(final_accuracy(run)),
-               _seconds(_mean([r["sim_epoch_s"] for r in rounds])), _seconds(_mean([r["sim_s"] for r in rounds])),
-               _seconds(run["sim_time_s"])]  # fmt: skip
+        row = [
+            name,
+            _percent(headline_accuracy(run)),
+            _percent(final_accuracy(run)),
+            _seconds(_mean([r["sim_epoch_s"] for r in rounds])),
+            _seconds(_mean([r["sim_s"] for r in rounds])),
+            _seconds(run["sim_time_s"]),
+        ]
         if base:
             x = speedup(base["sim_time_s"], run["sim_time_s"])
             row.append("-" if x is None else f"{x:.2f}x")
@@ -152,9 +164,17 @@ def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
     runs = [run for runs in by_seed.values() for run in runs.values()]
     stats = summary["strategies"]
     header = ["strategy", HEADLINE, "final acc %", END_TO_END, f"vs {BASELINE}", "seeds"]
-    rows = [[name, _ci(s["headline_accuracy"], 100), _ci(s["final_accuracy"], 100),
-             _ci(s["sim_time_s"], fmt="{:.1f}", unit=" s"), _ci(s["speedup"], unit="x"), str(s["headline_accuracy"]["n"])]
-            for name, s in stats.items()]  # fmt: skip
+    rows = [
+        [
+            name,
+            _ci(s["headline_accuracy"], 100),
+            _ci(s["final_accuracy"], 100),
+            _ci(s["sim_time_s"], fmt="{:.1f}", unit=" s"),
+            _ci(s["speedup"], unit="x"),
+            str(s["headline_accuracy"]["n"]),
+        ]
+        for name, s in stats.items()
+    ]
     parts = [
         describe(runs, seeds),
         _table(header, rows),
@@ -164,16 +184,29 @@ def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
     ]
     focus = summary["focus"]
     if summary["paired"]:
-        paired_rows = [[other, _ci(p["headline_accuracy"], 100, sign=True), _ci(p["final_accuracy"], 100, sign=True),
-                        _ci(p["time_ratio"], unit="x"), str(p["headline_accuracy"]["n"])]
-                       for other, p in summary["paired"].items()]  # fmt: skip
-        parts += ["", f"{focus} against each strategy, paired by seed (same partition and devices): {focus}'s "
-                      f"accuracy minus its, mean +- {level} half-width over the per-seed differences",
-                  _table(["vs", f"{HEADLINE[:-2]} diff pts", "final acc diff pts", f"its time / {focus}'s", "seeds"],
-                         paired_rows)]  # fmt: skip
+        paired_rows = [
+            [
+                other,
+                _ci(p["headline_accuracy"], 100, sign=True),
+                _ci(p["final_accuracy"], 100, sign=True),
+                _ci(p["time_ratio"], unit="x"),
+                str(p["headline_accuracy"]["n"]),
+            ]
+            for other, p in summary["paired"].items()
+        ]
+        parts += [
+            "",
+            f"{focus} against each strategy, paired by seed (same partition and devices): {focus}'s "
+            f"accuracy minus its, mean +- {level} half-width over the per-seed differences",
+            _table(
+                ["vs", f"{HEADLINE[:-2]} diff pts", "final acc diff pts", f"its time / {focus}'s", "seeds"], paired_rows
+            ),
+        ]
     names = list(stats)
-    per_seed = [[str(seed), *(_percent(headline_accuracy(by_seed[seed][n]), 1) if n in by_seed[seed] else "-"
-                              for n in names)] for seed in seeds]  # fmt: skip
+    per_seed = [
+        [str(seed), *(_percent(headline_accuracy(by_seed[seed][n]), 1) if n in by_seed[seed] else "-" for n in names)]
+        for seed in seeds
+    ]
     parts += ["", f"{HEADLINE} of each run", _table(["seed", *names], per_seed)]
     rejected = [f"seed {seed}: {line}" for seed in seeds if (line := _rejected_summary(by_seed[seed]))]
     parts += rejected
@@ -184,8 +217,10 @@ def _accuracy_per_round(runs: Mapping[str, Mapping], max_rows: int = 12) -> str:
     count = max(len(run["rounds"]) for run in runs.values())
     picks = pick_rounds(count, max_rows)
     by_round = {name: {r["round"]: r for r in run["rounds"]} for name, run in runs.items()}
-    rows = [[str(n), *(_percent(row_accuracy(by_round[name][n]), 1) if n in by_round[name] else "-" for name in runs)]
-            for n in picks]  # fmt: skip
+    rows = [
+        [str(n), *(_percent(row_accuracy(by_round[name][n]), 1) if n in by_round[name] else "-" for name in runs)]
+        for n in picks
+    ]
     step = math.ceil(count / max_rows) if count else 1
     title = "test accuracy (%) by round" + (f" (every {step} rounds, and the last)" if len(picks) < count else "")
     return title + "\n" + _table(["round", *runs], rows)
@@ -202,7 +237,7 @@ def _client_strategies(runs: Mapping[str, Mapping]) -> list[str]:
     name_width = max(len("client"), *(len(n) for n in letters))
     lines = [f"strategy of each client ({LEGEND})"]
     for start in range(0, len(ids), IDS_PER_LINE):
-        block = ids[start:start + IDS_PER_LINE]
+        block = ids[start : start + IDS_PER_LINE]
         lines.append("  " + "client".ljust(name_width) + "  " + " ".join(str(i).rjust(width) for i in block))
         for name in letters:
             cells = " ".join(letters[name].get(i, ".").rjust(width) for i in block)
@@ -212,9 +247,11 @@ def _client_strategies(runs: Mapping[str, Mapping]) -> list[str]:
         if adjustment:
             total = sum(v for v in run.get("timing", {}).values() if isinstance(v, (int, float)))
             share = f", {100 * adjustment['time_s'] / total:.0f}% of the run" if total > 0 else ""
-            lines.append(f"  {name}: {len(adjustment['flagged'])} flagged after round {adjustment['after_round']}, "
-                         f"{adjustment['before']} -> {adjustment['after']}; {adjustment['trained']} candidates trained "
-                         f"of {adjustment['ranked']} ranked; {adjustment['time_s']:.1f} s{share}")  # fmt: skip
+            lines.append(
+                f"  {name}: {len(adjustment['flagged'])} flagged after round {adjustment['after_round']}, "
+                f"{adjustment['before']} -> {adjustment['after']}; {adjustment['trained']} candidates trained "
+                f"of {adjustment['ranked']} ranked; {adjustment['time_s']:.1f} s{share}"
+            )
     return lines
 
 
@@ -238,39 +275,79 @@ def format_run_table(run: Mapping, max_rounds: int = 60) -> str:
     check_run(run)
     norm = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     client_rows = [
-        [str(c["id"]), str(c["device"]), c["strategy"], f"{c['alpha']:.2f}", f"{c['beta']:.2f}", str(c["samples"]),
-         str(c["batch"]), f"{c['speed_time_s']:.3g}", f"{c['speed_sig']:.3f}", f"{c['acc_sig']:.3f}",
-         norm(c.get("norm_speed")), norm(c.get("norm_acc"))]
+        [
+            str(c["id"]),
+            str(c["device"]),
+            c["strategy"],
+            f"{c['alpha']:.2f}",
+            f"{c['beta']:.2f}",
+            str(c["samples"]),
+            str(c["batch"]),
+            f"{c['speed_time_s']:.3g}",
+            f"{c['speed_sig']:.3f}",
+            f"{c['acc_sig']:.3f}",
+            norm(c.get("norm_speed")),
+            norm(c.get("norm_acc")),
+        ]
         for c in run["clients"]
-    ]  # fmt: skip
+    ]
     by_round = {r["round"]: r for r in run["rounds"]}
     shown = [by_round[n] for n in pick_rounds(max(by_round, default=0), max_rounds) if n in by_round]
     round_rows = [
-        [str(r["round"]), _percent(row_accuracy(r)), f"{r['loss']:.3f}", f"{r['wall_s']:.2f}", _seconds(r["sim_s"]),
-         _seconds(r["cum_sim_s"]), f"{r['upload_bytes'] / 1e6:.2f}", str(len(r.get("participants", []))),
-         str(len(r["rejected"])), str(r.get("slowest_client", "-"))]
+        [
+            str(r["round"]),
+            _percent(row_accuracy(r)),
+            f"{r['loss']:.3f}",
+            f"{r['wall_s']:.2f}",
+            _seconds(r["sim_s"]),
+            _seconds(r["cum_sim_s"]),
+            f"{r['upload_bytes'] / 1e6:.2f}",
+            str(len(r.get("participants", []))),
+            str(len(r["rejected"])),
+            str(r.get("slowest_client", "-")),
+        ]
         for r in shown
-    ]  # fmt: skip
+    ]
     ptq, qat = strategy_counts(run)
     alloc = run["allocation"]
     lines = [
         f"{run['strategy']}: {describe([run])}; {ptq} PTQ / {qat} QAT clients; "
         f"xi = {alloc['xi']:g}, area threshold {alloc['area_threshold']:g}, "
         f"Sig_speed read as {alloc.get('speed_orientation', '?')}",
-        _table(["client", "device", "strategy", "alpha", "beta", "samples", "batch", "T_m s", "Sig_speed", "Sig_acc",
-                "norm x", "norm y"], client_rows, left=3),
+        _table(
+            [
+                "client",
+                "device",
+                "strategy",
+                "alpha",
+                "beta",
+                "samples",
+                "batch",
+                "T_m s",
+                "Sig_speed",
+                "Sig_acc",
+                "norm x",
+                "norm y",
+            ],
+            client_rows,
+            left=3,
+        ),
         "T_m: Eq. 1 local training time; Sig: Eq. 2 / Eq. 3; norm x, y: the normalized pair placed in Fig. 3",
         "",
-        _table(["round", "acc %", "loss", "wall s", "sim", "sim so far", "upload MB", "clients", "rejected", "slowest"],
-               round_rows),
-    ]  # fmt: skip
+        _table(
+            ["round", "acc %", "loss", "wall s", "sim", "sim so far", "upload MB", "clients", "rejected", "slowest"],
+            round_rows,
+        ),
+    ]
     if len(shown) < len(run["rounds"]):
         lines.append(f"({len(shown)} of {len(run['rounds'])} rounds shown)")
     pct = lambda v: "-" if v is None else _percent(v) + "%"  # noqa: E731
-    lines.append(f"last-{HEADLINE_ROUNDS} mean accuracy {pct(headline_accuracy(run))}, final "
-                 f"{pct(final_accuracy(run))}{_deployed_note([run])}; {END_TO_END} simulated "
-                 f"{_seconds(run['sim_time_s'])}, wall {_seconds(run['wall_time_s'])}, "
-                 f"uploaded {run['upload_bytes'] / 1e6:.2f} MB")  # fmt: skip
+    lines.append(
+        f"last-{HEADLINE_ROUNDS} mean accuracy {pct(headline_accuracy(run))}, final "
+        f"{pct(final_accuracy(run))}{_deployed_note([run])}; {END_TO_END} simulated "
+        f"{_seconds(run['sim_time_s'])}, wall {_seconds(run['wall_time_s'])}, "
+        f"uploaded {run['upload_bytes'] / 1e6:.2f} MB"
+    )
     rejected = _rejected_summary({run["strategy"]: run})
     if rejected:
         lines.append(rejected)

@@ -167,15 +167,39 @@ def observe_values(v, lo, hi):
 
 
 @triton.jit
-def observe_tile(x_ptr, rb, cb, nrows, ncols, lo, hi, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
-                 BF16: tl.constexpr, EVEN: tl.constexpr):
+def observe_tile(
+    x_ptr,
+    rb,
+    cb,
+    nrows,
+    ncols,
+    lo,
+    hi,
+    MODE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+    BF16: tl.constexpr,
+    EVEN: tl.constexpr,
+):
     offs, mask = tile_offsets(rb, cb, nrows, ncols, MODE, BR, BW, EVEN)
     return observe_values(load_f32(x_ptr, offs, mask, BF16), lo, hi)
 
 
 @triton.jit
-def observe_tiles(x_ptr, a, start, end, nrows, ncols, lo, hi, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
-                  BF16: tl.constexpr):
+def observe_tiles(
+    x_ptr,
+    a,
+    start,
+    end,
+    nrows,
+    ncols,
+    lo,
+    hi,
+    MODE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+    BF16: tl.constexpr,
+):
     """Observes tiles start..end-1 along the loop dimension (columns for FLAT / ROW,
     rows for COL) of row / column block a. FLAT peels the one partial tile off the
     loop so the others run unmasked."""
@@ -201,8 +225,16 @@ def observe_tiles(x_ptr, a, start, end, nrows, ncols, lo, hi, MODE: tl.constexpr
 
 @triton.jit
 def _range_kernel(
-    x_ptr, lo_ptr, hi_ptr, nrows, ncols, C,
-    MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr,
+    x_ptr,
+    lo_ptr,
+    hi_ptr,
+    nrows,
+    ncols,
+    C,
+    MODE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     """Grid (A, splits): program (a, s) owns row block a (FLAT / ROW) or column block a
     (COL) and loops over its share s of the other dimension's blocks, keeping an
@@ -269,8 +301,21 @@ def range_is_finite(lo, hi):
 
 @triton.jit
 def _qparams_kernel(
-    lo_ptr, hi_ptr, scale_ptr, zp_ptr, seg_tensor_ptr, flag_ptr, S, T, qmin, qmax, half_range, span,
-    SYMMETRIC: tl.constexpr, PER_TENSOR_TABLE: tl.constexpr, BS: tl.constexpr,
+    lo_ptr,
+    hi_ptr,
+    scale_ptr,
+    zp_ptr,
+    seg_tensor_ptr,
+    flag_ptr,
+    S,
+    T,
+    qmin,
+    qmax,
+    half_range,
+    span,
+    SYMMETRIC: tl.constexpr,
+    PER_TENSOR_TABLE: tl.constexpr,
+    BS: tl.constexpr,
 ):
     """Scales and zero points of segments [pid * BS, ...). A segment whose range is not
     finite (the observer turned NaN into -inf) marks its tensor t in flag_ptr as
@@ -293,8 +338,21 @@ def _qparams_kernel(
 
 @triton.jit
 def observe_small(
-    x_ptr, scale_ptr, zp_ptr, flag_ptr, nrows, ncols, qmin, qmax, half_range, span,
-    MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr, SYMMETRIC: tl.constexpr,
+    x_ptr,
+    scale_ptr,
+    zp_ptr,
+    flag_ptr,
+    nrows,
+    ncols,
+    qmin,
+    qmax,
+    half_range,
+    span,
+    MODE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+    BF16: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
 ):
     """The observer for a tensor one program can handle alone (View.small_tile): every
     channel on one side of the tile (FLAT: one; ROW: rows == channels <= BR; COL:
@@ -320,22 +378,43 @@ def observe_small(
         zero_point = zero_point.to(tl.float32)
     elif MODE == ROW:
         scale, inv_scale, zero_point = _store_channel_qparams(
-            tl.min(lo, axis=1), tl.max(hi, axis=1), scale_ptr, zp_ptr, flag_ptr, nrows, qmin, qmax, half_range, span,
-            SYMMETRIC, BR,
+            tl.min(lo, axis=1),
+            tl.max(hi, axis=1),
+            scale_ptr,
+            zp_ptr,
+            flag_ptr,
+            nrows,
+            qmin,
+            qmax,
+            half_range,
+            span,
+            SYMMETRIC,
+            BR,
         )
         scale, inv_scale, zero_point = scale[:, None], inv_scale[:, None], zero_point[:, None]
     else:
         scale, inv_scale, zero_point = _store_channel_qparams(
-            tl.min(lo, axis=0), tl.max(hi, axis=0), scale_ptr, zp_ptr, flag_ptr, ncols, qmin, qmax, half_range, span,
-            SYMMETRIC, BW,
+            tl.min(lo, axis=0),
+            tl.max(hi, axis=0),
+            scale_ptr,
+            zp_ptr,
+            flag_ptr,
+            ncols,
+            qmin,
+            qmax,
+            half_range,
+            span,
+            SYMMETRIC,
+            BW,
         )
         scale, inv_scale, zero_point = scale[None, :], inv_scale[None, :], zero_point[None, :]
     return scale, inv_scale, zero_point, n_loop
 
 
 @triton.jit
-def _store_channel_qparams(lo_c, hi_c, scale_ptr, zp_ptr, flag_ptr, n, qmin, qmax, half_range, span,
-                           SYMMETRIC: tl.constexpr, CH: tl.constexpr):
+def _store_channel_qparams(
+    lo_c, hi_c, scale_ptr, zp_ptr, flag_ptr, n, qmin, qmax, half_range, span, SYMMETRIC: tl.constexpr, CH: tl.constexpr
+):
     """observe_small's per-channel end: scale and zero point of channels 0..n-1 from
     their ranges [CH], stored with the non-finite flag; returns (scale, 1 / scale, float
     zero point)."""
@@ -360,8 +439,23 @@ DEQUANTIZE = tl.constexpr(3)
 
 @triton.jit
 def elementwise_tile(
-    a_ptr, b_ptr, out_ptr, scale, inv_scale, zero_point, rb, cb, nrows, ncols, qmin, qmax,
-    KIND: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    scale,
+    inv_scale,
+    zero_point,
+    rb,
+    cb,
+    nrows,
+    ncols,
+    qmin,
+    qmax,
+    KIND: tl.constexpr,
+    MODE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+    BF16: tl.constexpr,
     EVEN: tl.constexpr,
 ):
     """Tile (rb, cb) of op KIND: out = fake_quant(a), quantize(a) (int8 codes),
@@ -376,8 +470,9 @@ def elementwise_tile(
         # grad * mask as PyTorch computes it: a NaN gradient stays NaN even where masked
         store_f32(out_ptr, offs, load_f32(a_ptr, offs, mask, BF16) * inside, mask, BF16)
     else:
-        code = clamp_code(unclamped_code(load_f32(a_ptr, offs, mask, BF16), inv_scale, zero_point, qmin, qmax),
-                          qmin, qmax)
+        code = clamp_code(
+            unclamped_code(load_f32(a_ptr, offs, mask, BF16), inv_scale, zero_point, qmin, qmax), qmin, qmax
+        )
         if KIND == QUANTIZE:
             tl.store(out_ptr + offs, code.to(tl.int8), mask=mask)
         else:
@@ -386,8 +481,21 @@ def elementwise_tile(
 
 @triton.jit
 def _elementwise_kernel(
-    a_ptr, b_ptr, out_ptr, scale_ptr, zp_ptr, nrows, ncols, C, qmin, qmax,
-    KIND: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    scale_ptr,
+    zp_ptr,
+    nrows,
+    ncols,
+    C,
+    qmin,
+    qmax,
+    KIND: tl.constexpr,
+    MODE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     """Op KIND, one tile per program, with parameters from scale_ptr / zp_ptr (given,
     or observed by pass 1); FLAT runs its full tiles unmasked."""
@@ -398,20 +506,88 @@ def _elementwise_kernel(
     scale, inv_scale, zero_point = tile_qparams(scale_ptr, zp_ptr, rb, cb, nrows, ncols, C, MODE, BR, BW)
     if MODE == FLAT:
         if cb < ncols // BW:
-            elementwise_tile(a_ptr, b_ptr, out_ptr, scale, inv_scale, zero_point, rb, cb, nrows, ncols, qmin, qmax,
-                             KIND, MODE, BR, BW, BF16, True)
+            elementwise_tile(
+                a_ptr,
+                b_ptr,
+                out_ptr,
+                scale,
+                inv_scale,
+                zero_point,
+                rb,
+                cb,
+                nrows,
+                ncols,
+                qmin,
+                qmax,
+                KIND,
+                MODE,
+                BR,
+                BW,
+                BF16,
+                True,
+            )
         else:
-            elementwise_tile(a_ptr, b_ptr, out_ptr, scale, inv_scale, zero_point, rb, cb, nrows, ncols, qmin, qmax,
-                             KIND, MODE, BR, BW, BF16, False)
+            elementwise_tile(
+                a_ptr,
+                b_ptr,
+                out_ptr,
+                scale,
+                inv_scale,
+                zero_point,
+                rb,
+                cb,
+                nrows,
+                ncols,
+                qmin,
+                qmax,
+                KIND,
+                MODE,
+                BR,
+                BW,
+                BF16,
+                False,
+            )
     else:
-        elementwise_tile(a_ptr, b_ptr, out_ptr, scale, inv_scale, zero_point, rb, cb, nrows, ncols, qmin, qmax,
-                         KIND, MODE, BR, BW, BF16, False)
+        elementwise_tile(
+            a_ptr,
+            b_ptr,
+            out_ptr,
+            scale,
+            inv_scale,
+            zero_point,
+            rb,
+            cb,
+            nrows,
+            ncols,
+            qmin,
+            qmax,
+            KIND,
+            MODE,
+            BR,
+            BW,
+            BF16,
+            False,
+        )
 
 
 @triton.jit
 def _observed_small_kernel(
-    x_ptr, out_ptr, scale_ptr, zp_ptr, flag_ptr, nrows, ncols, qmin, qmax, half_range, span,
-    KIND: tl.constexpr, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    scale_ptr,
+    zp_ptr,
+    flag_ptr,
+    nrows,
+    ncols,
+    qmin,
+    qmax,
+    half_range,
+    span,
+    KIND: tl.constexpr,
+    MODE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+    BF16: tl.constexpr,
     SYMMETRIC: tl.constexpr,
 ):
     """Observer and writer (fake_quant or quantize) in one program, for tensors of
@@ -421,20 +597,92 @@ def _observed_small_kernel(
     )
     if MODE == COL:
         for i in range(n_loop):
-            elementwise_tile(x_ptr, x_ptr, out_ptr, scale, inv_scale, zero_point, i, 0, nrows, ncols, qmin, qmax,
-                             KIND, MODE, BR, BW, BF16, False)
+            elementwise_tile(
+                x_ptr,
+                x_ptr,
+                out_ptr,
+                scale,
+                inv_scale,
+                zero_point,
+                i,
+                0,
+                nrows,
+                ncols,
+                qmin,
+                qmax,
+                KIND,
+                MODE,
+                BR,
+                BW,
+                BF16,
+                False,
+            )
     elif MODE == ROW:
         for i in range(n_loop):
-            elementwise_tile(x_ptr, x_ptr, out_ptr, scale, inv_scale, zero_point, 0, i, nrows, ncols, qmin, qmax,
-                             KIND, MODE, BR, BW, BF16, False)
+            elementwise_tile(
+                x_ptr,
+                x_ptr,
+                out_ptr,
+                scale,
+                inv_scale,
+                zero_point,
+                0,
+                i,
+                nrows,
+                ncols,
+                qmin,
+                qmax,
+                KIND,
+                MODE,
+                BR,
+                BW,
+                BF16,
+                False,
+            )
     else:
         full = ncols // BW
         for i in range(full):
-            elementwise_tile(x_ptr, x_ptr, out_ptr, scale, inv_scale, zero_point, 0, i, nrows, ncols, qmin, qmax,
-                             KIND, MODE, BR, BW, BF16, True)
+            elementwise_tile(
+                x_ptr,
+                x_ptr,
+                out_ptr,
+                scale,
+                inv_scale,
+                zero_point,
+                0,
+                i,
+                nrows,
+                ncols,
+                qmin,
+                qmax,
+                KIND,
+                MODE,
+                BR,
+                BW,
+                BF16,
+                True,
+            )
         for i in range(full, n_loop):
-            elementwise_tile(x_ptr, x_ptr, out_ptr, scale, inv_scale, zero_point, 0, i, nrows, ncols, qmin, qmax,
-                             KIND, MODE, BR, BW, BF16, False)
+            elementwise_tile(
+                x_ptr,
+                x_ptr,
+                out_ptr,
+                scale,
+                inv_scale,
+                zero_point,
+                0,
+                i,
+                nrows,
+                ncols,
+                qmin,
+                qmax,
+                KIND,
+                MODE,
+                BR,
+                BW,
+                BF16,
+                False,
+            )
 
 
 # ---------------------------------------------------------------------------------
@@ -457,7 +705,7 @@ class View:
     numel: int
 
     @staticmethod
-    def of(shape, axis: int) -> "View":
+    def of(shape, axis: int) -> View:
         numel = 1
         for s in shape:
             numel *= int(s)
@@ -466,7 +714,7 @@ class View:
         outer = inner = 1
         for s in shape[:axis]:
             outer *= int(s)
-        for s in shape[axis + 1:]:
+        for s in shape[axis + 1 :]:
             inner *= int(s)
         channels = int(shape[axis])
         if inner == 1 and channels > 1:
@@ -511,7 +759,7 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -548,7 +796,9 @@ def check_qparams(
     messages. On a GPU this is one small device -> host read (a host sync): one flag
     for all values; only when it is set are the details read to name the culprit."""
     if scale.is_cuda:
-        bad = (~(torch.isfinite(scale) & (scale > 0))).any() | ((zero_point < quant_min) | (zero_point > quant_max)).any()
+        bad = (~(torch.isfinite(scale) & (scale > 0))).any() | (
+            (zero_point < quant_min) | (zero_point > quant_max)
+        ).any()
         if not bool(bad):  # the one device -> host read
             return
     reference.check_qparams(op, scale.cpu(), zero_point.cpu(), quant_min, quant_max, owner)
@@ -564,8 +814,11 @@ def raise_if_flagged(op: str, flag: torch.Tensor) -> None:
 def empty_qparams(x: torch.Tensor, view: View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """scale [C], zero point [C] and the non-finite flag, for kernels that write all three."""
     C = view.channels
-    return (torch.empty(C, dtype=torch.float32, device=x.device), torch.empty(C, dtype=torch.int32, device=x.device),
-            torch.empty(1, dtype=torch.int32, device=x.device))
+    return (
+        torch.empty(C, dtype=torch.float32, device=x.device),
+        torch.empty(C, dtype=torch.int32, device=x.device),
+        torch.empty(1, dtype=torch.int32, device=x.device),
+    )
 
 
 def observe(
@@ -579,7 +832,7 @@ def observe(
     tiny qparams kernel."""
     C = view.channels
     workspace = torch.zeros(2 * C + 1, dtype=torch.float32, device=x.device)
-    lo, hi, flag = workspace[:C], workspace[C: 2 * C], workspace[2 * C:].view(torch.int32)
+    lo, hi, flag = workspace[:C], workspace[C : 2 * C], workspace[2 * C :].view(torch.int32)
     scale = torch.empty(C, dtype=torch.float32, device=x.device)
     zero_point = torch.empty(C, dtype=torch.int32, device=x.device)
     if C == 0:
@@ -589,8 +842,20 @@ def observe(
         n_rb, n_cb = view.tile_count(br, bw)
         programs, n_loop = (n_cb, n_rb) if view.mode == COL.value else (n_rb, n_cb)
         grid = (programs, range_splits(x.device, programs, n_loop))
-        launch(_range_kernel, grid, bf16_bits(x), lo, hi, view.nrows, view.ncols, C,
-               MODE=view.mode, BR=br, BW=bw, BF16=x.dtype == torch.bfloat16)
+        launch(
+            _range_kernel,
+            grid,
+            bf16_bits(x),
+            lo,
+            hi,
+            view.nrows,
+            view.ncols,
+            C,
+            MODE=view.mode,
+            BR=br,
+            BW=bw,
+            BF16=x.dtype == torch.bfloat16,
+        )
     finalize_qparams(lo, hi, scale, zero_point, None, flag, 1, symmetric, quant_min, quant_max)
     return scale, zero_point, flag
 
@@ -606,10 +871,21 @@ def finalize_qparams(lo, hi, scale, zero_point, seg_tensor, flag, tensors, symme
         return
     bs = min(next_pow2(S), FINALIZE_BLOCK)
     launch(
-        _qparams_kernel, (triton.cdiv(S, bs),),
-        lo, hi, scale, zero_point, lo if seg_tensor is None else seg_tensor, flag, S, tensors,
+        _qparams_kernel,
+        (triton.cdiv(S, bs),),
+        lo,
+        hi,
+        scale,
+        zero_point,
+        lo if seg_tensor is None else seg_tensor,
+        flag,
+        S,
+        tensors,
         *range_constants(quant_min, quant_max),
-        SYMMETRIC=bool(symmetric), PER_TENSOR_TABLE=seg_tensor is not None, BS=bs, num_warps=4,
+        SYMMETRIC=bool(symmetric),
+        PER_TENSOR_TABLE=seg_tensor is not None,
+        BS=bs,
+        num_warps=4,
     )
 
 
@@ -624,12 +900,30 @@ def write_tiles(kind, view: View, a, b, out, scale, zero_point, quant_min, quant
         return
     br, bw = view.tile()
     n_rb, n_cb = view.tile_count(br, bw)
-    launch(_elementwise_kernel, (n_rb * n_cb,), a, b, out, scale, zero_point, view.nrows, view.ncols, view.channels,
-           float(quant_min), float(quant_max), KIND=kind.value, MODE=view.mode, BR=br, BW=bw, BF16=bf16)
+    launch(
+        _elementwise_kernel,
+        (n_rb * n_cb,),
+        a,
+        b,
+        out,
+        scale,
+        zero_point,
+        view.nrows,
+        view.ncols,
+        view.channels,
+        float(quant_min),
+        float(quant_max),
+        KIND=kind.value,
+        MODE=view.mode,
+        BR=br,
+        BW=bw,
+        BF16=bf16,
+    )
 
 
-def run_observed(op: str, kind, x: torch.Tensor, out: torch.Tensor, symmetric: bool, quant_min: int, quant_max: int,
-                 axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+def run_observed(
+    op: str, kind, x: torch.Tensor, out: torch.Tensor, symmetric: bool, quant_min: int, quant_max: int, axis: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fake_quant_observed / quantize (``kind``): observe x's range, then write ``out``
     with it, in one program (View.small_tile) or through observe and write_tiles.
     The non-finite flag is read once, after everything is queued. Returns the scale and
@@ -640,13 +934,29 @@ def run_observed(op: str, kind, x: torch.Tensor, out: torch.Tensor, symmetric: b
     with on_device(x):
         if small:
             scale, zero_point, flag = empty_qparams(x, view)
-            launch(_observed_small_kernel, (1,), bf16_bits(x), bf16_bits(out), scale, zero_point, flag, view.nrows,
-                   view.ncols, *range_constants(quant_min, quant_max),
-                   KIND=kind.value, MODE=view.mode, BR=small[0], BW=small[1], BF16=bf16, SYMMETRIC=bool(symmetric))
+            launch(
+                _observed_small_kernel,
+                (1,),
+                bf16_bits(x),
+                bf16_bits(out),
+                scale,
+                zero_point,
+                flag,
+                view.nrows,
+                view.ncols,
+                *range_constants(quant_min, quant_max),
+                KIND=kind.value,
+                MODE=view.mode,
+                BR=small[0],
+                BW=small[1],
+                BF16=bf16,
+                SYMMETRIC=bool(symmetric),
+            )
         else:
             scale, zero_point, flag = observe(op, x, view, symmetric, quant_min, quant_max)
-            write_tiles(kind, view, bf16_bits(x), bf16_bits(x), bf16_bits(out), scale, zero_point, quant_min,
-                        quant_max, bf16)
+            write_tiles(
+                kind, view, bf16_bits(x), bf16_bits(x), bf16_bits(out), scale, zero_point, quant_min, quant_max, bf16
+            )
     raise_if_flagged(op, flag)
     shape = qparams_shape(x, axis)
     return scale.view(shape), zero_point.view(shape)

@@ -31,7 +31,16 @@ import triton.language as tl
 
 from fedhq_kernels import reference
 from fedhq_kernels.triton import _common as cm
-from fedhq_kernels.triton._common import COL, ROW, View, clamp_code, launch, observe_values, tile_offsets, unclamped_code
+from fedhq_kernels.triton._common import (
+    COL,
+    ROW,
+    View,
+    clamp_code,
+    launch,
+    observe_values,
+    tile_offsets,
+    unclamped_code,
+)
 
 # Tile [BR, BW] of the aggregate: one shape for every tensor of the model, so BW is
 # moderate (a row of a per-channel conv weight, inner = Cin * 9, is 576..4608 wide).
@@ -55,9 +64,27 @@ def _weighted_average(code_ptrs, params_ptr, w_ptr, K, T, S, t, offs, mask, seg,
 
 @triton.jit
 def _aggregate_tile(
-    code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr,
-    K, T, S, t, rb, cb, qmin, qmax,
-    IS_COL: tl.constexpr, WRITE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+    code_ptrs,
+    params_ptr,
+    w_ptr,
+    meta_ptr,
+    lo_ptr,
+    hi_ptr,
+    out_ptr,
+    scale_ptr,
+    zp_ptr,
+    K,
+    T,
+    S,
+    t,
+    rb,
+    cb,
+    qmin,
+    qmax,
+    IS_COL: tl.constexpr,
+    WRITE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
 ):
     nrows = tl.load(meta_ptr + t * 8 + 1)
     ncols = tl.load(meta_ptr + t * 8 + 2)
@@ -101,8 +128,24 @@ def _aggregate_tile(
 
 @triton.jit
 def _aggregate_kernel(
-    tiles_ptr, meta_ptr, code_ptrs, params_ptr, w_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr, K, T, S, qmin,
-    qmax, WRITE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr,
+    tiles_ptr,
+    meta_ptr,
+    code_ptrs,
+    params_ptr,
+    w_ptr,
+    lo_ptr,
+    hi_ptr,
+    out_ptr,
+    scale_ptr,
+    zp_ptr,
+    K,
+    T,
+    S,
+    qmin,
+    qmax,
+    WRITE: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
 ):
     """One tile per program: its range into lo / hi (pass 1), or its codes (WRITE)."""
     pid = tl.program_id(0)
@@ -110,11 +153,53 @@ def _aggregate_kernel(
     rb = tl.load(tiles_ptr + pid * 3 + 1)
     cb = tl.load(tiles_ptr + pid * 3 + 2)
     if tl.load(meta_ptr + t * 8) != 0:
-        _aggregate_tile(code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr,
-                        K, T, S, t, rb, cb, qmin, qmax, IS_COL=True, WRITE=WRITE, BR=BR, BW=BW)
+        _aggregate_tile(
+            code_ptrs,
+            params_ptr,
+            w_ptr,
+            meta_ptr,
+            lo_ptr,
+            hi_ptr,
+            out_ptr,
+            scale_ptr,
+            zp_ptr,
+            K,
+            T,
+            S,
+            t,
+            rb,
+            cb,
+            qmin,
+            qmax,
+            IS_COL=True,
+            WRITE=WRITE,
+            BR=BR,
+            BW=BW,
+        )
     else:
-        _aggregate_tile(code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr,
-                        K, T, S, t, rb, cb, qmin, qmax, IS_COL=False, WRITE=WRITE, BR=BR, BW=BW)
+        _aggregate_tile(
+            code_ptrs,
+            params_ptr,
+            w_ptr,
+            meta_ptr,
+            lo_ptr,
+            hi_ptr,
+            out_ptr,
+            scale_ptr,
+            zp_ptr,
+            K,
+            T,
+            S,
+            t,
+            rb,
+            cb,
+            qmin,
+            qmax,
+            IS_COL=False,
+            WRITE=WRITE,
+            BR=BR,
+            BW=BW,
+        )
 
 
 def _aggregate_view(shape, axis: int) -> View:
@@ -146,8 +231,9 @@ def _tables(views: list[View], code_ptrs: list[int]) -> tuple[torch.Tensor, int,
     n_cb_t = torch.tensor(n_cbs, dtype=torch.int64)[tile_tensor]
     tiles = torch.stack([tile_tensor, local // n_cb_t, local % n_cb_t], dim=1).flatten()
     seg_tensor = torch.repeat_interleave(torch.arange(T), torch.tensor(channels, dtype=torch.int64))
-    table = torch.cat([torch.tensor(code_ptrs, dtype=torch.int64), torch.tensor(meta, dtype=torch.int64), tiles,
-                       seg_tensor])
+    table = torch.cat(
+        [torch.tensor(code_ptrs, dtype=torch.int64), torch.tensor(meta, dtype=torch.int64), tiles, seg_tensor]
+    )
     return table, int(tile_tensor.numel()), elements, segments
 
 
@@ -155,8 +241,17 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
     if cm.INTERPRET and weights.device.type != "cpu":
         # The interpreter runs on host copies of the arguments, so the device addresses in
         # the code pointer table would be read on the host: run on CPU copies instead.
-        out = aggregate([c.cpu() for c in codes], [s.cpu() for s in scales], [z.cpu() for z in zero_points],
-                        weights.cpu(), axes, quant_min, quant_max, symmetric, names)
+        out = aggregate(
+            [c.cpu() for c in codes],
+            [s.cpu() for s in scales],
+            [z.cpu() for z in zero_points],
+            weights.cpu(),
+            axes,
+            quant_min,
+            quant_max,
+            symmetric,
+            names,
+        )
         return tuple(t.to(weights.device) for t in out)
     cm.check_range("aggregate", quant_min, quant_max)
     if not (quant_min >= -128 and quant_max <= 127):
@@ -172,15 +267,16 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
         for t in range(T):
             for k in range(K):
                 e = k * T + t
-                reference.check_qparams("aggregate", scales[e], zero_points[e], quant_min, quant_max,
-                                        f"client {k}'s '{names[t]}'")
+                reference.check_qparams(
+                    "aggregate", scales[e], zero_points[e], quant_min, quant_max, f"client {k}'s '{names[t]}'"
+                )
 
     views = [_aggregate_view(codes[t].shape, axes[t]) for t in range(T)]
     keep = [c.contiguous() for c in codes]  # alive until the kernels have read them
     table, n_tiles, E, S = _tables(views, [c.data_ptr() for c in keep])
     table = table.to(device, non_blocking=True)
-    code_ptrs, meta = table[: K * T], table[K * T: K * T + _META * T]
-    tiles, seg_tensor = table[K * T + _META * T: K * T + _META * T + 3 * n_tiles], table[len(table) - S:]
+    code_ptrs, meta = table[: K * T], table[K * T : K * T + _META * T]
+    tiles, seg_tensor = table[K * T + _META * T : K * T + _META * T + 3 * n_tiles], table[len(table) - S :]
 
     out_codes = torch.empty(E, dtype=torch.int8, device=device)
     out_scale = torch.empty(S, dtype=torch.float32, device=device)
@@ -191,28 +287,76 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
     zp_all = torch.cat([z.reshape(-1) for z in zero_points])
     params = torch.stack([scale_all, zp_all.to(torch.float32)], dim=1).view(torch.int64).reshape(-1)
     workspace = torch.zeros(2 * S + 1, dtype=torch.float32, device=device)
-    lo, hi, flag = workspace[:S], workspace[S: 2 * S], workspace[2 * S:].view(torch.int32)
+    lo, hi, flag = workspace[:S], workspace[S : 2 * S], workspace[2 * S :].view(torch.int32)
 
     with cm.on_device(weights):
         if n_tiles:
-            launch(_aggregate_kernel, (n_tiles,), tiles, meta, code_ptrs, params, weights, lo, hi, out_codes,
-                   out_scale, out_zero_point, K, T, S, float(quant_min), float(quant_max),
-                   WRITE=False, BR=AGG_BR, BW=AGG_BW, num_warps=AGG_WARPS)
+            launch(
+                _aggregate_kernel,
+                (n_tiles,),
+                tiles,
+                meta,
+                code_ptrs,
+                params,
+                weights,
+                lo,
+                hi,
+                out_codes,
+                out_scale,
+                out_zero_point,
+                K,
+                T,
+                S,
+                float(quant_min),
+                float(quant_max),
+                WRITE=False,
+                BR=AGG_BR,
+                BW=AGG_BW,
+                num_warps=AGG_WARPS,
+            )
         cm.finalize_qparams(lo, hi, out_scale, out_zero_point, seg_tensor, flag, T, symmetric, quant_min, quant_max)
         if n_tiles:
-            launch(_aggregate_kernel, (n_tiles,), tiles, meta, code_ptrs, params, weights, lo, hi, out_codes,
-                   out_scale, out_zero_point, K, T, S, float(quant_min), float(quant_max),
-                   WRITE=True, BR=AGG_BR, BW=AGG_BW, num_warps=AGG_WARPS)
+            launch(
+                _aggregate_kernel,
+                (n_tiles,),
+                tiles,
+                meta,
+                code_ptrs,
+                params,
+                weights,
+                lo,
+                hi,
+                out_codes,
+                out_scale,
+                out_zero_point,
+                K,
+                T,
+                S,
+                float(quant_min),
+                float(quant_max),
+                WRITE=True,
+                BR=AGG_BR,
+                BW=AGG_BW,
+                num_warps=AGG_WARPS,
+            )
 
     if device.type == "cuda":
-        bad_params = (~(torch.isfinite(scale_all) & (scale_all > 0)) | (zp_all < quant_min) | (zp_all > quant_max)).any()
+        bad_params = (
+            ~(torch.isfinite(scale_all) & (scale_all > 0)) | (zp_all < quant_min) | (zp_all > quant_max)
+        ).any()
         bad_params, bad_tensor = torch.stack([bad_params.to(torch.int32), flag[0]]).tolist()  # the one read
         if bad_params:
             for t in range(T):
                 for k in range(K):
                     e = k * T + t
-                    reference.check_qparams("aggregate", scales[e].cpu(), zero_points[e].cpu(), quant_min,
-                                            quant_max, f"client {k}'s '{names[t]}'")
+                    reference.check_qparams(
+                        "aggregate",
+                        scales[e].cpu(),
+                        zero_points[e].cpu(),
+                        quant_min,
+                        quant_max,
+                        f"client {k}'s '{names[t]}'",
+                    )
     else:
         bad_tensor = int(flag.item())
     if bad_tensor:

@@ -19,8 +19,18 @@ def fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
         cm.check_qparams("fake_quant", scale, zero_point, quant_min, quant_max)
     y = torch.empty_like(x)
     with on_device(x):
-        write_tiles(FAKE_QUANT, View.of(x.shape, axis), bf16_bits(x), bf16_bits(x), bf16_bits(y), scale, zero_point,
-                    quant_min, quant_max, x.dtype == torch.bfloat16)
+        write_tiles(
+            FAKE_QUANT,
+            View.of(x.shape, axis),
+            bf16_bits(x),
+            bf16_bits(x),
+            bf16_bits(y),
+            scale,
+            zero_point,
+            quant_min,
+            quant_max,
+            x.dtype == torch.bfloat16,
+        )
     return y
 
 
@@ -29,15 +39,23 @@ def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
     x, scale, zero_point = x.contiguous(), scale.contiguous(), zero_point.contiguous()
     grad = grad.to(x.dtype).contiguous()
     if grad.shape != x.shape:
-        raise ValueError(
-            f"fake_quant_backward: grad shape {list(grad.shape)} differs from input shape {list(x.shape)}"
-        )
+        raise ValueError(f"fake_quant_backward: grad shape {list(grad.shape)} differs from input shape {list(x.shape)}")
     if not x.is_cuda:
         cm.check_qparams("fake_quant_backward", scale, zero_point, quant_min, quant_max)
     out = torch.empty_like(x)
     with on_device(x):
-        write_tiles(FAKE_QUANT_BACKWARD, View.of(x.shape, axis), bf16_bits(grad), bf16_bits(x), bf16_bits(out),
-                    scale, zero_point, quant_min, quant_max, x.dtype == torch.bfloat16)
+        write_tiles(
+            FAKE_QUANT_BACKWARD,
+            View.of(x.shape, axis),
+            bf16_bits(grad),
+            bf16_bits(x),
+            bf16_bits(out),
+            scale,
+            zero_point,
+            quant_min,
+            quant_max,
+            x.dtype == torch.bfloat16,
+        )
     return out
 
 

@@ -27,6 +27,16 @@ def dequantize(codes, scale, zero_point, axis, dtype):
     check_float_dtype("dequantize", dtype)
     y = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     with on_device(codes):
-        write_tiles(DEQUANTIZE, View.of(codes.shape, axis), codes, codes, bf16_bits(y), scale, zero_point, -128, 127,
-                    dtype == torch.bfloat16)
+        write_tiles(
+            DEQUANTIZE,
+            View.of(codes.shape, axis),
+            codes,
+            codes,
+            bf16_bits(y),
+            scale,
+            zero_point,
+            -128,
+            127,
+            dtype == torch.bfloat16,
+        )
     return y
