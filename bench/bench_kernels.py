@@ -32,12 +32,7 @@ from torch.ao.quantization import (
 
 # this checkout's packages, whether or not (or wherever) fedhq is installed; and bench/
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from resnet18_shapes import (  # noqa: E402
-    RESNET18_CIFAR_PARAMS,
-    RESNET18_CIFAR_TENSORS,
-    count_params,
-    resnet18_cifar_shapes,
-)
+from resnet18_shapes import RESNET18_CIFAR_PARAMS, RESNET18_CIFAR_TENSORS, count_params, resnet18_cifar_shapes  # noqa: E402
 
 import fedhq_kernels as fk  # noqa: E402
 from fedhq.profile import micro, timing  # noqa: E402

@@ -173,8 +173,7 @@ def test_rejects_mismatched_names(backend, gen):
 
 
 @pytest.mark.parametrize(
-    "field,value",
-    [("shape", (16, 27)), ("bits", 4), ("axis", None), ("symmetric", False), ("dtype", torch.float16)],
+    "field,value", [("shape", (16, 27)), ("bits", 4), ("axis", None), ("symmetric", False), ("dtype", torch.float16)]
 )
 def test_rejects_mismatched_metadata(backend, gen, field, value):
     sds = client_state_dicts(gen, 2)

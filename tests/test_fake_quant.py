@@ -54,10 +54,7 @@ def test_per_tensor_matches_torch(backend, gen, dtype, shape):
     s, z = float(scale), int(zero_point)
     x = sample(shape, s, gen, dtype)
     check_forward_and_grad(
-        lambda t: fk.fake_quant(t, s, z),
-        lambda t: torch.fake_quantize_per_tensor_affine(t, s, z, -128, 127),
-        x,
-        gen,
+        lambda t: fk.fake_quant(t, s, z), lambda t: torch.fake_quantize_per_tensor_affine(t, s, z, -128, 127), x, gen
     )
     # tensor-valued parameters give the same result as Python numbers
     assert_equal(fk.fake_quant(x, scale, zero_point), fk.fake_quant(x, s, z), "tensor qparams")
@@ -163,10 +160,7 @@ def torch_ao_fake_quant(x, bits, symmetric, axis):
 def test_observed_per_tensor_matches_torch_ao(backend, gen, symmetric, dtype, shape):
     x = (torch.randn(shape, generator=gen) * 3 + torch.randn((), generator=gen)).to(dtype)
     check_forward_and_grad(
-        lambda t: fk.fake_quant(t, symmetric=symmetric),
-        lambda t: torch_ao_fake_quant(t, 8, symmetric, None),
-        x,
-        gen,
+        lambda t: fk.fake_quant(t, symmetric=symmetric), lambda t: torch_ao_fake_quant(t, 8, symmetric, None), x, gen
     )
 
 

@@ -297,7 +297,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path):
     path = tmp_path / "checkpoint.pt"
     q = fk.quantize(torch.randn(4, 3), axis=0)
     checkpoint.save(path, {"history": [1, 2], "server_state": {"w": q}})
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on the object
         checkpoint.save(path, {"history": [1, 2, 3], "bad": lambda: None})  # cannot be pickled
     saved = checkpoint.load(path)
     assert saved["history"] == [1, 2] and torch.equal(saved["server_state"]["w"].data, q.data)

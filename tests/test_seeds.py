@@ -25,12 +25,7 @@ def test_giving_alphas_leaves_betas_as_drawn_and_vice_versa():
 
 
 @pytest.mark.parametrize(
-    "changes",
-    [
-        {"partition": "iid"},
-        {"dirichlet_alpha": 0.1},
-        {"partition": "quantity", "quantity_sigma": 2.0},
-    ],
+    "changes", [{"partition": "iid"}, {"dirichlet_alpha": 0.1}, {"partition": "quantity", "quantity_sigma": 2.0}]
 )
 def test_the_partition_settings_move_only_the_partition(changes):
     base = RunConfig(clients=6, strategy="fedrh").validated()

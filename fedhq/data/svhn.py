@@ -57,13 +57,5 @@ def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | N
     x_test, y_test = read_mat(test_path)
     x_train, y_train, x_test, y_test = subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed)
     return build_dataset(
-        "svhn",
-        x_train,
-        y_train,
-        x_test,
-        y_test,
-        num_classes=10,
-        class_names=None,
-        source=str(folder),
-        max_value=255.0,
+        "svhn", x_train, y_train, x_test, y_test, num_classes=10, class_names=None, source=str(folder), max_value=255.0
     )

@@ -281,12 +281,7 @@ def format_table(doc: dict) -> str:
             f"fedhq backends {sw.get('fedhq_backends', '?')}; {doc.get('timestamp', '')}"
             + (" (--quick)" if doc.get("quick") else "")
         )
-    lines = [
-        header,
-        "",
-        "| figure | median | p10-p90 |",
-        "| --- | --- | --- |",
-    ]
+    lines = [header, "", "| figure | median | p10-p90 |", "| --- | --- | --- |"]
     rows = [
         ("copy bandwidth, preallocated (GB/s)", figs.get("copy_bandwidth_gbps"), 1, 1),
         ("read bandwidth, sum (GB/s)", figs.get("read_bandwidth_gbps"), 1, 1),

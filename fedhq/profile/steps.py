@@ -210,9 +210,6 @@ def profile_training(
                 f"peak {peak / 2**20:.1f} MiB"
             )
     return {
-        name: {
-            "static_bytes": static_bytes(c.model, c.optimizer),
-            "batches": [r.as_dict() for r in c.results],
-        }
+        name: {"static_bytes": static_bytes(c.model, c.optimizer), "batches": [r.as_dict() for r in c.results]}
         for name, c in clients.items()
     }

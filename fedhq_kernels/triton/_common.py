@@ -225,16 +225,7 @@ def observe_tiles(
 
 @triton.jit
 def _range_kernel(
-    x_ptr,
-    lo_ptr,
-    hi_ptr,
-    nrows,
-    ncols,
-    C,
-    MODE: tl.constexpr,
-    BR: tl.constexpr,
-    BW: tl.constexpr,
-    BF16: tl.constexpr,
+    x_ptr, lo_ptr, hi_ptr, nrows, ncols, C, MODE: tl.constexpr, BR: tl.constexpr, BW: tl.constexpr, BF16: tl.constexpr
 ):
     """Grid (A, splits): program (a, s) owns row block a (FLAT / ROW) or column block a
     (COL) and loops over its share s of the other dimension's blocks, keeping an
