@@ -126,12 +126,26 @@ def subsample(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int, what: 
     return x[keep], y[keep]
 
 
-def subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed: int):
-    """`subsample` of both splits, the training set with `seed` and the test set with
-    `seed + 1`: the loaders' one convention for `max_train` / `max_test`."""
+def uint8_files_dataset(
+    name: str, folder: Path, arrays, *, num_classes: int, class_names, seed: int, max_train, max_test
+) -> Dataset:
+    """The file loaders' common tail: (x_train, y_train, x_test, y_test) of uint8 images,
+    `subsample`d (training set with `seed`, test set with `seed + 1`: the loaders' one
+    convention for `max_train` / `max_test`), then standardized into a Dataset."""
+    x_train, y_train, x_test, y_test = arrays
     x_train, y_train = subsample(x_train, y_train, max_train, seed, "max_train")
     x_test, y_test = subsample(x_test, y_test, max_test, seed + 1, "max_test")
-    return x_train, y_train, x_test, y_test
+    return build_dataset(
+        name,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        num_classes=num_classes,
+        class_names=class_names,
+        source=str(folder),
+        max_value=255.0,
+    )
 
 
 def _channel_stats(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -17,16 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import (
-    CorruptDatasetError,
-    Dataset,
-    build_dataset,
-    check_labels,
-    locate,
-    read_pickle,
-    require_files,
-    subsample_splits,
-)
+from .base import CorruptDatasetError, Dataset, check_labels, locate, read_pickle, require_files, uint8_files_dataset
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -72,21 +63,7 @@ def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | N
     x_train, y_train = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
     x_test, y_test = read_images(paths[-1], b"labels", 10)
     names = read_names(folder / "batches.meta", b"label_names", 10)
-    return cifar_dataset("cifar10", folder, (x_train, y_train, x_test, y_test), 10, names, seed, max_train, max_test)
-
-
-def cifar_dataset(name: str, folder: Path, arrays, num_classes: int, class_names, seed: int, max_train, max_test):
-    """The CIFAR loaders' common tail (shared with CIFAR-100): the seeded subsets of
-    (x_train, y_train, x_test, y_test), then the standardized Dataset of uint8 images."""
-    x_train, y_train, x_test, y_test = subsample_splits(*arrays, max_train, max_test, seed)
-    return build_dataset(
-        name,
-        x_train,
-        y_train,
-        x_test,
-        y_test,
-        num_classes=num_classes,
-        class_names=class_names,
-        source=str(folder),
-        max_value=255.0,
+    arrays = (x_train, y_train, x_test, y_test)
+    return uint8_files_dataset(
+        "cifar10", folder, arrays, num_classes=10, class_names=names, seed=seed, max_train=max_train, max_test=max_test
     )

@@ -13,8 +13,8 @@ with b'data' (uint8 [N, 3072], channel-first row-major as CIFAR-10), b'fine_labe
 
 from __future__ import annotations
 
-from .base import Dataset, locate, require_files
-from .cifar10 import cifar_dataset, read_images, read_names
+from .base import Dataset, locate, require_files, uint8_files_dataset
+from .cifar10 import read_images, read_names
 
 FOLDER = "cifar-100-python"
 LAYOUT = (
@@ -32,4 +32,14 @@ def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | N
     x_train, y_train = read_images(train_path, b"fine_labels", 100)
     x_test, y_test = read_images(test_path, b"fine_labels", 100)
     names = read_names(folder / "meta", b"fine_label_names", 100)
-    return cifar_dataset("cifar100", folder, (x_train, y_train, x_test, y_test), 100, names, seed, max_train, max_test)
+    arrays = (x_train, y_train, x_test, y_test)
+    return uint8_files_dataset(
+        "cifar100",
+        folder,
+        arrays,
+        num_classes=100,
+        class_names=names,
+        seed=seed,
+        max_train=max_train,
+        max_test=max_test,
+    )

@@ -25,11 +25,10 @@ from .base import (
     CorruptDatasetError,
     Dataset,
     DatasetNotFoundError,
-    build_dataset,
     check_labels,
     locate,
     require_directory,
-    subsample_splits,
+    uint8_files_dataset,
 )
 
 UBYTE = 0x08
@@ -156,15 +155,14 @@ def load_idx_dataset(
     folder = require_directory(locate(root, folder_name, SPLITS["train"][0], None, layout), layout)
     x_train, y_train = read_split(folder, "train", layout)
     x_test, y_test = read_split(folder, "test", layout)
-    x_train, y_train, x_test, y_test = subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed)
-    return build_dataset(
+    arrays = (x_train, y_train, x_test, y_test)
+    return uint8_files_dataset(
         name,
-        x_train,
-        y_train,
-        x_test,
-        y_test,
+        folder,
+        arrays,
         num_classes=NUM_CLASSES,
         class_names=class_names,
-        source=str(folder),
-        max_value=255.0,
+        seed=seed,
+        max_train=max_train,
+        max_test=max_test,
     )

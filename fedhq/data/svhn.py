@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from .base import CorruptDatasetError, Dataset, build_dataset, check_labels, locate, require_files, subsample_splits
+from .base import CorruptDatasetError, Dataset, check_labels, locate, require_files, uint8_files_dataset
 
 FOLDER = "svhn"
 LAYOUT = (
@@ -55,7 +55,7 @@ def load(root, *, seed: int = 0, max_train: int | None = None, max_test: int | N
     train_path, test_path = require_files(folder, ["train_32x32.mat", "test_32x32.mat"], LAYOUT)
     x_train, y_train = read_mat(train_path)
     x_test, y_test = read_mat(test_path)
-    x_train, y_train, x_test, y_test = subsample_splits(x_train, y_train, x_test, y_test, max_train, max_test, seed)
-    return build_dataset(
-        "svhn", x_train, y_train, x_test, y_test, num_classes=10, class_names=None, source=str(folder), max_value=255.0
+    arrays = (x_train, y_train, x_test, y_test)
+    return uint8_files_dataset(
+        "svhn", folder, arrays, num_classes=10, class_names=None, seed=seed, max_train=max_train, max_test=max_test
     )
