@@ -97,23 +97,26 @@ def load(name: str, args, seed: int):
 def client_rows(name: str, seed: int, args) -> list[dict]:
     """Every client of one seed: size, Sig_acc per statistic, accuracy after PTQ and QAT."""
     data, test = load(name, args, seed)
-    c, h, w = data.input_shape
-    spec = ModelSpec.parse(f"small_cnn@{h}x{w}x{c}:{data.num_classes}")
-    parts = partition("dirichlet", data.train.y.numpy(), args.clients, seed, alpha=args.alpha)
-    torch.manual_seed(seed)
-    start = spec.build().state_dict()
-    if args.warmup_epochs:  # a global model partway through training, instead of round 1's
-        plan = RoundPlan(
-            round=0,
-            strategy="fp32",
-            epochs=args.warmup_epochs,
+
+    def plan(round_: int, strategy: str, epochs: int) -> RoundPlan:
+        return RoundPlan(
+            round=round_,
+            strategy=strategy,
+            epochs=epochs,
             batch_size=args.batch_size,
             lr=args.lr,
             momentum=args.momentum,
             bits=args.bits,
             seed=seed,
         )
-        start = train_local(spec, start, data.train, plan, client=-1)[0].state
+
+    c, h, w = data.input_shape
+    spec = ModelSpec.parse(f"small_cnn@{h}x{w}x{c}:{data.num_classes}")
+    parts = partition("dirichlet", data.train.y.numpy(), args.clients, seed, alpha=args.alpha)
+    torch.manual_seed(seed)
+    start = spec.build().state_dict()
+    if args.warmup_epochs:  # a global model partway through training, instead of round 1's
+        start = train_local(spec, start, data.train, plan(0, "fp32", args.warmup_epochs), client=-1)[0].state
     calibration_x = calibration_split(data.train, streams.generator(seed, "calibration"))  # the same for every upload
     rows = []
     for cid, indices in enumerate(parts):
@@ -132,17 +135,7 @@ def client_rows(name: str, seed: int, args) -> list[dict]:
         runs = {(m, st): [] for m in METRICS for st in ("ptq", "qat")}
         for strategy in ("ptq", "qat"):
             for repeat in range(args.repeats):  # PTQ and QAT see the same shuffling in each repeat
-                plan = RoundPlan(
-                    round=1 + repeat,
-                    strategy=strategy,
-                    epochs=args.epochs,
-                    batch_size=args.batch_size,
-                    lr=args.lr,
-                    momentum=args.momentum,
-                    bits=args.bits,
-                    seed=seed,
-                )
-                update, _ = train_local(spec, start, local, plan, cid)
+                update, _ = train_local(spec, start, local, plan(1 + repeat, strategy, args.epochs), cid)
                 runs["weights", strategy].append(evaluate(spec, fk.dequantize_state_dict(update.state), test)[0])
                 deployed = evaluate_deployed(spec.build(), update.state, calibration_x, test, bits=args.bits)
                 runs["deployed", strategy].append(deployed[0])
