@@ -157,10 +157,13 @@ FEDHQ_HD int8_t quantize_value(float x, const QParams& p) {
 
 // float32 machine epsilon: MinMaxObserver's lower bound on the scale.
 constexpr float kScaleEps = 1.1920928955078125e-07f;
+// float32's largest finite value: the upper bound on an affine scale.
+constexpr float kScaleMax = 3.4028234663852886e+38f;
 
 // MinMaxObserver / PerChannelMinMaxObserver: scale and zero point from an observed
 // [lo, hi] range (the range is first widened to include 0). Symmetric ranges need
-// qmin < 0 < qmax and give zero point 0.
+// qmin < 0 < qmax and give zero point 0. An affine range wider than float32's max
+// (hi' - lo' overflows) is divided piecewise and the scale capped at kScaleMax.
 FEDHQ_HD void qparams_from_range(float lo, float hi, bool symmetric, int32_t qmin, int32_t qmax,
                                  float* scale, int32_t* zero_point) {
   const float lo_neg = min_f(lo, 0.0f);
@@ -170,7 +173,9 @@ FEDHQ_HD void qparams_from_range(float lo, float hi, bool symmetric, int32_t qmi
     *scale = max_f(magnitude / (float(qmax - qmin) / 2.0f), kScaleEps);
     *zero_point = 0;
   } else {
-    const float s = max_f((hi_pos - lo_neg) / float(qmax - qmin), kScaleEps);
+    const float span = float(qmax - qmin), width = hi_pos - lo_neg;
+    const float wide = width > kScaleMax ? hi_pos / span - lo_neg / span : width / span;
+    const float s = min_f(max_f(wide, kScaleEps), kScaleMax);
     const float zp = float(qmin) - round_half_even(lo_neg / s);
     *scale = s;
     *zero_point = int32_t(min_f(max_f(zp, float(qmin)), float(qmax)));

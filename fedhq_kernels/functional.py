@@ -14,7 +14,8 @@ from torch import Tensor
 
 from fedhq_kernels import ops
 from fedhq_kernels.checks import FLOAT_DTYPES, check_bits, check_float_dtype, is_int, is_real
-from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range
+from fedhq_kernels.qparams import FLOAT32_MAX
+from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range, validate_all
 
 # ---- argument checks shared by the ops ----
 
@@ -53,12 +54,23 @@ def _normalize_axis(op: str, x: Tensor, axis) -> int:
     return int(axis) % x.dim()
 
 
+def _check_symmetric(op: str, symmetric) -> bool:
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"{op}: symmetric must be a bool, got {symmetric!r}")
+    return symmetric
+
+
 def _check_symmetric_range(op: str, symmetric: bool, quant_min: int, quant_max: int) -> None:
+    _check_symmetric(op, symmetric)
     if symmetric and not quant_min < 0 < quant_max:
         raise ValueError(
             f"{op}: a symmetric range needs quant_min < 0 < quant_max (zero point 0), got [{quant_min}, {quant_max}]; "
             "use symmetric=False for an unsigned range"
         )
+
+
+INT32_MIN, INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+_WIDE_INTS = (torch.int64, torch.uint32, torch.uint64)  # integer dtypes wider than int32
 
 
 def _qparam_tensor(op: str, name: str, value, dtype: torch.dtype, x: Tensor, axis: int) -> Tensor:
@@ -72,14 +84,22 @@ def _qparam_tensor(op: str, name: str, value, dtype: torch.dtype, x: Tensor, axi
         if value.numel() != channels:
             where = "per-tensor" if axis < 0 else f"along axis {axis} of a tensor of shape {tuple(x.shape)}"
             raise ValueError(f"{op}: {name} needs {channels} value(s) {where}, got shape {tuple(value.shape)}")
+        if dtype == torch.int32 and value.dtype in _WIDE_INTS and value.numel():
+            lo, hi = (int(v) for v in torch.aminmax(value.detach().double()))  # never wrap: 2**40 is not 0
+            if lo < INT32_MIN or hi > INT32_MAX:
+                raise ValueError(f"{op}: zero_point must fit in int32, got {hi if hi > INT32_MAX else lo}")
         return value.detach().to(device=x.device, dtype=dtype).reshape(ops.qparams_shape(x, axis))
     if axis >= 0:
         raise ValueError(f"{op}: per-channel quantization (axis={axis}) needs a {name} tensor of {channels} values")
     if dtype == torch.float32:
         if not (is_real(value) and value > 0):
             raise ValueError(f"{op}: the scale must be finite and > 0, got {value!r}")
+        if value > FLOAT32_MAX:
+            raise ValueError(f"{op}: the scale must be at most float32's max ({FLOAT32_MAX:.7g}), got {value!r}")
     elif not is_int(value):
         raise TypeError(f"{op}: zero_point must be an int, got {value!r}")
+    elif not INT32_MIN <= value <= INT32_MAX:
+        raise ValueError(f"{op}: zero_point must fit in int32, got {value!r}")
     # a fill kernel, not torch.tensor's host-to-device copy, which waits for the GPU
     return torch.full((), value, dtype=dtype, device=x.device)
 
@@ -135,6 +155,7 @@ def quantize(x: Tensor, *, bits: int = 8, symmetric: bool = True, axis: int | No
     (MinMaxObserver formulas), per tensor or per channel along ``axis``."""
     _check_tensor("quantize", x)
     quant_min, quant_max = _resolve_range("quantize", bits, None, None)
+    _check_symmetric("quantize", symmetric)
     schema_axis = _normalize_axis("quantize", x, axis)
     codes, scale, zero_point = ops.quantize(x.detach(), quant_min, quant_max, symmetric, schema_axis)
     return QuantizedTensor(
@@ -153,6 +174,7 @@ def dequantize(q: QuantizedTensor) -> Tensor:
     """(code - zero_point) * scale, as ``q.dtype``."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"dequantize: expected a QuantizedTensor, got {type(q).__name__}")
+    q.validate("dequantize")
     axis = -1 if q.axis is None else q.axis
     return ops.dequantize(q.data, q.scale, q.zero_point, axis, q.dtype)
 
@@ -197,6 +219,8 @@ def _normalize_weights(op: str, weights, clients: int, device: torch.device) -> 
         raise ValueError(f"{op}: weights must be finite and >= 0, got {w.tolist()}")
     if float(w.sum()) <= 0:
         raise ValueError(f"{op}: weights sum to 0; at least one client must have weight > 0")
+    if torch.isinf(w.sum()):  # the sum overflows float64 ([1e308, 1e308]): scale down first
+        w = w / w.max()
     return (w / w.sum()).to(device=device, dtype=torch.float32)
 
 
@@ -228,6 +252,16 @@ def _check_same_kind(op: str, key: str, entries: list) -> None:
         raise TypeError(f"{op}: '{key}' must be a QuantizedTensor or a tensor, got {type(first).__name__}")
     if isinstance(first, Tensor) and first.dtype == torch.bool:
         raise TypeError(f"{op}: '{key}' is a bool tensor, which cannot be averaged")
+
+
+def _check_device(op: str, owner: str, q: QuantizedTensor, device: torch.device) -> None:
+    """ValueError unless ``q``'s tensors are on the weights' device."""
+    tensors = (q.data, q.scale, q.zero_point)
+    if all(isinstance(t, Tensor) for t in tensors) and any(t.device != device for t in tensors):
+        raise ValueError(
+            f"{op}: {owner}: codes, scale and zero point must be on the weights' device {device}, "
+            f"got {q.data.device}, {q.scale.device} and {q.zero_point.device}"
+        )
 
 
 def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], weights: Tensor) -> list:
@@ -304,6 +338,15 @@ def aggregate_state_dicts(state_dicts: Sequence[Mapping], weights) -> dict:
     first = columns[keys[0]][0] if keys else None
     device = first.data.device if isinstance(first, QuantizedTensor) else getattr(first, "device", torch.device("cpu"))
     w = _normalize_weights(op, weights, len(state_dicts), device)
+    updates = [
+        (q, f"client {k}'s '{key}'")
+        for key, c in columns.items()
+        for k, q in enumerate(c)
+        if isinstance(c[0], QuantizedTensor)
+    ]
+    for q, owner in updates:
+        _check_device(op, owner, q, w.device)
+    validate_all([q for q, _ in updates], op, [owner for _, owner in updates])
 
     groups: dict[tuple[int, bool], list[str]] = {}
     for key, column in columns.items():

@@ -9,11 +9,14 @@ import torch
 from torch import Tensor
 
 SCALE_EPS = torch.finfo(torch.float32).eps  # the smallest scale
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the largest scale
 
 
 def qparams_from_range(lo: Tensor, hi: Tensor, symmetric: bool, quant_min: int, quant_max: int):
     """float32 scale and int32 zero point of the range [lo, hi] (widened to take in 0).
-    A non-finite range gives a non-finite scale, which the ops reject."""
+    A non-finite range gives a non-finite scale, which the ops reject. An affine range
+    wider than float32's max (hi - lo overflows) is divided piecewise, hi/span - lo/span,
+    and the scale capped at float32's max, so a finite range gives a finite scale."""
     lo_neg = torch.clamp(lo, max=0.0)
     hi_pos = torch.clamp(hi, min=0.0)
     # Divisors as 0-d device tensors (a fill kernel, no host copy): dividing by a Python
@@ -24,6 +27,8 @@ def qparams_from_range(lo: Tensor, hi: Tensor, symmetric: bool, quant_min: int, 
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
         span = torch.full((), float(quant_max - quant_min), dtype=torch.float32, device=lo.device)
-        scale = torch.clamp((hi_pos - lo_neg) / span, min=SCALE_EPS)
+        width = hi_pos - lo_neg
+        scale = torch.where(torch.isinf(width), hi_pos / span - lo_neg / span, width / span)
+        scale = torch.clamp(scale, min=SCALE_EPS, max=FLOAT32_MAX)
         zero_point = (quant_min - torch.round(lo_neg / scale)).clamp(quant_min, quant_max).to(torch.int32)
     return scale, zero_point

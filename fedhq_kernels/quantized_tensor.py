@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedhq_kernels.checks import MAX_BITS, MIN_BITS, check_bits, check_float_dtype, is_int  # noqa: F401  (re-exported)
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, check_bits, check_float_dtype, is_int, valid_bits  # noqa: F401  (check_bits: re-exported)
 
 
 def quant_range(bits: int) -> tuple[int, int]:
@@ -39,20 +39,36 @@ class QuantizedTensor:
 
     def __post_init__(self):
         # Metadata only: checking values would read the data (and sync a GPU).
+        problem = self._metadata_problem("QuantizedTensor", "the")
+        if problem is not None:
+            raise problem[0](problem[1])
+
+    def _metadata_problem(self, op: str, owner: str) -> tuple[type, str] | None:
+        """(error type, message) of the first field that breaks the class's contract."""
+        where = f"{op}: {owner}"
         if not isinstance(self.data, torch.Tensor) or self.data.dtype != torch.int8:
-            raise TypeError(f"QuantizedTensor: data must be an int8 tensor, got {_describe(self.data)}")
-        if tuple(self.data.shape) != tuple(self.shape):
-            raise ValueError(f"QuantizedTensor: data shape {tuple(self.data.shape)} != shape {tuple(self.shape)}")
-        check_bits("QuantizedTensor", self.bits)
+            return TypeError, f"{where} data must be an int8 tensor, got {_describe(self.data)}"
+        shape = tuple(self.shape) if isinstance(self.shape, tuple) else self.shape
+        if tuple(self.data.shape) != shape:
+            return ValueError, f"{where} data shape {tuple(self.data.shape)} != shape {shape!r}"
+        if not valid_bits(self.bits):
+            return ValueError, f"{where} bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}"
+        if not isinstance(self.symmetric, bool):
+            return TypeError, f"{where} symmetric must be a bool, got {self.symmetric!r}"
         if self.axis is not None and not (is_int(self.axis) and 0 <= self.axis < len(self.shape)):
-            raise ValueError(f"QuantizedTensor: axis must be None or in [0, {len(self.shape)}), got {self.axis!r}")
+            return ValueError, f"{where} axis must be None or in [0, {len(self.shape)}), got {self.axis!r}"
         expected = () if self.axis is None else (self.shape[self.axis],)
         for name, value, dtype in (("scale", self.scale, torch.float32), ("zero_point", self.zero_point, torch.int32)):
             if not isinstance(value, torch.Tensor) or value.dtype != dtype or tuple(value.shape) != expected:
-                raise ValueError(
-                    f"QuantizedTensor: {name} must be a {dtype} tensor of shape {expected}, got {_describe(value)}"
+                return (
+                    ValueError,
+                    f"{where} {name} must be a {dtype} tensor of shape {expected}, got {_describe(value)}",
                 )
-        check_float_dtype("QuantizedTensor", self.dtype, "dtype must be {}")
+        try:
+            check_float_dtype(op, self.dtype, owner.replace("{", "{{").replace("}", "}}") + " dtype must be {}")
+        except TypeError as error:
+            return TypeError, str(error)
+        return None
 
     @property
     def quant_range(self) -> tuple[int, int]:
@@ -70,16 +86,58 @@ class QuantizedTensor:
 
         return dequantize(self)
 
+    def validate(self, op: str = "QuantizedTensor", owner: str = "the") -> None:
+        """ValueError (``op: owner ...``, one line) unless every field is what the kernels
+        rely on: the construction checks (the object may have been altered since), one
+        device, finite scales > 0, zero points and codes in the ``bits`` range. The check
+        a server runs on an untrusted update; reads the values back (one sync)."""
+        validate_all([self], op, [owner])
+
     def check_codes(self) -> None:
-        """Raises ValueError if a code lies outside the ``bits`` range or a scale or zero
-        point is invalid: the check a server runs on an untrusted update. Reads the data."""
+        """``validate()``, under its older name."""
+        self.validate()
+
+    def _raise_bad_values(self, op: str, owner: str) -> None:
+        """ValueError naming the first bad scale, zero point or code, if any."""
         qmin, qmax = self.quant_range
-        if self.data.numel() and not bool(((self.data >= qmin) & (self.data <= qmax)).all()):
-            raise ValueError(f"QuantizedTensor: codes outside the {self.bits}-bit range [{qmin}, {qmax}]")
-        if not bool((torch.isfinite(self.scale) & (self.scale > 0)).all()):
-            raise ValueError("QuantizedTensor: scales must be finite and > 0")
-        if not bool(((self.zero_point >= qmin) & (self.zero_point <= qmax)).all()):
-            raise ValueError(f"QuantizedTensor: zero points outside [{qmin}, {qmax}]")
+        scale, zero_point = self.scale.reshape(-1), self.zero_point.reshape(-1)
+        for name, bad, values in (
+            ("scale", ~(torch.isfinite(scale) & (scale > 0)), scale),
+            ("zero_point", (zero_point < qmin) | (zero_point > qmax), zero_point),
+        ):
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                at = f" at channel {i}" if values.numel() > 1 else ""
+                rule = "must be finite and > 0" if name == "scale" else f"must lie in [{qmin}, {qmax}]"
+                raise ValueError(f"{op}: {owner} {name} {rule}, got {values[i].item():g}{at}")
+        if self.data.numel() and bool((self.data.min() < qmin) | (self.data.max() > qmax)):
+            raise ValueError(f"{op}: {owner} data holds codes outside the {self.bits}-bit range [{qmin}, {qmax}]")
+
+
+def validate_all(tensors: list[QuantizedTensor], op: str, owners: list[str]) -> None:
+    """QuantizedTensor.validate of each tensor (``owners[i]`` names tensor i), the values
+    checked in one batch per bit width with a single read-back."""
+    for q, owner in zip(tensors, owners):
+        problem = q._metadata_problem(op, owner)
+        if problem is not None:
+            raise ValueError(problem[1])
+        for name, value in (("scale", q.scale), ("zero_point", q.zero_point)):
+            if value.device != q.data.device:
+                raise ValueError(f"{op}: {owner} {name} is on {value.device}, the data on {q.data.device}")
+    by_bits: dict[int, list[QuantizedTensor]] = {}
+    for q in tensors:
+        by_bits.setdefault(q.bits, []).append(q)
+    flags = []
+    for bits, group in by_bits.items():
+        qmin, qmax = quant_range(bits)
+        scale = torch.cat([q.scale.reshape(-1) for q in group])
+        zero_point = torch.cat([q.zero_point.reshape(-1) for q in group])
+        flags += [(~(torch.isfinite(scale) & (scale > 0))).any(), ((zero_point < qmin) | (zero_point > qmax)).any()]
+        if bits < 8:  # every int8 is an 8-bit code; min / max are faster than aminmax on int8
+            flags += [(q.data.min() < qmin) | (q.data.max() > qmax) for q in group if q.data.numel()]
+    if flags and bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):
+        for q, owner in zip(tensors, owners):
+            q._raise_bad_values(op, owner)
 
 
 def _describe(value) -> str:

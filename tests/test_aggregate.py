@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import assert_equal
+from test_quantize import TAMPERED, fields_of, tampered
 
 import fedhq_kernels as fk
 from fedhq_kernels import reference
@@ -201,16 +202,7 @@ def test_rejects_mismatched_metadata(backend, gen, field, value):
 def test_rejects_bad_qparams(backend, gen, what, value, message):
     sds = client_state_dicts(gen, 3)
     q = sds[1]["bn.weight"]
-    fields = dict(
-        data=q.data,
-        scale=q.scale,
-        zero_point=q.zero_point,
-        bits=q.bits,
-        axis=q.axis,
-        symmetric=q.symmetric,
-        dtype=q.dtype,
-        shape=q.shape,
-    )
+    fields = fields_of(q)
     fields[what] = torch.tensor(value, dtype=fields[what].dtype)
     sds[1]["bn.weight"] = fk.QuantizedTensor(**fields)
     with pytest.raises(ValueError, match=message):
@@ -222,16 +214,7 @@ def test_rejects_a_tensor_on_another_device(backend, gen, what):
     # GPU kernels would dereference another device's address: refused before any kernel
     sds = client_state_dicts(gen, 3)
     q = sds[2]["fc.weight"]
-    fields = dict(
-        data=q.data,
-        scale=q.scale,
-        zero_point=q.zero_point,
-        bits=q.bits,
-        axis=q.axis,
-        symmetric=q.symmetric,
-        dtype=q.dtype,
-        shape=q.shape,
-    )
+    fields = fields_of(q)
     fields[what] = fields[what].to("meta")
     sds[2]["fc.weight"] = fk.QuantizedTensor(**fields)
     with pytest.raises(
@@ -294,3 +277,19 @@ def test_outputs_are_views_of_one_packed_buffer(backend, gen):
     assert len(storages) == 1  # one launch wrote the whole model
     for q in out.values():
         assert q.data.is_contiguous()
+
+
+@pytest.mark.parametrize("what", TAMPERED)
+def test_rejects_altered_updates(backend, what):
+    # validated before any kernel runs: a ValueError naming the client, never a RuntimeError
+    with pytest.raises(ValueError, match="aggregate_state_dicts: client 0's 'tensor' .*" + TAMPERED[what]):
+        fk.aggregate([tampered(what), tampered(what)], [1, 1])
+
+
+def test_weights_whose_sum_overflows(backend, gen):
+    # [1e308, 1e308] sum to inf in float64: still two equal weights, not an all-zero model
+    sds = client_state_dicts(gen, 2)
+    huge, ones = fk.aggregate_state_dicts(sds, [1e308, 1e308]), fk.aggregate_state_dicts(sds, [1, 1])
+    for name in MODEL:
+        for field in ("data", "scale", "zero_point"):
+            assert_equal(getattr(huge[name], field), getattr(ones[name], field), f"{name} {field}")

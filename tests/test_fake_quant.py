@@ -269,6 +269,7 @@ BAD_CALLS = [
     (dict(scale=-1), ValueError, "got -1"),
     (dict(scale=float("nan")), ValueError, "got nan"),
     (dict(scale=float("inf")), ValueError, "got inf"),
+    (dict(scale=1e39), ValueError, "scale must be at most float32's max \\(3.402823e\\+38\\), got 1e\\+39"),
     (dict(scale=torch.tensor(-0.5)), ValueError, "scale must be finite and > 0, got -0.5"),
     (dict(scale=torch.tensor(float("nan"))), ValueError, "scale must be finite and > 0, got nan"),
     (
@@ -279,6 +280,10 @@ BAD_CALLS = [
     (dict(scale=0.1, zero_point=200), ValueError, "zero_point must lie in \\[-128, 127\\], got 200"),
     (dict(scale=0.1, zero_point=torch.tensor(-129)), ValueError, "got -129"),
     (dict(scale=0.1, zero_point=0.5), TypeError, "zero_point must be an int"),
+    (dict(scale=0.1, zero_point=2**40), ValueError, "zero_point must fit in int32, got 1099511627776"),
+    (dict(scale=0.1, zero_point=torch.tensor(2**40)), ValueError, "zero_point must fit in int32, got 1099511627776"),
+    (dict(scale=0.1, zero_point=torch.tensor(-(2**40))), ValueError, "must fit in int32, got -1099511627776"),
+    (dict(symmetric="yes"), TypeError, "symmetric must be a bool, got 'yes'"),
     (dict(scale=0.1, zero_point=torch.tensor(1.0)), TypeError, "zero_point must hold integers"),
     (dict(scale=torch.tensor(1)), TypeError, "scale must be a floating-point tensor"),
     (dict(scale=torch.tensor([0.1, 0.2])), ValueError, "scale needs 1 value"),
@@ -323,3 +328,21 @@ def test_reference_is_the_plain_torch_twin(gen):
         reference.fake_quant(x, scale, zero_point, -128, 127, -1),
         torch.fake_quantize_per_tensor_affine(x, 0.03, -7, -128, 127),
     )
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_observed_range_wider_than_float32(backend, axis, dtype):
+    # max - min overflows float32: the scale is still finite, the same on every backend
+    x = torch.tensor([[3e38, -3e38], [-3e38, 1.0]]).to(dtype).requires_grad_(True)
+    schema_axis = -1 if axis is None else axis
+    y, scale, zero_point = fk.ops.fake_quant_observed(x, -128, 127, False, schema_axis)
+    ref_y, ref_scale, ref_zero_point = reference.fake_quant_observed(x.detach(), -128, 127, False, schema_axis)
+    assert bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
+    assert_equal(scale, ref_scale, "scale")
+    assert_equal(zero_point, ref_zero_point, "zero point")
+    assert_equal(y, ref_y, "output")
+    out = fk.fake_quant(x, symmetric=False, axis=axis)
+    assert bool(torch.isfinite(out).all())
+    out.sum().backward()  # used to raise about a scale the user never gave
+    assert bool(torch.isfinite(x.grad).all())

@@ -76,6 +76,10 @@ def _breakages(update):
     diverged = fk.quantize(fk.dequantize(q) * 1e6, axis=0)  # finite, but training blew up
     yield "diverged weights", {**s, "3.weight": diverged}, "growth limit"
     yield "diverged buffer", {**s, "1.running_var": s["1.running_var"] * 1e6}, "growth limit"
+    for field, value, words in (("symmetric", "yes", "symmetric must be a bool"), ("scale", q.scale[:1], "scale must")):
+        altered = dataclasses.replace(q)  # altered after construction: rejected, never a RuntimeError
+        object.__setattr__(altered, field, value)
+        yield f"altered {field}", {**s, "3.weight": altered}, words
     yield "negative variance", {**s, "1.running_var": s["1.running_var"] - 5}, "running variance must be >= 0"
 
 

@@ -1,6 +1,8 @@
 """quantize / dequantize against torch.quantize_per_{tensor,channel} and
 torch.dequantize, QuantizedTensor's checks, and the state-dict helpers."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_equal
@@ -129,6 +131,99 @@ def test_quantized_tensor_metadata_checks(change, error, message):
     fields.update(change)
     with pytest.raises(error, match=message):
         fk.QuantizedTensor(**fields)
+
+
+def test_quantized_tensor_rejects_non_bool_symmetric_and_bool_axis():
+    q = fk.quantize(torch.randn(4))
+    fields = dict(data=q.data, scale=q.scale, zero_point=q.zero_point, bits=8, dtype=torch.float32, shape=q.shape)
+    with pytest.raises(TypeError, match="symmetric must be a bool, got 'yes'"):
+        fk.QuantizedTensor(**fields, axis=None, symmetric="yes")
+    with pytest.raises(ValueError, match="axis must be None or in \\[0, 1\\), got True"):
+        fk.QuantizedTensor(**fields, axis=True, symmetric=True)
+
+
+def test_quantize_range_wider_than_float32(backend):
+    # max - min overflows float32: a finite scale, codes that pass validation
+    x = torch.tensor([3e38, -3e38, 1.0])
+    q = fk.quantize(x, symmetric=False)
+    q.validate()
+    expected = reference.qparams_from_range(torch.tensor(-3e38), torch.tensor(3e38), False, -128, 127)
+    assert_equal(q.scale, expected[0], "scale")
+    assert_equal(q.zero_point, expected[1], "zero point")
+    y = fk.dequantize(q)
+    assert bool(torch.isfinite(y).all()) and bool(((y - x).abs() <= q.scale).all())
+
+
+def test_scale_is_capped_at_float32_max():
+    # a 1-code span cannot hold hi/span - lo/span either: the scale is float32's max
+    scale, _ = reference.qparams_from_range(torch.tensor(-3e38), torch.tensor(3e38), False, 0, 1)
+    assert float(scale) == torch.finfo(torch.float32).max
+
+
+def fields_of(q, **change):
+    """q's constructor arguments, some changed."""
+    return {f.name: getattr(q, f.name) for f in dataclasses.fields(q)} | change
+
+
+def test_dequantize_checks_zero_points_against_the_bits(backend):
+    q = fk.quantize(torch.randn(6), bits=4, symmetric=False)
+    bad = fk.QuantizedTensor(**fields_of(q, zero_point=torch.tensor(100, dtype=torch.int32)))
+    with pytest.raises(ValueError, match="dequantize: the zero_point must lie in \\[-8, 7\\], got 100"):
+        fk.dequantize(bad)
+    codes = fk.QuantizedTensor(**fields_of(q, data=q.data.clone().fill_(-100)))
+    with pytest.raises(ValueError, match="dequantize: the data holds codes outside the 4-bit range"):
+        fk.dequantize(codes)
+
+
+def tampered(what):
+    """A valid QuantizedTensor altered after construction in one way."""
+    q = fk.quantize(torch.randn(3, 5), bits=4, axis=0)
+    if what == "bits":
+        object.__setattr__(q, "bits", 9)
+    elif what == "symmetric":
+        object.__setattr__(q, "symmetric", "yes")
+    elif what == "axis":
+        object.__setattr__(q, "axis", True)
+    elif what == "dtype":
+        object.__setattr__(q, "dtype", torch.float64)
+    elif what == "data":
+        object.__setattr__(q, "data", q.data.float())
+    elif what == "shape":
+        q.data.resize_(15)
+    elif what == "scale_shape":
+        q.scale.resize_(2)
+    elif what == "zero_point_dtype":
+        object.__setattr__(q, "zero_point", q.zero_point.long())
+    elif what == "scale_value":
+        q.scale[1] = float("inf")
+    elif what == "zero_point_value":
+        q.zero_point[2] = 50
+    elif what == "codes":
+        q.data[0, 0] = 100
+    return q
+
+
+TAMPERED = {
+    "bits": "bits must be an int in \\[2, 8\\], got 9",
+    "symmetric": "symmetric must be a bool, got 'yes'",
+    "axis": "axis must be None or in \\[0, 2\\), got True",
+    "dtype": "dtype must be float32, float16 or bfloat16, got torch.float64",
+    "data": "data must be an int8 tensor",
+    "shape": "data shape \\(15,\\) != shape \\(3, 5\\)",
+    "scale_shape": "scale must be a torch.float32 tensor of shape \\(3,\\)",
+    "zero_point_dtype": "zero_point must be a torch.int32 tensor",
+    "scale_value": "scale must be finite and > 0, got inf at channel 1",
+    "zero_point_value": "zero_point must lie in \\[-8, 7\\], got 50 at channel 2",
+    "codes": "codes outside the 4-bit range",
+}
+
+
+@pytest.mark.parametrize("what", TAMPERED)
+def test_validate_rejects_an_altered_quantized_tensor(backend, what):
+    q = tampered(what)
+    for check in (q.validate, q.check_codes, lambda: fk.dequantize(q)):
+        with pytest.raises(ValueError, match=TAMPERED[what]):
+            check()
 
 
 def test_check_codes_finds_out_of_range_codes():

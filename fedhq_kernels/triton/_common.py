@@ -26,6 +26,7 @@ ROW = tl.constexpr(1)
 COL = tl.constexpr(2)
 INF = tl.constexpr(float("inf"))
 SCALE_EPS = tl.constexpr(qparams.SCALE_EPS)  # float32 eps: MinMaxObserver's smallest scale
+SCALE_MAX = tl.constexpr(qparams.FLOAT32_MAX)  # float32's max: the largest affine scale
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
 if INTERPRET:
@@ -278,7 +279,12 @@ def qparams_from_range(lo, hi, qmin, qmax, half_range, span, SYMMETRIC: tl.const
         scale = tl.maximum(tl.math.div_rn(magnitude, tl.full(lo.shape, half_range, tl.float32)), SCALE_EPS)
         zero_point = tl.zeros(lo.shape, tl.int32)
     else:
-        scale = tl.maximum(tl.math.div_rn(hi_pos - lo_neg, tl.full(lo.shape, span, tl.float32)), SCALE_EPS)
+        span_t = tl.full(lo.shape, span, tl.float32)
+        width = hi_pos - lo_neg
+        # a range wider than float32's max is divided piecewise; the scale is capped at that max
+        wide = tl.math.div_rn(hi_pos, span_t) - tl.math.div_rn(lo_neg, span_t)
+        scale = tl.where(width < INF, tl.math.div_rn(width, span_t), wide)
+        scale = tl.minimum(tl.maximum(scale, SCALE_EPS), SCALE_MAX)
         # |lo_neg / scale| <= span (+ rounding), well inside the rounding trick's 2^22
         zp = qmin - round_half_even(tl.math.div_rn(lo_neg, scale))
         zero_point = clamp_code(zp, qmin, qmax).to(tl.int32)
