@@ -308,16 +308,10 @@ class Server:
 
     def check(self, update) -> str | None:
         """Why ``update`` (client, state, num_samples) cannot be aggregated, or None."""
+        checks = {"bits": self.bits, "quantized": self.quantized, "limits": self.limits, "stats": self.stats}
+        cap = self.samples.get(update.client, MAX_SAMPLES)
         return validate_update(
-            update.state,
-            update.num_samples,
-            self.template,
-            bits=self.bits,
-            quantized=self.quantized,
-            limits=self.limits,
-            stats=self.stats,
-            schemes=self.state,
-            max_samples=self.samples.get(update.client, MAX_SAMPLES),
+            update.state, update.num_samples, self.template, schemes=self.state, max_samples=cap, **checks
         )
 
     def combine(self, parts: Sequence[tuple[Mapping, int]]) -> dict:
