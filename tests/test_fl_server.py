@@ -123,7 +123,7 @@ def test_magnitude_from_the_scales_bounds_the_values_tightly(gen, bits, symmetri
     assert magnitude(x) == float(x.abs().max()) and magnitude(torch.zeros(0)) == 0.0
 
 
-def test_growth_limit_follows_the_global_model_and_can_be_lifted(setup):
+def test_growth_limit_follows_the_initial_model_and_can_be_lifted(setup):
     net, names, updates = setup
     u = updates[0]
     grown = {**u.state, "3.weight": fk.quantize(fk.dequantize(u.state["3.weight"]) * 500, axis=0)}

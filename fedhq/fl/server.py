@@ -156,7 +156,8 @@ def magnitude(value: Tensor | fk.QuantizedTensor) -> float:
 def growth_limits(
     state: Mapping[str, object], max_growth: float | None, stats: Sequence[RunningStats] = ()
 ) -> dict[str, float]:
-    """Per float entry of the global ``state``: the largest magnitude an update may hold,
+    """Per float entry of ``state`` (the server's initial model: ``Server.limits``, fixed
+    so that a poisoned round cannot raise it): the largest magnitude an update may hold,
     ``max_growth`` x max(the entry's magnitude, MAGNITUDE_FLOOR); none when ``max_growth``
     is None. A layer's running ``stats`` share one limit, on the largest |mean| and on the
     largest standard deviation: ``max_growth`` x max(the global's, MAGNITUDE_FLOOR)."""
