@@ -275,3 +275,17 @@ def test_aggregation_setting_is_parsed_and_validated():
     for bad in ("mode", "trimmed-mean:0.5", "trimmed-mean:-0.1", "trimmed-mean:nan", "trimmed-mean:x", "median:0.1", 3):
         with pytest.raises(ConfigError, match="aggregation"):
             RunConfig(aggregation=bad).validated()
+
+
+def test_aggregation_from_the_cli_and_the_flower_run_config():
+    from fedhq import cli
+
+    for command in ("run", "compare"):
+        args = cli.build_parser().parse_args([command, "--aggregation", "median"])
+        assert cli._run_config(args).aggregation == "median"
+    assert cli.main(["run", "--aggregation", "trimmed-mean:0.7"]) == 2
+    flower = pytest.importorskip("fedhq.flower.server_app", reason="the Flower run config needs the flower extra")
+    assert flower.run_config_from_flower({"aggregation": "trimmed-mean:0.2"}).aggregation_method == (
+        "trimmed-mean",
+        0.2,
+    )
