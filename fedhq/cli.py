@@ -161,7 +161,12 @@ _RUN_SETTINGS = {
         "max_weight_growth",
         float,
         "reject an update holding a weight above this many times the "
-        "global model's largest in that tensor, or 1.0 (default 100; null in a config file: no bound)",
+        "initial model's largest in that tensor, or 1.0 (default 100; null in a config file: no bound)",
+    ),
+    "--aggregation": (
+        "aggregation",
+        str,
+        "the server's aggregation: mean (default), trimmed-mean:TRIM (TRIM in [0, 0.5), default 0.1) or median",
     ),
     "--threads": ("threads", int, "torch threads (default 2)"),
     "--topology": ("topology", str, "hierarchical system: 'hierarchical:AxL' or a JSON file of parents (default flat)"),

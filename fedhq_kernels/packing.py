@@ -4,13 +4,16 @@
 ceil(n * bits / 8) bytes: code i, offset to unsigned (code - qmin), occupies bits
 [i * bits, (i + 1) * bits) of the stream, least significant bit first. ``unpack_codes``
 is its exact inverse. Eight codes always fill exactly ``bits`` bytes, so below 8 bits
-both work on groups of eight through one int64 word each (at most 56 bits, no
-overflow); 8-bit codes are one byte each already.
+both work on groups of eight: ``pack_codes`` through one int64 word each (at most 56
+bits, no overflow), ``unpack_codes`` one code position at a time in uint8 (it reads
+untrusted uploads: no temporaries wider than the codes); 8-bit codes are one byte each.
 
 Plain torch, on any device: this runs once per upload, not in a training step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,25 +48,37 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """The int8 codes of ``shape`` held by ``packed`` (1-D uint8 from ``pack_codes``);
-    ValueError if its length is not exactly what ``shape`` needs or its padding bits are set."""
+    ValueError if its length is not exactly what ``shape`` needs or its padding bits are set.
+    The length is checked before anything is allocated, and the only allocation the size of
+    the codes is the int8 result (the work is done one code position of a group at a time)."""
     bits = check_bits("unpack_codes", bits)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TypeError(f"unpack_codes: packed must be a 1-D uint8 tensor, got {_describe(packed)}")
-    shape = torch.Size(shape)
-    n = shape.numel()
+    dims = tuple(shape)
+    if not all(isinstance(d, int) and d >= 0 for d in dims):
+        raise ValueError(f"unpack_codes: shape must hold ints >= 0, got {dims}")
+    n = math.prod(dims)  # a Python int: torch.Size.numel() wraps around past 2**63
     if packed.numel() != packed_size(n, bits):
         raise ValueError(
             f"unpack_codes: {n} codes of {bits} bits take {packed_size(n, bits)} bytes, got {packed.numel()}"
         )
-    if bits == 8:
-        return (packed.to(torch.int16) + quant_range(8)[0]).to(torch.int8).reshape(shape)
+    if bits == 8:  # code = byte - 128: flipping the top bit and reading the byte as signed
+        return (packed ^ 0x80).view(torch.int8).reshape(dims)
     groups = -(-n // GROUP)
-    stream = torch.zeros(groups * bits, dtype=torch.int64, device=packed.device)
-    stream[: packed.numel()] = packed.to(torch.int64)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    words = (stream.view(groups, bits) << byte_shifts).sum(dim=1)
-    shifts = torch.arange(GROUP, device=packed.device, dtype=torch.int64) * bits
-    unsigned = ((words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)
-    if bool((unsigned[n:] != 0).any()):
+    stream = packed
+    if groups * bits != packed.numel():  # the last group's missing bytes read as zero
+        stream = torch.zeros(groups * bits, dtype=torch.uint8, device=packed.device)
+        stream[: packed.numel()] = packed
+    stream = stream.view(groups, bits)
+    mask = (1 << bits) - 1
+    out = torch.empty(groups, GROUP, dtype=torch.int8, device=packed.device)
+    for j in range(GROUP):  # code j of a group: bits [j * bits, (j + 1) * bits) of its bytes
+        byte, shift = divmod(j * bits, 8)
+        value = stream[:, byte] >> shift
+        if shift + bits > 8:  # it runs on into the next byte (uint8 shifts drop the high bits)
+            value = value | (stream[:, byte + 1] << (8 - shift))
+        out[:, j] = value & mask
+    out = out.view(-1)
+    if bool((out[n:] != 0).any()):
         raise ValueError("unpack_codes: the padding bits after the last code are not zero")
-    return (unsigned[:n] + quant_range(bits)[0]).to(torch.int8).reshape(shape)
+    return out[:n].add_(quant_range(bits)[0]).reshape(dims)

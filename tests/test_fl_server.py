@@ -127,7 +127,7 @@ def test_magnitude_from_the_scales_bounds_the_values_tightly(gen, bits, symmetri
     assert magnitude(x) == float(x.abs().max()) and magnitude(torch.zeros(0)) == 0.0
 
 
-def test_growth_limit_follows_the_global_model_and_can_be_lifted(setup):
+def test_growth_limit_follows_the_initial_model_and_can_be_lifted(setup):
     net, names, updates = setup
     u = updates[0]
     grown = {**u.state, "3.weight": fk.quantize(fk.dequantize(u.state["3.weight"]) * 500, axis=0)}
@@ -190,3 +190,106 @@ def test_max_weight_growth_setting():
     for bad in (0.5, float("inf"), "10", True):
         with pytest.raises(ConfigError, match="max_weight_growth"):
             RunConfig(max_weight_growth=bad).validated()
+
+
+def test_a_client_quantized_with_another_scheme_is_rejected_alone(setup):
+    """Issue 15: a valid update quantized per tensor (or asymmetrically) where the global
+    model is per channel passed validation, then aggregation refused the mix and every
+    client was rejected: the model never updated."""
+    net, names, updates = setup
+    w = updates[0].state["3.weight"]
+    for what, other in (
+        ("per tensor", fk.quantize(fk.dequantize(w), bits=8)),
+        ("asymmetric", fk.quantize(fk.dequantize(w), bits=8, axis=0, symmetric=not w.symmetric)),
+    ):
+        server = Server(net.state_dict(), bits=8, quantized=names)
+        odd = Update(0, {**updates[0].state, "3.weight": other}, 10, 0.0, 1, 0.0)
+        accepted, rejected = server.aggregate([odd, *updates[1:]])
+        assert accepted == [1, 2] and [r.client for r in rejected] == [0], what
+        assert "quantized with" in rejected[0].reason, what
+
+
+def test_sample_counts_are_bounded_by_what_the_client_declared(setup):
+    """Issue 15: 10**12 samples with tiny scales zeroed the model, 2**62 took all the
+    weight and 10**400 ended the run with an OverflowError."""
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    server.declare_samples({0: 10, 1: 20, 2: 30})
+    for count in (11, 10**12, 2**62, 10**400):
+        claim = Update(0, updates[0].state, count, 0.0, 1, 0.0)
+        accepted, rejected = server.aggregate([claim, *updates[1:]])
+        assert accepted == [1, 2] and "num_samples must be an int in [1, 10]" in rejected[0].reason, count
+    undeclared = Server(net.state_dict(), bits=8, quantized=names)
+    assert undeclared.aggregate([Update(0, updates[0].state, 10**400, 0.0, 1, 0.0)])[0] == []
+    assert undeclared.aggregate([Update(0, updates[0].state, 2**31 - 1, 0.0, 1, 0.0)])[0] == [0]
+
+
+def test_scales_below_what_quantization_picks_are_rejected(setup):
+    net, names, updates = setup
+    q = updates[0].state["3.weight"]
+    tiny = {**updates[0].state, "3.weight": dataclasses.replace(q, scale=torch.full_like(q.scale, 1e-45))}
+    reason = validate_update(tiny, 10, net.state_dict(), bits=8, quantized=names)
+    assert reason and "scale below" in reason
+
+
+def test_a_second_update_from_one_client_is_rejected(setup):
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    accepted, rejected = server.aggregate([updates[0], updates[0], updates[1]])
+    assert accepted == [0, 1] and [r.client for r in rejected] == [0] and "second update" in rejected[0].reason
+
+
+def test_an_update_that_breaks_validation_is_rejected_alone(setup):
+    class Hostile(dict):
+        def __getitem__(self, key):
+            raise RuntimeError("boom")
+
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    accepted, rejected = server.aggregate([Update(0, Hostile(updates[0].state), 10, 0.0, 1, 0.0), *updates[1:]])
+    assert accepted == [1, 2] and "RuntimeError: boom" in rejected[0].reason
+
+
+def test_the_growth_bound_does_not_ratchet(setup):
+    """Issue 15: the bound followed the global model, so a round of weights at 90 let
+    the next round through at 100 x 90. It is fixed by the initial model."""
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    base = updates[0].state["3.weight"]
+
+    def scaled(client, target):
+        w = fk.dequantize(base)
+        return Update(
+            client, {**updates[0].state, "3.weight": fk.quantize(w * target / w.abs().max(), axis=0)}, 10, 0.0, 1, 0.0
+        )
+
+    assert server.aggregate([scaled(0, 90.0)])[0] == [0]  # within 100 x the floor of 1.0
+    accepted, rejected = server.aggregate([scaled(0, 900.0)])
+    assert accepted == [] and "exceeds 100" in rejected[0].reason
+
+
+def test_aggregation_setting_is_parsed_and_validated():
+    assert RunConfig().aggregation_method == ("mean", 0.0)
+    assert RunConfig(aggregation="median").validated().aggregation_method == ("median", 0.0)
+    trimmed = RunConfig(aggregation="trimmed-mean").validated()
+    assert trimmed.aggregation == "trimmed-mean:0.1" and trimmed.aggregation_method == ("trimmed-mean", 0.1)
+    assert RunConfig(aggregation="trimmed-mean:0.25").validated().to_dict()["aggregation"] == "trimmed-mean:0.25"
+    server = Server.for_run(RunConfig(aggregation="trimmed-mean:0.2").validated(), model())
+    assert (server.aggregation, server.trim) == ("trimmed-mean", 0.2)
+    for bad in ("mode", "trimmed-mean:0.5", "trimmed-mean:-0.1", "trimmed-mean:nan", "trimmed-mean:x", "median:0.1", 3):
+        with pytest.raises(ConfigError, match="aggregation"):
+            RunConfig(aggregation=bad).validated()
+
+
+def test_aggregation_from_the_cli_and_the_flower_run_config():
+    from fedhq import cli
+
+    for command in ("run", "compare"):
+        args = cli.build_parser().parse_args([command, "--aggregation", "median"])
+        assert cli._run_config(args).aggregation == "median"
+    assert cli.main(["run", "--aggregation", "trimmed-mean:0.7"]) == 2
+    flower = pytest.importorskip("fedhq.flower.server_app", reason="the Flower run config needs the flower extra")
+    assert flower.run_config_from_flower({"aggregation": "trimmed-mean:0.2"}).aggregation_method == (
+        "trimmed-mean",
+        0.2,
+    )

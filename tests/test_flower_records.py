@@ -143,3 +143,86 @@ def test_values_are_left_to_the_servers_validation(state):
     decoded = decode_state(arrays, layout)["conv.weight"]
     with pytest.raises(ValueError, match="finite"):
         decoded.check_codes()
+
+
+def _npy_header(descr: str, shape: tuple) -> bytes:
+    """The npy header alone: what a forged reply sends without the data it claims."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _forgeries(state):
+    """(what, arrays, layout) that used to end the server with a non-RecordError."""
+    arrays, layout = encode_state(state)
+
+    def replaced(key, array):
+        a = ArrayRecord(dict(arrays))
+        a[key] = array
+        return a
+
+    def forged(dtype, shape, data):
+        return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+
+    huge = 10**12  # a ~100-byte reply claiming 931 GiB
+    return [
+        ("empty bytes (EOFError)", replaced("conv.bias", forged("uint8", (3,), b"")), layout),
+        (
+            "931 GiB header (MemoryError)",
+            replaced("conv.bias", forged("uint8", (huge,), _npy_header("|u1", (huge,)))),
+            layout,
+        ),
+        (
+            "shape 2**64 (OverflowError)",
+            replaced("conv.bias", forged("uint8", (2**64,), _npy_header("|u1", (2**64,)))),
+            layout,
+        ),
+        (
+            "shape 2**32 x 2**32, no codes (RuntimeError)",
+            replaced("conv.bias", Array(np.zeros(0, np.uint8))),
+            ConfigRecord({**layout, "shape": [layout["shape"][0], "4294967296x4294967296", layout["shape"][2]]}),
+        ),
+        ("header truncated", replaced("conv.bias", forged("uint8", (3,), _npy_header("|u1", (3,))[:20])), layout),
+    ]
+
+
+def test_forged_arrays_are_record_errors_without_allocating(state):
+    """Issue 15: each of these raised EOFError, MemoryError, OverflowError or
+    RuntimeError, which ended the whole Flower run."""
+    for what, arrays, layout in _forgeries(state):
+        for expected in (None, state):
+            with pytest.raises(RecordError):
+                decode_state(arrays, layout, expected)
+            assert what
+
+
+def test_the_expected_model_is_checked_before_any_array_is_read(state, monkeypatch):
+    """Names, scheme (bits, axis, symmetric, dtype, shape) and sizes against the global
+    model, before an array's bytes are parsed."""
+    arrays, layout = encode_state(state)
+    monkeypatch.setattr(Array, "numpy", lambda self: pytest.fail("an array was read"))
+    per_tensor = dict(state, **{"conv.weight": fk.quantize(state["conv.weight"].dequantize(), bits=8)})
+    flipped = not state["conv.bias"].symmetric
+    asymmetric = dict(state, **{"conv.bias": fk.quantize(state["conv.bias"].dequantize(), bits=4, symmetric=flipped)})
+    for other, words in ((per_tensor, "layout"), (asymmetric, "layout")):
+        with pytest.raises(RecordError, match=words):
+            decode_state(*encode_state(other), state)
+    extra = ArrayRecord(dict(arrays))
+    extra["more"] = Array(np.zeros(3, np.float32))
+    with pytest.raises(RecordError, match="unexpected"):
+        decode_state(extra, layout, state)
+    bigger = ArrayRecord(dict(arrays))
+    bigger["bn.running_var"] = Array(np.zeros(7, np.float32))
+    with pytest.raises(RecordError, match=r"expected float32 \(6,\)"):
+        decode_state(bigger, layout, state)
+    padded = ArrayRecord(dict(arrays))
+    blob = arrays["bn.running_var"]
+    padded["bn.running_var"] = Array(
+        dtype=blob.dtype, shape=blob.shape, stype=blob.stype, data=blob.data + bytes(10**5)
+    )
+    with pytest.raises(RecordError, match="holds more than"):
+        decode_state(padded, layout, state)
+    monkeypatch.undo()
+    assert_same(decode_state(arrays, layout, state), state)

@@ -120,15 +120,69 @@ def test_bad_replies_are_left_out_and_the_run_goes_on(reference, tmp_path, caplo
     with caplog.at_level("WARNING", logger="fedhq"):
         results = run_on_grid(grid, config, echo=quiet)
     expected = {1: "missing", 2: "int8", 3: "finite", 4: "no reply", 5: "node unavailable", 6: "missing"}
+    assert_only_zero_takes_part(results, expected)
+    assert all(f"client {c} left out" in caplog.text for c in expected)
+    initial = tiny_initial_accuracy(config)
+    assert math.isfinite(results["final_accuracy"]) and results["final_accuracy"] > initial + 0.2
+
+
+def _forge(key, dtype, shape, data):
+    return _replace(key, Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data))
+
+
+def _npy_header(shape):
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _metric(key, value):
+    def fault(reply, msg):
+        reply.content["metrics"][key] = value
+        return reply
+
+    return fault
+
+
+def _layout(key, index, value):
+    def fault(reply, msg):
+        values = list(reply.content["layout"][key])
+        values[index] = value
+        reply.content["layout"][key] = values
+        return reply
+
+    return fault
+
+
+def test_forged_replies_are_left_out_and_the_run_goes_on(reference, tmp_path):
+    """Issue 15: each of these ended the whole server run (EOFError, MemoryError,
+    RuntimeError), gave one node all the weight, or stopped all learning."""
+    faults = {
+        1: _forge("fc2.weight", "uint8", (1280,), b""),  # EOFError
+        2: _forge("fc2.weight", "uint8", (10**12,), _npy_header((10**12,))),  # claims 931 GiB
+        3: _layout("shape", 0, "4294967296x4294967296"),  # numel() wraps to 0
+        4: _metric("num-examples", 2**62),  # more than the node declared
+        5: _metric("steps", 2.5),
+        6: _layout("symmetric", 0, False),  # another scheme: used to stop all learning
+    }
+    config = tiny(reference, tmp_path, clients=7, strategy="fedfq", partition="iid")
+    grid = LocalGrid(client_app.app, 7, {p: _not_for_query(f) for p, f in faults.items()})
+    results = run_on_grid(grid, config, echo=quiet)
+    expected = {1: "fc2.weight", 2: "fc2.weight", 3: "layout", 4: "num_samples", 5: "steps", 6: "layout"}
+    assert_only_zero_takes_part(results, expected)
+    assert results["final_accuracy"] > tiny_initial_accuracy(config) + 0.2
+
+
+def assert_only_zero_takes_part(results: dict, expected: dict[int, str]) -> None:
+    """Every round: client 0 alone aggregated, each other client rejected with its words."""
     for row in results["rounds"]:
         assert row["participants"] == [0]
         reasons = {r["client"]: r["reason"] for r in row["rejected"]}
         assert sorted(reasons) == sorted(expected)
         for client, words in expected.items():
             assert words in reasons[client], (client, reasons[client])
-    assert all(f"client {c} left out" in caplog.text for c in expected)
-    initial = tiny_initial_accuracy(config)
-    assert math.isfinite(results["final_accuracy"]) and results["final_accuracy"] > initial + 0.2
 
 
 def tiny_initial_accuracy(config: RunConfig) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
 STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 SPEED_ORIENTATIONS = ("time", "speed")
+# The server's aggregation (fedhq_kernels.aggregate_state_dicts): "mean" (FedAvg),
+# "trimmed-mean:<trim>" (trim in [0, 0.5): the fraction cut at each end) or "median".
+AGGREGATIONS = ("mean", "trimmed-mean", "median")
+DEFAULT_TRIM = 0.1
 # A heterogeneous mix: a workstation GPU, an edge GPU module and a phone (fedhq/devices).
 DEFAULT_DEVICES = ("rtx-a6000", "jetson-orin-nano-8gb", "phone-snapdragon-8-gen-2")
 # Defaults of the per-client memory / compute fractions when none are given: drawn per
@@ -71,6 +76,7 @@ class RunConfig:
     uplink_mbps: float = 20.0  # for a device whose profile has no network figure
     client_timeout_s: float | None = None
     max_weight_growth: float | None = 100.0  # fedhq.fl.server: updates beyond it are rejected; None: no bound
+    aggregation: str = "mean"  # AGGREGATIONS; "trimmed-mean:0.1" names the trim
     threads: int = 2
     # hierarchical systems and the fine-grained adjustment (fedhq.fl.topology, fedhq.allocation.adjust)
     topology: str | None = None  # None: flat; "hierarchical:AxL"; or a JSON file of parents
@@ -123,6 +129,11 @@ class RunConfig:
     def quantized(self) -> bool:
         return self.strategy != "fp32"
 
+    @property
+    def aggregation_method(self) -> tuple[str, float]:
+        """(method, trim) of ``aggregation``: "trimmed-mean:0.2" -> ("trimmed-mean", 0.2)."""
+        return parse_aggregation(self.aggregation)
+
     # ---- validation ----
 
     def validated(self) -> RunConfig:
@@ -167,6 +178,7 @@ class RunConfig:
             value = self.max_weight_growth
             if not is_real(value) or value < 1:
                 raise ConfigError(f"max_weight_growth must be a finite number >= 1 (or null: no bound), got {value!r}")
+        self.aggregation = _aggregation_text(self.aggregation)
         if not self.devices or not all(isinstance(d, str) and d for d in self.devices):
             raise ConfigError(
                 f"devices must be a non-empty list of preset names or profile paths, got {self.devices!r}"
@@ -183,6 +195,33 @@ class RunConfig:
                     raise ConfigError(f"{name}: every value must be in (0, 1], got {v!r}")
             setattr(self, name, [float(v) for v in values])
         return self
+
+
+def parse_aggregation(text: object) -> tuple[str, float]:
+    """(method, trim) of an aggregation setting; ConfigError naming the setting if bad."""
+    if not isinstance(text, str):
+        raise ConfigError(f"aggregation must be text ({', '.join(AGGREGATIONS)}), got {text!r}")
+    method, sep, arg = text.partition(":")
+    _choice("aggregation", method, AGGREGATIONS)
+    if method != "trimmed-mean":
+        if sep:
+            raise ConfigError(f"aggregation {method!r} takes no argument, got {text!r}")
+        return method, 0.0
+    if not sep:
+        return method, DEFAULT_TRIM
+    try:
+        trim = float(arg)
+    except ValueError:
+        trim = math.nan
+    if not 0 <= trim < 0.5:  # NaN fails too
+        raise ConfigError(f"aggregation: the trim of {text!r} must be a number in [0, 0.5)")
+    return method, trim
+
+
+def _aggregation_text(text: object) -> str:
+    """The setting as results record it: "trimmed-mean" gains its default trim."""
+    method, trim = parse_aggregation(text)
+    return f"{method}:{trim:g}" if method == "trimmed-mean" else method
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -419,6 +419,7 @@ def run(
     batches = {a.client: a.about["batch"] for a in answers}
 
     server = Server.for_run(config, initial_model(config, spec))
+    server.declare_samples({a.client: a.about["samples"] for a in answers})  # no update may claim more
     history: list[dict] = []
     training_s = 0.0
     adjustment: dict | None = None

@@ -17,16 +17,22 @@ import fedhq_kernels as fk
 from fedhq.fl.client import quantize_upload, quantized_names
 from fedhq.fl.topology import Topology
 from fedhq_kernels.checks import is_int
+from fedhq_kernels.qparams import SCALE_EPS
 
 log = logging.getLogger("fedhq.server")
 
 # An update holding a weight more than this many times the largest of its tensor in the
-# global model (or of 1.0, whichever is larger) comes from a client whose training
+# initial model (or of 1.0, whichever is larger) comes from a client whose training
 # diverged, or is forged: its range would set the aggregate's scale and wipe out every
 # other client's codes. Measured: one diverged 4-bit client (scale 8e17) took digits
-# from 96% to 10% in one round. RunConfig.max_weight_growth sets it per run.
+# from 96% to 10% in one round. The reference is the initial model, not the current
+# global one, so a poisoned round cannot raise the bound. RunConfig.max_weight_growth
+# sets it per run; docs/fl.md, "Bad clients", has the measurement behind the default.
 DEFAULT_MAX_GROWTH = 100.0
 MAGNITUDE_FLOOR = 1.0
+# No honest update weighs more than this many samples (and none more than its client
+# holds: Server.declare_samples); a larger count would outweigh every other client.
+MAX_SAMPLES = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -71,14 +77,18 @@ def validate_update(
     quantized: set[str],
     limits: Mapping[str, float] | None = None,
     stats: Sequence[RunningStats] = (),
+    schemes: Mapping[str, fk.QuantizedTensor] | None = None,
+    max_samples: int = MAX_SAMPLES,
 ) -> str | None:
     """Why ``state`` cannot be aggregated into a model shaped like ``template`` (the
     global float state dict), or None. The entries named in ``quantized`` must be
-    ``bits``-bit QuantizedTensors (``bits`` None: a float fp32 update, nothing quantized).
-    ``limits`` bounds the magnitude of the float entries named in it (``growth_limits``);
-    the running variances of ``stats`` must be >= 0 and are bounded by their square root."""
-    if not is_int(num_samples) or num_samples <= 0:
-        return f"num_samples must be an int > 0, got {num_samples!r}"
+    ``bits``-bit QuantizedTensors (``bits`` None: a float fp32 update, nothing quantized),
+    with the axis, symmetry and dtype of ``schemes``' entry of that name (the global
+    model) where given. ``limits`` bounds the magnitude of the float entries named in it
+    (``growth_limits``); the running variances of ``stats`` must be finite and >= 0 and
+    are bounded by their square root. ``num_samples`` must lie in [1, ``max_samples``]."""
+    if not is_int(num_samples) or not 0 < num_samples <= min(max_samples, MAX_SAMPLES):
+        return f"num_samples must be an int in [1, {min(max_samples, MAX_SAMPLES)}], got {num_samples!r}"
     if not isinstance(state, Mapping):
         return f"the update must be a mapping of tensors, got {type(state).__name__}"
     missing = sorted(set(template) - set(state))
@@ -88,6 +98,8 @@ def validate_update(
     variances = {s.var for s in stats}
     for name, reference in template.items():
         reason = _check_entry(state[name], reference, bits if name in quantized else None)
+        if reason is None and schemes and isinstance(schemes.get(name), fk.QuantizedTensor):
+            reason = _check_scheme(state[name], schemes[name])
         if reason is None and name in variances:
             reason = _check_variance(state[name])
         if reason is None and limits and name in limits:
@@ -111,9 +123,22 @@ def _check_growth(largest: float, limit: float, what: str) -> str | None:
 
 def _check_variance(value: Tensor | fk.QuantizedTensor) -> str | None:
     values = value.dequantize() if isinstance(value, fk.QuantizedTensor) else value
+    if not bool(torch.isfinite(values).all()):
+        return "a running variance must be finite"
     lowest = float(values.min()) if values.numel() else 0.0
     if lowest < 0:  # BatchNorm divides by sqrt(var + eps): NaN outputs
         return f"a running variance must be >= 0, found {lowest:.3g}"
+    return None
+
+
+SCHEME_FIELDS = ("bits", "axis", "symmetric", "dtype")
+
+
+def _check_scheme(value: fk.QuantizedTensor, reference: fk.QuantizedTensor) -> str | None:
+    """Aggregation needs every client's entry quantized as the global model's is."""
+    got, want = ([getattr(q, f) for f in SCHEME_FIELDS] for q in (value, reference))
+    if got != want:
+        return f"quantized with {dict(zip(SCHEME_FIELDS, got))}, the global model with {dict(zip(SCHEME_FIELDS, want))}"
     return None
 
 
@@ -131,7 +156,8 @@ def magnitude(value: Tensor | fk.QuantizedTensor) -> float:
 def growth_limits(
     state: Mapping[str, object], max_growth: float | None, stats: Sequence[RunningStats] = ()
 ) -> dict[str, float]:
-    """Per float entry of the global ``state``: the largest magnitude an update may hold,
+    """Per float entry of ``state`` (the server's initial model: ``Server.limits``, fixed
+    so that a poisoned round cannot raise it): the largest magnitude an update may hold,
     ``max_growth`` x max(the entry's magnitude, MAGNITUDE_FLOOR); none when ``max_growth``
     is None. A layer's running ``stats`` share one limit, on the largest |mean| and on the
     largest standard deviation: ``max_growth`` x max(the global's, MAGNITUDE_FLOOR)."""
@@ -170,6 +196,8 @@ def _check_entry(value: object, reference: Tensor, bits: int | None) -> str | No
         value.check_codes()
     except ValueError as error:
         return str(error)
+    if value.scale.numel() and float(value.scale.min()) < SCALE_EPS:  # quantization never picks a smaller one
+        return f"a scale below {SCALE_EPS:.3g}, the smallest quantization chooses, found {float(value.scale.min()):.3g}"
     return None
 
 
@@ -207,24 +235,38 @@ class Server:
         quantized: set[str],
         max_growth: float | None = DEFAULT_MAX_GROWTH,
         stats: Sequence[RunningStats] = (),
+        aggregation: str = "mean",
+        trim: float = 0.0,
     ):
         self.bits = bits
         self.quantized = set() if bits is None else set(quantized)
         self.max_growth = max_growth
         self.stats = list(stats)  # running_stats(model): bounded as statistics, not as weights
+        self.aggregation, self.trim = aggregation, trim
         self.template = {k: v.detach().clone() for k, v in initial.items()}
         self.state = dict(self.template) if bits is None else quantize_upload(self.template, self.quantized, bits)
+        # from the initial model, once: a poisoned round cannot raise the bound
+        self.limits = growth_limits(self.state, max_growth, self.stats)
+        self.samples: dict[int, int] = {}  # client -> the sample count it declared (declare_samples)
 
     @classmethod
     def for_run(cls, config, model: torch.nn.Module) -> Server:
         """The server of a run (a ``RunConfig``) whose initial global model is ``model``."""
+        method, trim = config.aggregation_method
         return cls(
             model.state_dict(),
             bits=config.bits if config.quantized else None,
             quantized=quantized_names(model),
             max_growth=config.max_weight_growth,
             stats=running_stats(model),
+            aggregation=method,
+            trim=trim,
         )
+
+    def declare_samples(self, samples: Mapping[int, int]) -> None:
+        """Each client's sample count (its partition's size; on Flower what its node
+        declared in the query round): an update claiming more is rejected."""
+        self.samples = dict(samples)
 
     def global_weights(self) -> dict[str, Tensor]:
         """The global model as float tensors: what clients load and evaluation uses."""
@@ -235,22 +277,21 @@ class Server:
         the good ones into the global model, and returns (accepted ids, rejections).
         With a hierarchical ``topology`` the good updates are aggregated bottom-up, each
         inner node combining its own update with its children's subtree aggregates."""
-        accepted, rejected = [], []
-        limits = growth_limits(self.state, self.max_growth, self.stats)
+        accepted, rejected, seen = [], [], set()
         for update in updates:
-            reason = validate_update(
-                update.state,
-                update.num_samples,
-                self.template,
-                bits=self.bits,
-                quantized=self.quantized,
-                limits=limits,
-                stats=self.stats,
-            )
+            client = getattr(update, "client", None)
+            if client in seen:
+                rejected.append(self.reject(client, "a second update from this client in the round: the first counts"))
+                continue
+            seen.add(client)
+            try:
+                reason = self.check(update)
+            except Exception as error:  # noqa: BLE001  one bad update must never end the run
+                reason = f"validation raised {type(error).__name__}: {error}"
             if reason is None:
                 accepted.append(update)
             else:
-                rejected.append(self.reject(update.client, f"bad update: {reason}"))
+                rejected.append(self.reject(client, f"bad update: {reason}"))
         if not accepted:
             if updates:
                 log.warning("no usable update this round: the global model is kept")
@@ -260,16 +301,26 @@ class Server:
                 new_state = self.combine([(u.state, u.num_samples) for u in accepted])
             else:
                 new_state = self.combine_tree(accepted, topology)
-        except (ValueError, TypeError, RuntimeError) as error:  # never corrupt the model
+        except Exception as error:  # noqa: BLE001  never corrupt the model, never end the run
             rejected.extend(self.reject(u.client, f"aggregation failed: {error}") for u in accepted)
             return [], rejected
         self.state = new_state
         return [u.client for u in accepted], rejected
 
+    def check(self, update) -> str | None:
+        """Why ``update`` (client, state, num_samples) cannot be aggregated, or None."""
+        checks = {"bits": self.bits, "quantized": self.quantized, "limits": self.limits, "stats": self.stats}
+        cap = self.samples.get(update.client, MAX_SAMPLES)
+        return validate_update(
+            update.state, update.num_samples, self.template, schemes=self.state, max_samples=cap, **checks
+        )
+
     def combine(self, parts: Sequence[tuple[Mapping, int]]) -> dict:
         """One aggregation step: (state, sample count) pairs -> their weighted average,
         requantized (float for fp32)."""
         states, weights = [p[0] for p in parts], [p[1] for p in parts]
+        if self.aggregation != "mean":  # robust aggregation (RunConfig.aggregation), fp32 too
+            return fk.aggregate_state_dicts(states, weights, method=self.aggregation, trim=self.trim)
         if self.bits is None:
             return float_average(states, weights)
         return fk.aggregate_state_dicts(states, weights)
@@ -288,5 +339,5 @@ class Server:
 
     @staticmethod
     def reject(client: int, reason: str) -> Rejection:
-        log.warning("client %d left out of this round: %s", client, reason)
+        log.warning("client %s left out of this round: %s", client, reason)
         return Rejection(client, reason)

@@ -14,24 +14,34 @@ buffers, or all plain tensors for fp32) travels as two records:
 
 ``decode_state`` is strict about structure (keys, array dtypes and shapes, list
 types): a malformed record raises ``RecordError`` with the reason, which the strategy
-logs when it leaves the reply out. What the values mean (names and shapes against the
-global model, bits, code range, finite positive scales) is checked afterwards by the
-same ``fedhq.fl.server.validate_update`` as the embedded engine.
+logs when it leaves the reply out. Given the ``expected`` state dict (the global
+model) it compares names, layouts and declared sizes with it before reading any array,
+and every array's npy header before allocating it, so a reply costs at most its bytes
+plus one model. What the values mean (code range, finite positive scales, growth) is
+checked afterwards by the same ``fedhq.fl.server.validate_update`` as the embedded
+engine (docs/flower.md, "What the server tolerates").
 """
 
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 import fedhq_kernels as fk
 from fedhq_kernels.checks import FLOAT_DTYPE_NAMES as FLOAT_DTYPES
+from fedhq_kernels.quantized_tensor import packed_size
 
 SCALE = ":scale"
 ZERO_POINT = ":zero_point"
 LAYOUT_LISTS = {"quantized": str, "bits": int, "axis": int, "symmetric": bool, "dtype": str, "shape": str}
+SCHEME = ("bits", "axis", "symmetric", "dtype", "shape")
+MAX_NUMEL = 2**48  # elements a quantized entry's shape may claim
+NPY_HEADER_MAX = 4096  # bytes an array may hold beyond its data (numpy writes 128)
 
 
 class RecordError(ValueError):
@@ -48,11 +58,8 @@ def encode_state(state: Mapping[str, object]) -> tuple[ArrayRecord, ConfigRecord
             arrays[name + SCALE] = Array(value.scale.cpu().numpy())
             arrays[name + ZERO_POINT] = Array(value.zero_point.cpu().numpy())
             layout["quantized"].append(name)
-            layout["bits"].append(int(value.bits))
-            layout["axis"].append(-1 if value.axis is None else int(value.axis))
-            layout["symmetric"].append(bool(value.symmetric))
-            layout["dtype"].append(str(value.dtype).removeprefix("torch."))
-            layout["shape"].append("x".join(str(d) for d in value.shape))
+            for key, item in zip(SCHEME, scheme(value)):
+                layout[key].append(item)
         elif isinstance(value, torch.Tensor):
             arrays[name] = Array(value.detach().cpu().numpy())
         else:
@@ -60,14 +67,24 @@ def encode_state(state: Mapping[str, object]) -> tuple[ArrayRecord, ConfigRecord
     return arrays, ConfigRecord(layout if layout["quantized"] else {})
 
 
-def decode_state(arrays: object, layout: object) -> dict:
-    """The state dict held by (arrays, layout); ``RecordError`` if they are malformed."""
+def scheme(value: fk.QuantizedTensor) -> tuple:
+    """A quantized entry's layout: (bits, axis (-1 per tensor), symmetric, dtype, shape)."""
+    axis = -1 if value.axis is None else int(value.axis)
+    dtype = str(value.dtype).removeprefix("torch.")
+    return int(value.bits), axis, bool(value.symmetric), dtype, "x".join(str(d) for d in value.shape)
+
+
+def decode_state(arrays: object, layout: object, expected: Mapping[str, object] | None = None) -> dict:
+    """The state dict held by (arrays, layout); ``RecordError`` if they are malformed or,
+    given ``expected`` (the global state dict), differ from it in names, layout or sizes."""
     if not isinstance(arrays, ArrayRecord):
         raise RecordError(f"expected an ArrayRecord of the model, got {type(arrays).__name__}")
     lists = _layout_lists(layout)
-    quantized = dict(zip(lists["quantized"], zip(*(lists[k] for k in ("bits", "axis", "symmetric", "dtype", "shape")))))
+    quantized = dict(zip(lists["quantized"], zip(*(lists[k] for k in SCHEME))))
     if len(quantized) != len(lists["quantized"]):
         raise RecordError("layout names a quantized entry twice")
+    if expected is not None:
+        _check_expected(arrays, quantized, expected)
     companions = {name + suffix for name in quantized for suffix in (SCALE, ZERO_POINT)}
     missing = sorted((set(quantized) | companions) - set(arrays.keys()))
     if missing:
@@ -103,6 +120,40 @@ def decode_state(arrays: object, layout: object) -> dict:
     return state
 
 
+def _check_expected(arrays: ArrayRecord, quantized: dict, expected: Mapping[str, object]) -> None:
+    """Names, layouts, declared array dtypes and shapes, and byte counts against the
+    global model's, before any array is read."""
+    wanted = {n: scheme(v) for n, v in expected.items() if isinstance(v, fk.QuantizedTensor)}
+    if set(quantized) != set(wanted):
+        missing, extra = sorted(set(wanted) - set(quantized)), sorted(set(quantized) - set(wanted))
+        raise RecordError(
+            f"quantized entries differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, want in wanted.items():
+        if quantized[name] != want:
+            raise RecordError(
+                f"'{name}': layout {quantized[name]} is not the global model's {want} ({', '.join(SCHEME)})"
+            )
+    sizes: dict[str, tuple[str, tuple]] = {}
+    for name, value in expected.items():
+        if isinstance(value, fk.QuantizedTensor):
+            sizes[name] = ("uint8", (packed_size(value.data.numel(), value.bits),))
+            sizes[name + SCALE] = ("float32", tuple(value.scale.shape))
+            sizes[name + ZERO_POINT] = ("int32", tuple(value.zero_point.shape))
+        else:
+            sizes[name] = (str(torch.empty(0, dtype=value.dtype).numpy().dtype), tuple(value.shape))
+    missing, extra = sorted(set(sizes) - set(arrays.keys())), sorted(set(arrays.keys()) - set(sizes))
+    if missing or extra:
+        raise RecordError(f"arrays differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, (dtype, shape) in sizes.items():
+        array = arrays[name]
+        if array.dtype != dtype or tuple(array.shape) != shape:
+            raise RecordError(f"'{name}': expected {dtype} {shape}, the array declares {array.dtype} {array.shape}")
+        limit = math.prod(shape) * np.dtype(dtype).itemsize + NPY_HEADER_MAX
+        if not isinstance(array.data, bytes) or len(array.data) > limit:
+            raise RecordError(f"'{name}': holds more than the {limit} bytes a {dtype} {shape} array takes")
+
+
 def _layout_lists(layout: object) -> dict[str, list]:
     if not isinstance(layout, ConfigRecord):
         raise RecordError(f"expected a ConfigRecord layout, got {type(layout).__name__}")
@@ -128,19 +179,37 @@ def _shape(text: str) -> torch.Size:
         raise ValueError(f"shape {text!r} is not dimensions joined by 'x'") from None
     if any(d < 0 for d in dims):
         raise ValueError(f"shape {text!r} has a negative dimension")
+    if math.prod(dims) > MAX_NUMEL:  # torch's element count would wrap around
+        raise ValueError(f"shape {text!r} has more than {MAX_NUMEL} elements")
     return torch.Size(dims)
 
 
 def _array(arrays: ArrayRecord, name: str) -> torch.Tensor:
-    """The tensor under ``name``, checked against what the Array declares."""
+    """The tensor under ``name``: its npy header is read and checked against what the
+    Array declares and against the bytes that follow before anything is allocated
+    (``Array.numpy`` would allocate what a forged header claims)."""
     array = arrays[name]
+    data = array.data
     try:
-        value = array.numpy()
-        tensor = torch.from_numpy(value)
-    except (TypeError, ValueError, OSError) as error:
+        if not isinstance(data, bytes):
+            raise TypeError(f"its data is a {type(data).__name__}, not bytes")
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"npy format version {version} is not supported")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream, max_header_size=NPY_HEADER_MAX)
+    except (TypeError, ValueError, OSError, EOFError, SyntaxError) as error:
         raise RecordError(f"'{name}' is not a readable array: {error}") from None
-    if str(value.dtype) != array.dtype or tuple(value.shape) != tuple(array.shape):
+    if fortran_order or dtype.hasobject or not dtype.isnative or dtype.kind not in "biuf":
+        raise RecordError(f"'{name}' holds an array of {dtype} (fortran order {fortran_order}), not plain numbers")
+    if str(dtype) != array.dtype or tuple(shape) != tuple(array.shape):
+        raise RecordError(f"'{name}' declares {array.dtype} {tuple(array.shape)} but holds {dtype} {tuple(shape)}")
+    count, offset = math.prod(shape), stream.tell()
+    if len(data) - offset != count * dtype.itemsize:
         raise RecordError(
-            f"'{name}' declares {array.dtype} {tuple(array.shape)} but holds {value.dtype} {tuple(value.shape)}"
+            f"'{name}': a {dtype} array of shape {tuple(shape)} takes {count * dtype.itemsize} bytes, "
+            f"it holds {len(data) - offset}"
         )
-    return tensor
+    value = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return torch.from_numpy(value.copy())

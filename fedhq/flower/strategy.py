@@ -19,7 +19,7 @@ from fedhq.fl.client import RoundPlan, Update
 from fedhq.fl.config import ConfigError
 from fedhq.fl.engine import Answer, Setup
 from fedhq.fl.rounds import Replies, RoundOutcome
-from fedhq.fl.server import Rejection, Server
+from fedhq.fl.server import MAX_SAMPLES, Rejection, Server
 from fedhq.fl.timing import ClientTime
 from fedhq.flower.records import RecordError, decode_state, encode_state
 from fedhq_kernels.checks import is_int, is_real
@@ -41,6 +41,10 @@ ABOUT = {
     "samples": int,
 }
 TRAIN_METRICS = ("num-examples", "train-loss", "steps", "wall-s", "compute-s", "upload-s")
+# Bounds of a reply's steps and of its seconds (wall-s, compute-s, upload-s): beyond
+# them a metric is absurd, and the reply is left out (docs/flower.md).
+MAX_STEPS = 2**31 - 1
+MAX_SECONDS = 1e9
 # The round plan's fields in a training message ("strategy" travels as the message type).
 PLAN_FIELDS = {
     "round": "round",
@@ -136,9 +140,12 @@ class FedHQStrategy:
                 rejected.append(Server.reject(client, f"node error {msg.error.code}: {msg.error.reason}"))
                 continue
             try:
-                update, cost, size = _read_update(client, msg.content)
+                update, cost, size = _read_update(client, msg.content, server.state)
             except RecordError as error:
                 rejected.append(Server.reject(client, f"malformed reply: {error}"))
+                continue
+            except Exception as error:  # noqa: BLE001  one reply must never end the run
+                rejected.append(Server.reject(client, f"unreadable reply ({type(error).__name__}): {error}"))
                 continue
             updates.append(update)
             times[client] = cost
@@ -221,6 +228,8 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
         return None, f"the node description lacks or mistypes {wrong}"
     if not 0 <= about["partition-id"] < clients:
         return None, f"partition-id {about['partition-id']} is outside [0, {clients})"
+    if not 0 < about["samples"] <= MAX_SAMPLES:  # what bounds its replies' num-examples
+        return None, f"samples must be in [1, {MAX_SAMPLES}], got {about['samples']}"
     row = {
         "node_id": node_id,
         "device": about["device"],
@@ -233,8 +242,9 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
     return Answer(about["partition-id"], float(time_s), float(acc), row), None
 
 
-def _read_update(client: int, content: RecordDict) -> tuple[Update, ClientTime, int]:
-    """(update, simulated time, records' bytes) of a training reply; RecordError if malformed."""
+def _read_update(client: int, content: RecordDict, expected: dict) -> tuple[Update, ClientTime, int]:
+    """(update, simulated time, records' bytes) of a training reply; RecordError if it is
+    malformed or does not fit ``expected``, the global state dict (``decode_state``)."""
     arrays, layout, metrics = content.get("update"), content.get("layout"), content.get("metrics")
     if not isinstance(metrics, MetricRecord):
         raise RecordError("the reply has no 'metrics' MetricRecord")
@@ -246,10 +256,15 @@ def _read_update(client: int, content: RecordDict) -> tuple[Update, ClientTime, 
     ]
     if wrong:
         raise RecordError(f"metrics {wrong} missing or not finite numbers")
-    costs = [float(metrics[k]) for k in ("compute-s", "upload-s")]
-    if not all(c >= 0 for c in costs):
-        raise RecordError(f"simulated times must be >= 0, got {costs}")
-    state = decode_state(arrays, layout)
+    if not is_int(metrics["num-examples"]):
+        raise RecordError(f"num-examples must be an int, got {metrics['num-examples']!r}")
+    if not (metrics["steps"] == int(metrics["steps"]) and 0 <= metrics["steps"] <= MAX_STEPS):
+        raise RecordError(f"steps must be a whole number in [0, {MAX_STEPS}], got {metrics['steps']!r}")
+    seconds = {k: float(metrics[k]) for k in ("wall-s", "compute-s", "upload-s")}
+    if not all(0 <= v <= MAX_SECONDS for v in seconds.values()):
+        raise RecordError(f"times must be in [0, {MAX_SECONDS:g}] s, got {seconds}")
+    costs = [seconds["compute-s"], seconds["upload-s"]]
+    state = decode_state(arrays, layout, expected)
     update = Update(
         client,
         state,
