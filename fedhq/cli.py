@@ -175,7 +175,9 @@ _RUN_SETTINGS = {
 
 def _parse_list(kind: str, text: str) -> list:
     cast = float if kind == "list:float" else str
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {text!r}")
     try:
         return [cast(t) for t in items]
     except ValueError:
@@ -350,6 +352,10 @@ def main(argv=None) -> int:
         return args.handler(args)
     except (ValueError, RuntimeError) as error:
         print(f"fedhq {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file-system error the checks did not foresee: still one line
+        where = f" {error.filename}" if error.filename else ""
+        print(f"fedhq {args.command}: error:{where}: {error.strerror or error}", file=sys.stderr)
         return 2
 
 
