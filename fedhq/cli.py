@@ -215,12 +215,13 @@ def _run_config(args, **fixed):
 
 
 def _run(args) -> int:
+    fixed = {"strategy": args.strategy} if args.strategy else {}
+    config = _run_config(args, **fixed)  # checked before the engine loads
+
     from fedhq import report
     from fedhq.fl import engine
     from fedhq.fl.outputs import claim_output
 
-    fixed = {"strategy": args.strategy} if args.strategy else {}
-    config = _run_config(args, **fixed)
     claim_output(
         config.output_dir, (engine.RESULTS_FILE, engine.CHECKPOINT_FILE), resume=args.resume, overwrite=args.overwrite
     )
