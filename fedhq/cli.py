@@ -330,11 +330,16 @@ def _add_compare(subparsers) -> None:
     parser.set_defaults(handler=_compare)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad argument is one line (no usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedhq", description="FedHQ: hybrid runtime quantization for federated learning"
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="fedhq", description="FedHQ: hybrid runtime quantization for federated learning")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_profile(subparsers)
     _add_run(subparsers)
     _add_compare(subparsers)

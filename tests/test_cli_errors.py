@@ -83,12 +83,26 @@ def test_bad_outputs_and_settings_fail_in_one_line_before_measuring(tmp_path, mo
     _one_line_error(capsys, argv[0], message)
 
 
-def test_empty_list_items_are_refused(capsys):
+def test_empty_list_items_are_refused_in_one_line(capsys):
     for argv in (["compare", "--strategies", ","], ["compare", "--strategies", ""], ["run", "--alphas", "0.5,,1"]):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 2
-        assert "without empty items" in capsys.readouterr().err
+        _one_line_error(capsys, argv[0], "without empty items")
+
+
+def test_an_unwritable_output_is_refused_before_measuring(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    _no_measuring(monkeypatch)
+
+    def denied(*args, **kwargs):  # root may write anywhere: stand in for a read-only folder
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    for argv in (["run", "--output", str(tmp_path / "o")], ["profile", "--out", str(tmp_path / "p.json")]):
+        assert cli.main(argv) == 2
+        _one_line_error(capsys, argv[0], "not writable: Permission denied")
 
 
 def test_an_unforeseen_file_system_error_is_one_line(monkeypatch, capsys):

@@ -44,9 +44,9 @@ def take_profile(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     try:
         batches = parse_list(args.batches, int)
     except ValueError as error:
-        raise SystemExit(f"fedhq profile: --batches must be comma-separated integers ({error})") from None
+        raise ValueError(f"--batches must be comma-separated integers ({error})") from None
     if args.repeats is not None and args.repeats < 1:
-        raise SystemExit(f"fedhq profile: --repeats must be >= 1, got {args.repeats}")
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     from fedhq.fl.outputs import check_writable_file
 
     out = args.out or default_out(args.device)
