@@ -180,7 +180,9 @@ _RUN_SETTINGS = {
 
 def _parse_list(kind: str, text: str) -> list:
     cast = float if kind == "list:float" else str
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {text!r}")
     try:
         return [cast(t) for t in items]
     except ValueError:
@@ -218,12 +220,13 @@ def _run_config(args, **fixed):
 
 
 def _run(args) -> int:
+    fixed = {"strategy": args.strategy} if args.strategy else {}
+    config = _run_config(args, **fixed)  # checked before the engine loads
+
     from fedhq import report
     from fedhq.fl import engine
     from fedhq.fl.outputs import claim_output
 
-    fixed = {"strategy": args.strategy} if args.strategy else {}
-    config = _run_config(args, **fixed)
     claim_output(
         config.output_dir, (engine.RESULTS_FILE, engine.CHECKPOINT_FILE), resume=args.resume, overwrite=args.overwrite
     )
@@ -332,11 +335,16 @@ def _add_compare(subparsers) -> None:
     parser.set_defaults(handler=_compare)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad argument is one line (no usage block), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedhq", description="FedHQ: hybrid runtime quantization for federated learning"
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="fedhq", description="FedHQ: hybrid runtime quantization for federated learning")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_profile(subparsers)
     _add_run(subparsers)
     _add_compare(subparsers)
@@ -355,6 +363,10 @@ def main(argv=None) -> int:
         return args.handler(args)
     except (ValueError, RuntimeError) as error:
         print(f"fedhq {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file-system error the checks did not foresee: still one line
+        where = f" {error.filename}" if error.filename else ""
+        print(f"fedhq {args.command}: error:{where}: {error.strerror or error}", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedhq.fl import engine
-from fedhq.fl.config import STRATEGIES, ConfigError, RunConfig
+from fedhq.fl.config import MAX_SEED, STRATEGIES, ConfigError, RunConfig
 from fedhq.fl.outputs import claim_output
 from fedhq.fl.summary import summarize
 from fedhq_kernels.checks import is_int
@@ -95,11 +95,12 @@ def compare(
     interrupted ones from their checkpoints. Every run of a seed trains on the same
     client data: with ``config.adjust`` every run holds out the same validation samples."""
     seeds = sorted(set(seeds)) if seeds else [config.seed]
-    if any(not is_int(s) or s < 0 for s in seeds):
-        raise ConfigError(f"seeds must be ints >= 0, got {list(seeds)}")
+    if any(not is_int(s) or not 0 <= s <= MAX_SEED for s in seeds):
+        raise ConfigError(f"seeds must be ints in [0, {MAX_SEED}], got {list(seeds)}")
     runs_of_seed = plans(config, strategies)
     out = Path(config.output_dir)
     claim_output(out, RESULT_PATTERNS, resume=resume, overwrite=overwrite)
+    engine.parse_topology(config)  # a bad setting fails before the data loads and the profile is measured
     dataset = engine.load_data(config)
     spec = engine.model_spec(config, dataset)
     _, reference = engine.reference_profile(config, spec, out, echo, reuse_saved=resume)

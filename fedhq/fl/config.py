@@ -23,6 +23,18 @@ SPEED_ORIENTATIONS = ("time", "speed")
 # "trimmed-mean:<trim>" (trim in [0, 0.5): the fraction cut at each end) or "median".
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 DEFAULT_TRIM = 0.1
+# Seeds are below numpy's legacy bound, which every seeded library here accepts.
+MAX_SEED = 2**32 - 1
+BOOL_SETTINGS = ("adjust", "hold_out_validation")
+# text settings: (name, may be None)
+TEXT_SETTINGS = (
+    ("dataset", False),
+    ("output_dir", False),
+    ("data_root", True),
+    ("model", True),
+    ("reference_profile", True),
+    ("topology", True),
+)
 # A heterogeneous mix: a workstation GPU, an edge GPU module and a phone (fedhq/devices).
 DEFAULT_DEVICES = ("rtx-a6000", "jetson-orin-nano-8gb", "phone-snapdragon-8-gen-2")
 # Defaults of the per-client memory / compute fractions when none are given: drawn per
@@ -137,7 +149,8 @@ class RunConfig:
     # ---- validation ----
 
     def validated(self) -> RunConfig:
-        self.devices = list(self.devices)
+        if isinstance(self.devices, tuple):
+            self.devices = list(self.devices)
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("partition", self.partition, PARTITIONS)
         _choice("speed_orientation", self.speed_orientation, SPEED_ORIENTATIONS)
@@ -145,6 +158,16 @@ class RunConfig:
         for name in ("clients", "rounds", "local_epochs", "batch_size", "threads"):
             _int_at_least(name, getattr(self, name), 1)
         _int_at_least("seed", self.seed, 0)
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"seed must be an int in [0, {MAX_SEED}] (2**32 - 1), got {self.seed!r}")
+        for name in BOOL_SETTINGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false (a JSON boolean), got {getattr(self, name)!r}")
+        for name, optional in TEXT_SETTINGS:
+            value = getattr(self, name)
+            if not ((optional and value is None) or (isinstance(value, str) and value.strip())):
+                allowed = "a non-empty string" + (" or null" if optional else "")
+                raise ConfigError(f"{name} must be {allowed}, got {value!r}")
         if not valid_bits(self.bits):
             raise ConfigError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
         for name in ("lr", "dirichlet_alpha", "quantity_sigma", "uplink_mbps"):
@@ -163,8 +186,6 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (isinstance(self.validation_fraction, float) and 0 < self.validation_fraction < 0.5):
             raise ConfigError(f"validation_fraction must be in (0, 0.5), got {self.validation_fraction!r}")
-        if not isinstance(self.adjust, bool):
-            raise ConfigError(f"adjust must be true or false, got {self.adjust!r}")
         if self.adjust and self.strategy != "fedhq":
             raise ConfigError(f"adjust refines FedHQ's allocation: it needs strategy fedhq, not {self.strategy!r}")
         if self.adjust and self.adjust_after >= self.rounds:
@@ -179,7 +200,11 @@ class RunConfig:
             if not is_real(value) or value < 1:
                 raise ConfigError(f"max_weight_growth must be a finite number >= 1 (or null: no bound), got {value!r}")
         self.aggregation = _aggregation_text(self.aggregation)
-        if not self.devices or not all(isinstance(d, str) and d for d in self.devices):
+        if (
+            not isinstance(self.devices, list)
+            or not self.devices
+            or not all(isinstance(d, str) and d for d in self.devices)
+        ):
             raise ConfigError(
                 f"devices must be a non-empty list of preset names or profile paths, got {self.devices!r}"
             )
@@ -187,6 +212,8 @@ class RunConfig:
             values = getattr(self, name)
             if values is None:
                 continue
+            if not isinstance(values, (list, tuple)):
+                raise ConfigError(f"{name} must be a list of numbers (one per client) or null, got {values!r}")
             values = list(values)
             if len(values) != self.clients:
                 raise ConfigError(f"{name} has {len(values)} values for {self.clients} clients")
@@ -194,6 +221,12 @@ class RunConfig:
                 if not is_real(v) or not 0 < v <= 1:
                     raise ConfigError(f"{name}: every value must be in (0, 1], got {v!r}")
             setattr(self, name, [float(v) for v in values])
+        for f in dataclasses.fields(self):  # numpy scalars as plain numbers: the config stays JSON
+            value = getattr(self, f.name)
+            if is_int(value):
+                setattr(self, f.name, int(value))
+            elif is_real(value):
+                setattr(self, f.name, float(value))
         return self
 
 

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+import fedhq_kernels as fk
 from fedhq.allocation import global_init, normalize_significance
 from fedhq.analysis import speed as speed_analysis
 from fedhq.analysis.accuracy import client_significance
@@ -31,11 +32,12 @@ from fedhq.fl.adjustment import adjust_allocation
 from fedhq.fl.client import ClientState, RoundPlan, evaluate, train_local
 from fedhq.fl.config import ALPHA_RANGE, BETA_RANGE, ConfigError, RunConfig
 from fedhq.fl.rounds import Client, Replies, RoundContext, RoundOutcome, TrainFn, close_round, round_plan, train_clients
-from fedhq.fl.server import Server
+from fedhq.fl.server import Server, growth_limits, validate_update
 from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
 from fedhq.models import ModelSpec
 from fedhq.quant import calibration_split, evaluate_deployed
+from fedhq_kernels.checks import is_real
 
 log = logging.getLogger("fedhq.engine")
 
@@ -86,6 +88,13 @@ def model_spec(config: RunConfig, dataset: Dataset) -> ModelSpec:
             f"{dataset.name} has {dataset.input_shape} images and {dataset.num_classes} classes"
         )
     return spec
+
+
+def parse_topology(config: RunConfig) -> Topology:
+    try:
+        return Topology.parse(config.topology, config.clients)
+    except TopologyError as error:
+        raise ConfigError(str(error)) from None
 
 
 def client_fractions(config: RunConfig) -> tuple[list[float], list[float]]:
@@ -388,16 +397,13 @@ def run(
     config = config.validated()
     torch.set_num_threads(config.threads)
     out = Path(config.output_dir)
+    topology = parse_topology(config)
     saved = _load_checkpoint(config, out) if resume else None
 
     # setup
     started = time.perf_counter()
     dataset = load_data(config)
     spec = model_spec(config, dataset)
-    try:
-        topology = Topology.parse(config.topology, config.clients)
-    except TopologyError as error:
-        raise ConfigError(str(error)) from None
     reference, reference_path = reference_profile(config, spec, out, echo, reuse_saved=resume)
     train, validation = split_validation(config, dataset)
     setup = Setup(config, spec, dataset, topology, reference, reference_path, train, validation, echo)
@@ -424,6 +430,7 @@ def run(
     training_s = 0.0
     adjustment: dict | None = None
     if saved is not None:
+        _check_saved_run(saved, server, config, list(strategies), out / CHECKPOINT_FILE)
         server.state = saved["server_state"]
         link.restore(saved["client_states"])
         history = saved["history"]
@@ -547,11 +554,27 @@ def results_document(
     }
 
 
+# keys of a checkpoint's payload, and the bound on the saved global model: a weight at
+# most this many times the initial model's largest of its tensor (or of 1.0)
+CHECKPOINT_KEYS = ("config", "server_state", "history", "training_s", "client_states", "strategies", "adjustment")
+SAVED_MAX_GROWTH = 1e4
+# which strategies a client of each run strategy may hold
+CLIENT_STRATEGIES = {"fedaqt": {"qat"}, "fedfq": {"ptq"}, "fp32": {"fp32"}}
+
+
 def _load_checkpoint(config: RunConfig, out: Path) -> dict:
+    """The verified checkpoint of ``out`` (checkpoint.load checks its hash), written
+    with ``config``'s settings; ConfigError when it is not usable."""
     path = out / CHECKPOINT_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"--resume: no checkpoint at {path}")
-    saved = checkpoint.load(path)
+    try:
+        saved = checkpoint.load(path)
+    except checkpoint.CheckpointError as error:
+        raise ConfigError(f"--resume: {error}") from None
+    reason = _payload_problem(saved)
+    if reason:
+        raise ConfigError(f"--resume: checkpoint {path} is not usable: {reason}")
     before, now = dict(saved["config"]), config.to_dict()
     for key in RESUMABLE_CHANGES:
         before.pop(key, None)
@@ -562,3 +585,65 @@ def _load_checkpoint(config: RunConfig, out: Path) -> dict:
     if len(saved["history"]) > config.rounds:
         raise ConfigError(f"--resume: the checkpoint is at round {len(saved['history'])}, past rounds={config.rounds}")
     return saved
+
+
+def _payload_problem(saved: dict) -> str | None:
+    """What is malformed in a checkpoint's payload, apart from its model and strategies
+    (``_check_saved_run``), or None."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in saved]
+    if missing:
+        return f"missing {missing}"
+    if not isinstance(saved["config"], dict) or not isinstance(saved["client_states"], dict):
+        return "config and client_states must be dicts"
+    if not is_real(saved["training_s"]) or saved["training_s"] < 0:
+        return f"training_s must be a finite number >= 0, got {saved['training_s']!r}"
+    if saved["adjustment"] is not None and not isinstance(saved["adjustment"], dict):
+        return "adjustment must be a dict or None"
+    for cid, observers in saved["client_states"].items():
+        if not isinstance(observers, dict) or not all(isinstance(v, torch.Tensor) for v in observers.values()):
+            return f"client {cid}'s state must be a dict of tensors"
+    history = saved["history"]
+    if not isinstance(history, list):
+        return "history must be a list of rounds"
+    for i, row in enumerate(history, start=1):
+        if not isinstance(row, dict) or row.get("round") != i:
+            return f"history row {i} is not round {i}"
+        if not (is_real(row.get("accuracy")) and 0 <= row["accuracy"] <= 1):
+            return f"round {i}: accuracy must be in [0, 1], got {row.get('accuracy')!r}"
+        for key in ("wall_s", "sim_s", "cum_wall_s", "cum_sim_s", "upload_bytes"):
+            if not is_real(row.get(key)) or row[key] < 0:
+                return f"round {i}: {key} must be a finite number >= 0, got {row.get(key)!r}"
+        if not isinstance(row.get("participants"), list) or not isinstance(row.get("rejected"), list):
+            return f"round {i}: participants and rejected must be lists"
+    return None
+
+
+def _scheme_problem(state: dict, initial: dict) -> str | None:
+    """Which entry of ``state`` is not quantized as the run quantizes ``initial``'s."""
+    for name, q in initial.items():
+        if isinstance(q, fk.QuantizedTensor):
+            v = state[name]
+            if (v.symmetric, v.axis, v.scale.shape) != (q.symmetric, q.axis, q.scale.shape):
+                return f"'{name}': not quantized with the run's scheme (symmetric, axis, scales)"
+    return None
+
+
+def _check_saved_run(saved: dict, server: Server, config: RunConfig, clients: list[int], path: Path) -> None:
+    """The saved global model is checked like a client update (the run's names, shapes,
+    dtypes, bits and scheme; finite scales, magnitudes within SAVED_MAX_GROWTH of the
+    initial model's) and the saved allocation holds one strategy per client that
+    ``config.strategy`` allows; ConfigError otherwise."""
+    state, s = saved["server_state"], server
+    limits = growth_limits(s.state, SAVED_MAX_GROWTH, s.stats)
+    reason = validate_update(state, 1, s.template, bits=s.bits, quantized=s.quantized, limits=limits, stats=s.stats)
+    if reason is None:
+        reason = _scheme_problem(state, s.state)
+    if reason:
+        raise ConfigError(f"--resume: checkpoint {path} holds an unusable global model: {reason}")
+    allowed = CLIENT_STRATEGIES.get(config.strategy, {"ptq", "qat"})
+    chosen = saved["strategies"]
+    if not isinstance(chosen, list) or len(chosen) != len(clients) or not all(s in allowed for s in chosen):
+        raise ConfigError(
+            f"--resume: checkpoint {path} holds strategies {chosen!r}: expected one of {sorted(allowed)} "
+            f"for each of {len(clients)} clients (strategy {config.strategy})"
+        )

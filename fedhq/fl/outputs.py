@@ -4,6 +4,8 @@ refused unless the user resumes it or asks to overwrite it."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ def claim_output(folder: str | Path, patterns: Iterable[str], *, resume: bool, o
     if resume and overwrite:
         raise ConfigError("--resume continues the results in the output folder and --overwrite replaces them: pass one")
     folder = Path(folder)
+    check_writable_dir(folder, "--output")
     found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
     if not found or resume:
         return
@@ -29,3 +32,29 @@ def claim_output(folder: str | Path, patterns: Iterable[str], *, resume: bool, o
         )
     for path in found:
         path.unlink()
+
+
+def check_writable_dir(folder: str | Path, what: str) -> None:
+    """ConfigError (one line naming ``what``) unless ``folder`` is, or can be made, a
+    directory this process can write to; creates it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        raise ConfigError(f"{what} {folder} is a file, not a directory") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{what} {folder} is under a file, not a directory") from None
+    except OSError as error:
+        raise ConfigError(f"{what} {folder} is not writable: {error.strerror or error}") from None
+
+
+def check_writable_file(path: str | Path, what: str) -> None:
+    """ConfigError (one line naming ``what``) unless a file can be written at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory")
+    check_writable_dir(path.parent, what + " folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path} is not writable")

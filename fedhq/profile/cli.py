@@ -44,9 +44,13 @@ def take_profile(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
     try:
         batches = parse_list(args.batches, int)
     except ValueError as error:
-        raise SystemExit(f"fedhq profile: --batches must be comma-separated integers ({error})") from None
+        raise ValueError(f"--batches must be comma-separated integers ({error})") from None
     if args.repeats is not None and args.repeats < 1:
-        raise SystemExit(f"fedhq profile: --repeats must be >= 1, got {args.repeats}")
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    from fedhq.fl.outputs import check_writable_file
+
+    out = args.out or default_out(args.device)
+    check_writable_file(out, "--out")  # before the measurement, not after it
     start = time.perf_counter()
     doc = run.run_profile(
         device=args.device,
@@ -57,7 +61,7 @@ def take_profile(args: argparse.Namespace, log=print) -> tuple[dict, Path]:
         threads=args.threads,
         log=log,
     )
-    out = schema.dump(doc, args.out or default_out(args.device))
+    out = schema.dump(doc, out)
     print()
     print(run.format_table(doc))
     print(f"\nwrote {out} ({time.perf_counter() - start:.1f} s)")
