@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const
 // aggregate's parameters as both bindings take them (its schema: optable.py).
 #define FEDHQ_AGGREGATE_PARAMS                                                                                  \
   at::TensorList codes_in, at::TensorList scales_in, at::TensorList zero_points_in, const at::Tensor& weights_in, \
-      at::IntArrayRef axes, int64_t qmin, int64_t qmax, bool symmetric, std::vector<std::string> names
+      at::IntArrayRef axes, int64_t qmin, int64_t qmax, bool symmetric, std::vector<std::string> names, int64_t trim
 
 struct AggregateCounts {
   int64_t tensors;
