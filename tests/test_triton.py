@@ -109,17 +109,10 @@ def _recorded_launches(dtypes: list[torch.dtype], with_aggregate: bool) -> list[
                 ):
                     out.append(value)
         axes = [axis for _, axis in AGGREGATE_MODEL]
-        for symmetric in (True, False):
+        for symmetric, trim in ((True, -1), (False, -1), (True, 1)):  # trim 1: the median of 3
+            names = [str(i) for i in axes]
             ag.aggregate(
-                codes,
-                scales,
-                zero_points,
-                torch.tensor([0.2, 0.3, 0.5]),
-                axes,
-                -128,
-                127,
-                symmetric,
-                [str(i) for i in axes],
+                codes, scales, zero_points, torch.tensor([0.2, 0.3, 0.5]), axes, -128, 127, symmetric, names, trim
             )
     return records
 
