@@ -144,13 +144,15 @@ struct AggregateCounts {
 // The range and the counts of the client-major lists.
 inline AggregateCounts check_aggregate_args(at::TensorList codes, at::TensorList scales, at::TensorList zero_points,
                                             const at::Tensor& weights, at::IntArrayRef axes, int64_t qmin,
-                                            int64_t qmax, const std::vector<std::string>& names) {
+                                            int64_t qmax, const std::vector<std::string>& names, int64_t trim) {
   check_range("aggregate", qmin, qmax);
   check_int8_codes("aggregate", qmin, qmax);
   const int64_t tensors = int64_t(axes.size()), clients = weights.numel();
   TORCH_CHECK_VALUE(clients > 0 && int64_t(codes.size()) == clients * tensors && scales.size() == codes.size() &&
                         zero_points.size() == codes.size() && int64_t(names.size()) == tensors,
                     "aggregate: expected ", clients, " clients x ", tensors, " tensors of codes, scales and zero points");
+  TORCH_CHECK_VALUE(trim < 0 || 2 * trim < clients, "aggregate: trimming ", trim, " of ", clients,
+                    " clients from each end leaves none");
   return {tensors, clients};
 }
 

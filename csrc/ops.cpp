@@ -151,7 +151,7 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {
   const auto [tensors, clients] =
-      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names);
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names, trim);
   const at::Tensor weights = weights_in.to(at::kFloat).contiguous();
 
   std::vector<TensorLayout> layouts;

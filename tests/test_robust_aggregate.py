@@ -142,3 +142,15 @@ def test_op_rejects_a_trim_that_leaves_nothing(backend, gen):
     args = ([x.data for x in q], [x.scale for x in q], [x.zero_point for x in q], torch.tensor([0.5, 0.5]), [-1])
     with pytest.raises(ValueError, match="^aggregate: trimming 1 of 2 clients from each end leaves none$"):
         torch.ops.fedhq.aggregate(*args, -128, 127, True, ["t"], 1)
+
+
+def test_every_backend_rejects_a_trim_that_leaves_nothing(gen):
+    from fedhq_kernels import dispatch
+
+    q = [fk.quantize(torch.randn(4), bits=8) for _ in range(2)]
+    args = ([x.data for x in q], [x.scale for x in q], [x.zero_point for x in q], torch.tensor([0.5, 0.5]), [-1])
+    for name in ("reference", "cpu", "triton"):
+        module = dispatch._module(name)
+        if module is not None:
+            with pytest.raises(ValueError, match="^aggregate: trimming 1 of 2 clients from each end leaves none"):
+                module.KERNELS["aggregate"](*args, -128, 127, True, ["t"], 1)

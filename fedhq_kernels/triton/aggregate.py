@@ -253,6 +253,8 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
     device = weights.device
     if not (K > 0 and len(codes) == K * T == len(scales) == len(zero_points) and len(names) == T):
         raise ValueError(f"aggregate: expected {K} clients x {T} tensors of codes, scales and zero points")
+    if trim >= 0 and not 2 * trim < K:
+        raise ValueError(f"aggregate: trimming {trim} of {K} clients from each end leaves none")
     if device.type != "cuda":
         # free on CPU tensors: check in the reference's order, with its messages
         for t in range(T):
