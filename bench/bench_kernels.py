@@ -1,7 +1,7 @@
 """Bandwidth benchmark of the fedhq_kernels ops against their PyTorch baselines.
 
     python bench/bench_kernels.py [--device cpu|cuda] [--backends a,b] [--size N] [--threads T]
-                                  [--repeats R] [--quick] [--json PATH]
+                                  [--repeats R] [--quick] [--json PATH] [--robust M,M] [--robust-only]
 
 Every case is checked for correctness before it is timed, with the profile's timing
 harness and copy bandwidth (fedhq.profile); throughput is logical bandwidth against a
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.ao.quantization import (
     FakeQuantize,
@@ -58,6 +59,7 @@ GOALS = {
         "quantize": (None, None),
         "dequantize": (None, None),
         "aggregate": (4.0, None),
+        "robust_aggregate": (5.0, None),
     },
     "cuda": {
         "fq_tensor": (None, 85),
@@ -66,6 +68,7 @@ GOALS = {
         "quantize": (None, 85),
         "dequantize": (None, 85),
         "aggregate": (None, 80),
+        "robust_aggregate": (None, None),
     },
 }
 
@@ -409,6 +412,13 @@ def plain_torch_aggregate(codes, scales, zero_points, weights, axes) -> Callable
     return run
 
 
+def aggregate_sizes(width: int, shapes: dict, params: int, segments: int) -> tuple[str, int]:
+    """The aggregate cases' size label and bytes: every client's int8 codes read once,
+    the result's written once, every scale and zero point read and written."""
+    model = "ResNet-18 CIFAR" if width == 64 else f"ResNet-18 CIFAR, width {width}"
+    return f"{model}: {len(shapes)} tensors, {params / 1e6:.2f}M params", (CLIENTS + 1) * (params + segments * 8)
+
+
 def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Case:
     """The server step over a whole model: CLIENTS quantized ResNet-18 (CIFAR) state
     dicts -> dequantize, weighted float32 average, requantize. Bytes: every client's
@@ -451,6 +461,7 @@ def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Ca
         return fk.aggregate_state_dicts(state_dicts, sample_counts)
 
     torch_loop = plain_torch_aggregate(*args[:5])
+    size, nbytes = aggregate_sizes(width, shapes, params, segments)
 
     def validate():
         expected = reference.aggregate(*args)  # the oracle the test-suite holds the kernels to
@@ -462,15 +473,100 @@ def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Ca
             check_equal(f"aggregate {what}", got, want)
             check_equal(f"aggregate {what} (plain torch baseline vs the oracle)", baseline, want)
 
-    model = "ResNet-18 CIFAR" if width == 64 else f"ResNet-18 CIFAR, width {width}"
     return Case(
         "aggregate",
         f"aggregate_state_dicts, {CLIENTS} clients",
-        f"{model}: {len(shapes)} tensors, {params / 1e6:.2f}M params",
+        size,
         params,
-        (CLIENTS + 1) * params + (CLIENTS + 1) * segments * 8,
+        nbytes,
         ours,
         [Baseline("plain torch loop, per tensor (no checks)", "torch", torch_loop)],
+        validate,
+    )
+
+
+def flower_numpy_aggregate(state_dicts: list[dict], names: list[str], method: str, trim: float) -> Callable[[], list]:
+    """Flower's FedMedian / FedTrimmedAvg on the clients' dequantized float arrays, layer
+    by layer: np.median(np.asarray(layer), axis=0), or flwr's _trim_mean (np.partition
+    at the cut ranks, np.mean of the rest). Float results, not requantized."""
+
+    def run():
+        out = []
+        for name in names:
+            layer = np.asarray([fk.dequantize(sd[name]).cpu().numpy() for sd in state_dicts])
+            if method == "median":
+                out.append(np.median(layer, axis=0))
+            else:
+                low = int(trim * layer.shape[0])
+                high = layer.shape[0] - low
+                out.append(np.mean(np.partition(layer, (low, high - 1), axis=0)[low:high], axis=0))
+        return out
+
+    return run
+
+
+def robust_aggregate_case(method: str, width: int, gen: torch.Generator, device: torch.device) -> Case:
+    """aggregate_state_dicts(method=...) over CLIENTS quantized ResNet-18s against the
+    NumPy coordinate-wise median / trimmed mean Flower uses, both from the quantized
+    updates (the baseline's dequantize included; ours also requantizes). Bytes as the
+    mean aggregate's."""
+    trim = 0.2
+    shapes = resnet18_cifar_shapes(width=width)
+    params = count_params(shapes)
+    state_dicts = [
+        fk.quantize_state_dict(
+            {name: (torch.randn(shape, generator=gen) * 0.1).to(device) for name, shape in shapes.items()}
+        )
+        for _ in range(CLIENTS)
+    ]
+    names = list(shapes)
+    cut = (CLIENTS - 1) // 2 if method == "median" else int(trim * CLIENTS)
+    entries = [sd[name] for sd in state_dicts for name in names]
+    args = (
+        [q.data for q in entries],
+        [q.scale for q in entries],
+        [q.zero_point for q in entries],
+        torch.full((CLIENTS,), 1.0 / CLIENTS, device=device),
+        [-1 if state_dicts[0][name].axis is None else state_dicts[0][name].axis for name in names],
+        QMIN,
+        QMAX,
+        True,
+        names,
+        cut,
+    )
+    segments = sum(q.scale.numel() for q in entries[: len(names)])
+
+    def ours():
+        return fk.aggregate_state_dicts(state_dicts, [1] * CLIENTS, method=method, trim=trim)
+
+    flower = flower_numpy_aggregate(state_dicts, names, method, trim)
+
+    def validate():
+        expected = reference.aggregate(*args)
+        result = ours()
+        ours_packed = [
+            torch.cat([getattr(result[n], field).flatten() for n in names]) for field in ("data", "scale", "zero_point")
+        ]
+        for what, got, want in zip(("codes", "scales", "zero points"), ours_packed, expected):
+            check_equal(f"{method} aggregate {what}", got, want)
+
+    def validate_flower():  # the same coordinate-wise values, up to float32 summation order
+        got = flower()[0]
+        first = [fk.dequantize(sd[names[0]]).cpu().float() for sd in state_dicts]
+        want = reference._trimmed_mean(first, cut).numpy()
+        if not np.allclose(got, want, rtol=1e-6, atol=1e-7):
+            raise Mismatch(f"Flower's NumPy {method} differs from the reference on '{names[0]}'")
+
+    label = "median" if method == "median" else f"trimmed-mean {trim}"
+    size, nbytes = aggregate_sizes(width, shapes, params, segments)
+    return Case(
+        "robust_aggregate",
+        f"aggregate_state_dicts {label}, {CLIENTS} clients",
+        size,
+        params,
+        nbytes,
+        ours,
+        [Baseline(f"Flower-style NumPy {method} (np.median / np.partition)", "numpy", flower, validate_flower)],
         validate,
     )
 
@@ -616,12 +712,18 @@ def run(args) -> tuple[list[dict], list[str]]:
         reference_row("clone, allocating (reference)", "Tensor.clone", "clone"),
     ]
 
-    cases = [
-        *fake_quant_given_scale_cases(x, gen),
-        fake_quant_observed_case(x, gen),
-        *quantize_dequantize_cases(x),
-        aggregate_case(16 if args.quick else 64, gen, device),
-    ]
+    robust = [robust_aggregate_case(m, 16 if args.quick else 64, gen, device) for m in args.robust]
+    cases = (
+        robust
+        if args.robust_only
+        else [
+            *fake_quant_given_scale_cases(x, gen),
+            fake_quant_observed_case(x, gen),
+            *quantize_dequantize_cases(x),
+            aggregate_case(16 if args.quick else 64, gen, device),
+            *robust,
+        ]
+    )
     failures = []
     for case in cases:
         print(f"checking, then timing: {case.op} ...", flush=True)
@@ -707,6 +809,12 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 30; --quick: 3)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test (< 30 s)")
     parser.add_argument(
+        "--robust",
+        default="median,trimmed-mean",
+        help="robust aggregation methods to time against Flower's NumPy versions ('' for none)",
+    )
+    parser.add_argument("--robust-only", action="store_true", help="only the copy and the robust aggregation cases")
+    parser.add_argument(
         "--json", type=Path, help="where to write the rows (default bench/results/kernels-<device>.json)"
     )
     args = parser.parse_args(argv)
@@ -720,6 +828,9 @@ def parse_args(argv=None):
         parser.error(
             f"--backends {','.join(args.backends)}: runnable on {args.device} here: {', '.join(available) or 'none'}"
         )
+    args.robust = [m for m in args.robust.split(",") if m]
+    if any(m not in ("median", "trimmed-mean") for m in args.robust):
+        parser.error(f"--robust {','.join(args.robust)}: choose among median, trimmed-mean")
     args.json = args.json or Path(__file__).resolve().parent / "results" / f"kernels-{args.device}.json"
     args.size = args.size or (QUICK_SIZE if args.quick else FULL_SIZE[args.device])
     args.repeats = args.repeats or (3 if args.quick else 30)

@@ -134,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const
 // aggregate's parameters as both bindings take them (its schema: optable.py).
 #define FEDHQ_AGGREGATE_PARAMS                                                                                  \
   at::TensorList codes_in, at::TensorList scales_in, at::TensorList zero_points_in, const at::Tensor& weights_in, \
-      at::IntArrayRef axes, int64_t qmin, int64_t qmax, bool symmetric, std::vector<std::string> names
+      at::IntArrayRef axes, int64_t qmin, int64_t qmax, bool symmetric, std::vector<std::string> names, int64_t trim
 
 struct AggregateCounts {
   int64_t tensors;
@@ -144,13 +144,15 @@ struct AggregateCounts {
 // The range and the counts of the client-major lists.
 inline AggregateCounts check_aggregate_args(at::TensorList codes, at::TensorList scales, at::TensorList zero_points,
                                             const at::Tensor& weights, at::IntArrayRef axes, int64_t qmin,
-                                            int64_t qmax, const std::vector<std::string>& names) {
+                                            int64_t qmax, const std::vector<std::string>& names, int64_t trim) {
   check_range("aggregate", qmin, qmax);
   check_int8_codes("aggregate", qmin, qmax);
   const int64_t tensors = int64_t(axes.size()), clients = weights.numel();
   TORCH_CHECK_VALUE(clients > 0 && int64_t(codes.size()) == clients * tensors && scales.size() == codes.size() &&
                         zero_points.size() == codes.size() && int64_t(names.size()) == tensors,
                     "aggregate: expected ", clients, " clients x ", tensors, " tensors of codes, scales and zero points");
+  TORCH_CHECK_VALUE(trim < 0 || 2 * trim < clients, "aggregate: trimming ", trim, " of ", clients,
+                    " clients from each end leaves none");
   return {tensors, clients};
 }
 

@@ -172,7 +172,7 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {
   const auto [tensors, clients] =
-      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names);
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names, trim);
   const at::Device device = tensors > 0 ? codes_in[0].device() : weights_in.device();
   TORCH_CHECK_VALUE(device.is_cuda(), "aggregate: expected CUDA tensors, got codes on ", device);
   const c10::cuda::CUDAGuard guard(device);
@@ -217,9 +217,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
   at::Tensor out_zero_point = at::empty({plan.segments}, options.dtype(at::kInt));
   if (tensors == 0) return {out_codes, out_scale, out_zero_point};
   at::Tensor average;
-  if (fc::aggregate_keeps_average(clients)) average = at::empty({plan.elements}, options.dtype(at::kFloat));
+  if (fc::aggregate_keeps_average(clients, trim)) average = at::empty({plan.elements}, options.dtype(at::kFloat));
   const at::Tensor workspace = empty_workspace(weights, fc::observe_workspace_bytes(plan.segments));
-  check_launch(fc::aggregate(table.const_data_ptr(), plan, weights.const_data_ptr<float>(), symmetric, int32_t(qmin),
+  check_launch(fc::aggregate(table.const_data_ptr(), plan, weights.const_data_ptr<float>(), trim, symmetric, int32_t(qmin),
                              int32_t(qmax), average.defined() ? average.data_ptr<float>() : nullptr,
                              out_codes.data_ptr<int8_t>(), out_scale.data_ptr<float>(),
                              out_zero_point.data_ptr<int32_t>(), workspace.data_ptr(), stream_of(out_codes)),

@@ -151,7 +151,7 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {
   const auto [tensors, clients] =
-      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names);
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names, trim);
   const at::Tensor weights = weights_in.to(at::kFloat).contiguous();
 
   std::vector<TensorLayout> layouts;
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
   at::Tensor out_codes = empty_output({elements}, options.dtype(at::kChar));
   at::Tensor out_scale = at::empty({segments}, options.dtype(at::kFloat));
   at::Tensor out_zero_point = at::empty({segments}, options.dtype(at::kInt));
-  const cpu::ClientUpdates updates{codes.data(), scales.data(), zero_points.data(), cptr<float>(weights), clients};
+  const cpu::ClientUpdates updates{codes.data(), scales.data(), zero_points.data(), cptr<float>(weights), clients, trim};
   const int64_t bad = cpu::aggregate(updates, layouts, element_base, symmetric, int32_t(qmin), int32_t(qmax),
                                      ptr<float>(workspace), ptr<int8_t>(out_codes), ptr<float>(out_scale), ptr<int32_t>(out_zero_point),
                                      at::get_num_threads());

@@ -3,8 +3,9 @@
     fake_quant(x, scale=None, zero_point=None, *, bits=8, symmetric=True, axis=None)
     quantize(x, *, bits=8, symmetric=True, axis=None) -> QuantizedTensor
     dequantize(q) -> Tensor
-    aggregate(updates, weights) -> QuantizedTensor
-    aggregate_state_dicts(state_dicts, weights) -> dict
+    aggregate(updates, weights, *, method="mean", trim=0.1) -> QuantizedTensor
+    aggregate_state_dicts(state_dicts, weights, *, method="mean", trim=0.1) -> dict
+        (method: "mean" | "trimmed-mean" | "median"; docs/kernels.md)
     backends() -> list of backends that run here; FEDHQ_BACKEND forces one
     pack_codes(codes, bits) / unpack_codes(packed, bits, shape): the wire format of codes
 

@@ -8,11 +8,12 @@ ValueError naming the op and the offending value.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 import torch
 from torch import Tensor
 
-from fedhq_kernels import ops
+from fedhq_kernels import ops, reference
 from fedhq_kernels.checks import FLOAT_DTYPES, check_bits, check_float_dtype, is_int, is_real
 from fedhq_kernels.qparams import FLOAT32_MAX
 from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range, validate_all
@@ -264,7 +265,25 @@ def _check_device(op: str, owner: str, q: QuantizedTensor, device: torch.device)
         )
 
 
-def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], weights: Tensor) -> list:
+METHODS = ("mean", "trimmed-mean", "median")
+
+
+def _resolve_method(op: str, method, trim, clients: int) -> int:
+    """The op's trim count: -1 for the weighted mean, else the values cut from each end
+    (floor(trim * K) for trimmed-mean, (K - 1) // 2 for median)."""
+    if method not in METHODS:
+        raise ValueError(f"{op}: method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not (is_real(trim) and 0 <= trim < 0.5):
+        raise ValueError(f"{op}: trim must be a fraction in [0, 0.5) cut from each end, got {trim!r}")
+    if method == "mean":
+        return -1
+    cut = (clients - 1) // 2 if method == "median" else int(trim * clients)
+    if not 2 * cut < clients:
+        raise ValueError(f"{op}: trim={trim} cuts {cut} of {clients} clients from each end, leaving none")
+    return cut
+
+
+def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], weights: Tensor, cut: int) -> list:
     """One fused aggregate call over several tensors sharing bits and scheme."""
     first = [column[0] for column in columns]
     axes = [-1 if q.axis is None else q.axis for q in first]
@@ -281,6 +300,7 @@ def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], 
         quant_max,
         first[0].symmetric,
         keys,
+        cut,
     )
     out, element, segment = [], 0, 0
     for q in first:
@@ -303,22 +323,49 @@ def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], 
     return out
 
 
-def _average_plain(column: list[Tensor], weights: Tensor) -> Tensor:
-    """Weighted average of unquantized entries (e.g. BatchNorm statistics) in float32;
-    integer entries are rounded back to their dtype."""
-    stacked = torch.stack([t.to(device=weights.device, dtype=torch.float32) for t in column])
-    average = torch.tensordot(weights, stacked, dims=1)
-    if not column[0].is_floating_point():
-        average = torch.round(average)
-    return average.to(device=column[0].device, dtype=column[0].dtype)
+def _saturate(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """float64 values rounded, then clamped to ``dtype``'s range (no wrap-around)."""
+    info = torch.iinfo(dtype)
+    r = torch.round(values)
+    above, below = r >= float(info.max) + 1, r < info.min  # both bounds exact in float64
+    out = torch.where(above | below, 0.0, r).to(torch.int64)
+    out = torch.where(above, info.max, torch.where(below, info.min, out))
+    return out.to(dtype)
 
 
-def aggregate_state_dicts(state_dicts: Sequence[Mapping], weights) -> dict:
+def _aggregate_plain(column: list[Tensor], weights: Tensor, cut: int) -> Tensor:
+    """Unquantized entries with the same method: floats (e.g. BatchNorm statistics) in
+    float32; integers (e.g. num_batches_tracked) exactly (docs/kernels.md)."""
+    first = column[0]
+    if first.is_floating_point():
+        stacked = torch.stack([t.to(device=weights.device, dtype=torch.float32) for t in column])
+        if cut < 0:
+            average = torch.tensordot(weights, stacked, dims=1)
+        else:
+            average = reference._trimmed_mean(list(stacked.unbind(0)), cut)
+        return average.to(device=first.device, dtype=first.dtype)
+    stacked = torch.stack([t.to(device=weights.device) for t in column])
+    kept = stacked if cut < 0 else torch.sort(stacked, dim=0).values[cut : len(column) - cut]
+    if kept.shape[0] == 1:
+        out = kept[0]
+    elif cut >= 0:  # exactly: Python ints, rounded half to even (integer buffers are small)
+        rows = kept.reshape(kept.shape[0], -1).tolist()
+        exact = [round(Fraction(sum(col), len(rows))) for col in zip(*rows)]
+        out = torch.tensor(exact, dtype=torch.int64).to(first.dtype).reshape(first.shape)
+    else:  # weighted: float64, saturated; a value every client shares is kept exactly
+        out = _saturate(torch.tensordot(weights.double(), kept.double(), dims=1), first.dtype)
+        out = torch.where((stacked == stacked[0]).all(0), stacked[0], out)
+    return out.to(device=first.device)
+
+
+def aggregate_state_dicts(state_dicts: Sequence[Mapping], weights, *, method: str = "mean", trim: float = 0.1) -> dict:
     """The server step over whole models: dequantize every client's state dict,
-    average with ``weights`` (e.g. sample counts) in float32, requantize with fresh
-    ranges. All quantized tensors sharing bits and scheme go through one fused call
-    (one pass per phase over the packed model); unquantized entries are averaged as
-    floats. Clients must agree on names, shapes, dtypes, bits, axes and schemes."""
+    combine coordinate-wise with ``method`` ("mean": weighted by ``weights``, e.g.
+    sample counts; "trimmed-mean" cutting ``trim`` of the clients from each end, or
+    "median": unweighted), requantize with fresh ranges. All quantized tensors sharing
+    bits and scheme go through one fused call; unquantized entries get the same
+    method (docs/kernels.md, "Robust aggregation"). Clients must agree on names,
+    shapes, dtypes, bits, axes and schemes."""
     op = "aggregate_state_dicts"
     state_dicts = list(state_dicts)
     if not state_dicts:
@@ -347,6 +394,7 @@ def aggregate_state_dicts(state_dicts: Sequence[Mapping], weights) -> dict:
     for q, owner in updates:
         _check_device(op, owner, q, w.device)
     validate_all([q for q, _ in updates], op, [owner for _, owner in updates])
+    cut = _resolve_method(op, method, trim, len(state_dicts))
 
     groups: dict[tuple[int, bool], list[str]] = {}
     for key, column in columns.items():
@@ -354,20 +402,21 @@ def aggregate_state_dicts(state_dicts: Sequence[Mapping], weights) -> dict:
             groups.setdefault((column[0].bits, column[0].symmetric), []).append(key)
     result: dict = {}
     for group in groups.values():
-        result.update(zip(group, _aggregate_quantized(group, [columns[key] for key in group], w)))
+        result.update(zip(group, _aggregate_quantized(group, [columns[key] for key in group], w, cut)))
     for key, column in columns.items():
         if not isinstance(column[0], QuantizedTensor):
-            result[key] = _average_plain(column, w)
+            result[key] = _aggregate_plain(column, w, cut)
     return {key: result[key] for key in keys}
 
 
-def aggregate(updates: Sequence[QuantizedTensor], weights) -> QuantizedTensor:
-    """The server step for one tensor: dequantize each client's update, average with
-    ``weights`` in float32, requantize with a fresh range (same bits, axis, scheme)."""
+def aggregate(
+    updates: Sequence[QuantizedTensor], weights, *, method: str = "mean", trim: float = 0.1
+) -> QuantizedTensor:
+    """The server step for one tensor: aggregate_state_dicts on a one-entry model."""
     updates = list(updates)
     if not updates:
         raise ValueError("aggregate: no updates to aggregate")
     for k, q in enumerate(updates):
         if not isinstance(q, QuantizedTensor):
             raise TypeError(f"aggregate: update {k} must be a QuantizedTensor, got {type(q).__name__}")
-    return aggregate_state_dicts([{"tensor": q} for q in updates], weights)["tensor"]
+    return aggregate_state_dicts([{"tensor": q} for q in updates], weights, method=method, trim=trim)["tensor"]

@@ -237,12 +237,15 @@ def _packed_sizes(codes: list[Tensor], axes: list[int]) -> tuple[int, int]:
     return elements, segments
 
 
-def _check_aggregate(codes, scales, zero_points, weights, axes, names) -> None:
+def _check_aggregate(codes, scales, zero_points, weights, axes, names, trim) -> None:
+    """trim < 0: weighted mean; trim >= 0: values cut from each end (docs/kernels.md)."""
     tensors = len(axes)
     torch._check_value(
         weights.dim() == 1 and weights.numel() > 0, lambda: "aggregate: weights must be a non-empty 1-d tensor"
     )
     clients = weights.numel()
+    if trim >= 0 and not 2 * trim < clients:
+        raise ValueError(f"aggregate: trimming {trim} of {clients} clients from each end leaves none")
     torch._check_value(
         len(codes) == len(scales) == len(zero_points) == clients * tensors and len(names) == tensors,
         lambda: (
@@ -285,16 +288,17 @@ def aggregate(
     quant_max: int,
     symmetric: bool,
     names: list[str],
+    trim: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_aggregate(codes, scales, zero_points, weights, axes, names)
+    _check_aggregate(codes, scales, zero_points, weights, axes, names, trim)
     return dispatch.kernel("aggregate", weights.device)(
-        codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names
+        codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim
     )
 
 
 @aggregate.register_fake
-def _(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names):
-    _check_aggregate(codes, scales, zero_points, weights, axes, names)
+def _(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim):
+    _check_aggregate(codes, scales, zero_points, weights, axes, names, trim)
     elements, segments = _packed_sizes(codes, axes)
     return (
         weights.new_empty((elements,), dtype=torch.int8),

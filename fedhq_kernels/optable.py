@@ -16,7 +16,7 @@ SCHEMAS = {
     "quantize": "(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)",
     "dequantize": "(Tensor codes, Tensor scale, Tensor zero_point, int axis, ScalarType dtype) -> Tensor",
     "aggregate": "(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
-    "int quant_max, bool symmetric, str[] names) -> (Tensor, Tensor, Tensor)",
+    "int quant_max, bool symmetric, str[] names, int trim) -> (Tensor, Tensor, Tensor)",
 }
 OP_NAMES = tuple(SCHEMAS)
 _LIBRARIES: dict[str, torch.library.Library] = {}

@@ -119,22 +119,40 @@ def dequantize(codes, scale, zero_point, axis, dtype):
     return _dequantize_float(codes, scale, zero_point, axis).to(dtype)
 
 
-def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names):
-    """Per tensor t: acc = sum over clients k, in order, of w_k * dequantize(client k's
-    codes) in float32; then requantize acc with its freshly observed range. Outputs are
-    packed: every tensor's codes flattened one after another, and its scales / zero
-    points likewise."""
+def _trimmed_mean(values: list[torch.Tensor], trim: int) -> torch.Tensor:
+    """Coordinate-wise over the clients: sort, drop ``trim`` values from each end, sum
+    the rest in ascending order in float32 from +0, divide by their count."""
+    ordered = torch.sort(torch.stack(values), dim=0).values
+    acc = torch.zeros_like(values[0])
+    for r in range(trim, len(values) - trim):
+        acc = acc + ordered[r]
+    return acc / float(len(values) - 2 * trim)
+
+
+def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim=-1):
+    """Per tensor t: with trim < 0, acc = sum over clients k, in order, of w_k *
+    dequantize(client k's codes) in float32; with trim >= 0, the unweighted trimmed
+    mean of the dequantized values (_trimmed_mean; the median is trim = (K - 1) // 2).
+    Then acc is requantized with its freshly observed range. Outputs are packed: every
+    tensor's codes flattened one after another, and its scales / zero points likewise."""
+    if trim >= 0 and not 2 * trim < weights.numel():
+        raise ValueError(f"aggregate: trimming {trim} of {weights.numel()} clients from each end leaves none")
     tensors, clients = len(axes), weights.numel()
     w = weights.float()
     out_codes, out_scales, out_zero_points = [], [], []
     for t in range(tensors):
         axis = axes[t]
         acc = torch.zeros(codes[t].shape, dtype=torch.float32, device=codes[t].device)
+        values = []
         for k in range(clients):
             e = k * tensors + t
             owner = f"client {k}'s '{names[t]}'"
             check_qparams("aggregate", scales[e], zero_points[e], quant_min, quant_max, owner)
-            acc = acc + w[k] * _dequantize_float(codes[e], scales[e], zero_points[e], axis)
+            values.append(_dequantize_float(codes[e], scales[e], zero_points[e], axis))
+            if trim < 0:
+                acc = acc + w[k] * values[-1]
+        if trim >= 0:
+            acc = _trimmed_mean(values, trim)
         try:
             lo, hi = observe_range("aggregate", acc, axis)
         except ValueError:

@@ -395,6 +395,31 @@ def test_aggregate_matches_reference(cuda_backend, gen, clients, dtype, symmetri
 
 
 @gpu
+@pytest.mark.parametrize(
+    "k,method,trim", [(1, "median", 0.1), (4, "median", 0.1), (9, "median", 0.1), (7, "trimmed-mean", 0.3)]
+)
+def test_robust_aggregate_matches_reference(cuda_backend, gen, k, method, trim):
+    from test_robust_aggregate import MODEL, clients, expected
+
+    sds = clients(gen, k, 2 + k % 7, symmetric=k % 2 == 0, ties=k % 3 == 0)
+    cut = (k - 1) // 2 if method == "median" else int(trim * k)
+    got = fk.aggregate_state_dicts(
+        [
+            {n: on(cuda_backend, q) if isinstance(q, fk.QuantizedTensor) else q.to(cuda_backend) for n, q in sd.items()}
+            for sd in sds
+        ],
+        [1] * k,
+        method=method,
+        trim=trim,
+    )
+    for name, wanted in expected(sds, cut).items():
+        assert name in MODEL
+        q = got[name]
+        for actual, want, what in zip((q.data, q.scale, q.zero_point), wanted, ("codes", "scale", "zp")):
+            assert_equal(actual.cpu().flatten(), want, f"{name} {what}")
+
+
+@gpu
 def test_aggregate_misaligned_and_odd_sized_tensors(cuda_backend, gen):
     """Tensors whose packed offsets are not multiples of 16 and clients whose codes
     are not 16-byte aligned take the element-by-element path."""
@@ -580,5 +605,6 @@ def test_opcheck_on_cuda(cuda_backend):
             127,
             True,
             ["w"],
+            -1,
         ),
     )

@@ -41,11 +41,13 @@ def op_samples():
         127,
         True,
         ["w", "b"],
+        -1,
     )
     # client-major order: client k's tensors are entries k * 2 + t
     order = [0, 3, 1, 4, 2, 5]
     agg_args = tuple([a[i] for i in order] for a in agg_args[:3]) + agg_args[3:]
     add(torch.ops.fedhq.aggregate, agg_args, "2-tensors")
+    add(torch.ops.fedhq.aggregate, agg_args[:-1] + (1,), "2-tensors, median")
     return samples
 
 

@@ -109,17 +109,10 @@ def _recorded_launches(dtypes: list[torch.dtype], with_aggregate: bool) -> list[
                 ):
                     out.append(value)
         axes = [axis for _, axis in AGGREGATE_MODEL]
-        for symmetric in (True, False):
+        for symmetric, trim in ((True, -1), (False, -1), (True, 1)):  # trim 1: the median of 3
+            names = [str(i) for i in axes]
             ag.aggregate(
-                codes,
-                scales,
-                zero_points,
-                torch.tensor([0.2, 0.3, 0.5]),
-                axes,
-                -128,
-                127,
-                symmetric,
-                [str(i) for i in axes],
+                codes, scales, zero_points, torch.tensor([0.2, 0.3, 0.5]), axes, -128, 127, symmetric, names, trim
             )
     return records
 
@@ -459,8 +452,8 @@ def _aggregate_inputs(gen, shapes_axes, clients, bits=8, symmetric=True):
     return codes, scales, zero_points, (w / w.sum()).float(), [a for _, a in shapes_axes], qmin, qmax, symmetric
 
 
-@pytest.mark.parametrize("clients,symmetric", [(1, True), (3, False)])
-def test_aggregate_many_tiles(triton_backend, small_tiles, gen, clients, symmetric):
+@pytest.mark.parametrize("clients,symmetric,trim", [(1, True, -1), (3, False, -1), (4, True, 1), (5, False, 2)])
+def test_aggregate_many_tiles(triton_backend, small_tiles, gen, clients, symmetric, trim):
     """Tiles of 4 x 32 codes: every tensor spans several tiles, rows and channels cross
     tile edges, per-tensor matrices end mid-row, and one launch covers all of them."""
     model = [
@@ -478,7 +471,9 @@ def test_aggregate_many_tiles(triton_backend, small_tiles, gen, clients, symmetr
     args = _aggregate_inputs(gen, model, clients, bits=4 if symmetric else 8, symmetric=symmetric)
     names = [f"t{i}" for i in range(len(model))]
     for got, expected, what in zip(
-        triton_backend["aggregate"](*args, names), reference.aggregate(*args, names), ("codes", "scales", "zero points")
+        triton_backend["aggregate"](*args, names, trim),
+        reference.aggregate(*args, names, trim),
+        ("codes", "scales", "zero points"),
     ):
         assert_equal(got, expected, what)
 

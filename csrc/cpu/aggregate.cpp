@@ -33,6 +33,57 @@ static void average_run(const ClientUpdates& u, int64_t tensors, int32_t t, cons
   }
 }
 
+// The unweighted trimmed mean of the K dequantized values of each element, as
+// reference._trimmed_mean: sort them, then sum ranks trim .. K - trim - 1 in ascending
+// order in float32 from +0 and divide by their count (median: trim = (K - 1) / 2). A
+// block of elements at a time, the clients' values as K rows, sorted by odd-even
+// transposition (K rounds of vectorized min / max between neighbouring rows).
+static void trimmed_run(const ClientUpdates& u, int64_t tensors, int32_t t, const Run& run, float* __restrict acc) {
+  constexpr int64_t kBlock = 64;
+  const int64_t K = u.clients, lo = u.trim, hi = u.clients - u.trim;
+  const float count = float(hi - lo);
+  std::vector<float> buffer(size_t(K * kBlock));
+  for (int64_t b0 = 0; b0 < run.len; b0 += kBlock) {
+    const int64_t n = std::min(kBlock, run.len - b0);
+    for (int64_t k = 0; k < K; ++k) {  // row k: client k's dequantized values
+      const int64_t entry = k * tensors + t;
+      const int8_t* __restrict q = u.codes[entry] + run.begin + b0;
+      const float* __restrict s = u.scales[entry] + run.channel + (run.cycling ? b0 : 0);
+      const int32_t* __restrict z = u.zero_points[entry] + run.channel + (run.cycling ? b0 : 0);
+      float* __restrict v = buffer.data() + k * kBlock;
+      if (run.cycling) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) v[j] = (float(q[j]) - float(z[j])) * s[j];
+      } else {
+        const float sk = s[0], zk = float(z[0]);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) v[j] = (float(q[j]) - zk) * sk;
+      }
+    }
+    for (int64_t round = 0; round < K; ++round) {
+      for (int64_t k = round % 2; k + 1 < K; k += 2) {
+        float* __restrict a = buffer.data() + k * kBlock;
+        float* __restrict b = a + kBlock;
+#pragma omp simd
+        for (int64_t j = 0; j < kBlock; ++j) {
+          const float x = a[j], y = b[j];
+          a[j] = y < x ? y : x;
+          b[j] = y < x ? x : y;
+        }
+      }
+    }
+    float* __restrict out = acc + b0;
+    std::fill(out, out + n, 0.0f);
+    for (int64_t r = lo; r < hi; ++r) {
+      const float* __restrict v = buffer.data() + r * kBlock;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) out[j] += v[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] /= count;
+  }
+}
+
 int64_t aggregate(const ClientUpdates& updates, const std::vector<TensorLayout>& layouts,
                   const std::vector<int64_t>& element_base, bool symmetric, int32_t qmin, int32_t qmax, float* workspace,
                   int8_t* codes, float* scale, int32_t* zero_point, int threads) {
@@ -40,7 +91,11 @@ int64_t aggregate(const ClientUpdates& updates, const std::vector<TensorLayout>&
   const std::vector<Task> tasks = make_tasks(layouts);
   auto average = [&](int, int32_t t, const Run& run) {
     float* acc = workspace + element_base[size_t(t)] + run.begin;
-    average_run(updates, tensors, t, run, acc);
+    if (updates.trim < 0) {
+      average_run(updates, tensors, t, run, acc);
+    } else {
+      trimmed_run(updates, tensors, t, run, acc);
+    }
     return acc;
   };
   std::vector<QParams> params;

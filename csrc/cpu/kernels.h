@@ -45,6 +45,7 @@ struct ClientUpdates {
   const int32_t* const* zero_points;
   const float* weights;  // one per client, normalized by the caller
   int64_t clients;
+  int64_t trim = -1;  // < 0: weighted mean; else the trimmed mean cutting `trim` per end
 };
 
 int64_t aggregate(const ClientUpdates& updates, const std::vector<TensorLayout>& layouts,

@@ -30,6 +30,7 @@ struct Model {
   const AggregateEntry* entries;  // client-major: entry k * tensors + t
   const float* weights;
   int64_t tensors, clients, segments;
+  int64_t trim;  // < 0: weighted mean; else the trimmed mean cutting `trim` per end
 };
 
 __device__ __forceinline__ TensorDesc locate_tile(const Model& m, int64_t tile, int64_t* tensor) {
@@ -40,6 +41,38 @@ __device__ __forceinline__ TensorDesc locate_tile(const Model& m, int64_t tile, 
 // One client's contribution, as the CPU computes it (the multiplies unfused: no FMA).
 __device__ __forceinline__ float term(float w, int8_t q, float zero_point, float scale) {
   return mul_rn(w, mul_rn(float(q) - zero_point, scale));
+}
+
+__device__ __forceinline__ float dequantized(const Model& m, int64_t k, int64_t t, int64_t c, int64_t i) {
+  const AggregateEntry e = m.entries[k * m.tensors + t];
+  return mul_rn(float(__ldg(e.codes + i)) - float(__ldg(e.zero_point + c)), __ldg(e.scale + c));
+}
+
+// The unweighted trimmed mean of element i, as the Triton kernel computes it (no sort,
+// no per-thread array): walk the distinct values in ascending order, each filling as
+// many ranks as it has copies, adding ranks trim .. K - trim - 1 in float32 from +0.
+__device__ __forceinline__ float trimmed_one(const Model& m, int64_t t, int64_t c, int64_t i) {
+  const int K = int(m.clients), lo = int(m.trim), hi = K - lo;
+  float acc = 0.0f, last = -INFINITY;
+  int below = 0;
+#pragma unroll 1
+  for (int step = 0; below < K; ++step) {
+    float cur = INFINITY;
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) {
+      const float v = dequantized(m, k, t, c, i);
+      if ((v > last || step == 0) && v < cur) cur = v;
+    }
+    int mult = 0;
+#pragma unroll 1
+    for (int k = 0; k < K; ++k) mult += dequantized(m, k, t, c, i) == cur;
+#pragma unroll 1
+    for (int r = below; r < below + mult; ++r)
+      if (r >= lo && r < hi) acc = __fadd_rn(acc, cur);
+    below += mult;
+    last = cur;
+  }
+  return __fdiv_rn(acc, float(hi - lo));
 }
 
 // The average of tensor t's 16 elements from i (channel c), client by client in order.
@@ -58,6 +91,7 @@ __device__ __forceinline__ void average_vec(const Model& m, int64_t t, int64_t c
 }
 
 __device__ __forceinline__ float average_one(const Model& m, int64_t t, int64_t c, int64_t i) {
+  if (m.trim >= 0) return trimmed_one(m, t, c, i);
   float acc = 0.0f;
 #pragma unroll 4
   for (int64_t k = 0; k < m.clients; ++k) {
@@ -188,16 +222,17 @@ AggregatePlan aggregate_write_table(void* host_table, const Layout* layouts, int
   return plan;
 }
 
-cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const float* weights, bool symmetric,
-                      int32_t qmin, int32_t qmax, float* average, int8_t* codes, float* scale, int32_t* zero_point,
-                      void* workspace, cudaStream_t stream) {
+cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const float* weights, int64_t trim,
+                      bool symmetric, int32_t qmin, int32_t qmax, float* average, int8_t* codes, float* scale,
+                      int32_t* zero_point, void* workspace, cudaStream_t stream) {
   const TensorDesc* descs = static_cast<const TensorDesc*>(device_table);
   const Model m{descs, reinterpret_cast<const AggregateEntry*>(descs + plan.tensors), weights, plan.tensors,
-                plan.clients, plan.segments};
+                plan.clients, plan.segments, trim};
   const RangeSlots slots = range_slots(workspace, plan.segments);
   cudaError_t error = cudaMemsetAsync(workspace, 0, observe_workspace_bytes(plan.segments), stream);
   if (error != cudaSuccess) return error;
-  const bool vec = aligned16(codes) && (average == nullptr || aligned16(average));
+  // the trimmed mean goes element by element (average_one), its average always kept
+  const bool vec = trim < 0 && aligned16(codes) && (average == nullptr || aligned16(average));
   // pass 1 needs a thread per client parameter as well as a warp per tile
   const int64_t check_warps = ceil_div(plan.clients * plan.segments, kBlock) * kWarpsPerBlock;
   kAggregateObserve<<<grid_blocks<kAggregateObserve>(max64(plan.tiles, check_warps)), kBlock, 0, stream>>>(

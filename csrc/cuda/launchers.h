@@ -122,7 +122,7 @@ AggregatePlan aggregate_write_table(void* host_table, const Layout* layouts, int
 
 // Whether keeping the float32 average in a workspace (4 bytes written and read per
 // element) beats recomputing it from the clients' codes in pass 2 (`clients` bytes).
-inline bool aggregate_keeps_average(int64_t clients) { return clients > 8; }
+inline bool aggregate_keeps_average(int64_t clients, int64_t trim) { return clients > 8 || trim >= 0; }
 
 // Pass 1 (one launch): checks every client's scale / zero point (Status.bad_qparam),
 // averages acc = sum_k w_k * ((q_k - zp_k) * s_k) in float32, client by client in
@@ -131,8 +131,9 @@ inline bool aggregate_keeps_average(int64_t clients) { return clients > 8; }
 // `codes`, `scale`, `zero_point`. `average` (elements floats) is used when non-null
 // (see aggregate_keeps_average); `weights` (clients floats, normalized) and
 // `device_table` live on the device; `workspace` has observe_workspace_bytes(segments).
-cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const float* weights, bool symmetric,
-                      int32_t qmin, int32_t qmax, float* average, int8_t* codes, float* scale, int32_t* zero_point,
-                      void* workspace, cudaStream_t stream);
+// trim >= 0: the unweighted trimmed mean instead (trim values cut from each end).
+cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const float* weights, int64_t trim,
+                      bool symmetric, int32_t qmin, int32_t qmax, float* average, int8_t* codes, float* scale,
+                      int32_t* zero_point, void* workspace, cudaStream_t stream);
 
 }  // namespace fedhq::cuda

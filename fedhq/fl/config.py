@@ -15,13 +15,14 @@ from typing import Any
 
 from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS
 from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
+from fedhq_kernels.functional import METHODS
 
 STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 SPEED_ORIENTATIONS = ("time", "speed")
 # The server's aggregation (fedhq_kernels.aggregate_state_dicts): "mean" (FedAvg),
 # "trimmed-mean:<trim>" (trim in [0, 0.5): the fraction cut at each end) or "median".
-AGGREGATIONS = ("mean", "trimmed-mean", "median")
+AGGREGATIONS = METHODS  # the kernels' list: one home
 DEFAULT_TRIM = 0.1
 # Seeds are below numpy's legacy bound, which every seeded library here accepts.
 MAX_SEED = 2**32 - 1

@@ -439,15 +439,10 @@ def elementwise_tile(
     a_ptr,
     b_ptr,
     out_ptr,
-    scale,
-    inv_scale,
-    zero_point,
+    q,
+    dims,
     rb,
     cb,
-    nrows,
-    ncols,
-    qmin,
-    qmax,
     KIND: tl.constexpr,
     MODE: tl.constexpr,
     BR: tl.constexpr,
@@ -456,7 +451,10 @@ def elementwise_tile(
     EVEN: tl.constexpr,
 ):
     """Tile (rb, cb) of op KIND: out = fake_quant(a), quantize(a) (int8 codes),
-    dequantize(a) (a: int8 codes), or a * mask(b) (the backward: a = grad, b = x)."""
+    dequantize(a) (a: int8 codes), or a * mask(b) (the backward: a = grad, b = x).
+    q = (scale, inv_scale, zero point), dims = (nrows, ncols, qmin, qmax)."""
+    scale, inv_scale, zero_point = q
+    nrows, ncols, qmin, qmax = dims
     offs, mask = tile_offsets(rb, cb, nrows, ncols, MODE, BR, BW, EVEN)
     if KIND == DEQUANTIZE:
         code = tl.load(a_ptr + offs, mask=mask, other=0).to(tl.float32)
@@ -500,71 +498,15 @@ def _elementwise_kernel(
     n_cb = tl.cdiv(ncols, BW)
     rb = pid // n_cb
     cb = pid % n_cb
-    scale, inv_scale, zero_point = tile_qparams(scale_ptr, zp_ptr, rb, cb, nrows, ncols, C, MODE, BR, BW)
+    q = tile_qparams(scale_ptr, zp_ptr, rb, cb, nrows, ncols, C, MODE, BR, BW)
+    dims = (nrows, ncols, qmin, qmax)
     if MODE == FLAT:
         if cb < ncols // BW:
-            elementwise_tile(
-                a_ptr,
-                b_ptr,
-                out_ptr,
-                scale,
-                inv_scale,
-                zero_point,
-                rb,
-                cb,
-                nrows,
-                ncols,
-                qmin,
-                qmax,
-                KIND,
-                MODE,
-                BR,
-                BW,
-                BF16,
-                True,
-            )
+            elementwise_tile(a_ptr, b_ptr, out_ptr, q, dims, rb, cb, KIND, MODE, BR, BW, BF16, True)
         else:
-            elementwise_tile(
-                a_ptr,
-                b_ptr,
-                out_ptr,
-                scale,
-                inv_scale,
-                zero_point,
-                rb,
-                cb,
-                nrows,
-                ncols,
-                qmin,
-                qmax,
-                KIND,
-                MODE,
-                BR,
-                BW,
-                BF16,
-                False,
-            )
+            elementwise_tile(a_ptr, b_ptr, out_ptr, q, dims, rb, cb, KIND, MODE, BR, BW, BF16, False)
     else:
-        elementwise_tile(
-            a_ptr,
-            b_ptr,
-            out_ptr,
-            scale,
-            inv_scale,
-            zero_point,
-            rb,
-            cb,
-            nrows,
-            ncols,
-            qmin,
-            qmax,
-            KIND,
-            MODE,
-            BR,
-            BW,
-            BF16,
-            False,
-        )
+        elementwise_tile(a_ptr, b_ptr, out_ptr, q, dims, rb, cb, KIND, MODE, BR, BW, BF16, False)
 
 
 @triton.jit
@@ -592,94 +534,19 @@ def _observed_small_kernel(
     scale, inv_scale, zero_point, n_loop = observe_small(
         x_ptr, scale_ptr, zp_ptr, flag_ptr, nrows, ncols, qmin, qmax, half_range, span, MODE, BR, BW, BF16, SYMMETRIC
     )
+    q, dims = (scale, inv_scale, zero_point), (nrows, ncols, qmin, qmax)
     if MODE == COL:
         for i in range(n_loop):
-            elementwise_tile(
-                x_ptr,
-                x_ptr,
-                out_ptr,
-                scale,
-                inv_scale,
-                zero_point,
-                i,
-                0,
-                nrows,
-                ncols,
-                qmin,
-                qmax,
-                KIND,
-                MODE,
-                BR,
-                BW,
-                BF16,
-                False,
-            )
+            elementwise_tile(x_ptr, x_ptr, out_ptr, q, dims, i, 0, KIND, MODE, BR, BW, BF16, False)
     elif MODE == ROW:
         for i in range(n_loop):
-            elementwise_tile(
-                x_ptr,
-                x_ptr,
-                out_ptr,
-                scale,
-                inv_scale,
-                zero_point,
-                0,
-                i,
-                nrows,
-                ncols,
-                qmin,
-                qmax,
-                KIND,
-                MODE,
-                BR,
-                BW,
-                BF16,
-                False,
-            )
+            elementwise_tile(x_ptr, x_ptr, out_ptr, q, dims, 0, i, KIND, MODE, BR, BW, BF16, False)
     else:
         full = ncols // BW
         for i in range(full):
-            elementwise_tile(
-                x_ptr,
-                x_ptr,
-                out_ptr,
-                scale,
-                inv_scale,
-                zero_point,
-                0,
-                i,
-                nrows,
-                ncols,
-                qmin,
-                qmax,
-                KIND,
-                MODE,
-                BR,
-                BW,
-                BF16,
-                True,
-            )
+            elementwise_tile(x_ptr, x_ptr, out_ptr, q, dims, 0, i, KIND, MODE, BR, BW, BF16, True)
         for i in range(full, n_loop):
-            elementwise_tile(
-                x_ptr,
-                x_ptr,
-                out_ptr,
-                scale,
-                inv_scale,
-                zero_point,
-                0,
-                i,
-                nrows,
-                ncols,
-                qmin,
-                qmax,
-                KIND,
-                MODE,
-                BR,
-                BW,
-                BF16,
-                False,
-            )
+            elementwise_tile(x_ptr, x_ptr, out_ptr, q, dims, 0, i, KIND, MODE, BR, BW, BF16, False)
 
 
 # ---------------------------------------------------------------------------------

@@ -49,30 +49,55 @@ _META = 8  # int64 fields per tensor in the meta table
 
 
 @triton.jit
+def _dequantized(code_ptrs, params_ptr, k, T, S, t, offs, mask, seg, seg_ok):
+    """(q_k - zp_k) * s_k in float32: client k's values of the tile."""
+    codes = tl.load(code_ptrs + k * T + t).to(tl.pointer_type(tl.int8))
+    q = tl.load(codes + offs, mask=mask, other=0).to(tl.float32)
+    packed = tl.load(params_ptr + k * S + seg, mask=seg_ok, other=0)  # (scale, zero point) as float32 bits
+    scale = packed.to(tl.int32).to(tl.float32, bitcast=True)
+    zero_point = (packed >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return (q - zero_point) * scale
+
+
+@triton.jit
 def _weighted_average(code_ptrs, params_ptr, w_ptr, K, T, S, t, offs, mask, seg, seg_ok):
     """acc = sum over clients k, in order, of w_k * ((q_k - zp_k) * s_k), in float32."""
     acc = tl.zeros(offs.shape, tl.float32)
     for k in range(K):
-        codes = tl.load(code_ptrs + k * T + t).to(tl.pointer_type(tl.int8))
-        q = tl.load(codes + offs, mask=mask, other=0).to(tl.float32)
-        packed = tl.load(params_ptr + k * S + seg, mask=seg_ok, other=0)  # (scale, zero point) as float32 bits
-        scale = packed.to(tl.int32).to(tl.float32, bitcast=True)
-        zero_point = (packed >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        acc = acc + tl.load(w_ptr + k) * ((q - zero_point) * scale)
+        acc = acc + tl.load(w_ptr + k) * _dequantized(code_ptrs, params_ptr, k, T, S, t, offs, mask, seg, seg_ok)
     return acc
 
 
 @triton.jit
+def _trimmed_average(code_ptrs, params_ptr, K, T, S, t, offs, mask, seg, seg_ok, trim):
+    """The unweighted trimmed mean of reference._trimmed_mean without a sort: walk the
+    distinct values in ascending order (the next one is the least value above the last;
+    its multiplicity fills that many ranks), adding those of ranks trim .. K - trim - 1
+    one by one in float32."""
+    acc = tl.zeros(offs.shape, tl.float32)
+    last = tl.full(offs.shape, float("-inf"), tl.float32)
+    below = tl.zeros(offs.shape, tl.int32)  # ranks filled so far
+    for step in range(K):
+        cur = tl.full(offs.shape, float("inf"), tl.float32)
+        for k in range(K):
+            v = _dequantized(code_ptrs, params_ptr, k, T, S, t, offs, mask, seg, seg_ok)
+            cur = tl.where(((v > last) | (step == 0)) & (v < cur), v, cur)
+        mult = tl.zeros(offs.shape, tl.int32)
+        for k in range(K):
+            v = _dequantized(code_ptrs, params_ptr, k, T, S, t, offs, mask, seg, seg_ok)
+            mult += (v == cur).to(tl.int32)
+        live = below < K
+        for i in range(K):
+            rank = below + i
+            acc = tl.where(live & (i < mult) & (rank >= trim) & (rank < K - trim), acc + cur, acc)
+        below = tl.where(live, below + mult, below)
+        last = cur
+    return tl.math.div_rn(acc, tl.full(offs.shape, 1.0, tl.float32) * (K - 2 * trim))
+
+
+@triton.jit
 def _aggregate_tile(
-    code_ptrs,
-    params_ptr,
-    w_ptr,
-    meta_ptr,
-    lo_ptr,
-    hi_ptr,
-    out_ptr,
-    scale_ptr,
-    zp_ptr,
+    ptrs,
     K,
     T,
     S,
@@ -81,11 +106,14 @@ def _aggregate_tile(
     cb,
     qmin,
     qmax,
+    trim,
     IS_COL: tl.constexpr,
     WRITE: tl.constexpr,
+    ROBUST: tl.constexpr,
     BR: tl.constexpr,
     BW: tl.constexpr,
 ):
+    code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr = ptrs
     nrows = tl.load(meta_ptr + t * 8 + 1)
     ncols = tl.load(meta_ptr + t * 8 + 2)
     C = tl.load(meta_ptr + t * 8 + 3)
@@ -101,7 +129,10 @@ def _aggregate_tile(
         seg = seg_base + (rows % C)[:, None]
         seg_ok = (rows < nrows)[:, None]
     mask = mask & (offs < tl.load(meta_ptr + t * 8 + 6))  # per-tensor matrices end mid-row
-    acc = _weighted_average(code_ptrs, params_ptr, w_ptr, K, T, S, t, offs, mask, seg, seg_ok)
+    if ROBUST:
+        acc = _trimmed_average(code_ptrs, params_ptr, K, T, S, t, offs, mask, seg, seg_ok, trim)
+    else:
+        acc = _weighted_average(code_ptrs, params_ptr, w_ptr, K, T, S, t, offs, mask, seg, seg_ok)
     if WRITE:
         scale = tl.load(scale_ptr + seg, mask=seg_ok, other=1.0)
         zero_point = tl.load(zp_ptr + seg, mask=seg_ok, other=0).to(tl.float32)
@@ -143,7 +174,9 @@ def _aggregate_kernel(
     S,
     qmin,
     qmax,
+    trim,
     WRITE: tl.constexpr,
+    ROBUST: tl.constexpr,
     BR: tl.constexpr,
     BW: tl.constexpr,
 ):
@@ -152,54 +185,11 @@ def _aggregate_kernel(
     t = tl.load(tiles_ptr + pid * 3)
     rb = tl.load(tiles_ptr + pid * 3 + 1)
     cb = tl.load(tiles_ptr + pid * 3 + 2)
-    if tl.load(meta_ptr + t * 8) != 0:
-        _aggregate_tile(
-            code_ptrs,
-            params_ptr,
-            w_ptr,
-            meta_ptr,
-            lo_ptr,
-            hi_ptr,
-            out_ptr,
-            scale_ptr,
-            zp_ptr,
-            K,
-            T,
-            S,
-            t,
-            rb,
-            cb,
-            qmin,
-            qmax,
-            IS_COL=True,
-            WRITE=WRITE,
-            BR=BR,
-            BW=BW,
-        )
+    ptrs = (code_ptrs, params_ptr, w_ptr, meta_ptr, lo_ptr, hi_ptr, out_ptr, scale_ptr, zp_ptr)
+    if tl.load(meta_ptr + t * 8) != 0:  # the same tile, its layout a compile-time constant
+        _aggregate_tile(ptrs, K, T, S, t, rb, cb, qmin, qmax, trim, True, WRITE, ROBUST, BR, BW)
     else:
-        _aggregate_tile(
-            code_ptrs,
-            params_ptr,
-            w_ptr,
-            meta_ptr,
-            lo_ptr,
-            hi_ptr,
-            out_ptr,
-            scale_ptr,
-            zp_ptr,
-            K,
-            T,
-            S,
-            t,
-            rb,
-            cb,
-            qmin,
-            qmax,
-            IS_COL=False,
-            WRITE=WRITE,
-            BR=BR,
-            BW=BW,
-        )
+        _aggregate_tile(ptrs, K, T, S, t, rb, cb, qmin, qmax, trim, False, WRITE, ROBUST, BR, BW)
 
 
 def _aggregate_view(shape, axis: int) -> View:
@@ -237,7 +227,7 @@ def _tables(views: list[View], code_ptrs: list[int]) -> tuple[torch.Tensor, int,
     return table, int(tile_tensor.numel()), elements, segments
 
 
-def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names):
+def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim=-1):
     if cm.INTERPRET and weights.device.type != "cpu":
         # The interpreter runs on host copies of the arguments, so the device addresses in
         # the code pointer table would be read on the host: run on CPU copies instead.
@@ -251,6 +241,7 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
             quant_max,
             symmetric,
             names,
+            trim,
         )
         return tuple(t.to(weights.device) for t in out)
     cm.check_range("aggregate", quant_min, quant_max)
@@ -262,6 +253,8 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
     device = weights.device
     if not (K > 0 and len(codes) == K * T == len(scales) == len(zero_points) and len(names) == T):
         raise ValueError(f"aggregate: expected {K} clients x {T} tensors of codes, scales and zero points")
+    if trim >= 0 and not 2 * trim < K:
+        raise ValueError(f"aggregate: trimming {trim} of {K} clients from each end leaves none")
     if device.type != "cuda":
         # free on CPU tensors: check in the reference's order, with its messages
         for t in range(T):
@@ -290,55 +283,37 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
     lo, hi, flag = workspace[:S], workspace[S : 2 * S], workspace[2 * S :].view(torch.int32)
 
     with cm.on_device(weights):
-        if n_tiles:
-            launch(
-                _aggregate_kernel,
-                (n_tiles,),
-                tiles,
-                meta,
-                code_ptrs,
-                params,
-                weights,
-                lo,
-                hi,
-                out_codes,
-                out_scale,
-                out_zero_point,
-                K,
-                T,
-                S,
-                float(quant_min),
-                float(quant_max),
-                WRITE=False,
-                BR=AGG_BR,
-                BW=AGG_BW,
-                num_warps=AGG_WARPS,
-            )
-        cm.finalize_qparams(lo, hi, out_scale, out_zero_point, seg_tensor, flag, T, symmetric, quant_min, quant_max)
-        if n_tiles:
-            launch(
-                _aggregate_kernel,
-                (n_tiles,),
-                tiles,
-                meta,
-                code_ptrs,
-                params,
-                weights,
-                lo,
-                hi,
-                out_codes,
-                out_scale,
-                out_zero_point,
-                K,
-                T,
-                S,
-                float(quant_min),
-                float(quant_max),
-                WRITE=True,
-                BR=AGG_BR,
-                BW=AGG_BW,
-                num_warps=AGG_WARPS,
-            )
+        for write in (False, True):  # pass 1 observes, then qparams; pass 2 writes codes
+            if write:
+                cm.finalize_qparams(
+                    lo, hi, out_scale, out_zero_point, seg_tensor, flag, T, symmetric, quant_min, quant_max
+                )
+            if n_tiles:
+                launch(
+                    _aggregate_kernel,
+                    (n_tiles,),
+                    tiles,
+                    meta,
+                    code_ptrs,
+                    params,
+                    weights,
+                    lo,
+                    hi,
+                    out_codes,
+                    out_scale,
+                    out_zero_point,
+                    K,
+                    T,
+                    S,
+                    float(quant_min),
+                    float(quant_max),
+                    trim,
+                    WRITE=write,
+                    ROBUST=trim >= 0,
+                    BR=AGG_BR,
+                    BW=AGG_BW,
+                    num_warps=AGG_WARPS,
+                )
 
     if device.type == "cuda":
         bad_params = (

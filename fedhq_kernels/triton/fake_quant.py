@@ -10,44 +10,20 @@ from fedhq_kernels.triton import _common as cm
 from fedhq_kernels.triton._common import FAKE_QUANT, FAKE_QUANT_BACKWARD, View, bf16_bits, on_device, write_tiles
 
 
-def fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
-    cm.check_range("fake_quant", quant_min, quant_max)
-    x, scale, zero_point = x.contiguous(), scale.contiguous(), zero_point.contiguous()
+def _with_given_params(op, kind, a, x, scale, zero_point, quant_min, quant_max, axis):
+    """One write_tiles pass of ``kind`` over x's layout (a: x, or the gradient)."""
+    cm.check_range(op, quant_min, quant_max)
+    scale, zero_point = scale.contiguous(), zero_point.contiguous()
     if not x.is_cuda:
         # Free on CPU tensors. On a GPU it would cost a host sync per call on the QAT hot
         # path, so there the parameters are trusted (see the package docstring).
-        cm.check_qparams("fake_quant", scale, zero_point, quant_min, quant_max)
-    y = torch.empty_like(x)
-    with on_device(x):
-        write_tiles(
-            FAKE_QUANT,
-            View.of(x.shape, axis),
-            bf16_bits(x),
-            bf16_bits(x),
-            bf16_bits(y),
-            scale,
-            zero_point,
-            quant_min,
-            quant_max,
-            x.dtype == torch.bfloat16,
-        )
-    return y
-
-
-def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
-    cm.check_range("fake_quant_backward", quant_min, quant_max)
-    x, scale, zero_point = x.contiguous(), scale.contiguous(), zero_point.contiguous()
-    grad = grad.to(x.dtype).contiguous()
-    if grad.shape != x.shape:
-        raise ValueError(f"fake_quant_backward: grad shape {list(grad.shape)} differs from input shape {list(x.shape)}")
-    if not x.is_cuda:
-        cm.check_qparams("fake_quant_backward", scale, zero_point, quant_min, quant_max)
+        cm.check_qparams(op, scale, zero_point, quant_min, quant_max)
     out = torch.empty_like(x)
     with on_device(x):
         write_tiles(
-            FAKE_QUANT_BACKWARD,
+            kind,
             View.of(x.shape, axis),
-            bf16_bits(grad),
+            bf16_bits(a),
             bf16_bits(x),
             bf16_bits(out),
             scale,
@@ -57,6 +33,21 @@ def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
             x.dtype == torch.bfloat16,
         )
     return out
+
+
+def fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
+    x = x.contiguous()
+    return _with_given_params("fake_quant", FAKE_QUANT, x, x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
+    x = x.contiguous()
+    grad = grad.to(x.dtype).contiguous()
+    if grad.shape != x.shape:
+        raise ValueError(f"fake_quant_backward: grad shape {list(grad.shape)} differs from input shape {list(x.shape)}")
+    return _with_given_params(
+        "fake_quant_backward", FAKE_QUANT_BACKWARD, grad, x, scale, zero_point, quant_min, quant_max, axis
+    )
 
 
 def fake_quant_observed(x, quant_min, quant_max, symmetric, axis):
