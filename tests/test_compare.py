@@ -185,16 +185,7 @@ def test_an_earlier_comparison_is_never_overwritten_silently(reference, tmp_path
 def test_cli_run_refuses_an_output_that_holds_results(reference, tmp_path, capsys):
     out = tmp_path / "run"
     argv = [
-        "run",
-        "--strategy",
-        "fedfq",
-        "--clients",
-        "2",
-        "--rounds",
-        "1",
-        "--local-epochs",
-        "1",
-        "--reference-profile",
+        *"run --strategy fedfq --clients 2 --rounds 1 --local-epochs 1 --reference-profile".split(),
         reference,
         "--output",
         str(out),
@@ -243,16 +234,7 @@ def test_reference_profile_is_reused_only_when_passed_or_resuming(reference, tmp
 def test_cli_compare_seeds_and_default_folder(reference, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = [
-        "compare",
-        "--strategies",
-        "fedfq",
-        "--clients",
-        "2",
-        "--rounds",
-        "1",
-        "--local-epochs",
-        "1",
-        "--reference-profile",
+        *"compare --strategies fedfq --clients 2 --rounds 1 --local-epochs 1 --reference-profile".split(),
         reference,
     ]
     assert cli.main([*argv, "--seeds", "0-1"]) == 0

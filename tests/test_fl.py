@@ -218,16 +218,7 @@ def test_cli_run_writes_results_and_bad_settings_exit_2(reference, tmp_path, cap
     out = tmp_path / "cli"
     code = cli.main(
         [
-            "run",
-            "--strategy",
-            "fedhq",
-            "--clients",
-            "3",
-            "--rounds",
-            "1",
-            "--local-epochs",
-            "1",
-            "--reference-profile",
+            *"run --strategy fedhq --clients 3 --rounds 1 --local-epochs 1 --reference-profile".split(),
             reference,
             "--output",
             str(out),
@@ -249,16 +240,7 @@ def test_cli_compare_runs_every_strategy_on_the_same_setup(reference, tmp_path, 
     out = tmp_path / "cmp"
     code = cli.main(
         [
-            "compare",
-            "--strategies",
-            "fedhq,fedfq",
-            "--clients",
-            "3",
-            "--rounds",
-            "1",
-            "--local-epochs",
-            "1",
-            "--reference-profile",
+            *"compare --strategies fedhq,fedfq --clients 3 --rounds 1 --local-epochs 1 --reference-profile".split(),
             reference,
             "--output",
             str(out),

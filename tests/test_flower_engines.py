@@ -32,19 +32,7 @@ def _no_children_left(within_s: float) -> list[int]:
 
 def test_fedhq_run_on_the_flower_simulation_engine(reference, tmp_path, capsys):
     out = tmp_path / "flower"
-    args = [
-        "run",
-        "--engine",
-        "flower",
-        "--clients",
-        "3",
-        "--rounds",
-        "2",
-        "--local-epochs",
-        "1",
-        "--reference-profile",
-        reference,
-    ]
+    args = [*"run --engine flower --clients 3 --rounds 2 --local-epochs 1 --reference-profile".split(), reference]
     assert cli.main([*args, "--output", str(out)]) == 0
     flower = json.loads((out / "results.json").read_text())
     assert flower["schema"] == "fedhq.run/2" and flower["engine"] == "flower" and flower["excluded"] == []
