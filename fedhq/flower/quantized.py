@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -34,18 +35,23 @@ FUSED = {
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
 
 
-def quantize_arrays(arrays: ArrayRecord, bits: int, per_channel: bool, keep_float: Collection[str]) -> dict:
-    """The state dict of ``arrays`` with every float array not in ``keep_float`` quantized
-    (float64 ones as float32, which the kernels and PyTorch clients use)."""
-    state = {
-        k: v.float() if v.dtype == torch.float64 and k not in keep_float else v
-        for k, v in arrays.to_torch_state_dict().items()
-    }
+def quantize_arrays(
+    arrays: ArrayRecord, bits: int, per_channel: bool, keep_float: Collection[str], dtypes: Mapping[str, str] = {}
+) -> dict:
+    """The state dict of ``arrays`` (cast to ``dtypes``, numpy names, where given) with
+    every float array not in ``keep_float`` quantized (float64 ones as float32)."""
+    state = arrays.to_torch_state_dict()
+    state = {k: v.to(_torch_dtype(dtypes[k])) if k in dtypes else v for k, v in state.items()}
+    state = {k: v.float() if v.dtype == torch.float64 and k not in keep_float else v for k, v in state.items()}
     kept = {k: v for k, v in state.items() if k in keep_float}
     quantized = fk.quantize_state_dict(
         {k: v for k, v in state.items() if k not in keep_float}, bits=bits, per_channel=per_channel
     )
     return {k: kept[k] if k in kept else quantized[k] for k in state}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=name)).dtype
 
 
 def _check_options(op: str, bits: object, keep_float: Collection[str]) -> tuple[int, frozenset]:
@@ -81,6 +87,9 @@ def make_quantize_mod(*, bits: int = 8, per_channel: bool = True, keep_float: Co
     def quantize_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         if LAYOUT in msg.content.config_records:
             msg.content = dequantized(msg.content)  # raises RecordError: the runtime replies with an error
+        # the model sent fixes the reply's dtypes (what the server's check expects)
+        models = list(msg.content.array_records.values())
+        dtypes = {k: a.dtype for k, a in models[0].items()} if len(models) == 1 else {}
         reply = call_next(msg, context)
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN or reply.has_error():
             return reply
@@ -91,7 +100,7 @@ def make_quantize_mod(*, bits: int = 8, per_channel: bool = True, keep_float: Co
             return reply
         key, arrays = next(iter(reply.content.array_records.items()))
         content = RecordDict(dict(reply.content.items()))
-        content[key], content[LAYOUT] = encode_state(quantize_arrays(arrays, bits, per_channel, keep))
+        content[key], content[LAYOUT] = encode_state(quantize_arrays(arrays, bits, per_channel, keep, dtypes))
         reply.content = content
         return reply
 
@@ -126,7 +135,6 @@ class QuantizedStrategy(Strategy):
         self.method = None if aggregate == "strategy" else method
         self.weighted_by_key = getattr(strategy, "weighted_by_key", "num-examples")
         self._expected: dict = {}  # the quantized layout of the model sent this round
-        self._dtypes: dict = {}  # name -> dtype of the first model sent
         self.dropped: list[dict] = []  # {"round", "node_id", "reason"} of every reply left out
         self.aggregate_s: dict[int, float] = {}  # round -> seconds in aggregate_train
 
@@ -168,12 +176,7 @@ class QuantizedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # Replies keep the dtypes of the first model sent (FedAdam's float64 model comes
-        # back from PyTorch clients as the model's own float32 / int64).
-        state = arrays.to_torch_state_dict()
-        self._dtypes = self._dtypes or {k: v.dtype for k, v in state.items()}
-        typed = ArrayRecord({k: v.to(self._dtypes.get(k, v.dtype)) for k, v in state.items()})
-        self._expected = self._quantized(typed)
+        self._expected = self._quantized(arrays)
         return self._send(self.strategy.configure_train(server_round, arrays, config, grid), arrays)
 
     def configure_evaluate(
