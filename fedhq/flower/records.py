@@ -185,6 +185,11 @@ def _shape(text: str) -> torch.Size:
     return torch.Size(dims)
 
 
+@functools.lru_cache(maxsize=256)
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype)  # numpy derives the name anew on every call
+
+
 @functools.lru_cache(maxsize=4096)
 def _header_for(dtype: str, shape: tuple) -> bytes:
     stream = io.BytesIO()
@@ -231,7 +236,7 @@ def _array(arrays: ArrayRecord, name: str) -> torch.Tensor:
         offset = stream.tell()
     if fortran_order or dtype.hasobject or not dtype.isnative or dtype.kind not in "biuf":
         raise RecordError(f"'{name}' holds an array of {dtype} (fortran order {fortran_order}), not plain numbers")
-    if str(dtype) != array.dtype or tuple(shape) != tuple(array.shape):
+    if _dtype_name(dtype) != array.dtype or tuple(shape) != tuple(array.shape):
         raise RecordError(f"'{name}' declares {array.dtype} {tuple(array.shape)} but holds {dtype} {tuple(shape)}")
     count = math.prod(shape)
     if len(data) - offset != count * dtype.itemsize:
