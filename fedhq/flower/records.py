@@ -24,6 +24,7 @@ engine (docs/flower.md, "What the server tolerates").
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Mapping
@@ -184,28 +185,60 @@ def _shape(text: str) -> torch.Size:
     return torch.Size(dims)
 
 
+@functools.lru_cache(maxsize=256)
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype)  # numpy derives the name anew on every call
+
+
+@functools.lru_cache(maxsize=4096)
+def _header_for(dtype: str, shape: tuple) -> bytes:
+    stream = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(stream, {"descr": descr, "fortran_order": False, "shape": shape})
+    return stream.getvalue()
+
+
+def _npy_header(dtype: object, shape: object) -> bytes | None:
+    """The npy header numpy writes for a C-order array of the declared dtype and shape
+    (None if they are not a plain dtype name and a tuple of ints)."""
+    if not isinstance(dtype, str) or not isinstance(shape, (tuple, list)) or not all(type(d) is int for d in shape):
+        return None
+    try:
+        return _header_for(dtype, tuple(shape))
+    except (TypeError, ValueError):
+        return None
+
+
 def _array(arrays: ArrayRecord, name: str) -> torch.Tensor:
     """The tensor under ``name``: its npy header is read and checked against what the
     Array declares and against the bytes that follow before anything is allocated
     (``Array.numpy`` would allocate what a forged header claims)."""
     array = arrays[name]
     data = array.data
-    try:
-        if not isinstance(data, bytes):
-            raise TypeError(f"its data is a {type(data).__name__}, not bytes")
-        stream = io.BytesIO(data)
-        version = np.lib.format.read_magic(stream)
-        if version not in ((1, 0), (2, 0)):
-            raise ValueError(f"npy format version {version} is not supported")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(stream, max_header_size=NPY_HEADER_MAX)
-    except (TypeError, ValueError, OSError, EOFError, SyntaxError) as error:
-        raise RecordError(f"'{name}' is not a readable array: {error}") from None
+    header = _npy_header(array.dtype, array.shape)
+    if header is not None and isinstance(data, bytes) and data.startswith(header):
+        # byte for byte what numpy writes for the declared dtype and shape: no need to parse
+        shape, fortran_order, dtype, offset = tuple(array.shape), False, np.dtype(array.dtype), len(header)
+    else:
+        try:
+            if not isinstance(data, bytes):
+                raise TypeError(f"its data is a {type(data).__name__}, not bytes")
+            stream = io.BytesIO(data)
+            version = np.lib.format.read_magic(stream)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"npy format version {version} is not supported")
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read_header(stream, max_header_size=NPY_HEADER_MAX)
+        except (TypeError, ValueError, OSError, EOFError, SyntaxError) as error:
+            raise RecordError(f"'{name}' is not a readable array: {error}") from None
+        offset = stream.tell()
     if fortran_order or dtype.hasobject or not dtype.isnative or dtype.kind not in "biuf":
         raise RecordError(f"'{name}' holds an array of {dtype} (fortran order {fortran_order}), not plain numbers")
-    if str(dtype) != array.dtype or tuple(shape) != tuple(array.shape):
+    if _dtype_name(dtype) != array.dtype or tuple(shape) != tuple(array.shape):
         raise RecordError(f"'{name}' declares {array.dtype} {tuple(array.shape)} but holds {dtype} {tuple(shape)}")
-    count, offset = math.prod(shape), stream.tell()
+    count = math.prod(shape)
     if len(data) - offset != count * dtype.itemsize:
         raise RecordError(
             f"'{name}': a {dtype} array of shape {tuple(shape)} takes {count * dtype.itemsize} bytes, "
