@@ -84,12 +84,12 @@ def test_an_in_bound_attack_passes_every_check_on_flower(reference, tmp_path, at
 
 @pytest.fixture(scope="module")
 def robust_runs(reference, tmp_path_factory):
-    """Seed 0, 8 rounds: the clean run and each in-bound attack, per robust aggregation."""
+    """Seed 0, 10 rounds: the clean run and each in-bound attack, per robust aggregation."""
     runs = {}
     for aggregation in ("trimmed-mean:0.1", "median"):
         for attack in [None, *(a.name for a in IN_BOUND)]:
             out = tmp_path_factory.mktemp("robust")
-            config = config_for(reference, out, rounds=8, aggregation=aggregation)
+            config = config_for(reference, out, rounds=10, aggregation=aggregation)
             runs[aggregation, attack] = config, run(config, attack)
     return runs
 
