@@ -103,3 +103,12 @@ def test_robust_aggregation_holds_against_in_bound_attacks(robust_runs, aggregat
         report = assert_survived(results, config)
         assert report["attacker_rejected"] == 0
         assert report["final_deployed_accuracy"] >= clean - 0.02, (attack.name, report, clean)
+
+
+def test_mean_is_wrecked_by_in_bound_noise(reference, tmp_path):
+    """What robust aggregation is for: the noise passes every check, and the mean takes it."""
+    clean = run(config_for(reference, tmp_path / "clean"), None)["final_deployed_accuracy"]
+    config = config_for(reference, tmp_path / "noise")
+    results = run(config, "noise")
+    assert len(results["rounds"]) == config.rounds and attack_report(results)["attacker_rejected"] == 0
+    assert results["final_deployed_accuracy"] < clean - 0.3, (results["final_deployed_accuracy"], clean)
