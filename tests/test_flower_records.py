@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord  # noqa: E402
 
 import fedhq_kernels as fk  # noqa: E402
 from fedhq.fl.client import quantize_upload, quantized_names  # noqa: E402
-from fedhq.flower.records import RecordError, decode_state, encode_state  # noqa: E402
+from fedhq.flower.records import RecordError, decode_state, encode_state, expect, to_array  # noqa: E402
 from fedhq.models import ModelSpec  # noqa: E402
 
 
@@ -226,3 +226,40 @@ def test_the_expected_model_is_checked_before_any_array_is_read(state, monkeypat
         decode_state(padded, layout, state)
     monkeypatch.undo()
     assert_same(decode_state(arrays, layout, state), state)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.array(1.5, dtype=np.float32),
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(12, dtype=np.float64).reshape(3, 4).T,  # Fortran order: written as C order
+        np.zeros((0, 3), dtype=np.int64),
+        np.arange(5, dtype=np.uint8),
+        np.array([True, False]),
+    ],
+)
+def test_to_array_is_flowers_array_byte_for_byte(value):
+    ours, flowers = to_array(value), Array(np.asarray(value, order="C"))
+    assert (ours.dtype, ours.shape, ours.stype, ours.data) == (
+        flowers.dtype,
+        flowers.shape,
+        flowers.stype,
+        flowers.data,
+    )
+    assert np.array_equal(ours.numpy(), value)
+    tensor = to_array(torch.from_numpy(np.asarray(value, order="C")))
+    assert tensor.data == flowers.data
+
+
+def test_decode_against_expect_is_decode_against_the_state(state):
+    """The precomputed ``expect`` checks what the state dict does, and the decoded codes
+    are the decoder's own memory, never a view of the record's bytes."""
+    arrays, layout = encode_state(state)
+    decoded = decode_state(arrays, layout, expect(state))
+    assert_same(decoded, state)
+    decoded["conv.weight"].data.add_(1)  # writable, and the record unchanged
+    assert_same(decode_state(arrays, layout, state), state)
+    other = dict(state, **{"fc.weight": fk.quantize(torch.randn(5, 7), bits=5, symmetric=False, axis=0)})
+    with pytest.raises(RecordError, match="fc.weight"):
+        decode_state(*encode_state(other), expect(state))

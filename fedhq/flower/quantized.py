@@ -14,12 +14,12 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
 import fedhq_kernels as fk
-from fedhq.flower.records import RecordError, decode_state, encode_state
+from fedhq.flower.records import RecordError, decode_state, encode_state, expect, to_array
 from fedhq_kernels.checks import check_bits, is_real
 
 log = logging.getLogger("fedhq.flower")
@@ -134,7 +134,7 @@ class QuantizedStrategy(Strategy):
             raise ValueError(f"QuantizedStrategy: no fused aggregation for {type(strategy).__name__}")
         self.method = None if aggregate == "strategy" else method
         self.weighted_by_key = getattr(strategy, "weighted_by_key", "num-examples")
-        self._expected: dict = {}  # the quantized layout of the model sent this round
+        self._expected = expect({})  # what a reply must look like: the model sent this round (records.expect)
         self.dropped: list[dict] = []  # {"round", "node_id", "reason"} of every reply left out
         self.aggregate_s: dict[int, float] = {}  # round -> seconds in aggregate_train
 
@@ -176,7 +176,7 @@ class QuantizedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._expected = self._quantized(arrays)
+        self._expected = expect(self._quantized(arrays))
         return self._send(self.strategy.configure_train(server_round, arrays, config, grid), arrays)
 
     def configure_evaluate(
@@ -244,7 +244,7 @@ class QuantizedStrategy(Strategy):
         except ValueError as error:  # e.g. every weight 0
             log.warning("round %d: no aggregate: %s", server_round, error)
             return None, None
-        arrays = ArrayRecord({k: Array(v.numpy()) for k, v in fk.dequantize_state_dict(model).items()})
+        arrays = ArrayRecord({k: to_array(v) for k, v in fk.dequantize_state_dict(model).items()})
         metrics_fn = getattr(self.strategy, "train_metrics_aggr_fn", None)
         metrics = metrics_fn([m.content for m, _, _ in usable], self.weighted_by_key) if metrics_fn else None
         return arrays, metrics

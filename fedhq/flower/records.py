@@ -27,7 +27,9 @@ from __future__ import annotations
 import functools
 import io
 import math
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,20 +51,34 @@ class RecordError(ValueError):
     """A record that does not hold a state dict; the message says why."""
 
 
+def to_array(value: np.ndarray | torch.Tensor) -> Array:
+    """``Array(value)`` byte for byte (the npy bytes ``np.save`` writes) for a C-order
+    array (any other is written in C order), with one copy of the data instead of
+    Flower's (save to a stream, read it back)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    value = np.asarray(value, order="C")  # (ascontiguousarray makes a 0-d array 1-d)
+    header = _npy_header(_dtype_name(value.dtype), value.shape)
+    if header is None or value.dtype.hasobject or not value.dtype.isnative:
+        return Array(value)
+    data = b"".join((header, memoryview(value.reshape(-1)).cast("B")))
+    return Array(dtype=_dtype_name(value.dtype), shape=tuple(value.shape), stype="numpy.ndarray", data=data)
+
+
 def encode_state(state: Mapping[str, object]) -> tuple[ArrayRecord, ConfigRecord]:
     """(arrays, layout) of a state dict of QuantizedTensors and tensors."""
     arrays = ArrayRecord()
     layout: dict[str, list] = {key: [] for key in LAYOUT_LISTS}
     for name, value in state.items():
         if isinstance(value, fk.QuantizedTensor):
-            arrays[name] = Array(fk.pack_codes(value.data, value.bits).cpu().numpy())
-            arrays[name + SCALE] = Array(value.scale.cpu().numpy())
-            arrays[name + ZERO_POINT] = Array(value.zero_point.cpu().numpy())
+            arrays[name] = to_array(fk.pack_codes(value.data, value.bits))
+            arrays[name + SCALE] = to_array(value.scale)
+            arrays[name + ZERO_POINT] = to_array(value.zero_point)
             layout["quantized"].append(name)
             for key, item in zip(SCHEME, scheme(value)):
                 layout[key].append(item)
         elif isinstance(value, torch.Tensor):
-            arrays[name] = Array(value.detach().cpu().numpy())
+            arrays[name] = to_array(value)
         else:
             raise TypeError(f"encode_state: '{name}' is a {type(value).__name__}, not a tensor")
     return arrays, ConfigRecord(layout if layout["quantized"] else {})
@@ -75,9 +91,38 @@ def scheme(value: fk.QuantizedTensor) -> tuple:
     return int(value.bits), axis, bool(value.symmetric), dtype, "x".join(str(d) for d in value.shape)
 
 
-def decode_state(arrays: object, layout: object, expected: Mapping[str, object] | None = None) -> dict:
+@dataclass(frozen=True)
+class Expected:
+    """What ``decode_state`` checks a record against, derived once from a global state
+    dict (``expect``) rather than for every reply: the quantized entries' layouts and
+    every array's dtype name, shape and byte limit."""
+
+    schemes: dict  # quantized name -> scheme()
+    sizes: dict  # array name -> (dtype name, shape, most bytes it may hold)
+
+
+def expect(expected: Mapping[str, object]) -> Expected:
+    """The ``Expected`` of a global state dict."""
+    schemes = {n: scheme(v) for n, v in expected.items() if isinstance(v, fk.QuantizedTensor)}
+    sizes: dict[str, tuple[str, tuple]] = {}
+    for name, value in expected.items():
+        if isinstance(value, fk.QuantizedTensor):
+            sizes[name] = ("uint8", (packed_size(value.data.numel(), value.bits),))
+            sizes[name + SCALE] = ("float32", tuple(value.scale.shape))
+            sizes[name + ZERO_POINT] = ("int32", tuple(value.zero_point.shape))
+        else:
+            sizes[name] = (str(torch.empty(0, dtype=value.dtype).numpy().dtype), tuple(value.shape))
+    limits = {
+        name: (dtype, shape, math.prod(shape) * np.dtype(dtype).itemsize + NPY_HEADER_MAX)
+        for name, (dtype, shape) in sizes.items()
+    }
+    return Expected(schemes, limits)
+
+
+def decode_state(arrays: object, layout: object, expected: Mapping[str, object] | Expected | None = None) -> dict:
     """The state dict held by (arrays, layout); ``RecordError`` if they are malformed or,
-    given ``expected`` (the global state dict), differ from it in names, layout or sizes."""
+    given ``expected`` (the global state dict, or its ``expect``), differ from it in
+    names, layout or sizes."""
     if not isinstance(arrays, ArrayRecord):
         raise RecordError(f"expected an ArrayRecord of the model, got {type(arrays).__name__}")
     lists = _layout_lists(layout)
@@ -85,7 +130,7 @@ def decode_state(arrays: object, layout: object, expected: Mapping[str, object] 
     if len(quantized) != len(lists["quantized"]):
         raise RecordError("layout names a quantized entry twice")
     if expected is not None:
-        _check_expected(arrays, quantized, expected)
+        _check_expected(arrays, quantized, expected if isinstance(expected, Expected) else expect(expected))
     companions = {name + suffix for name in quantized for suffix in (SCALE, ZERO_POINT)}
     missing = sorted((set(quantized) | companions) - set(arrays.keys()))
     if missing:
@@ -96,7 +141,7 @@ def decode_state(arrays: object, layout: object, expected: Mapping[str, object] 
             continue
         if name.endswith((SCALE, ZERO_POINT)):
             raise RecordError(f"'{name}' has no quantized entry in the layout")
-        codes = _array(arrays, name)
+        codes = _array(arrays, name, copy=name not in quantized)  # unpack_codes copies
         if name not in quantized:
             state[name] = codes
             continue
@@ -121,11 +166,11 @@ def decode_state(arrays: object, layout: object, expected: Mapping[str, object] 
     return state
 
 
-def _check_expected(arrays: ArrayRecord, quantized: dict, expected: Mapping[str, object]) -> None:
+def _check_expected(arrays: ArrayRecord, quantized: dict, expected: Expected) -> None:
     """Names, layouts, declared array dtypes and shapes, and byte counts against the
     global model's, before any array is read."""
-    wanted = {n: scheme(v) for n, v in expected.items() if isinstance(v, fk.QuantizedTensor)}
-    if set(quantized) != set(wanted):
+    wanted, sizes = expected.schemes, expected.sizes
+    if quantized.keys() != wanted.keys():
         missing, extra = sorted(set(wanted) - set(quantized)), sorted(set(quantized) - set(wanted))
         raise RecordError(
             f"quantized entries differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}"
@@ -135,22 +180,14 @@ def _check_expected(arrays: ArrayRecord, quantized: dict, expected: Mapping[str,
             raise RecordError(
                 f"'{name}': layout {quantized[name]} is not the global model's {want} ({', '.join(SCHEME)})"
             )
-    sizes: dict[str, tuple[str, tuple]] = {}
-    for name, value in expected.items():
-        if isinstance(value, fk.QuantizedTensor):
-            sizes[name] = ("uint8", (packed_size(value.data.numel(), value.bits),))
-            sizes[name + SCALE] = ("float32", tuple(value.scale.shape))
-            sizes[name + ZERO_POINT] = ("int32", tuple(value.zero_point.shape))
-        else:
-            sizes[name] = (str(torch.empty(0, dtype=value.dtype).numpy().dtype), tuple(value.shape))
-    missing, extra = sorted(set(sizes) - set(arrays.keys())), sorted(set(arrays.keys()) - set(sizes))
-    if missing or extra:
+    names = arrays.keys()
+    if len(names) != len(sizes) or not all(name in sizes for name in names):
+        missing, extra = sorted(set(sizes) - set(names)), sorted(set(names) - set(sizes))
         raise RecordError(f"arrays differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, (dtype, shape) in sizes.items():
+    for name, (dtype, shape, limit) in sizes.items():
         array = arrays[name]
         if array.dtype != dtype or tuple(array.shape) != shape:
             raise RecordError(f"'{name}': expected {dtype} {shape}, the array declares {array.dtype} {array.shape}")
-        limit = math.prod(shape) * np.dtype(dtype).itemsize + NPY_HEADER_MAX
         if not isinstance(array.data, bytes) or len(array.data) > limit:
             raise RecordError(f"'{name}': holds more than the {limit} bytes a {dtype} {shape} array takes")
 
@@ -209,10 +246,11 @@ def _npy_header(dtype: object, shape: object) -> bytes | None:
         return None
 
 
-def _array(arrays: ArrayRecord, name: str) -> torch.Tensor:
+def _array(arrays: ArrayRecord, name: str, copy: bool = True) -> torch.Tensor:
     """The tensor under ``name``: its npy header is read and checked against what the
     Array declares and against the bytes that follow before anything is allocated
-    (``Array.numpy`` would allocate what a forged header claims)."""
+    (``Array.numpy`` would allocate what a forged header claims). ``copy=False``: a
+    read-only view of the record's bytes, for a caller that only reads it."""
     array = arrays[name]
     data = array.data
     header = _npy_header(array.dtype, array.shape)
@@ -245,4 +283,8 @@ def _array(arrays: ArrayRecord, name: str) -> torch.Tensor:
             f"it holds {len(data) - offset}"
         )
     value = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-    return torch.from_numpy(value.copy())
+    if copy:
+        return torch.from_numpy(value.copy())
+    with warnings.catch_warnings():  # torch warns that it cannot mark the view read-only
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(value)
