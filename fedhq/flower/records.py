@@ -136,33 +136,35 @@ def decode_state(arrays: object, layout: object, expected: Mapping[str, object] 
     if missing:
         raise RecordError(f"arrays missing for {missing[:5]}")
     state: dict = {}
-    for name in arrays.keys():
-        if name in companions:
-            continue
-        if name.endswith((SCALE, ZERO_POINT)):
-            raise RecordError(f"'{name}' has no quantized entry in the layout")
-        codes = _array(arrays, name, copy=name not in quantized)  # unpack_codes copies
-        if name not in quantized:
-            state[name] = codes
-            continue
-        bits, axis, symmetric, dtype, shape = quantized[name]
-        if dtype not in FLOAT_DTYPES:
-            raise RecordError(f"'{name}': unknown float dtype {dtype!r}")
-        try:
-            shape = _shape(shape)
-            data = fk.unpack_codes(codes, bits, shape)
-            state[name] = fk.QuantizedTensor(
-                data=data,
-                scale=_array(arrays, name + SCALE),
-                zero_point=_array(arrays, name + ZERO_POINT),
-                bits=bits,
-                axis=None if axis == -1 else axis,
-                symmetric=symmetric,
-                dtype=FLOAT_DTYPES[dtype],
-                shape=data.shape,
-            )
-        except (TypeError, ValueError) as error:
-            raise RecordError(f"'{name}': {error}") from None
+    with warnings.catch_warnings():  # codes are read-only views: torch warns it cannot mark them so
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name in arrays.keys():
+            if name in companions:
+                continue
+            if name.endswith((SCALE, ZERO_POINT)):
+                raise RecordError(f"'{name}' has no quantized entry in the layout")
+            codes = _array(arrays, name, copy=name not in quantized)  # unpack_codes copies
+            if name not in quantized:
+                state[name] = codes
+                continue
+            bits, axis, symmetric, dtype, shape = quantized[name]
+            if dtype not in FLOAT_DTYPES:
+                raise RecordError(f"'{name}': unknown float dtype {dtype!r}")
+            try:
+                shape = _shape(shape)
+                data = fk.unpack_codes(codes, bits, shape)
+                state[name] = fk.QuantizedTensor(
+                    data=data,
+                    scale=_array(arrays, name + SCALE),
+                    zero_point=_array(arrays, name + ZERO_POINT),
+                    bits=bits,
+                    axis=None if axis == -1 else axis,
+                    symmetric=symmetric,
+                    dtype=FLOAT_DTYPES[dtype],
+                    shape=data.shape,
+                )
+            except (TypeError, ValueError) as error:
+                raise RecordError(f"'{name}': {error}") from None
     return state
 
 
@@ -283,8 +285,4 @@ def _array(arrays: ArrayRecord, name: str, copy: bool = True) -> torch.Tensor:
             f"it holds {len(data) - offset}"
         )
     value = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-    if copy:
-        return torch.from_numpy(value.copy())
-    with warnings.catch_warnings():  # torch warns that it cannot mark the view read-only
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(value)
+    return torch.from_numpy(value.copy() if copy else value)
