@@ -136,6 +136,7 @@ _RUN_SETTINGS = {
     "--betas": ("betas", "list:float", "per-client compute fraction beta in (0, 1]; default drawn from the seed"),
     "--xi": ("xi", float, "Theta's weight of speed significance (Eq. 6, default 0.2)"),
     "--area-threshold": ("area_threshold", float, "triangle area below which a client is PTQ (default 0.0625)"),
+    "--round-slack": ("round_slack", float, "fedhq-rt: the round may last (1 + this) x the all-PTQ round (default 0)"),
     "--speed-orientation": (
         "speed_orientation",
         str,
@@ -296,7 +297,9 @@ def _add_run(subparsers) -> None:
         "run",
         help="run federated training with one strategy",
         description="Federated training where each client is PTQ or QAT (strategy fedhq: chosen by FedHQ's "
-        "analysis; fedaqt: all QAT; fedfq: all PTQ; fedrh: random; fp32: no quantization). Writes "
+        "analysis; fedaqt: all QAT; fedfq: all PTQ; fedrh: random; fp32: no quantization; fedhq-rt: "
+        "round-aware FedHQ; slackfill: QAT where the round is not lengthened; fedrh-matched: random with "
+        "fedhq's QAT count). Writes "
         "results.json, a checkpoint after every round, and plots to the output directory.",
     )
     parser.add_argument("--strategy", help="fedhq (default), fedaqt, fedfq, fedrh or fp32")
