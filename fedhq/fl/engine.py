@@ -551,6 +551,7 @@ def run(
             **a.about,
             "strategy": strategies[a.client],
             "speed_time_s": times[i],
+            "predicted_s": {"ptq": costs.ptq_s[i], "qat": costs.qat_s[i], "upload": costs.upload_s[i]},
             "speed_sig": speed_sig[i],
             "acc_sig": acc_sig[i],
             "norm_speed": norm_speed[i],
