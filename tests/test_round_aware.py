@@ -138,3 +138,28 @@ def test_eq1_and_training_count_the_same_batches(samples, batch, batchnorm):
 
     batches = training_batches(torch.arange(samples), batch, batchnorm)
     assert len(batches) == batches_per_epoch(samples, batch, drop_single=batchnorm)
+
+
+@pytest.mark.parametrize("topology", [None, "hierarchical:2x2"])
+def test_predicted_round_time_is_what_the_simulator_charges(reference, tmp_path, topology):
+    from fedhq.report.plots import plot_round_times
+
+    clients = 6 if topology else 5
+    config = RunConfig(
+        strategy="fedhq-rt",
+        clients=clients,
+        rounds=1,
+        local_epochs=1,
+        topology=topology,
+        reference_profile=reference,
+        output_dir=str(tmp_path),
+    ).validated()
+    results = engine.run(config, echo=lambda line: None)
+    rows = results["clients"]
+    chosen = [c["predicted_s"][c["strategy"]] for c in rows]
+    upload = [c["predicted_s"]["upload"] for c in rows]
+    parents = results["topology"]["parents"]
+    assert round_time(chosen, upload, parents) == pytest.approx(results["rounds"][0]["sim_s"], rel=1e-12)
+    ptq = [c["predicted_s"]["ptq"] for c in rows]
+    assert round_time(chosen, upload, parents) <= round_time(ptq, upload, parents) * (1 + 1e-12)
+    assert plot_round_times({"fedhq-rt": results}, tmp_path / "round_times.png").stat().st_size > 0
