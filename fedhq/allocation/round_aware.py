@@ -3,7 +3,7 @@
 A node's path to the server costs its compute plus every upload from it up to the
 server, and a round lasts as long as its longest path (``fedhq.fl.topology``). So
 whether a client may train with QAT under a bound on the round time depends on that
-client alone. docs/method.md §6 explains the rule and what it measured.
+client alone. docs/method.md §8 explains the rule and what it measured.
 """
 
 from __future__ import annotations
