@@ -163,3 +163,12 @@ def test_predicted_round_time_is_what_the_simulator_charges(reference, tmp_path,
     ptq = [c["predicted_s"]["ptq"] for c in rows]
     assert round_time(chosen, upload, parents) <= round_time(ptq, upload, parents) * (1 + 1e-12)
     assert plot_round_times({"fedhq-rt": results}, tmp_path / "round_times.png").stat().st_size > 0
+
+
+def test_round_slack_setting():
+    from fedhq import cli
+    from fedhq.fl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="round_slack must be a finite number >= 0"):
+        RunConfig(strategy="fedhq-rt", round_slack=-0.1).validated()
+    assert cli.build_parser().parse_args(["run", "--strategy", "fedhq-rt", "--round-slack", "0.2"]).round_slack == 0.2
