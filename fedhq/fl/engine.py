@@ -285,8 +285,10 @@ def allocate(
         if config.strategy == "fedhq":
             return chosen
         # as many QAT clients as fedhq, drawn at random
-        qat = seeds.generator(config.seed, "fedrh-matched").permutation(n)[: chosen.count("qat")]
-        return ["qat" if i in set(qat.tolist()) else "ptq" for i in range(n)]
+        matched = ["ptq"] * n
+        for i in seeds.generator(config.seed, "fedrh-matched").permutation(n)[: chosen.count("qat")]:
+            matched[i] = "qat"
+        return matched
     if config.strategy in ("fedhq-rt", "slackfill"):
         if costs is None:
             raise ValueError(f"strategy {config.strategy} needs the clients' predicted round costs")
