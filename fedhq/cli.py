@@ -272,7 +272,7 @@ def _compare(args) -> int:
     if args.output_dir is None and not _file_sets(args.config, "output_dir"):
         config = config.replace(output_dir=DEFAULT_OUTPUT)  # run's default folder stays run's
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    strategies = args.strategies or list(_strategies())
+    strategies = args.strategies or list(_strategies(paper=True))
     comparison = compare(config, strategies, seeds=seeds, resume=args.resume, overwrite=args.overwrite)
     print(report.format_comparison_table(comparison))
     out = Path(config.output_dir)
@@ -286,10 +286,10 @@ def _compare(args) -> int:
     return 0
 
 
-def _strategies():
-    from fedhq.fl.config import STRATEGIES
+def _strategies(paper: bool = False):
+    from fedhq.fl.config import PAPER_STRATEGIES, STRATEGIES
 
-    return STRATEGIES
+    return PAPER_STRATEGIES if paper else STRATEGIES
 
 
 def _add_run(subparsers) -> None:
@@ -326,7 +326,8 @@ def _add_compare(subparsers) -> None:
     parser.add_argument(
         "--strategies",
         type=lambda t: _parse_list("list:str", t),
-        help="comma-separated subset of fedhq,fedaqt,fedfq,fedrh,fp32 (default all)",
+        help="comma-separated, of fedhq,fedaqt,fedfq,fedrh,fp32 (the default: the paper's five) and "
+        "fedhq-rt,slackfill,fedrh-matched",
     )
     parser.add_argument(
         "--seeds",

@@ -17,7 +17,9 @@ from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS
 from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
 from fedhq_kernels.functional import METHODS
 
-STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32", "fedhq-rt", "slackfill", "fedrh-matched")
+# the paper's five (fedhq compare's default), then this project's round-aware ones (docs/method.md §8)
+PAPER_STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
+STRATEGIES = (*PAPER_STRATEGIES, "fedhq-rt", "slackfill", "fedrh-matched")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 SPEED_ORIENTATIONS = ("time", "speed")
 # The server's aggregation (fedhq_kernels.aggregate_state_dicts): "mean" (FedAvg),
