@@ -172,3 +172,28 @@ def test_round_slack_setting():
     with pytest.raises(ConfigError, match="round_slack must be a finite number >= 0"):
         RunConfig(strategy="fedhq-rt", round_slack=-0.1).validated()
     assert cli.build_parser().parse_args(["run", "--strategy", "fedhq-rt", "--round-slack", "0.2"]).round_slack == 0.2
+
+
+def test_the_adjustments_prediction_is_what_the_simulator_charged(reference, tmp_path):
+    # "slower than predicted" compares a client's observed round with this prediction:
+    # on a machine that runs as modelled the two agree exactly (whole batches both ways)
+    from fedhq.fl.adjustment import predicted_round_times
+    from fedhq.fl.rounds import play_round
+    from fedhq.fl.server import Server
+
+    config = RunConfig(
+        clients=4, local_epochs=1, batch_size=7, reference_profile=reference, output_dir=str(tmp_path)
+    ).validated()
+    dataset = engine.load_data(config)
+    spec = engine.model_spec(config, dataset)
+    doc, path = engine.reference_profile(config, spec, tmp_path, echo=lambda line: None)
+    setup = engine.Setup(config, spec, dataset, engine.parse_topology(config), doc, path, dataset.train, None, print)
+    link = engine.InProcess(setup)
+    assert any(len(c.data) % c.batch for c in link.clients)  # a shorter last batch somewhere
+    for c, strategy in zip(link.clients, ["ptq", "qat", "qat", "ptq"]):
+        c.strategy = strategy
+    server = Server.for_run(config, engine.initial_model(config, spec))
+    ctx = link.context(server)
+    outcome = play_round(ctx, 1)
+    predicted = predicted_round_times(ctx, outcome)
+    assert predicted == pytest.approx({cid: t.total_s for cid, t in outcome.times.items()}, rel=1e-12)
