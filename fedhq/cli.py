@@ -136,6 +136,7 @@ _RUN_SETTINGS = {
     "--betas": ("betas", "list:float", "per-client compute fraction beta in (0, 1]; default drawn from the seed"),
     "--xi": ("xi", float, "Theta's weight of speed significance (Eq. 6, default 0.2)"),
     "--area-threshold": ("area_threshold", float, "triangle area below which a client is PTQ (default 0.0625)"),
+    "--round-slack": ("round_slack", float, "fedhq-rt: the round may last (1 + this) x the all-PTQ round (default 0)"),
     "--speed-orientation": (
         "speed_orientation",
         str,
@@ -271,7 +272,7 @@ def _compare(args) -> int:
     if args.output_dir is None and not _file_sets(args.config, "output_dir"):
         config = config.replace(output_dir=DEFAULT_OUTPUT)  # run's default folder stays run's
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
-    strategies = args.strategies or list(_strategies())
+    strategies = args.strategies or list(_strategies(paper=True))
     comparison = compare(config, strategies, seeds=seeds, resume=args.resume, overwrite=args.overwrite)
     print(report.format_comparison_table(comparison))
     out = Path(config.output_dir)
@@ -285,10 +286,10 @@ def _compare(args) -> int:
     return 0
 
 
-def _strategies():
-    from fedhq.fl.config import STRATEGIES
+def _strategies(paper: bool = False):
+    from fedhq.fl.config import PAPER_STRATEGIES, STRATEGIES
 
-    return STRATEGIES
+    return PAPER_STRATEGIES if paper else STRATEGIES
 
 
 def _add_run(subparsers) -> None:
@@ -296,7 +297,9 @@ def _add_run(subparsers) -> None:
         "run",
         help="run federated training with one strategy",
         description="Federated training where each client is PTQ or QAT (strategy fedhq: chosen by FedHQ's "
-        "analysis; fedaqt: all QAT; fedfq: all PTQ; fedrh: random; fp32: no quantization). Writes "
+        "analysis; fedaqt: all QAT; fedfq: all PTQ; fedrh: random; fp32: no quantization; fedhq-rt: "
+        "round-aware FedHQ; slackfill: QAT where the round is not lengthened; fedrh-matched: random with "
+        "fedhq's QAT count). Writes "
         "results.json, a checkpoint after every round, and plots to the output directory.",
     )
     parser.add_argument("--strategy", help="fedhq (default), fedaqt, fedfq, fedrh or fp32")
@@ -323,7 +326,8 @@ def _add_compare(subparsers) -> None:
     parser.add_argument(
         "--strategies",
         type=lambda t: _parse_list("list:str", t),
-        help="comma-separated subset of fedhq,fedaqt,fedfq,fedrh,fp32 (default all)",
+        help="comma-separated, of fedhq,fedaqt,fedfq,fedrh,fp32 (the default: the paper's five) and "
+        "fedhq-rt,slackfill,fedrh-matched",
     )
     parser.add_argument(
         "--seeds",

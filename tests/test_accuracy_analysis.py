@@ -373,7 +373,8 @@ def test_both_engines_use_the_configured_statistic():
     for name in STATISTICS:
         config = RunConfig(acc_statistic=name).validated()
         expected = client_significance(data.x.numpy(), labels, statistic=name)
-        assert engine.client_analysis(client, SimpleNamespace(key="m"), config) == (2.5, expected)
+        spec = SimpleNamespace(key="m", build=lambda: torch.nn.Linear(1, 1))
+        assert engine.client_analysis(client, spec, config) == (2.5, expected)
     assert RunConfig().acc_statistic == DEFAULT_STATISTIC
     with pytest.raises(ConfigError, match="unknown acc_statistic 'label_index'"):
         RunConfig(acc_statistic="label_index").validated()

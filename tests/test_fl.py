@@ -231,7 +231,10 @@ def test_cli_run_writes_results_and_bad_settings_exit_2(reference, tmp_path, cap
     assert "last-5 mean accuracy" in printed.out and "round   1/1" in printed.err
     assert cli.main(["run", "--strategy", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fedhq run: error: unknown strategy 'nope'; choose one of: fedhq, fedaqt, fedfq, fedrh, fp32"]
+    assert err == [
+        "fedhq run: error: unknown strategy 'nope'; choose one of: fedhq, fedaqt, fedfq, fedrh, fp32, "
+        "fedhq-rt, slackfill, fedrh-matched"
+    ]
     assert cli.main(["run", "--dataset", "svhn", "--data-root", str(tmp_path)]) == 2
     assert "train_32x32.mat" in capsys.readouterr().err
 

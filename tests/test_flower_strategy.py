@@ -58,6 +58,18 @@ def test_flower_engine_gives_the_embedded_engines_numbers(reference, tmp_path):
     assert saved["history"] == flower["rounds"] and saved["client_states"] == {}  # observers stay on the nodes
 
 
+@pytest.mark.parametrize("strategy", ["fedhq-rt", "slackfill", "fedrh-matched"])
+def test_flower_runs_the_round_aware_strategies_with_the_embedded_numbers(reference, tmp_path, strategy):
+    config = tiny(reference, tmp_path / "embedded", strategy=strategy, clients=6, rounds=1)
+    embedded = engine.run(config, echo=quiet)
+    flower = run_on_grid(LocalGrid(client_app.app, 6), config.replace(output_dir=str(tmp_path / "flower")), echo=quiet)
+    assert flower["assignment_before"] == embedded["assignment_before"]
+    for f, e in zip(flower["clients"], embedded["clients"], strict=True):
+        assert f["predicted_s"] == e["predicted_s"]
+    assert [r["sim_s"] for r in flower["rounds"]] == [r["sim_s"] for r in embedded["rounds"]]
+    assert flower["final_accuracy"] == embedded["final_accuracy"]
+
+
 def test_a_node_builds_only_its_own_client_as_the_run_does(reference, tmp_path):
     config = tiny(reference, tmp_path, dirichlet_alpha=0.3, partition="dirichlet")
     dataset = engine.load_data(config)
@@ -228,19 +240,20 @@ def test_nodes_with_unusable_significance_are_left_out_of_the_run(reference, tmp
     faults = {
         1: _significance("acc", float("nan")),
         2: _significance("time-s", float("inf")),
+        6: _significance("ptq-s", float("nan")),
         3: _drop_record,
         4: _claims_partition(0),
         5: lambda reply, msg: None,
     }
-    config = tiny(reference, tmp_path, clients=7, rounds=1)
+    config = tiny(reference, tmp_path, clients=8, rounds=1)
     with caplog.at_level("WARNING", logger="fedhq"):
-        results = run_on_grid(LocalGrid(client_app.app, 7, faults), config, echo=quiet)
+        results = run_on_grid(LocalGrid(client_app.app, 8, faults), config, echo=quiet)
     reasons = {e["node_id"] - 1000: e["reason"] for e in results["excluded"]}
-    assert sorted(reasons) == [1, 2, 3, 4, 5]
-    for node, words in {1: "finite", 2: "finite", 3: "lacks", 4: "already", 5: "no answer"}.items():
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6]
+    for node, words in {1: "finite", 2: "finite", 3: "lacks", 4: "already", 5: "no answer", 6: "PTQ"}.items():
         assert words in reasons[node], (node, reasons[node])
-    assert [c["id"] for c in results["clients"]] == [0, 6]
-    assert results["rounds"][0]["participants"] == [0, 6]
+    assert [c["id"] for c in results["clients"]] == [0, 7]
+    assert results["rounds"][0]["participants"] == [0, 7]
     assert "left out of the run" in caplog.text
 
 

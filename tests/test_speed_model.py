@@ -87,8 +87,9 @@ def test_eq1_from_a_measured_profile():
     step = STEP0 + STEP1 * b_m  # beyond the last measured batch: the fitted per-sample cost
     assert est.batch == b_m and est.step_s == pytest.approx(step)
     assert est.hardware_performance == pytest.approx(beta * PARAMS / step)  # H_m: parameters per second
-    assert est.time_s == pytest.approx(samples / b_m * epochs * PARAMS / est.hardware_performance)  # Eq. 1
-    assert est.time_s == pytest.approx(samples / b_m * epochs * step / beta)
+    # Eq. 1, V/B in whole batches (the last one shorter), as training runs them
+    assert est.time_s == pytest.approx(math.ceil(samples / b_m) * epochs * PARAMS / est.hardware_performance)
+    assert est.time_s == pytest.approx(math.ceil(samples / b_m) * epochs * step / beta)
     assert est.memory_bytes <= est.budget_bytes < est.memory_bytes + MEM1
     assert est.params == PARAMS and est.scaled_from is None and est.device == "here"
     # QAT: same memory here, twice the step time

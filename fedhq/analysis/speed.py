@@ -215,9 +215,11 @@ class SpeedModel:
         epochs: int | float,
         max_batch: int | None = None,
         batch: int | None = None,
+        drop_single: bool = False,
     ) -> SpeedEstimate:
         """Eq. 1 for a client with ``samples`` (V_m) local samples and ``epochs`` (E_m).
-        ``batch`` fixes B_m instead of deriving it (it must still fit alpha * M)."""
+        ``batch`` fixes B_m instead of deriving it (it must still fit alpha * M). V/B
+        counts whole batches, as training runs them (``batches_per_epoch``)."""
         alpha = check_fraction("alpha", alpha)
         beta = check_fraction("beta", beta)
         samples = int(_check_count("samples", samples))
@@ -236,7 +238,8 @@ class SpeedModel:
         step = self.step_time(model, strategy, batch)
         params = self.params(model)
         performance = beta * params / step  # H_m: parameters processed per second at B_m
-        time_s = (samples / batch) * epochs * params / performance  # Eq. 1
+        steps = batches_per_epoch(samples, batch, drop_single=drop_single)
+        time_s = steps * epochs * params / performance  # Eq. 1, V/B in whole batches
         _, reference = self._entry(model)
         return SpeedEstimate(
             time_s=time_s,
@@ -250,6 +253,15 @@ class SpeedModel:
             device=self.device,
             scaled_from=reference["device"]["name"] if reference is not None else None,
         )
+
+
+def batches_per_epoch(samples: int, batch: int, *, drop_single: bool = False) -> int:
+    """Batches one epoch of ``samples`` runs at ``batch``: the last one shorter, and left
+    out when it holds one sample and ``drop_single`` (BatchNorm; fedhq.fl.client)."""
+    count = -(-samples // batch)
+    if drop_single and count > 1 and samples % batch == 1:
+        count -= 1
+    return count
 
 
 def training_time(profile: Any, model: Any, strategy: str, *, reference: Any = None, **client) -> SpeedEstimate:

@@ -19,9 +19,8 @@ import fedhq_kernels as fk
 from fedhq.allocation.adjust import detect, flip_leaf, search_subtree
 from fedhq.data.base import Split
 from fedhq.fl import seeds
-from fedhq.fl.client import evaluate
-from fedhq.fl.rounds import RoundContext, RoundOutcome, play_round
-from fedhq.fl.timing import COST_STRATEGY
+from fedhq.fl.client import evaluate, has_batchnorm
+from fedhq.fl.rounds import RoundContext, RoundOutcome, play_round, predicted_compute_s
 
 log = logging.getLogger("fedhq.adjust")
 
@@ -54,18 +53,11 @@ def predicted_round_times(ctx: RoundContext, outcome: RoundOutcome) -> dict[int,
     strategy (fp32 costs as PTQ) plus the upload of the bytes it sent."""
     config, predicted = ctx.config, {}
     nbytes = {u.client: u.nbytes for u in outcome.updates}
+    batchnorm = has_batchnorm(ctx.spec.build())
     for c in ctx.clients:
         if c.id in outcome.times:
-            estimate = c.device.speed.estimate(
-                ctx.spec.key,
-                COST_STRATEGY[c.strategy],
-                alpha=c.alpha,
-                beta=c.beta,
-                samples=len(c.data),
-                epochs=config.local_epochs,
-                batch=c.batch,
-            )
-            predicted[c.id] = estimate.time_s + c.device.upload_seconds(nbytes[c.id])
+            compute = predicted_compute_s(c, ctx.spec, c.strategy, config.local_epochs, batchnorm)
+            predicted[c.id] = compute + c.device.upload_seconds(nbytes[c.id])
     return predicted
 
 

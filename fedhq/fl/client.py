@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fedhq_kernels as fk
+from fedhq.analysis.speed import batches_per_epoch
 from fedhq.data.base import Split
 from fedhq.fl import seeds
 from fedhq.models import ModelSpec
@@ -111,9 +112,7 @@ def training_batches(order: Tensor, batch_size: int, batchnorm: bool) -> list[Te
     sits out each time; folding it into the previous batch instead would exceed B_m, the
     largest batch the client's memory budget holds."""
     batches = list(order.split(batch_size))
-    if batchnorm and len(batches) > 1 and batches[-1].numel() == 1:
-        batches.pop()
-    return batches
+    return batches[: batches_per_epoch(order.numel(), batch_size, drop_single=batchnorm)]
 
 
 def build_client_model(spec: ModelSpec, strategy: str, state: ClientState | None, *, bits: int) -> nn.Module:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedhq.fl import engine
-from fedhq.fl.config import MAX_SEED, STRATEGIES, ConfigError, RunConfig
+from fedhq.fl.config import MAX_SEED, PAPER_STRATEGIES, STRATEGIES, ConfigError, RunConfig
 from fedhq.fl.outputs import claim_output
 from fedhq.fl.summary import summarize
 from fedhq_kernels.checks import is_int
@@ -83,7 +83,7 @@ def _duration(seconds: float) -> str:
 
 def compare(
     config: RunConfig,
-    strategies: Sequence[str] = STRATEGIES,
+    strategies: Sequence[str] = PAPER_STRATEGIES,
     *,
     seeds: Sequence[int] | None = None,
     resume: bool = False,

@@ -17,7 +17,9 @@ from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS
 from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
 from fedhq_kernels.functional import METHODS
 
-STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
+# the paper's five (fedhq compare's default), then this project's round-aware ones (docs/method.md §8)
+PAPER_STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
+STRATEGIES = (*PAPER_STRATEGIES, "fedhq-rt", "slackfill", "fedrh-matched")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 SPEED_ORIENTATIONS = ("time", "speed")
 # The server's aggregation (fedhq_kernels.aggregate_state_dicts): "mean" (FedAvg),
@@ -80,6 +82,7 @@ class RunConfig:
     betas: list[float] | None = None
     xi: float = 0.2
     area_threshold: float = 0.0625
+    round_slack: float = 0.0  # fedhq-rt: the round may last (1 + round_slack) x the all-PTQ round
     speed_orientation: str = "speed"  # measured default: see README, "Reading Sig_speed"
     acc_statistic: str = DEFAULT_STATISTIC  # per-sample statistic of Sig_acc (fedhq.analysis.accuracy.STATISTICS)
     bits: int = 8
@@ -181,7 +184,7 @@ class RunConfig:
         _int_at_least("adjust_after", self.adjust_after, 1)
         _int_at_least("adjust_budget", self.adjust_budget, 0)
         _int_at_least("adjust_trial_rounds", self.adjust_trial_rounds, 1)
-        for name in ("adjust_time_tolerance", "adjust_acc_tolerance"):
+        for name in ("adjust_time_tolerance", "adjust_acc_tolerance", "round_slack"):
             value = getattr(self, name)
             if not is_real(value) or value < 0:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")

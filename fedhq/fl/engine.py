@@ -23,15 +23,35 @@ import torch
 
 import fedhq_kernels as fk
 from fedhq.allocation import global_init, normalize_significance
+from fedhq.allocation.round_aware import round_aware, slack_fill
 from fedhq.analysis import speed as speed_analysis
 from fedhq.analysis.accuracy import client_significance
 from fedhq.data import DatasetNotFoundError, load_dataset, partition
 from fedhq.data.base import Dataset, Split, stratified_split, stratified_test_indices
 from fedhq.fl import checkpoint, seeds
 from fedhq.fl.adjustment import adjust_allocation
-from fedhq.fl.client import ClientState, RoundPlan, evaluate, train_local
+from fedhq.fl.client import (
+    ClientState,
+    RoundPlan,
+    evaluate,
+    has_batchnorm,
+    payload_bytes,
+    quantize_upload,
+    quantized_names,
+    train_local,
+)
 from fedhq.fl.config import ALPHA_RANGE, BETA_RANGE, ConfigError, RunConfig
-from fedhq.fl.rounds import Client, Replies, RoundContext, RoundOutcome, TrainFn, close_round, round_plan, train_clients
+from fedhq.fl.rounds import (
+    Client,
+    Replies,
+    RoundContext,
+    RoundOutcome,
+    TrainFn,
+    close_round,
+    predicted_compute_s,
+    round_plan,
+    train_clients,
+)
 from fedhq.fl.server import Server, growth_limits, validate_update
 from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
@@ -209,13 +229,21 @@ def client_setup(config: RunConfig, reference: dict, cid: int) -> tuple[ModelSpe
 
 def client_analysis(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[float, float]:
     """What one client computes on its own: (T_m, Sig_acc). T_m is Eq. 1 for training
-    with QAT (the strategy being decided); Sig_acc is Alg. 1 + Eq. 3 on
-    ``config.acc_statistic``. Eq. 2 turns everyone's T_m into Sig_speed on the server."""
-    estimate = c.device.speed.estimate(
-        spec.key, "qat", alpha=c.alpha, beta=c.beta, samples=len(c.data), epochs=config.local_epochs, batch=c.batch
-    )
+    with QAT (the strategy being decided), in whole batches as trained; Sig_acc is
+    Alg. 1 + Eq. 3 on ``config.acc_statistic``. Eq. 2 turns everyone's T_m into
+    Sig_speed on the server."""
+    time_s = predicted_compute_s(c, spec, "qat", config.local_epochs, has_batchnorm(spec.build()))
     acc_sig = client_significance(c.data.x.numpy(), c.data.y.numpy(), statistic=config.acc_statistic)
-    return estimate.time_s, acc_sig
+    return time_s, acc_sig
+
+
+def client_costs(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[float, float]:
+    """(PTQ compute seconds, upload seconds) a client predicts for one round, besides
+    T_m: what the round-aware allocators (fedhq-rt, slackfill) read."""
+    model = spec.build()
+    ptq_s = predicted_compute_s(c, spec, "ptq", config.local_epochs, has_batchnorm(model))
+    upload = quantize_upload(model.state_dict(), quantized_names(model), config.bits)
+    return ptq_s, c.device.upload_seconds(payload_bytes(upload))
 
 
 def describe(c: Client) -> dict:
@@ -239,13 +267,38 @@ def normalized_significance(config: RunConfig, speed_sig: list[float], acc_sig: 
     return norm_speed, norm_acc
 
 
-def allocate(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) -> list[str]:
+def allocate(
+    config: RunConfig,
+    speed_sig: list[float],
+    acc_sig: list[float],
+    costs: RoundCosts | None = None,
+    topology: Topology | None = None,
+) -> list[str]:
+    """One strategy per client. fedhq-rt and slackfill read the clients' predicted
+    ``costs``; on a ``topology`` each node's path to the server counts."""
     n = len(speed_sig)
-    if config.strategy == "fedhq":
+    if config.strategy in ("fedhq", "fedrh-matched"):
         allocation = global_init(
             speed_sig, acc_sig, config.xi, config.area_threshold, speed_orientation=config.speed_orientation
         )
-        return [str(s) for s in allocation.strategies]
+        chosen = [str(s) for s in allocation.strategies]
+        if config.strategy == "fedhq":
+            return chosen
+        # as many QAT clients as fedhq, drawn at random
+        matched = ["ptq"] * n
+        for i in seeds.generator(config.seed, "fedrh-matched").permutation(n)[: chosen.count("qat")]:
+            matched[i] = "qat"
+        return matched
+    if config.strategy in ("fedhq-rt", "slackfill"):
+        if costs is None:
+            raise ValueError(f"strategy {config.strategy} needs the clients' predicted round costs")
+        parents = None if topology is None or topology.is_flat else list(topology.parents)
+        times = {"ptq_s": costs.ptq_s, "qat_s": costs.qat_s, "upload_s": costs.upload_s, "parents": parents}
+        if config.strategy == "slackfill":
+            mask = slack_fill(**times)
+        else:
+            mask = round_aware(acc_sig=acc_sig, round_slack=config.round_slack, **times)
+        return ["qat" if q else "ptq" for q in mask]
     if config.strategy == "fedaqt":
         return ["qat"] * n
     if config.strategy == "fedfq":
@@ -254,6 +307,25 @@ def allocate(config: RunConfig, speed_sig: list[float], acc_sig: list[float]) ->
         draws = seeds.generator(config.seed, "fedrh").random(n)
         return ["ptq" if d < 0.5 else "qat" for d in draws]
     return ["fp32"] * n
+
+
+@dataclass(frozen=True)
+class RoundCosts:
+    """Per client, in client order: predicted PTQ and QAT compute and upload seconds."""
+
+    ptq_s: list[float]
+    qat_s: list[float]
+    upload_s: list[float]
+
+    @classmethod
+    def of(cls, answers: list[Answer], topology: Topology) -> RoundCosts:
+        """From the answers; a node that does not train computes nothing."""
+        trains = [topology.trains[a.client] for a in answers]
+        return cls(
+            [a.ptq_s if t else 0.0 for a, t in zip(answers, trains)],
+            [a.time_s if t else 0.0 for a, t in zip(answers, trains)],
+            [a.upload_s for a in answers],
+        )
 
 
 # ---- evaluation and progress (every round) ----
@@ -310,13 +382,16 @@ class Setup:
 
 @dataclass(frozen=True)
 class Answer:
-    """A client's answer to the analysis: T_m (Eq. 1), Sig_acc (Eq. 3) and ``about``,
-    its client row's description (``describe``; on Flower also its node_id)."""
+    """A client's answer to the analysis: T_m (Eq. 1), Sig_acc (Eq. 3), ``about``,
+    its client row's description (``describe``; on Flower also its node_id), and its
+    predicted PTQ compute and upload seconds (``client_costs``)."""
 
     client: int
     time_s: float
     acc_sig: float
     about: dict
+    ptq_s: float = 0.0  # PTQ compute seconds (client_costs)
+    upload_s: float = 0.0
 
 
 class Transport(Protocol):
@@ -356,8 +431,10 @@ class InProcess:
         return RoundContext(s.config, s.spec, server, self.clients, self.states, s.topology, self.train_fn)
 
     def analyze(self) -> list[Answer]:
+        s = self.setup
         return [
-            Answer(c.id, *client_analysis(c, self.setup.spec, self.setup.config), describe(c)) for c in self.clients
+            Answer(c.id, *client_analysis(c, s.spec, s.config), describe(c), *client_costs(c, s.spec, s.config))
+            for c in self.clients
         ]
 
     def train(self, server: Server, plans: dict[int, RoundPlan]) -> Replies:
@@ -418,7 +495,8 @@ def run(
     t0 = time.perf_counter()
     times, acc_sig = [a.time_s for a in answers], [a.acc_sig for a in answers]
     speed_sig = speed_analysis.speed_significance(times)
-    assignment = allocate(config, speed_sig, acc_sig)
+    costs = RoundCosts.of(answers, topology)
+    assignment = allocate(config, speed_sig, acc_sig, costs, topology)
     allocation_s = time.perf_counter() - t0
     norm_speed, norm_acc = normalized_significance(config, speed_sig, acc_sig)
     strategies = {a.client: s for a, s in zip(answers, assignment)}
@@ -475,6 +553,7 @@ def run(
             **a.about,
             "strategy": strategies[a.client],
             "speed_time_s": times[i],
+            "predicted_s": {"ptq": costs.ptq_s[i], "qat": costs.qat_s[i], "upload": costs.upload_s[i]},
             "speed_sig": speed_sig[i],
             "acc_sig": acc_sig[i],
             "norm_speed": norm_speed[i],

@@ -15,7 +15,7 @@ from fedhq.data.base import Split
 from fedhq.fl.client import ClientState, RoundPlan, Update
 from fedhq.fl.config import RunConfig
 from fedhq.fl.server import Rejection, Server
-from fedhq.fl.timing import ClientDevice, ClientTime
+from fedhq.fl.timing import COST_STRATEGY, ClientDevice, ClientTime
 from fedhq.fl.topology import Topology
 from fedhq.models import ModelSpec
 
@@ -32,6 +32,21 @@ class Client:
     beta: float
     batch: int
     strategy: str = "ptq"
+
+
+def predicted_compute_s(c: Client, spec: ModelSpec, strategy: str, epochs: int, batchnorm: bool) -> float:
+    """Eq. 1 of client ``c`` for ``strategy`` (fp32 costs as PTQ), in whole batches as trained."""
+    estimate = c.device.speed.estimate(
+        spec.key,
+        COST_STRATEGY[strategy],
+        alpha=c.alpha,
+        beta=c.beta,
+        samples=len(c.data),
+        epochs=epochs,
+        batch=c.batch,
+        drop_single=batchnorm,
+    )
+    return estimate.time_s
 
 
 @dataclass

@@ -16,6 +16,7 @@ STREAMS = {
     "partition": 0x9A27,  # the split of the training set among clients
     "init": 0x1417,  # the initial global model
     "fedrh": 0x4D,  # fedrh's coin per client
+    "fedrh-matched": 0x4E,  # fedrh-matched's random choice of its QAT clients
     "shuffle": 0x5F,  # a client's batch order; keys (round, client)
     "adjustment": 0xAD,  # the adjustment's sample of candidate allocations
     "test_subset": 0x7E57,  # the test images kept by --max-test

@@ -74,6 +74,7 @@ def query(msg: Message, context: Context) -> Message:
     context.state.pop(OBSERVERS, None)
     node = _node(context)
     time_s, acc_sig = engine.client_analysis(node.client, node.spec, node.config)
+    ptq_s, upload_s = engine.client_costs(node.client, node.spec, node.config)
     c = node.client
     about = {
         "partition-id": c.id,
@@ -85,7 +86,10 @@ def query(msg: Message, context: Context) -> Message:
         "samples": len(c.data),
     }
     content = RecordDict(
-        {"significance": MetricRecord({"time-s": time_s, "acc": acc_sig}), "node": ConfigRecord(about)}
+        {
+            "significance": MetricRecord({"time-s": time_s, "acc": acc_sig, "ptq-s": ptq_s, "upload-s": upload_s}),
+            "node": ConfigRecord(about),
+        }
     )
     return Message(content, reply_to=msg)
 

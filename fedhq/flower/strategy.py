@@ -222,6 +222,9 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
     time_s, acc = significance.get("time-s"), significance.get("acc")
     if not (is_real(time_s) and is_real(acc)) or time_s <= 0:
         return None, f"significance must be finite (T_m > 0), got T_m={time_s!r}, Sig_acc={acc!r}"
+    costs = significance.get("ptq-s"), significance.get("upload-s")
+    if not all(is_real(v) and v >= 0 for v in costs):
+        return None, f"the predicted PTQ and upload seconds must be finite and >= 0, got {costs!r}"
     checks = {int: is_int, float: is_real, str: lambda v: isinstance(v, str)}
     wrong = [k for k, kind in ABOUT.items() if not checks[kind](about.get(k))]
     if wrong:
@@ -239,7 +242,7 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
         "samples": about["samples"],
         "batch": about["batch"],
     }
-    return Answer(about["partition-id"], float(time_s), float(acc), row), None
+    return Answer(about["partition-id"], float(time_s), float(acc), row, *map(float, costs)), None
 
 
 def _read_update(client: int, content: RecordDict, expected: dict) -> tuple[Update, ClientTime, int]:

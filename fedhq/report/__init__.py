@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fedhq.fl.compare import run_dir, seed_dir
 from fedhq.report.csvfiles import write_rounds_csv
-from fedhq.report.plots import plot_accuracy_vs_time, plot_allocation, plot_seed_summary, ptq_region
+from fedhq.report.plots import plot_accuracy_vs_time, plot_allocation, plot_round_times, plot_seed_summary, ptq_region
 from fedhq.report.schema import COMPARE_SCHEMA, RUN_SCHEMA, check_comparison, check_run
 from fedhq.report.tables import format_comparison_table, format_run_table, format_seed_table
 
@@ -30,13 +30,14 @@ def _seed_report(runs: Mapping[str, Mapping], out: Path) -> list[Path]:
     for name in ALLOCATED:
         if name in runs:
             paths.append(plot_allocation(runs[name], out / f"allocation_{name.replace('+', '_')}.png"))
-    return paths
+    times = plot_round_times(runs, out / "round_times.png")
+    return paths + ([times] if times else [])
 
 
 def write_report(comparison: Mapping, out_dir: str | Path) -> list[Path]:
     """Into ``out_dir`` (the comparison's folder): comparison.txt and rounds.csv of every
     run; with one seed accuracy_vs_time.png and allocation_<strategy>.png (fedhq,
-    fedhq+adjust, fedrh) beside them, with several seeds seed_summary.png, and each
+    fedhq+adjust, fedrh) and round_times.png beside them, with several seeds seed_summary.png, and each
     seed's own table and plots in its folder. Every run's folder gets its rounds.csv.
     Returns the paths written."""
     by_seed = check_comparison(comparison)

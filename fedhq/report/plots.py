@@ -18,6 +18,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from fedhq.allocation import geometric_segmentation  # noqa: E402
+from fedhq.allocation.round_aware import path_uploads  # noqa: E402
 from fedhq.fl.summary import HEADLINE_ROUNDS, mean_ci, row_accuracy, summarize  # noqa: E402
 from fedhq.report.schema import check_run  # noqa: E402
 from fedhq.report.tables import END_TO_END, HEADLINE, describe, strategy_counts  # noqa: E402
@@ -36,6 +37,9 @@ STRATEGY_STYLES = {
     "fedfq": {"color": "tab:green", "marker": "^"},
     "fedrh": {"color": "tab:orange", "marker": "D"},
     "fp32": {"color": "0.3", "marker": "x", "linestyle": "--"},
+    "fedhq-rt": {"color": "tab:cyan", "marker": "*"},
+    "slackfill": {"color": "tab:olive", "marker": "v"},
+    "fedrh-matched": {"color": "tab:brown", "marker": "d"},
 }
 
 
@@ -322,6 +326,53 @@ def plot_allocation(run: Mapping, path: str | Path) -> Path:
         crowded = [str(c["id"]) for c, label in zip(placed, labels) if label is None]
         if crowded:  # no free spot near them: named below the plot instead
             ax.text(0, -0.18, "no room to label clients " + ", ".join(crowded), transform=ax.transAxes, fontsize=8)
+    return _save(fig, path)
+
+
+def plot_round_times(runs: Mapping[str, Mapping], path: str | Path) -> Path | None:
+    """Per strategy, each client's predicted round time (compute plus its uploads up to
+    the server) with PTQ and with QAT: the strategy it trained with filled, the other
+    hollow; the dashed line is the predicted round time, and the star marks the client
+    on its critical path. Runs without predicted times (older results, fp32) are left
+    out; None when none is left."""
+    shown = {
+        name: run
+        for name, run in runs.items()
+        if run["clients"] and all("predicted_s" in c and c["strategy"] in ("ptq", "qat") for c in run["clients"])
+    }
+    if not shown:
+        return None
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9.0, 1.9 * len(shown) + 0.6), sharex=True, squeeze=False)
+    for ax, (name, run) in zip(axes[:, 0], shown.items()):
+        clients = run["clients"]
+        parents = run.get("topology", {}).get("parents")
+        upload = np.array([c["predicted_s"]["upload"] for c in clients], dtype=float)
+        ids = [c["id"] for c in clients]
+        if parents is not None and len(parents) == len(clients) and ids == list(range(len(clients))):
+            upload = path_uploads(upload, parents)
+        ptq = np.array([c["predicted_s"]["ptq"] for c in clients]) + upload
+        qat = np.array([c["predicted_s"]["qat"] for c in clients]) + upload
+        is_qat = np.array([c["strategy"] == "qat" for c in clients])
+        chosen = np.where(is_qat, qat, ptq)
+        x = np.arange(len(clients))
+        for offset, times, kind in ((-0.2, ptq, "ptq"), (0.2, qat, "qat")):
+            mine = is_qat if kind == "qat" else ~is_qat
+            color = CLIENT_COLORS[kind]
+            ax.bar(x[mine] + offset, times[mine], width=0.4, color=color)
+            ax.bar(x[~mine] + offset, times[~mine], width=0.4, facecolor="none", edgecolor=color, lw=0.8)
+        critical = int(np.argmax(chosen))
+        ax.axhline(chosen[critical], color="black", ls="--", lw=1)
+        ax.plot(x[critical], chosen[critical] * 1.04, marker="*", color="black", ms=11)
+        ax.set_ylabel("s / round")
+        ax.set_title(
+            f"{name}: {int(is_qat.sum())} QAT; predicted round {chosen[critical]:.2f} s "
+            f"(all PTQ {ptq.max():.2f} s, all QAT {qat.max():.2f} s)",
+            fontsize=9,
+        )
+    axes[-1, 0].set_xticks(np.arange(len(next(iter(shown.values()))["clients"])))
+    axes[-1, 0].set_xlabel("client (left bar PTQ, right bar QAT; filled: trained with it; star: critical path)")
+    fig.suptitle(describe(list(shown.values())), fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)
 
 
