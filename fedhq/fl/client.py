@@ -1,19 +1,9 @@
 """One client's round: load the global model, train with its strategy, upload.
 
-``train_local`` is a pure function of its arguments (model spec, global float
-weights, local data, round plan, client-local state), so the embedded engine and the
-Flower ClientApp run the same code. Randomness (shuffling) comes from the run seed's
-shuffle stream keyed by (round, client) (``fedhq.fl.seeds``): a run is reproducible
-and resumable without saving any RNG state.
-
-What is quantized and what stays float (docs/fl.md): a PTQ client trains the float
-model; a QAT client trains ``fedhq.quant.prepare_qat(model, bits=B)`` (weights
-per channel and input activations per tensor through ``fedhq_kernels.fake_quant``, at
-the bits B it uploads). Both upload the float parameters (weights, biases, BatchNorm's
-affine parameters) as INT``bits`` codes (``quantized_names``) and buffers (BatchNorm's
-running statistics, ``num_batches_tracked``) as they are. The QAT activation observers
-never leave the client (``ClientState``).
-"""
+``train_local`` is a pure function of its arguments (both engines run it); shuffling
+comes from the seed's shuffle stream keyed by (round, client), so a run is reproducible
+and resumable without saved RNG state. What a PTQ or QAT client quantizes and uploads:
+docs/fl.md."""
 
 from __future__ import annotations
 

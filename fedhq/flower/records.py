@@ -1,26 +1,7 @@
-"""Quantized state dicts as Flower records, and back.
-
-A state dict (``fedhq_kernels.QuantizedTensor`` for parameters, plain tensors for
-buffers, or all plain tensors for fp32) travels as two records:
-
-- an ``ArrayRecord``: every entry's tensor under its own name (for a quantized entry
-  its codes packed to ``bits`` bits each, ``fedhq_kernels.pack_codes``: 1-D uint8),
-  plus ``<name>:scale`` (float32) and ``<name>:zero_point`` (int32) for each
-  quantized entry;
-- a ``ConfigRecord`` "layout" naming the quantized entries, with parallel lists of
-  their bits, axis (-1 per tensor), symmetric flag, original float dtype and shape
-  ("64x3x3x3"; "" for a 0-d tensor); empty when nothing is quantized (fp32), as Flower
-  1.41's ``ConfigRecord.count_bytes`` fails on empty lists.
-
-``decode_state`` is strict about structure (keys, array dtypes and shapes, list
-types): a malformed record raises ``RecordError`` with the reason, which the strategy
-logs when it leaves the reply out. Given the ``expected`` state dict (the global
-model) it compares names, layouts and declared sizes with it before reading any array,
-and every array's npy header before allocating it, so a reply costs at most its bytes
-plus one model. What the values mean (code range, finite positive scales, growth) is
-checked afterwards by the same ``fedhq.fl.server.validate_update`` as the embedded
-engine (docs/flower.md, "What the server tolerates").
-"""
+"""Quantized state dicts as Flower records (an ``ArrayRecord`` of packed codes, scales,
+zero points and plain tensors, plus a "layout" ``ConfigRecord``), and back.
+``decode_state`` checks a reply against the expected model before it allocates; any
+malformed record is a ``RecordError``. Format and checks: docs/flower.md."""
 
 from __future__ import annotations
 

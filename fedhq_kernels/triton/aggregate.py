@@ -1,27 +1,7 @@
-"""The server's aggregation in Triton, whole models at once: dequantize every client's
-codes, average with the clients' weights in float32 (client by client, in order, as
-reference.aggregate), requantize with a freshly observed range per segment.
-
-One launch per pass over every tensor of the model, with no Python loop over clients
-or tensors touching data: the host builds small int64 tables (one host -> device copy)
-    code_ptrs [K * T]  address of client k's codes of tensor t (entry k * T + t), so
-                       the clients' tensors are read where they are, never copied
-    meta      [T, 8]   per tensor: is_col, nrows, ncols, C, segment base, output base,
-                       numel (a tensor as a 2-D matrix, see _common: per-tensor tensors
-                       are [cdiv(numel, BW), BW] ROW matrices with one channel)
-    tiles     [n, 3]   per program: tensor, row block, column block
-    seg_tensor [S]     segment -> tensor (to name the tensor whose average is not finite)
-and packs the clients' (scale, zero point) pairs into one float32 [K, S, 2] table,
-gathered as int64 (one load per client and row / column instead of two).
-
-Pass 1 recomputes the average tile by tile and folds each row's (ROW) or column's
-(COL) range into per-segment accumulators with float atomics (min / max: exact and
-order-independent, so deterministic); per-tensor tiles reduce to one atomic pair.
-The qparams kernel turns ranges into scales / zero points; pass 2 recomputes the
-average (re-reading int8 codes costs less than writing and re-reading float32) and
-writes the packed codes. One small device -> host read at the end (a host sync on a
-GPU) reports bad client parameters or a non-finite average.
-"""
+"""The server's aggregation in Triton, whole models at once: two launches over every
+tensor (range, then write), driven by small int64 tables built on the host, one
+read-back at the end. Layout of the tables and the passes: docs/kernels.md,
+"Triton aggregation"."""
 
 from __future__ import annotations
 
