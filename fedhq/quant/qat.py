@@ -12,7 +12,7 @@ What a prepared layer computes and how its state dict aggregates: docs/kernels.m
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -52,10 +52,30 @@ class QATConfig:
             raise ValueError(f"QATConfig: observer must be one of {OBSERVERS}, got {self.observer!r}")
 
 
+def _sharing(new: nn.Module, source: nn.Module) -> nn.Module:
+    """``new`` (built on the meta device) holding ``source``'s weight and bias objects."""
+    new.weight, new.bias = source.weight, source.bias
+    return new
+
+
 class _QATMixin:
     """The fake-quantization shared by QATConv2d and QATLinear."""
 
     qat_config: QATConfig
+
+    FLOAT: type[nn.Module]  # the float layer this one fake-quantizes
+    settings: Callable[[nn.Module], dict]  # constructor arguments of a layer shaped like the given one
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, config: QATConfig) -> nn.Module:
+        """A QAT twin sharing ``layer``'s parameter objects (no copy)."""
+        new = _sharing(cls(**cls.settings(layer), device="meta", dtype=layer.weight.dtype, qat_config=config), layer)
+        new._init_qat(config, layer.weight.device)
+        return new.train(layer.training)
+
+    def to_float(self) -> nn.Module:
+        new = self.FLOAT(**self.settings(self), device="meta", dtype=self.weight.dtype)
+        return _sharing(new, self).train(self.training)
 
     def _init_qat(self, config: QATConfig, device) -> None:
         self.qat_config = config
@@ -120,6 +140,22 @@ class _QATMixin:
 class QATConv2d(_QATMixin, nn.Conv2d):
     """nn.Conv2d whose input and weight are fake-quantized (docs/kernels.md)."""
 
+    FLOAT = nn.Conv2d
+
+    @staticmethod
+    def settings(conv: nn.Conv2d) -> dict:
+        return dict(
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+        )
+
     def __init__(self, *args, qat_config: QATConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_qat(qat_config or QATConfig(), self.weight.device)
@@ -127,47 +163,15 @@ class QATConv2d(_QATMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quantize_input(x), self.quantize_weight(), self.bias)
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, config: QATConfig) -> QATConv2d:
-        """A QAT twin sharing ``conv``'s parameter objects (no copy)."""
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device="meta",
-            dtype=conv.weight.dtype,
-            qat_config=config,
-        )
-        new.weight, new.bias = conv.weight, conv.bias
-        new._init_qat(config, conv.weight.device)
-        return new.train(conv.training)
-
-    def to_float(self) -> nn.Conv2d:
-        new = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-            dtype=self.weight.dtype,
-        )
-        new.weight, new.bias = self.weight, self.bias
-        return new.train(self.training)
-
 
 class QATLinear(_QATMixin, nn.Linear):
     """nn.Linear whose input and weight are fake-quantized (docs/kernels.md)."""
+
+    FLOAT = nn.Linear
+
+    @staticmethod
+    def settings(linear: nn.Linear) -> dict:
+        return dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None)
 
     def __init__(self, *args, qat_config: QATConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -176,30 +180,9 @@ class QATLinear(_QATMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.quantize_weight(), self.bias)
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear, config: QATConfig) -> QATLinear:
-        new = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            device="meta",
-            dtype=linear.weight.dtype,
-            qat_config=config,
-        )
-        new.weight, new.bias = linear.weight, linear.bias
-        new._init_qat(config, linear.weight.device)
-        return new.train(linear.training)
 
-    def to_float(self) -> nn.Linear:
-        new = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=self.weight.dtype
-        )
-        new.weight, new.bias = self.weight, self.bias
-        return new.train(self.training)
-
-
-_FLOAT_TO_QAT = {nn.Conv2d: QATConv2d, nn.Linear: QATLinear}
 QAT_MODULES = (QATConv2d, QATLinear)
+_FLOAT_TO_QAT = {qat.FLOAT: qat for qat in QAT_MODULES}
 
 
 def _swap(model: nn.Module, convert) -> nn.Module:
