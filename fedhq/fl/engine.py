@@ -52,7 +52,7 @@ from fedhq.fl.rounds import (
     round_plan,
     train_clients,
 )
-from fedhq.fl.server import Server, growth_limits, validate_update
+from fedhq.fl.server import Server, check_scheme, growth_limits, validate_update
 from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
 from fedhq.models import ModelSpec
@@ -700,10 +700,8 @@ def _payload_problem(saved: dict) -> str | None:
 def _scheme_problem(state: dict, initial: dict) -> str | None:
     """Which entry of ``state`` is not quantized as the run quantizes ``initial``'s."""
     for name, q in initial.items():
-        if isinstance(q, fk.QuantizedTensor):
-            v = state[name]
-            if (v.symmetric, v.axis, v.scale.shape) != (q.symmetric, q.axis, q.scale.shape):
-                return f"'{name}': not quantized with the run's scheme (symmetric, axis, scales)"
+        if isinstance(q, fk.QuantizedTensor) and check_scheme(state[name], q):
+            return f"'{name}': not quantized with the run's scheme (symmetric, axis, scales)"
     return None
 
 

@@ -99,7 +99,7 @@ def validate_update(
     for name, reference in template.items():
         reason = _check_entry(state[name], reference, bits if name in quantized else None)
         if reason is None and schemes and isinstance(schemes.get(name), fk.QuantizedTensor):
-            reason = _check_scheme(state[name], schemes[name])
+            reason = check_scheme(state[name], schemes[name])
         if reason is None and name in variances:
             reason = _check_variance(state[name])
         if reason is None and limits and name in limits:
@@ -134,7 +134,7 @@ def _check_variance(value: Tensor | fk.QuantizedTensor) -> str | None:
 SCHEME_FIELDS = ("bits", "axis", "symmetric", "dtype")
 
 
-def _check_scheme(value: fk.QuantizedTensor, reference: fk.QuantizedTensor) -> str | None:
+def check_scheme(value: fk.QuantizedTensor, reference: fk.QuantizedTensor) -> str | None:
     """Aggregation needs every client's entry quantized as the global model's is."""
     got, want = ([getattr(q, f) for f in SCHEME_FIELDS] for q in (value, reference))
     if got != want:
