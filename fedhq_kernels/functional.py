@@ -266,6 +266,7 @@ def _check_device(op: str, owner: str, q: QuantizedTensor, device: torch.device)
 
 
 METHODS = ("mean", "trimmed-mean", "median")
+DEFAULT_TRIM = 0.1  # the fraction cut from each end (Flower's FedTrimmedAvg calls it beta)
 
 
 def _resolve_method(op: str, method, trim, clients: int) -> int:
@@ -358,7 +359,9 @@ def _aggregate_plain(column: list[Tensor], weights: Tensor, cut: int) -> Tensor:
     return out.to(device=first.device)
 
 
-def aggregate_state_dicts(state_dicts: Sequence[Mapping], weights, *, method: str = "mean", trim: float = 0.1) -> dict:
+def aggregate_state_dicts(
+    state_dicts: Sequence[Mapping], weights, *, method: str = "mean", trim: float = DEFAULT_TRIM
+) -> dict:
     """The server step over whole models: dequantize every client's state dict,
     combine coordinate-wise with ``method`` ("mean": weighted by ``weights``, e.g.
     sample counts; "trimmed-mean" cutting ``trim`` of the clients from each end, or
@@ -410,7 +413,7 @@ def aggregate_state_dicts(state_dicts: Sequence[Mapping], weights, *, method: st
 
 
 def aggregate(
-    updates: Sequence[QuantizedTensor], weights, *, method: str = "mean", trim: float = 0.1
+    updates: Sequence[QuantizedTensor], weights, *, method: str = "mean", trim: float = DEFAULT_TRIM
 ) -> QuantizedTensor:
     """The server step for one tensor: aggregate_state_dicts on a one-entry model."""
     updates = list(updates)

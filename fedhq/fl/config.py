@@ -15,17 +15,13 @@ from typing import Any
 
 from fedhq.analysis.accuracy import DEFAULT_STATISTIC, STATISTICS
 from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
-from fedhq_kernels.functional import METHODS
+from fedhq_kernels.functional import DEFAULT_TRIM, METHODS
 
 # the paper's five (fedhq compare's default), then this project's round-aware ones (docs/method.md §8)
 PAPER_STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
 STRATEGIES = (*PAPER_STRATEGIES, "fedhq-rt", "slackfill", "fedrh-matched")
 PARTITIONS = ("iid", "dirichlet", "quantity")
 SPEED_ORIENTATIONS = ("time", "speed")
-# The server's aggregation (fedhq_kernels.aggregate_state_dicts): "mean" (FedAvg),
-# "trimmed-mean:<trim>" (trim in [0, 0.5): the fraction cut at each end) or "median".
-AGGREGATIONS = METHODS  # the kernels' list: one home
-DEFAULT_TRIM = 0.1
 # Seeds are below numpy's legacy bound, which every seeded library here accepts.
 MAX_SEED = 2**32 - 1
 BOOL_SETTINGS = ("adjust", "hold_out_validation")
@@ -92,7 +88,9 @@ class RunConfig:
     uplink_mbps: float = 20.0  # for a device whose profile has no network figure
     client_timeout_s: float | None = None
     max_weight_growth: float | None = 100.0  # fedhq.fl.server: updates beyond it are rejected; None: no bound
-    aggregation: str = "mean"  # AGGREGATIONS; "trimmed-mean:0.1" names the trim
+    # the server's aggregation (fedhq_kernels.aggregate_state_dicts): "mean" (FedAvg),
+    # "trimmed-mean:<trim>" (trim in [0, 0.5): the fraction cut at each end) or "median"
+    aggregation: str = "mean"
     threads: int = 2
     # hierarchical systems and the fine-grained adjustment (fedhq.fl.topology, fedhq.allocation.adjust)
     topology: str | None = None  # None: flat; "hierarchical:AxL"; or a JSON file of parents
@@ -237,9 +235,9 @@ class RunConfig:
 def parse_aggregation(text: object) -> tuple[str, float]:
     """(method, trim) of an aggregation setting; ConfigError naming the setting if bad."""
     if not isinstance(text, str):
-        raise ConfigError(f"aggregation must be text ({', '.join(AGGREGATIONS)}), got {text!r}")
+        raise ConfigError(f"aggregation must be text ({', '.join(METHODS)}), got {text!r}")
     method, sep, arg = text.partition(":")
-    _choice("aggregation", method, AGGREGATIONS)
+    _choice("aggregation", method, METHODS)
     if method != "trimmed-mean":
         if sep:
             raise ConfigError(f"aggregation {method!r} takes no argument, got {text!r}")
