@@ -11,9 +11,9 @@ SIZES = (0, 1, 7, 8, 9, 63, 1001)
 
 
 def reference_pack(codes: list[int], bits: int) -> bytes:
-    """The stream written one bit at a time: code i at bits [i*bits, (i+1)*bits), LSB first."""
-    qmin = fk.quant_range(bits)[0]
-    stream = [((c - qmin) >> k) & 1 for c in codes for k in range(bits)]
+    """The stream written one bit at a time: code i's two's complement at bits
+    [i*bits, (i+1)*bits), LSB first."""
+    stream = [(c >> k) & 1 for c in codes for k in range(bits)]  # Python ints: bit k of c's two's complement
     stream += [0] * (-len(stream) % 8)
     return bytes(sum(stream[i + k] << k for k in range(8)) for i in range(0, len(stream), 8))
 
@@ -41,6 +41,25 @@ def test_shapes_and_non_contiguous_codes(gen, bits):
     assert torch.equal(fk.unpack_codes(packed, bits, codes.shape), codes)
     scalar = random_codes(gen, bits, ())
     assert torch.equal(fk.unpack_codes(fk.pack_codes(scalar, bits), bits, ()), scalar)
+
+
+def test_eight_bit_codes_are_read_without_a_copy_and_packed_into_a_new_tensor(gen):
+    codes = random_codes(gen, 8, (33,))
+    packed = fk.pack_codes(codes, 8)
+    assert packed.data_ptr() != codes.data_ptr()  # the caller may reuse its codes
+    codes_back = fk.unpack_codes(packed, 8, (3, 11))
+    assert codes_back.data_ptr() == packed.data_ptr()  # a server reads uploads in place
+    assert torch.equal(codes_back, codes.view(3, 11))
+
+
+def test_every_byte_unpacks_to_a_code_in_range():
+    every = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    for bits in range(2, 9):
+        qmin, qmax = fk.quant_range(bits)
+        stream = every.repeat(bits)  # 256 * bits bytes hold exactly 2048 codes: no padding
+        codes = fk.unpack_codes(stream, bits, (2048,))
+        assert int(codes.min()) == qmin and int(codes.max()) == qmax, bits
+        assert torch.equal(fk.pack_codes(codes, bits), stream), bits
 
 
 def test_extremes_of_the_range_survive(gen):

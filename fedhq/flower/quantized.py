@@ -199,7 +199,7 @@ class QuantizedStrategy(Strategy):
         weight = metrics[0].get(self.weighted_by_key)
         if not is_real(weight) or weight < 0:
             raise RecordError(f"'{self.weighted_by_key}' must be a finite number >= 0, got {weight!r}")
-        return decode_state(arrays, content[LAYOUT], self._expected), float(weight)
+        return decode_state(arrays, content[LAYOUT], self._expected, copy=False), float(weight)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

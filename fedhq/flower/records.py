@@ -100,10 +100,13 @@ def expect(expected: Mapping[str, object]) -> Expected:
     return Expected(schemes, limits)
 
 
-def decode_state(arrays: object, layout: object, expected: Mapping[str, object] | Expected | None = None) -> dict:
+def decode_state(
+    arrays: object, layout: object, expected: Mapping[str, object] | Expected | None = None, *, copy: bool = True
+) -> dict:
     """The state dict held by (arrays, layout); ``RecordError`` if they are malformed or,
     given ``expected`` (the global state dict, or its ``expect``), differ from it in
-    names, layout or sizes."""
+    names, layout or sizes. ``copy=False``: 8-bit codes, scales, zero points and plain
+    tensors are read-only views of the record's bytes, for a server that only reads them."""
     if not isinstance(arrays, ArrayRecord):
         raise RecordError(f"expected an ArrayRecord of the model, got {type(arrays).__name__}")
     lists = _layout_lists(layout)
@@ -124,7 +127,7 @@ def decode_state(arrays: object, layout: object, expected: Mapping[str, object] 
                 continue
             if name.endswith((SCALE, ZERO_POINT)):
                 raise RecordError(f"'{name}' has no quantized entry in the layout")
-            codes = _array(arrays, name, copy=name not in quantized)  # unpack_codes copies
+            codes = _array(arrays, name, copy=copy and name not in quantized)
             if name not in quantized:
                 state[name] = codes
                 continue
@@ -134,10 +137,12 @@ def decode_state(arrays: object, layout: object, expected: Mapping[str, object] 
             try:
                 shape = _shape(shape)
                 data = fk.unpack_codes(codes, bits, shape)
+                if copy and bits == 8:  # a view of the record's bytes (below 8 bits unpacking copies)
+                    data = data.clone()
                 state[name] = fk.QuantizedTensor(
                     data=data,
-                    scale=_array(arrays, name + SCALE),
-                    zero_point=_array(arrays, name + ZERO_POINT),
+                    scale=_array(arrays, name + SCALE, copy=copy),
+                    zero_point=_array(arrays, name + ZERO_POINT, copy=copy),
                     bits=bits,
                     axis=None if axis == -1 else axis,
                     symmetric=symmetric,

@@ -267,7 +267,7 @@ def _read_update(client: int, content: RecordDict, expected: dict) -> tuple[Upda
     if not all(0 <= v <= MAX_SECONDS for v in seconds.values()):
         raise RecordError(f"times must be in [0, {MAX_SECONDS:g}] s, got {seconds}")
     costs = [seconds["compute-s"], seconds["upload-s"]]
-    state = decode_state(arrays, layout, expected)
+    state = decode_state(arrays, layout, expected, copy=False)  # the server only reads an update
     update = Update(
         client,
         state,
