@@ -101,10 +101,16 @@ def test_summarize_pairs_by_seed():
     assert summary["seeds"] == [0, 1, 2]
     assert summary["strategies"]["fedhq"]["headline_accuracy"]["n"] == 3
     assert summary["strategies"]["fedhq"]["speedup"]["values"] == [3.0, 2.0]  # seed 2 has no fedaqt
-    paired = summary["paired"]["fedaqt"]
+    paired = summary["paired"]["fedhq"]["fedaqt"]
     assert paired["seeds"] == [0, 1] and paired["headline_accuracy"]["values"] == pytest.approx([0.1, 0.05])
     assert paired["time_ratio"]["values"] == [3.0, 2.0]
     assert summarize({0: {"fedaqt": run(0.8, 1.0)}})["paired"] == {}  # no fedhq, nothing to pair
+    by_seed[0]["fedhq-rt"], by_seed[1]["fedhq-rt"] = run(0.95, 5.0), run(0.6, 10.0)
+    paired = summarize(by_seed)["paired"]
+    assert set(paired) == {"fedhq", "fedhq-rt"} and set(paired["fedhq-rt"]) == {"fedhq", "fedaqt"}
+    assert paired["fedhq-rt"]["fedhq"]["headline_accuracy"]["values"] == pytest.approx([0.05, -0.1])
+    assert paired["fedhq-rt"]["fedaqt"]["time_ratio"]["values"] == [6.0, 4.0]
+    assert paired["fedhq"]["fedhq-rt"]["time_ratio"]["values"] == [0.5, 0.5]
 
 
 # ---- comparisons ----

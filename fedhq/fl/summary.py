@@ -15,7 +15,8 @@ from scipy import stats
 HEADLINE_ROUNDS = 5  # the headline accuracy is the mean over this many last rounds
 CONFIDENCE = 0.95
 BASELINE = "fedaqt"  # speedups are against all-QAT, as the paper's claim (1.50x-2.47x) is
-FOCUS = "fedhq"  # the strategy whose paired differences against every other one are reported
+# the project's allocators: each one present gets its paired differences against every other strategy
+FOCUSES = ("fedhq", "fedhq-rt")
 
 
 def row_accuracy(row: Mapping) -> float:
@@ -78,9 +79,10 @@ METRICS = ("headline_accuracy", "final_accuracy", "sim_time_s", "speedup")
 
 
 def summarize(runs_by_seed: Mapping[int, Mapping[str, Mapping]], confidence: float = CONFIDENCE) -> dict:
-    """Per strategy, mean and CI over seeds of every METRICS entry; and FOCUS's paired
-    differences against every other strategy (accuracy in fractions, time as the
-    other's simulated time over FOCUS's). ``runs_by_seed``: seed -> strategy -> run."""
+    """Per strategy, mean and CI over seeds of every METRICS entry; and, for each of
+    FOCUSES present, ``paired[focus][other]``: its paired differences against every
+    other strategy (accuracy in fractions, time as the other's simulated time over the
+    focus's). ``runs_by_seed``: seed -> strategy -> run."""
     seeds = sorted(runs_by_seed)
     names = list(dict.fromkeys(name for s in seeds for name in runs_by_seed[s]))
     per_seed = {
@@ -95,34 +97,32 @@ def summarize(runs_by_seed: Mapping[int, Mapping[str, Mapping]], confidence: flo
         name: {m: mean_ci([per_seed[name][s][m] for s in per_seed[name]], confidence) for m in METRICS}
         for name in names
     }
-    paired = {}
-    if FOCUS in names:
-        for other in names:
-            if other == FOCUS:
-                continue
-            both = [s for s in seeds if s in per_seed[FOCUS] and s in per_seed[other]]
-            focus, base = per_seed[FOCUS], per_seed[other]
-            paired[other] = {
-                "headline_accuracy": paired_differences(
-                    [focus[s]["headline_accuracy"] for s in both],
-                    [base[s]["headline_accuracy"] for s in both],
-                    confidence,
-                ),
-                "final_accuracy": paired_differences(
-                    [focus[s]["final_accuracy"] for s in both], [base[s]["final_accuracy"] for s in both], confidence
-                ),
-                "time_ratio": mean_ci(
-                    [speedup(base[s]["sim_time_s"], focus[s]["sim_time_s"]) for s in both], confidence
-                ),
-                "seeds": both,
-            }
+    paired = {focus: _paired(per_seed, focus, seeds, confidence) for focus in FOCUSES if focus in names}
     return {
         "confidence": confidence,
         "headline": f"mean accuracy of the last {HEADLINE_ROUNDS} rounds (deployed accuracy when recorded)",
         "baseline": BASELINE,
-        "focus": FOCUS,
         "seeds": seeds,
         "strategies": strategies,
         "per_seed": {name: {str(s): v for s, v in rows.items()} for name, rows in per_seed.items()},
         "paired": paired,
     }
+
+
+def _paired(per_seed: Mapping[str, Mapping[int, Mapping]], focus: str, seeds: Sequence[int], confidence: float) -> dict:
+    """``focus``'s paired differences against every other strategy, over the seeds both ran."""
+    paired = {}
+    for other, base in per_seed.items():
+        if other == focus:
+            continue
+        mine = per_seed[focus]
+        both = [s for s in seeds if s in mine and s in base]
+        paired[other] = {
+            **{
+                metric: paired_differences([mine[s][metric] for s in both], [base[s][metric] for s in both], confidence)
+                for metric in ("headline_accuracy", "final_accuracy")
+            },
+            "time_ratio": mean_ci([speedup(base[s]["sim_time_s"], mine[s]["sim_time_s"]) for s in both], confidence),
+            "seeds": both,
+        }
+    return paired

@@ -157,8 +157,9 @@ def _ci(stat: Mapping, scale: float = 1.0, fmt: str = "{:.2f}", unit: str = "", 
 
 def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
     """Several seeds: per strategy the mean and confidence interval over seeds of the
-    headline and final accuracy, simulated end-to-end time and speedup; FedHQ's paired
-    differences against every other strategy; the headline accuracy of every run."""
+    headline and final accuracy, simulated end-to-end time and speedup; the paired
+    differences of FedHQ (and fedhq-rt) against every other strategy; the headline
+    accuracy of every run."""
     summary = summarize(by_seed)
     seeds, level = summary["seeds"], f"{100 * summary['confidence']:g}%"
     runs = [run for runs in by_seed.values() for run in runs.values()]
@@ -182,8 +183,7 @@ def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
         f"accuracy of the last {HEADLINE_ROUNDS} rounds{_deployed_note(runs)}; vs {BASELINE}: its {END_TO_END} "
         "time / this one's, per seed",
     ]
-    focus = summary["focus"]
-    if summary["paired"]:
+    for focus, paired in summary["paired"].items():
         paired_rows = [
             [
                 other,
@@ -192,7 +192,7 @@ def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
                 _ci(p["time_ratio"], unit="x"),
                 str(p["headline_accuracy"]["n"]),
             ]
-            for other, p in summary["paired"].items()
+            for other, p in paired.items()
         ]
         parts += [
             "",
