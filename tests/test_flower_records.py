@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord  # noqa: E402
 
 import fedhq_kernels as fk  # noqa: E402
 from fedhq.fl.client import quantize_upload, quantized_names  # noqa: E402
-from fedhq.flower.records import RecordError, decode_state, encode_state, expect, to_array  # noqa: E402
+from fedhq.flower.records import CODES, SCALES, ZERO_POINTS, RecordError, decode_state, encode_state, expect, to_array  # noqa: E402
 from fedhq.models import ModelSpec  # noqa: E402
 
 
@@ -51,13 +51,16 @@ def assert_same(a: dict, b: dict) -> None:
 def test_round_trip_is_exact(state):
     arrays, layout = encode_state(state)
     assert_same(decode_state(arrays, layout), state)
-    assert arrays["conv.weight:scale"].shape == (6,)
-    # codes travel packed: 162 8-bit codes in 162 bytes, 6 4-bit codes in 3, 35 6-bit codes in 27
-    assert [(arrays[n].dtype, arrays[n].shape) for n in ("conv.weight", "conv.bias", "fc.weight")] == [
-        ("uint8", (162,)),
-        ("uint8", (3,)),
-        ("uint8", (27,)),
+    # codes travel packed, one entry after another: 162 8-bit codes in 162 bytes, 6 4-bit codes in 3,
+    # 35 6-bit codes in 27; scales and zero points likewise (6 channels, 1 per tensor, 5 channels)
+    assert list(arrays) == ["bn.running_var", "bn.num_batches_tracked", CODES, SCALES, ZERO_POINTS]
+    assert [(arrays[n].dtype, arrays[n].shape) for n in (CODES, SCALES, ZERO_POINTS)] == [
+        ("uint8", (162 + 3 + 27,)),
+        ("float32", (12,)),
+        ("int32", (12,)),
     ]
+    reordered = {name: state[name] for name in ("bn.running_var", "fc.weight", "bn.num_batches_tracked", "conv.bias")}
+    assert_same(decode_state(*encode_state(reordered)), reordered)  # the state dict's order, kept
 
 
 def test_float_state_has_an_empty_layout():
@@ -96,33 +99,36 @@ def _breakages(state):
     def layout_with(**changes):
         return ConfigRecord({**layout, **changes})
 
-    float_codes = Array(np.zeros((6, 3, 3, 3), dtype=np.float32))
-    lying = Array(dtype="uint8", shape=(162,), stype="numpy.ndarray", data=Array(np.zeros(162, np.float32)).data)
-    short = Array(np.zeros(2, dtype=np.uint8))  # conv.bias: 6 4-bit codes take 3 bytes
-    padded = Array(np.array([0, 0, 0xF0], dtype=np.uint8))  # 5 codes in 3 bytes: the last nibble is padding
+    codes = np.frombuffer(arrays[CODES].data, dtype=np.uint8, offset=len(arrays[CODES].data) - 192)
+    padded = codes.copy()
+    padded[162 + 2] |= 0xF0  # conv.bias declared 5 4-bit codes: its third byte's high nibble is padding
+    lying = Array(dtype="uint8", shape=(192,), stype="numpy.ndarray", data=Array(np.zeros(192, np.float32)).data)
     shapes = list(layout["shape"])
-    garbage = Array(dtype="int8", shape=(2,), stype="numpy.ndarray", data=b"not an npy file")
+    garbage = Array(dtype="uint8", shape=(192,), stype="numpy.ndarray", data=b"not an npy file")
     return [
-        ("codes missing", without("conv.weight"), layout, "missing"),
-        ("scale missing", without("fc.weight:scale"), layout, "missing"),
-        ("orphan scale", replaced("other:scale", arrays["conv.bias:scale"]), layout, "no quantized entry"),
-        ("float codes", replaced("conv.weight", float_codes), layout, "uint8"),
-        ("unpacked int8 codes", replaced("conv.weight", Array(state["conv.weight"].data.numpy())), layout, "uint8"),
-        ("packed codes too short", replaced("conv.bias", short), layout, "take 3 bytes, got 2"),
-        ("padding bits set", replaced("conv.bias", padded), layout_with(shape=[shapes[0], "5", shapes[2]]), "padding"),
+        ("codes missing", without(CODES), layout, "missing"),
+        ("scales missing", without(SCALES), layout, "missing"),
+        ("float codes", replaced(CODES, Array(np.zeros(192, dtype=np.float32))), layout, "uint8"),
+        ("codes not 1-D", replaced(CODES, Array(codes.reshape(2, 96))), layout, "1-D"),
+        ("packed codes too short", replaced(CODES, Array(codes[:-1])), layout, "holds 191 bytes"),
+        ("padding bits set", replaced(CODES, Array(padded)), layout_with(shape=[shapes[0], "5", shapes[2]]), "padding"),
         ("shape not dimensions", arrays, layout_with(shape=[shapes[0], "6x?", shapes[2]]), "not dimensions"),
         ("negative dimension", arrays, layout_with(shape=["-6x27", shapes[1], shapes[2]]), "negative"),
-        ("shape of another size", arrays, layout_with(shape=["6x3x3x4", shapes[1], shapes[2]]), "take 216 bytes"),
-        ("float64 scale", replaced("conv.bias:scale", Array(np.full((), 0.1))), layout, "scale"),
-        ("scale of the wrong shape", replaced("conv.weight:scale", arrays["conv.bias:scale"]), layout, "scale"),
-        ("declared dtype is not the content's", replaced("conv.weight", lying), layout, "declares"),
-        ("unreadable bytes", replaced("conv.weight", garbage), layout, "not a readable array"),
+        ("shape of another size", arrays, layout_with(shape=["6x3x3x4", shapes[1], shapes[2]]), "take 246"),
+        ("float64 scales", replaced(SCALES, Array(np.full(12, 0.1))), layout, "scales"),
+        ("scales for other channels", replaced(SCALES, Array(np.ones(11, np.float32))), layout, "11 scales"),
+        ("zero points for other channels", replaced(ZERO_POINTS, Array(np.ones(13, np.int32))), layout, "13 zero"),
+        ("declared dtype is not the content's", replaced(CODES, lying), layout, "declares"),
+        ("unreadable bytes", replaced(CODES, garbage), layout, "not a readable array"),
         ("bits of the wrong type", arrays, layout_with(bits=["8", "4", "6"]), "bits"),
         ("lists of different lengths", arrays, layout_with(axis=[0, -1]), "differ in length"),
         ("a layout list missing", arrays, ConfigRecord({k: v for k, v in layout.items() if k != "dtype"}), "dtype"),
         ("unknown float dtype", arrays, layout_with(dtype=["float32", "int3", "float32"]), "unknown float dtype"),
         ("axis out of range", arrays, layout_with(axis=[4, -1, 0]), "axis"),
         ("name twice", arrays, layout_with(quantized=["conv.weight", "conv.weight", "fc.weight"]), "twice"),
+        ("quantized and plain", replaced("conv.bias", arrays["bn.running_var"]), layout, "both quantized and plain"),
+        ("order missing", arrays, ConfigRecord({k: v for k, v in layout.items() if k != "order"}), "order"),
+        ("order names one twice", arrays, layout_with(order=[*layout["order"][:-1], "conv.weight"]), "order"),
         ("not records", {"conv.weight": 1}, layout, "ArrayRecord"),
         ("layout not a ConfigRecord", arrays, {"bits": [8]}, "ConfigRecord"),
     ]
@@ -139,7 +145,7 @@ def test_values_are_left_to_the_servers_validation(state):
     """A NaN scale or an out-of-range code is well-formed: decoding keeps it, and
     fedhq.fl.server.validate_update (run by the strategy next) refuses it."""
     arrays, layout = encode_state(state)
-    arrays["conv.weight:scale"] = Array(np.full((6,), np.nan, dtype=np.float32))
+    arrays[SCALES] = Array(np.full((12,), np.nan, dtype=np.float32))
     decoded = decode_state(arrays, layout)["conv.weight"]
     with pytest.raises(ValueError, match="finite"):
         decoded.check_codes()
@@ -168,23 +174,23 @@ def _forgeries(state):
 
     huge = 10**12  # a ~100-byte reply claiming 931 GiB
     return [
-        ("empty bytes (EOFError)", replaced("conv.bias", forged("uint8", (3,), b"")), layout),
+        ("empty bytes (EOFError)", replaced(CODES, forged("uint8", (192,), b"")), layout),
         (
             "931 GiB header (MemoryError)",
-            replaced("conv.bias", forged("uint8", (huge,), _npy_header("|u1", (huge,)))),
+            replaced(CODES, forged("uint8", (huge,), _npy_header("|u1", (huge,)))),
             layout,
         ),
         (
             "shape 2**64 (OverflowError)",
-            replaced("conv.bias", forged("uint8", (2**64,), _npy_header("|u1", (2**64,)))),
+            replaced(CODES, forged("uint8", (2**64,), _npy_header("|u1", (2**64,)))),
             layout,
         ),
         (
             "shape 2**32 x 2**32, no codes (RuntimeError)",
-            replaced("conv.bias", Array(np.zeros(0, np.uint8))),
+            replaced(CODES, Array(np.zeros(0, np.uint8))),
             ConfigRecord({**layout, "shape": [layout["shape"][0], "4294967296x4294967296", layout["shape"][2]]}),
         ),
-        ("header truncated", replaced("conv.bias", forged("uint8", (3,), _npy_header("|u1", (3,))[:20])), layout),
+        ("header truncated", replaced(CODES, forged("uint8", (192,), _npy_header("|u1", (192,))[:20])), layout),
     ]
 
 
@@ -250,6 +256,16 @@ def test_to_array_is_flowers_array_byte_for_byte(value):
     assert np.array_equal(ours.numpy(), value)
     tensor = to_array(torch.from_numpy(np.asarray(value, order="C")))
     assert tensor.data == flowers.data
+
+
+def test_without_a_copy_the_decoded_state_reads_the_records_bytes(state):
+    arrays, layout = encode_state(state)
+    viewed = decode_state(arrays, layout, copy=False)
+    assert_same(viewed, state)
+    record_bytes = np.frombuffer(arrays[CODES].data, dtype=np.uint8)
+    start = record_bytes.ctypes.data + len(arrays[CODES].data) - 192
+    assert viewed["conv.weight"].data.data_ptr() == start  # 8-bit codes: the record's own bytes
+    assert decode_state(arrays, layout)["conv.weight"].data.data_ptr() != start
 
 
 def test_decode_against_expect_is_decode_against_the_state(state):

@@ -20,6 +20,7 @@ from fedhq.fl.client import evaluate, quantized_names  # noqa: E402
 from fedhq.fl.config import ConfigError, RunConfig  # noqa: E402
 from fedhq.fl.server import Server  # noqa: E402
 from fedhq.flower import client_app  # noqa: E402
+from fedhq.flower.records import CODES, SCALES, ZERO_POINTS  # noqa: E402
 from fedhq.flower.server_app import run_config_from_flower, run_on_grid  # noqa: E402
 
 SUPERLINK_NODE_ID = 1  # flwr.common.constant (not public): the sender of the SuperLink's own replies
@@ -111,6 +112,12 @@ def _replace(key, array):
     return fault
 
 
+def _nan_scales(reply, msg):
+    count = reply.content["update"][SCALES].shape[0]
+    reply.content["update"][SCALES] = Array(np.full((count,), np.nan, dtype=np.float32))
+    return reply
+
+
 def _node_error(reply, msg):
     """What the SuperLink sends for a node that stopped: an error reply from itself."""
     error = Message(Error(code=5, reason="node unavailable"), reply_to=msg)
@@ -120,12 +127,12 @@ def _node_error(reply, msg):
 
 def test_bad_replies_are_left_out_and_the_run_goes_on(reference, tmp_path, caplog):
     faults = {
-        1: _delete("fc1.weight"),  # a quantized entry's codes missing
-        2: _replace("fc2.weight", Array(np.zeros((10, 128), dtype=np.float32))),  # wrong dtype
-        3: _replace("conv1.weight:scale", Array(np.full((32,), np.nan, dtype=np.float32))),  # NaN scale
+        1: _delete(CODES),  # the quantized entries' codes missing
+        2: _replace(CODES, Array(np.zeros((10, 128), dtype=np.float32))),  # wrong dtype
+        3: _nan_scales,
         4: lambda reply, msg: None,  # disconnected: no reply before the timeout
         5: _node_error,  # disconnected: the SuperLink answers for it with an error
-        6: _delete("fc2.bias:zero_point"),
+        6: _delete(ZERO_POINTS),
     }
     config = tiny(reference, tmp_path, clients=7, strategy="fedfq", partition="iid")
     grid = LocalGrid(client_app.app, 7, {p: _not_for_query(f) for p, f in faults.items()})
@@ -172,8 +179,8 @@ def test_forged_replies_are_left_out_and_the_run_goes_on(reference, tmp_path):
     """Issue 15: each of these ended the whole server run (EOFError, MemoryError,
     RuntimeError), gave one node all the weight, or stopped all learning."""
     faults = {
-        1: _forge("fc2.weight", "uint8", (1280,), b""),  # EOFError
-        2: _forge("fc2.weight", "uint8", (10**12,), _npy_header((10**12,))),  # claims 931 GiB
+        1: _forge(CODES, "uint8", (1280,), b""),  # EOFError
+        2: _forge(CODES, "uint8", (10**12,), _npy_header((10**12,))),  # claims 931 GiB
         3: _layout("shape", 0, "4294967296x4294967296"),  # numel() wraps to 0
         4: _metric("num-examples", 2**62),  # more than the node declared
         5: _metric("steps", 2.5),
@@ -182,7 +189,7 @@ def test_forged_replies_are_left_out_and_the_run_goes_on(reference, tmp_path):
     config = tiny(reference, tmp_path, clients=7, strategy="fedfq", partition="iid")
     grid = LocalGrid(client_app.app, 7, {p: _not_for_query(f) for p, f in faults.items()})
     results = run_on_grid(grid, config, echo=quiet)
-    expected = {1: "fc2.weight", 2: "fc2.weight", 3: "layout", 4: "num_samples", 5: "steps", 6: "layout"}
+    expected = {1: CODES, 2: CODES, 3: "layout", 4: "num_samples", 5: "steps", 6: "layout"}
     assert_only_zero_takes_part(results, expected)
     assert results["final_accuracy"] > tiny_initial_accuracy(config) + 0.2
 

@@ -1,5 +1,6 @@
-"""Quantized state dicts as Flower records (an ``ArrayRecord`` of packed codes, scales,
-zero points and plain tensors, plus a "layout" ``ConfigRecord``), and back.
+"""Quantized state dicts as Flower records (an ``ArrayRecord`` of plain tensors and three
+arrays holding every quantized entry's packed codes, scales and zero points, plus a
+"layout" ``ConfigRecord``), and back.
 ``decode_state`` checks a reply against the expected model before it allocates; any
 malformed record is a ``RecordError``. Format and checks: docs/flower.md."""
 
@@ -20,10 +21,11 @@ import fedhq_kernels as fk
 from fedhq_kernels.checks import FLOAT_DTYPE_NAMES as FLOAT_DTYPES
 from fedhq_kernels.quantized_tensor import packed_size
 
-SCALE = ":scale"
-ZERO_POINT = ":zero_point"
+CODES, SCALES, ZERO_POINTS = "fedhq.codes", "fedhq.scales", "fedhq.zero_points"  # every quantized entry's, packed
+PACKED = (CODES, SCALES, ZERO_POINTS)
 LAYOUT_LISTS = {"quantized": str, "bits": int, "axis": int, "symmetric": bool, "dtype": str, "shape": str}
 SCHEME = ("bits", "axis", "symmetric", "dtype", "shape")
+ORDER = "order"  # the layout's list of every entry's name, in the state dict's order
 MAX_NUMEL = 2**48  # elements a quantized entry's shape may claim
 NPY_HEADER_MAX = 4096  # bytes an array may hold beyond its data (numpy writes 128)
 
@@ -47,14 +49,18 @@ def to_array(value: np.ndarray | torch.Tensor) -> Array:
 
 
 def encode_state(state: Mapping[str, object]) -> tuple[ArrayRecord, ConfigRecord]:
-    """(arrays, layout) of a state dict of QuantizedTensors and tensors."""
+    """(arrays, layout) of a state dict of QuantizedTensors and tensors: every plain
+    tensor under its name; the quantized entries' packed codes, scales and zero points
+    each concatenated into one array (``PACKED``), in the layout's order."""
     arrays = ArrayRecord()
     layout: dict[str, list] = {key: [] for key in LAYOUT_LISTS}
+    packed: tuple[list, list, list] = ([], [], [])
     for name, value in state.items():
+        if name in PACKED:
+            raise ValueError(f"encode_state: '{name}' is the name of the record's packed codes; rename the entry")
         if isinstance(value, fk.QuantizedTensor):
-            arrays[name] = to_array(fk.pack_codes(value.data, value.bits))
-            arrays[name + SCALE] = to_array(value.scale)
-            arrays[name + ZERO_POINT] = to_array(value.zero_point)
+            for parts, part in zip(packed, (fk.pack_codes(value.data, value.bits), value.scale, value.zero_point)):
+                parts.append(part.reshape(-1))
             layout["quantized"].append(name)
             for key, item in zip(SCHEME, scheme(value)):
                 layout[key].append(item)
@@ -62,7 +68,11 @@ def encode_state(state: Mapping[str, object]) -> tuple[ArrayRecord, ConfigRecord
             arrays[name] = to_array(value)
         else:
             raise TypeError(f"encode_state: '{name}' is a {type(value).__name__}, not a tensor")
-    return arrays, ConfigRecord(layout if layout["quantized"] else {})
+    if not layout["quantized"]:
+        return arrays, ConfigRecord({})
+    for key, parts in zip(PACKED, packed):
+        arrays[key] = to_array(torch.cat(parts))
+    return arrays, ConfigRecord({**layout, ORDER: list(state)})
 
 
 def scheme(value: fk.QuantizedTensor) -> tuple:
@@ -86,12 +96,13 @@ def expect(expected: Mapping[str, object]) -> Expected:
     """The ``Expected`` of a global state dict."""
     schemes = {n: scheme(v) for n, v in expected.items() if isinstance(v, fk.QuantizedTensor)}
     sizes: dict[str, tuple[str, tuple]] = {}
+    quantized = [v for v in expected.values() if isinstance(v, fk.QuantizedTensor)]
+    if quantized:
+        sizes[CODES] = ("uint8", (sum(packed_size(q.data.numel(), q.bits) for q in quantized),))
+        channels = sum(q.scale.numel() for q in quantized)
+        sizes[SCALES], sizes[ZERO_POINTS] = ("float32", (channels,)), ("int32", (channels,))
     for name, value in expected.items():
-        if isinstance(value, fk.QuantizedTensor):
-            sizes[name] = ("uint8", (packed_size(value.data.numel(), value.bits),))
-            sizes[name + SCALE] = ("float32", tuple(value.scale.shape))
-            sizes[name + ZERO_POINT] = ("int32", tuple(value.zero_point.shape))
-        else:
+        if not isinstance(value, fk.QuantizedTensor):
             sizes[name] = (str(torch.empty(0, dtype=value.dtype).numpy().dtype), tuple(value.shape))
     limits = {
         name: (dtype, shape, math.prod(shape) * np.dtype(dtype).itemsize + NPY_HEADER_MAX)
@@ -115,42 +126,76 @@ def decode_state(
         raise RecordError("layout names a quantized entry twice")
     if expected is not None:
         _check_expected(arrays, quantized, expected if isinstance(expected, Expected) else expect(expected))
-    companions = {name + suffix for name in quantized for suffix in (SCALE, ZERO_POINT)}
-    missing = sorted((set(quantized) | companions) - set(arrays.keys()))
+    packed = PACKED if quantized else ()
+    missing = sorted(set(packed) - set(arrays.keys()))
     if missing:
-        raise RecordError(f"arrays missing for {missing[:5]}")
+        raise RecordError(f"arrays missing for {missing}")
+    if quantized.keys() & arrays.keys():
+        raise RecordError(f"{sorted(quantized.keys() & arrays.keys())[:5]} are both quantized and plain arrays")
     state: dict = {}
-    with warnings.catch_warnings():  # codes are read-only views: torch warns it cannot mark them so
+    with warnings.catch_warnings():  # views of the record's bytes are read-only: torch warns it cannot mark them so
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for name in arrays.keys():
-            if name in companions:
+            if name in PACKED:
+                if not quantized:
+                    raise RecordError(f"'{name}' holds packed codes but the layout names no quantized entry")
                 continue
-            if name.endswith((SCALE, ZERO_POINT)):
-                raise RecordError(f"'{name}' has no quantized entry in the layout")
-            codes = _array(arrays, name, copy=copy and name not in quantized)
-            if name not in quantized:
-                state[name] = codes
-                continue
-            bits, axis, symmetric, dtype, shape = quantized[name]
-            if dtype not in FLOAT_DTYPES:
-                raise RecordError(f"'{name}': unknown float dtype {dtype!r}")
-            try:
-                shape = _shape(shape)
-                data = fk.unpack_codes(codes, bits, shape)
-                if copy and bits == 8:  # a view of the record's bytes (below 8 bits unpacking copies)
-                    data = data.clone()
-                state[name] = fk.QuantizedTensor(
-                    data=data,
-                    scale=_array(arrays, name + SCALE, copy=copy),
-                    zero_point=_array(arrays, name + ZERO_POINT, copy=copy),
-                    bits=bits,
-                    axis=None if axis == -1 else axis,
-                    symmetric=symmetric,
-                    dtype=FLOAT_DTYPES[dtype],
-                    shape=data.shape,
-                )
-            except (TypeError, ValueError) as error:
-                raise RecordError(f"'{name}': {error}") from None
+            state[name] = _array(arrays, name, copy=copy)
+        if not quantized:
+            return state
+        state.update(_unpack(quantized, *(_array(arrays, key, copy=copy and key != CODES) for key in PACKED), copy))
+    order = layout.get(ORDER)
+    if not (isinstance(order, list) and len(order) == len(state) and set(order) == state.keys()):
+        raise RecordError(f"layout '{ORDER}' must list each of the {len(state)} entries once")
+    return {name: state[name] for name in order}
+
+
+def _unpack(quantized: dict, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, copy: bool) -> dict:
+    """The QuantizedTensors whose packed codes, scales and zero points lie one after
+    another in the three arrays, in the layout's order; their sizes are checked first."""
+    entries = []
+    for name, (bits, axis, symmetric, dtype, shape) in quantized.items():
+        if dtype not in FLOAT_DTYPES:
+            raise RecordError(f"'{name}': unknown float dtype {dtype!r}")
+        try:
+            shape = _shape(shape)
+        except ValueError as error:
+            raise RecordError(f"'{name}': {error}") from None
+        if not (axis == -1 or 0 <= axis < len(shape)):
+            raise RecordError(f"'{name}': axis must be -1 (per tensor) or in [0, {len(shape)}), got {axis}")
+        channels = 1 if axis == -1 else shape[axis]
+        entries.append((name, bits, axis, symmetric, FLOAT_DTYPES[dtype], shape, channels))
+    for key, array, need, unit in (
+        (CODES, codes, sum(packed_size(math.prod(e[5]), e[1]) for e in entries), "bytes"),
+        (SCALES, scales, sum(e[6] for e in entries), "scales"),
+        (ZERO_POINTS, zero_points, sum(e[6] for e in entries), "zero points"),
+    ):
+        wanted = {CODES: torch.uint8, SCALES: torch.float32, ZERO_POINTS: torch.int32}[key]
+        if array.dtype != wanted or array.dim() != 1:
+            raise RecordError(f"'{key}' must be 1-D {wanted}, got {array.dtype} {tuple(array.shape)}")
+        if array.numel() != need:
+            raise RecordError(f"'{key}' holds {array.numel()} {unit}, the layout's entries take {need}")
+    state, byte, channel = {}, 0, 0
+    for name, bits, axis, symmetric, dtype, shape, channels in entries:
+        size = packed_size(math.prod(shape), bits)
+        params = () if axis == -1 else (channels,)
+        try:
+            data = fk.unpack_codes(codes[byte : byte + size], bits, shape)
+            if copy and bits == 8:  # a view of the record's bytes (below 8 bits unpacking copies)
+                data = data.clone()
+            state[name] = fk.QuantizedTensor(
+                data=data,
+                scale=scales[channel : channel + channels].view(params),
+                zero_point=zero_points[channel : channel + channels].view(params),
+                bits=bits,
+                axis=None if axis == -1 else axis,
+                symmetric=symmetric,
+                dtype=dtype,
+                shape=data.shape,
+            )
+        except (TypeError, ValueError) as error:
+            raise RecordError(f"'{name}': {error}") from None
+        byte, channel = byte + size, channel + channels
     return state
 
 
