@@ -50,7 +50,7 @@ class Aggregator:
     def __init__(self, template: Mapping, *, method: str = "mean", trim: float = DEFAULT_TRIM):
         if not isinstance(template, Mapping):
             raise TypeError(f"{_OP}: the template must be a mapping, got {type(template).__name__}")
-        self.cut = _resolve_method(_OP, method, trim, 1)  # method and trim; the cut itself is per round
+        _resolve_method(_OP, method, trim, 1)  # checks method and trim; the cut depends on the clients
         self.method, self.trim = method, trim
         self.template = dict(template)
         for key, entry in self.template.items():
