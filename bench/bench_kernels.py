@@ -38,6 +38,7 @@ from resnet18_shapes import RESNET18_CIFAR_PARAMS, RESNET18_CIFAR_TENSORS, count
 import fedhq_kernels as fk  # noqa: E402
 from fedhq.profile import micro, timing  # noqa: E402
 from fedhq_kernels import dispatch, reference  # noqa: E402
+from fedhq_kernels.functional import running_fractions  # noqa: E402
 
 QMIN, QMAX = -128, 127  # 8-bit signed codes throughout
 FULL_SIZE = {"cpu": 16 * 2**20, "cuda": 64 * 2**20}
@@ -372,9 +373,9 @@ def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
 
 
 def plain_torch_aggregate(codes, scales, zero_points, weights, axes) -> Callable[[], tuple]:
-    """The aggregate as one would write it in plain torch, per tensor: the weighted sum
-    of the clients' dequantized codes, its min / max, symmetric MinMax parameters, the
-    requantized codes; outputs packed like the oracle's. Unlike the oracle
+    """The aggregate as one would write it in plain torch, per tensor: the running
+    weighted mean of the clients' dequantized codes (``weights``: their fractions), its
+    min / max, symmetric MinMax parameters, the requantized codes; outputs packed like the oracle's. Unlike the oracle
     (reference.aggregate) it checks no argument and never waits for the device (the
     oracle's per-entry checks are two host syncs each on a GPU, over 1200 for ResNet-18 x 10
     clients: a baseline slowed down by that would flatter the kernels). It performs
@@ -393,7 +394,8 @@ def plain_torch_aggregate(codes, scales, zero_points, weights, axes) -> Callable
             acc = torch.zeros(codes[t].shape, dtype=torch.float32, device=device)
             for k in range(clients):
                 e = k * tensors + t
-                acc = acc + w[k] * reference._dequantize_float(codes[e], scales[e], zero_points[e], axis)
+                values = reference._dequantize_float(codes[e], scales[e], zero_points[e], axis)
+                acc = (1 - w[k]) * acc + w[k] * values  # the running mean (docs/kernels.md)
             if axis < 0:
                 lo, hi = acc.min(), acc.max()
             elif acc.dim() == 1:  # one channel per element
@@ -439,16 +441,15 @@ def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Ca
     sample_counts = torch.randint(100, 1000, (CLIENTS,), generator=gen).tolist()
 
     # The oracle's arguments, built as functional._aggregate_quantized builds them for
-    # ops.aggregate (client-major entries, weights normalized in float64 then float32):
+    # ops.aggregate (client-major entries, the weights' running fractions):
     # ours and the timed plain-torch baseline are both checked against the oracle.
     names = list(shapes)
     entries = [sd[name] for sd in state_dicts for name in names]
-    counts = torch.tensor(sample_counts, dtype=torch.float64)
     args = (
         [q.data for q in entries],
         [q.scale for q in entries],
         [q.zero_point for q in entries],
-        (counts / counts.sum()).float().to(device),
+        running_fractions("bench", sample_counts, CLIENTS, device),
         [-1 if state_dicts[0][name].axis is None else state_dicts[0][name].axis for name in names],
         QMIN,
         QMAX,

@@ -28,6 +28,7 @@ namespace fedhq::binding {
     m.impl("quantize", &quantize);                         \
     m.impl("dequantize", &dequantize);                     \
     m.impl("aggregate", &aggregate);                       \
+    m.impl("accumulate", &accumulate);                     \
   }
 
 // The Python module fedhq_kernels.<name>: importing it loads the library, which runs
@@ -165,6 +166,30 @@ inline void check_aggregate_codes(const std::string& owner, const at::Tensor& co
   TORCH_CHECK_VALUE(codes.scalar_type() == at::kChar && codes.sizes() == first.sizes(), "aggregate: ", owner,
                     " must be int8 codes of shape ", first.sizes());
 }
+
+// accumulate's parameters as both bindings take them (its schema: optable.py).
+#define FEDHQ_ACCUMULATE_PARAMS                                                                          \
+  const at::Tensor &acc, at::TensorList codes_in, at::TensorList scales_in, at::TensorList zero_points_in, \
+      at::IntArrayRef axes, double fraction, std::vector<std::string> names
+
+// The counts, acc (contiguous float32 holding every tensor's elements) and the
+// fraction; returns the number of tensors.
+inline int64_t check_accumulate_args(const at::Tensor& acc, at::TensorList codes, at::TensorList scales,
+                                     at::TensorList zero_points, at::IntArrayRef axes, double fraction,
+                                     const std::vector<std::string>& names) {
+  const int64_t tensors = int64_t(axes.size());
+  TORCH_CHECK_VALUE(int64_t(codes.size()) == tensors && scales.size() == codes.size() &&
+                        zero_points.size() == codes.size() && int64_t(names.size()) == tensors,
+                    "accumulate: expected ", tensors, " tensors of codes, scales, zero points and names");
+  int64_t elements = 0;
+  for (const at::Tensor& c : codes) elements += c.numel();
+  TORCH_CHECK_VALUE(acc.scalar_type() == at::kFloat && acc.dim() == 1 && acc.numel() == elements && acc.is_contiguous(),
+                    "accumulate: acc must be a contiguous 1-d float32 tensor of ", elements, " elements");
+  TORCH_CHECK_VALUE(fraction >= 0.0 && fraction <= 1.0, "accumulate: fraction must lie in [0, 1], got ", fraction);
+  return tensors;
+}
+
+inline std::string update_owner(const std::string& name) { return "the update's '" + name + "'"; }
 
 inline void check_finite_average(int64_t bad, const std::vector<std::string>& names) {
   TORCH_CHECK_VALUE(bad < 0, "aggregate: the weighted average of '", bad < 0 ? "" : names[size_t(bad)],

@@ -240,6 +240,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
   return {out_codes, out_scale, out_zero_point};
 }
 
+void accumulate(FEDHQ_ACCUMULATE_PARAMS) {
+  const int64_t tensors = check_accumulate_args(acc, codes_in, scales_in, zero_points_in, axes, fraction, names);
+  const c10::cuda::CUDAGuard guard(acc.device());
+  std::vector<fc::Layout> layouts;
+  std::vector<at::Tensor> keep;  // contiguous copies stay alive until the kernels have run
+  std::vector<at::Tensor> bad;
+  for (int64_t t = 0; t < tensors; ++t) {  // every tensor checked before acc is touched
+    const std::string who = update_owner(names[size_t(t)]);
+    TORCH_CHECK_VALUE(codes_in[size_t(t)].scalar_type() == at::kChar, "accumulate: ", who, " must be int8 codes");
+    layouts.push_back(layout_of(codes_in[size_t(t)], axes[size_t(t)]));
+    check_qparams_meta("accumulate", who, scales_in[size_t(t)], zero_points_in[size_t(t)], layouts.back().channels);
+    for (const at::Tensor* in : {&codes_in[size_t(t)], &scales_in[size_t(t)], &zero_points_in[size_t(t)]}) {
+      check_device("accumulate", who.c_str(), *in, acc.device());
+      keep.push_back(in->contiguous());
+    }
+    const at::Tensor& s = keep[keep.size() - 2];
+    const at::Tensor& z = keep.back();
+    bad.push_back((s.isfinite().logical_not() | (s <= 0) | (z < -128) | (z > 127)).any().reshape({1}));
+  }
+  if (tensors > 0 && at::cat(bad).any().item<bool>()) {  // one read-back; the error path names the value
+    for (int64_t t = 0; t < tensors; ++t) {
+      check_qparams("accumulate", update_owner(names[size_t(t)]), keep[size_t(3 * t + 1)].cpu(),
+                    keep[size_t(3 * t + 2)].cpu(), layouts[size_t(t)].channels, -128, 127);
+    }
+  }
+  int64_t start = 0;
+  for (int64_t t = 0; t < tensors; ++t) {
+    check_launch(fc::accumulate(acc.data_ptr<float>() + start, keep[size_t(3 * t)].const_data_ptr<int8_t>(),
+                                keep[size_t(3 * t + 1)].const_data_ptr<float>(),
+                                keep[size_t(3 * t + 2)].const_data_ptr<int32_t>(), layouts[size_t(t)], float(fraction),
+                                stream_of(acc)),
+                 "accumulate");
+    start += layouts[size_t(t)].numel;
+  }
+}
+
 }  // namespace
 
 FEDHQ_IMPLEMENT_OPS(fedhq_cuda, CUDA)

@@ -196,6 +196,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
   return {out_codes, out_scale, out_zero_point};
 }
 
+void accumulate(FEDHQ_ACCUMULATE_PARAMS) {
+  const int64_t tensors = check_accumulate_args(acc, codes_in, scales_in, zero_points_in, axes, fraction, names);
+  std::vector<TensorLayout> layouts;
+  std::vector<int64_t> element_base;
+  std::vector<at::Tensor> keep;  // contiguous copies stay alive while the kernel runs
+  std::vector<const int8_t*> codes;
+  std::vector<const float*> scales;
+  std::vector<const int32_t*> zero_points;
+  int64_t elements = 0;
+  for (int64_t t = 0; t < tensors; ++t) {  // every tensor checked before acc is touched
+    const std::string who = update_owner(names[size_t(t)]);
+    TORCH_CHECK_VALUE(codes_in[size_t(t)].scalar_type() == at::kChar, "accumulate: ", who, " must be int8 codes");
+    keep.push_back(codes_in[size_t(t)].contiguous());
+    codes.push_back(cptr<int8_t>(keep.back()));
+    layouts.push_back(layout_of(keep.back(), axes[size_t(t)]));
+    element_base.push_back(elements);
+    elements += layouts.back().numel;
+    keep.push_back(scales_in[size_t(t)].contiguous());
+    keep.push_back(zero_points_in[size_t(t)].contiguous());
+    check_qparams("accumulate", who, keep[keep.size() - 2], keep.back(), layouts.back().channels, -128, 127);
+    scales.push_back(cptr<float>(keep[keep.size() - 2]));
+    zero_points.push_back(cptr<int32_t>(keep.back()));
+  }
+  const float b = float(fraction);
+  const cpu::ClientUpdates update{codes.data(), scales.data(), zero_points.data(), &b, 1};
+  cpu::accumulate(update, layouts, element_base, ptr<float>(acc), at::get_num_threads());
+}
+
 }  // namespace
 
 FEDHQ_IMPLEMENT_OPS(fedhq_cpu, CPU)

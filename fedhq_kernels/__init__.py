@@ -6,6 +6,8 @@
     aggregate(updates, weights, *, method="mean", trim=0.1) -> QuantizedTensor
     aggregate_state_dicts(state_dicts, weights, *, method="mean", trim=0.1) -> dict
         (method: "mean" | "trimmed-mean" | "median"; docs/kernels.md)
+    Aggregator(template, *, method="mean", trim=0.1): .add(update, weight), .result()
+        the same server step, one update at a time (O(model) memory for the mean)
     backends() -> list of backends that run here; FEDHQ_BACKEND forces one
     pack_codes(codes, bits) / unpack_codes(packed, bits, shape): the wire format of codes
 
@@ -15,6 +17,7 @@ holds their plain-torch twins.
 """
 
 from fedhq_kernels import cpu as _cpu  # noqa: F401  (says once, at import, if the C++ backend is missing)
+from fedhq_kernels.aggregator import Aggregator
 from fedhq_kernels.dispatch import backends
 from fedhq_kernels.functional import (
     aggregate,
@@ -29,6 +32,7 @@ from fedhq_kernels.packing import pack_codes, unpack_codes
 from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range
 
 __all__ = [
+    "Aggregator",
     "QuantizedTensor",
     "aggregate",
     "aggregate_state_dicts",

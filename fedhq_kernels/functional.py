@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fedhq_kernels import ops, reference
 from fedhq_kernels.checks import FLOAT_DTYPES, check_bits, check_float_dtype, is_int, is_real
+from fedhq_kernels.mean import PlainMean, WeightTotal
 from fedhq_kernels.qparams import FLOAT32_MAX
 from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range, validate_all
 
@@ -207,8 +208,10 @@ def dequantize_state_dict(state_dict: Mapping[str, QuantizedTensor | Tensor]) ->
 # ---- aggregation ----
 
 
-def _normalize_weights(op: str, weights, clients: int, device: torch.device) -> Tensor:
-    """Non-negative finite weights (e.g. sample counts), normalized to sum to 1."""
+def running_fractions(op: str, weights, clients: int, device: torch.device) -> Tensor:
+    """Each client's fraction of the weight seen up to it (fedhq_kernels.mean), float32:
+    the weighted mean's ``weights`` argument of the aggregate op. Weights are finite
+    numbers >= 0 (e.g. sample counts), not all 0."""
     try:
         w = torch.as_tensor(weights.detach().cpu() if isinstance(weights, Tensor) else weights, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -218,36 +221,43 @@ def _normalize_weights(op: str, weights, clients: int, device: torch.device) -> 
         raise ValueError(f"{op}: got {w.numel()} weights for {clients} clients")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError(f"{op}: weights must be finite and >= 0, got {w.tolist()}")
-    if float(w.sum()) <= 0:
+    total, fractions = WeightTotal(), []
+    for x in w.tolist():
+        fraction, total = total.add(op, x)
+        fractions.append(fraction)
+    if not total.total:
         raise ValueError(f"{op}: weights sum to 0; at least one client must have weight > 0")
-    if torch.isinf(w.sum()):  # the sum overflows float64 ([1e308, 1e308]): scale down first
-        w = w / w.max()
-    return (w / w.sum()).to(device=device, dtype=torch.float32)
+    return torch.tensor(fractions, dtype=torch.float32, device=device)
 
 
 _QT_FIELDS = ("shape", "dtype", "bits", "axis", "symmetric")
 
 
-def _check_same_kind(op: str, key: str, entries: list) -> None:
-    """Every client's entry for ``key`` must be aggregatable with client 0's."""
+def _check_same_kind(op: str, key: str, entries: list, owners=lambda k: f"client {k}") -> None:
+    """Every entry for ``key`` must be aggregatable with entry 0; ``owners(k)`` names
+    entry k's owner in the message."""
     first = entries[0]
     for k, entry in enumerate(entries[1:], start=1):
         if isinstance(first, QuantizedTensor):
             if not isinstance(entry, QuantizedTensor):
-                raise TypeError(f"{op}: '{key}' is quantized for client 0 but a {type(entry).__name__} for client {k}")
+                raise TypeError(
+                    f"{op}: '{key}' is quantized for {owners(0)} but a {type(entry).__name__} for {owners(k)}"
+                )
             for field in _QT_FIELDS:
                 if getattr(entry, field) != getattr(first, field):
                     raise ValueError(
-                        f"{op}: '{key}' of client {k} has {field}={getattr(entry, field)!r}, "
-                        f"client 0 has {getattr(first, field)!r}"
+                        f"{op}: '{key}' of {owners(k)} has {field}={getattr(entry, field)!r}, "
+                        f"{owners(0)} has {getattr(first, field)!r}"
                     )
         elif isinstance(first, Tensor):
             if not isinstance(entry, Tensor) or isinstance(entry, QuantizedTensor):
-                raise TypeError(f"{op}: '{key}' is a tensor for client 0 but a {type(entry).__name__} for client {k}")
+                raise TypeError(
+                    f"{op}: '{key}' is a tensor for {owners(0)} but a {type(entry).__name__} for {owners(k)}"
+                )
             if entry.shape != first.shape or entry.dtype != first.dtype:
                 raise ValueError(
-                    f"{op}: '{key}' of client {k} is {entry.dtype} {tuple(entry.shape)}, "
-                    f"client 0 has {first.dtype} {tuple(first.shape)}"
+                    f"{op}: '{key}' of {owners(k)} is {entry.dtype} {tuple(entry.shape)}, "
+                    f"{owners(0)} has {first.dtype} {tuple(first.shape)}"
                 )
     if not isinstance(first, (QuantizedTensor, Tensor)):
         raise TypeError(f"{op}: '{key}' must be a QuantizedTensor or a tensor, got {type(first).__name__}")
@@ -324,38 +334,28 @@ def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], 
     return out
 
 
-def _saturate(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """float64 values rounded, then clamped to ``dtype``'s range (no wrap-around)."""
-    info = torch.iinfo(dtype)
-    r = torch.round(values)
-    above, below = r >= float(info.max) + 1, r < info.min  # both bounds exact in float64
-    out = torch.where(above | below, 0.0, r).to(torch.int64)
-    out = torch.where(above, info.max, torch.where(below, info.min, out))
-    return out.to(dtype)
-
-
-def _aggregate_plain(column: list[Tensor], weights: Tensor, cut: int) -> Tensor:
-    """Unquantized entries with the same method: floats (e.g. BatchNorm statistics) in
-    float32; integers (e.g. num_batches_tracked) exactly (docs/kernels.md)."""
+def _aggregate_plain(column: list[Tensor], fractions: Tensor, cut: int) -> Tensor:
+    """Unquantized entries with the same method: the weighted mean as PlainMean computes
+    it; the robust ones with floats (e.g. BatchNorm statistics) in float32 and integers
+    (e.g. num_batches_tracked) exactly (docs/kernels.md)."""
     first = column[0]
+    if cut < 0:
+        mean = PlainMean(first, fractions.device)
+        for value, fraction in zip(column, fractions.tolist()):
+            mean.add(value, fraction)
+        return mean.result()
     if first.is_floating_point():
-        stacked = torch.stack([t.to(device=weights.device, dtype=torch.float32) for t in column])
-        if cut < 0:
-            average = torch.tensordot(weights, stacked, dims=1)
-        else:
-            average = reference._trimmed_mean(list(stacked.unbind(0)), cut)
+        stacked = torch.stack([t.to(device=fractions.device, dtype=torch.float32) for t in column])
+        average = reference._trimmed_mean(list(stacked.unbind(0)), cut)
         return average.to(device=first.device, dtype=first.dtype)
-    stacked = torch.stack([t.to(device=weights.device) for t in column])
-    kept = stacked if cut < 0 else torch.sort(stacked, dim=0).values[cut : len(column) - cut]
+    stacked = torch.stack([t.to(device=fractions.device) for t in column])
+    kept = torch.sort(stacked, dim=0).values[cut : len(column) - cut]
     if kept.shape[0] == 1:
         out = kept[0]
-    elif cut >= 0:  # exactly: Python ints, rounded half to even (integer buffers are small)
+    else:  # exactly: Python ints, rounded half to even (integer buffers are small)
         rows = kept.reshape(kept.shape[0], -1).tolist()
         exact = [round(Fraction(sum(col), len(rows))) for col in zip(*rows)]
         out = torch.tensor(exact, dtype=torch.int64).to(first.dtype).reshape(first.shape)
-    else:  # weighted: float64, saturated; a value every client shares is kept exactly
-        out = _saturate(torch.tensordot(weights.double(), kept.double(), dims=1), first.dtype)
-        out = torch.where((stacked == stacked[0]).all(0), stacked[0], out)
     return out.to(device=first.device)
 
 
@@ -387,7 +387,7 @@ def aggregate_state_dicts(
         _check_same_kind(op, key, column)
     first = columns[keys[0]][0] if keys else None
     device = first.data.device if isinstance(first, QuantizedTensor) else getattr(first, "device", torch.device("cpu"))
-    w = _normalize_weights(op, weights, len(state_dicts), device)
+    w = running_fractions(op, weights, len(state_dicts), device)
     updates = [
         (q, f"client {k}'s '{key}'")
         for key, c in columns.items()

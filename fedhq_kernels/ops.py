@@ -253,13 +253,20 @@ def _check_aggregate(codes, scales, zero_points, weights, axes, names, trim) -> 
             f"and {tensors} names, got {len(codes)}, {len(scales)}, {len(zero_points)} and {len(names)}"
         ),
     )
+    _check_entries("aggregate", codes, scales, zero_points, axes, names, weights.device, "the weights'")
+
+
+def _check_entries(op, codes, scales, zero_points, axes, names, device, whose) -> None:
+    """Client-major lists of int8 codes (entry e: client e // T's tensor e % T, shaped as
+    entry e % T) with their scales and zero points, all on ``device`` (``whose``)."""
+    tensors = len(axes)
     for t, axis in enumerate(axes):
-        check_axis(f"aggregate: '{names[t]}'", codes[t], axis)
+        check_axis(f"{op}: '{names[t]}'", codes[t], axis)
     # Plain comparisons first: this runs for every client x tensor (620 entries for 10
     # ResNet-18s), and building torch._check messages for all of them cost ~10 ms.
     for e, c in enumerate(codes):
         t = e % tensors
-        owner = f"aggregate: client {e // tensors}'s '{names[t]}'"
+        owner = f"{op}: client {e // tensors}'s '{names[t]}'"
         if c.dtype != torch.int8 or c.shape != codes[t].shape:
             raise ValueError(
                 f"{owner} must be int8 codes of shape {tuple(codes[t].shape)}, got {c.dtype} {tuple(c.shape)}"
@@ -268,9 +275,9 @@ def _check_aggregate(codes, scales, zero_points, weights, axes, names, trim) -> 
         s, z = scales[e], zero_points[e]
         # GPU kernels read every client's tensors through a table of raw addresses, so a
         # tensor on another device must be refused here, not dereferenced there
-        if c.device != weights.device or s.device != weights.device or z.device != weights.device:
+        if c.device != device or s.device != device or z.device != device:
             raise ValueError(
-                f"{owner}: codes, scale and zero point must be on the weights' device {weights.device}, "
+                f"{owner}: codes, scale and zero point must be on {whose} device {device}, "
                 f"got {c.device}, {s.device} and {z.device}"
             )
         if s.dtype != torch.float32 or z.dtype != torch.int32 or s.numel() != channels or z.numel() != channels:
@@ -305,3 +312,43 @@ def _(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric
         weights.new_empty((segments,), dtype=torch.float32),
         weights.new_empty((segments,), dtype=torch.int32),
     )
+
+
+# ---- accumulate: one client into a running mean, in place ----
+
+
+def _check_accumulate(acc, codes, scales, zero_points, axes, fraction, names) -> None:
+    tensors = len(axes)
+    if not (len(codes) == len(scales) == len(zero_points) == len(names) == tensors):
+        raise ValueError(
+            f"accumulate: expected {tensors} tensors of codes, scales, zero points and names, "
+            f"got {len(codes)}, {len(scales)}, {len(zero_points)} and {len(names)}"
+        )
+    elements = sum(c.numel() for c in codes)
+    if acc.dtype != torch.float32 or acc.dim() != 1 or acc.numel() != elements or not acc.is_contiguous():
+        raise ValueError(
+            f"accumulate: acc must be a contiguous 1-d float32 tensor of {elements} elements, "
+            f"got {acc.dtype} {tuple(acc.shape)}"
+        )
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"accumulate: fraction must lie in [0, 1], got {fraction!r}")
+    _check_entries("accumulate", codes, scales, zero_points, axes, names, acc.device, "the accumulator's")
+
+
+@torch.library.custom_op("fedhq::accumulate", mutates_args=("acc",), schema=SCHEMAS["accumulate"])
+def accumulate(
+    acc: Tensor,
+    codes: list[Tensor],
+    scales: list[Tensor],
+    zero_points: list[Tensor],
+    axes: list[int],
+    fraction: float,
+    names: list[str],
+) -> None:
+    _check_accumulate(acc, codes, scales, zero_points, axes, fraction, names)
+    dispatch.kernel("accumulate", acc.device)(acc, codes, scales, zero_points, axes, fraction, names)
+
+
+@accumulate.register_fake
+def _(acc, codes, scales, zero_points, axes, fraction, names):
+    _check_accumulate(acc, codes, scales, zero_points, axes, fraction, names)

@@ -17,6 +17,8 @@ SCHEMAS = {
     "dequantize": "(Tensor codes, Tensor scale, Tensor zero_point, int axis, ScalarType dtype) -> Tensor",
     "aggregate": "(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
     "int quant_max, bool symmetric, str[] names, int trim) -> (Tensor, Tensor, Tensor)",
+    "accumulate": "(Tensor(a!) acc, Tensor[] codes, Tensor[] scales, Tensor[] zero_points, int[] axes, float fraction, "
+    "str[] names) -> ()",
 }
 OP_NAMES = tuple(SCHEMAS)
 _LIBRARIES: dict[str, torch.library.Library] = {}

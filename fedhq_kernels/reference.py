@@ -129,9 +129,32 @@ def _trimmed_mean(values: list[torch.Tensor], trim: int) -> torch.Tensor:
     return acc / float(len(values) - 2 * trim)
 
 
+def _blend(acc: torch.Tensor, values: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
+    """One step of the running weighted mean, in float32: (1 - b) * acc + b * values,
+    b the client's fraction of the weight seen so far (docs/kernels.md, "The weighted
+    mean")."""
+    return (1 - fraction) * acc + fraction * values
+
+
+def accumulate(acc, codes, scales, zero_points, axes, fraction, names):
+    """One client's update blended into the packed float32 running mean ``acc`` (every
+    tensor's elements one after another), in place: acc = _blend(acc, dequantized
+    codes, fraction). Every parameter is checked before acc is touched."""
+    for t in range(len(axes)):
+        check_qparams("accumulate", scales[t], zero_points[t], -128, 127, f"the update's '{names[t]}'")
+    b = torch.tensor(fraction, dtype=torch.float32)
+    start = 0
+    for t, axis in enumerate(axes):
+        part = acc[start : start + codes[t].numel()].view(codes[t].shape)
+        part.copy_(_blend(part, _dequantize_float(codes[t], scales[t], zero_points[t], axis), b.to(acc.device)))
+        start += codes[t].numel()
+
+
 def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim=-1):
-    """Per tensor t: with trim < 0, acc = sum over clients k, in order, of w_k *
-    dequantize(client k's codes) in float32; with trim >= 0, the unweighted trimmed
+    """Per tensor t: with trim < 0, the running weighted mean: acc = 0, then for each
+    client k in order acc = _blend(acc, dequantize(client k's codes), weights[k]), the
+    weights being the clients' running fractions (functional.running_fractions), as
+    successive ``accumulate`` calls compute it; with trim >= 0, the unweighted trimmed
     mean of the dequantized values (_trimmed_mean; the median is trim = (K - 1) // 2).
     Then acc is requantized with its freshly observed range. Outputs are packed: every
     tensor's codes flattened one after another, and its scales / zero points likewise."""
@@ -150,7 +173,7 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
             check_qparams("aggregate", scales[e], zero_points[e], quant_min, quant_max, owner)
             values.append(_dequantize_float(codes[e], scales[e], zero_points[e], axis))
             if trim < 0:
-                acc = acc + w[k] * values[-1]
+                acc = _blend(acc, values[-1], w[k])
         if trim >= 0:
             acc = _trimmed_mean(values, trim)
         try:

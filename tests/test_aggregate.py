@@ -11,6 +11,7 @@ from test_quantize import TAMPERED, fields_of, tampered
 
 import fedhq_kernels as fk
 from fedhq_kernels import reference
+from fedhq_kernels.functional import running_fractions
 
 # name -> (shape, quantization axis): per-tensor and per-channel, channel-cycling
 # (last axis), rows longer than a run, odd sizes, a 0-d and an empty tensor
@@ -37,9 +38,8 @@ def client_state_dicts(gen, clients, dtype=torch.float32, bits=8, symmetric=True
 
 
 def reference_state_dict(sds, weights):
-    """The reference twin, tensor by tensor, with the same normalized weights."""
-    w = torch.tensor(weights, dtype=torch.float64)
-    w = (w / w.sum()).float()
+    """The reference twin, tensor by tensor, with the same running fractions."""
+    w = running_fractions("test", weights, len(weights), torch.device("cpu"))
     out = {}
     for name in sds[0]:
         qs = [sd[name] for sd in sds]

@@ -395,6 +395,28 @@ def test_aggregate_matches_reference(cuda_backend, gen, clients, dtype, symmetri
 
 
 @gpu
+@pytest.mark.parametrize("clients", [1, 10])
+def test_streaming_aggregator_matches_reference(cuda_backend, gen, clients):
+    from test_aggregate import client_state_dicts, reference_state_dict
+    from test_aggregator import streamed
+
+    sds = client_state_dicts(gen, clients, torch.bfloat16, symmetric=False)
+    weights = torch.randint(1, 500, (clients,), generator=gen).tolist()
+    expected = reference_state_dict(sds, weights)
+    got = streamed([{k: on(cuda_backend, q) for k, q in sd.items()} for sd in sds], weights)
+    for name, q in got.items():
+        assert q.data.device == cuda_backend
+        for actual, wanted, what in zip((q.data, q.scale, q.zero_point), expected[name], ("codes", "scale", "zp")):
+            assert_equal(actual.cpu(), wanted, f"{name} {what}")
+    bad = {k: on(cuda_backend, q) for k, q in sds[0].items()}
+    aggregator = fk.Aggregator(bad)
+    bad["fc.weight"].scale[2] = float("nan")
+    with pytest.raises(ValueError, match="Aggregator: the update's 'fc.weight' scale must be finite and > 0"):
+        aggregator.add(bad, 1)
+    assert not bool(aggregator.acc.any())
+
+
+@gpu
 @pytest.mark.parametrize(
     "k,method,trim", [(1, "median", 0.1), (4, "median", 0.1), (9, "median", 0.1), (7, "trimmed-mean", 0.3)]
 )

@@ -293,3 +293,52 @@ def test_aggregation_from_the_cli_and_the_flower_run_config():
         "trimmed-mean",
         0.2,
     )
+
+
+def test_round_intake_aggregates_as_updates_arrive_and_keeps_none(setup):
+    import gc
+    import weakref
+
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    intake = server.open_round()
+    alive = []
+    for update in updates:
+        state = {k: dataclasses.replace(v, data=v.data.clone()) if k in names else v for k, v in update.state.items()}
+        alive.append(weakref.ref(state["0.weight"].data))
+        fresh = Update(update.client, state, update.num_samples, 0.0, 1, 0.0)
+        del state
+        intake.offer(fresh)
+        del fresh
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None, None]  # nothing of an update outlives its offer
+    intake.offer(updates[0])  # a second update from client 0
+    assert intake.close() == ([0, 1, 2], intake.rejected) and len(intake.rejected) == 1
+    expected = fk.aggregate_state_dicts([u.state for u in updates], [u.num_samples for u in updates])
+    for name, value in expected.items():
+        got = server.state[name]
+        if isinstance(value, fk.QuantizedTensor):
+            assert torch.equal(got.data, value.data) and torch.equal(got.scale, value.scale), name
+        else:
+            assert torch.equal(got, value), name
+
+
+def test_fp32_round_is_the_same_running_mean(setup, gen):
+    net, _, _ = setup
+    states = []
+    for client in range(3):
+        state = {
+            k: v + 0.1 * torch.randn(v.shape, generator=gen)
+            for k, v in net.state_dict().items()
+            if v.is_floating_point()
+        }
+        state["1.running_var"] = state["1.running_var"].abs()
+        state["1.num_batches_tracked"] = torch.tensor(client)
+        states.append(state)
+    server = Server(net.state_dict(), bits=None, quantized=set())
+    accepted, rejected = server.aggregate([Update(k, s, 5 + k, 0.0, 1, 0.0) for k, s in enumerate(states)])
+    assert (accepted, rejected) == ([0, 1, 2], [])
+    expected = fk.aggregate_state_dicts(states, [5, 6, 7])
+    for name, value in expected.items():
+        assert torch.equal(server.state[name], value), name
+    assert int(server.state["1.num_batches_tracked"]) == round((5 * 0 + 6 * 1 + 7 * 2) / 18)

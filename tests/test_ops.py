@@ -48,6 +48,8 @@ def op_samples():
     agg_args = tuple([a[i] for i in order] for a in agg_args[:3]) + agg_args[3:]
     add(torch.ops.fedhq.aggregate, agg_args, "2-tensors")
     add(torch.ops.fedhq.aggregate, agg_args[:-1] + (1,), "2-tensors, median")
+    acc_args = (torch.randn(5 * 7 + 9), agg_args[0][:2], agg_args[1][:2], agg_args[2][:2], [0, -1], 0.375, ["w", "b"])
+    add(torch.ops.fedhq.accumulate, acc_args, "2-tensors")
     return samples
 
 

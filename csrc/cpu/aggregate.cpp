@@ -1,5 +1,7 @@
 // The server's aggregation on the CPU: dequantize every client's update, average
-// with the clients' weights in float32, requantize with a freshly observed range.
+// with the clients' weights in float32 (a running mean: docs/kernels.md, "The
+// weighted mean"), requantize with a freshly observed range; and the streaming step,
+// one update blended into a caller-held running mean (accumulate).
 // Whole models at once: all tensors form one packed index space, and each pass is
 // one parallel sweep over it. Pass 1 averages and observes the range, keeping the
 // float32 average in a workspace; pass 2 requantizes it. Averaging is the costly
@@ -10,27 +12,30 @@
 
 namespace fedhq::cpu {
 
-// acc[j] = sum over clients k, in order, of w_k * ((q_k[j] - zp_k) * s_k), in float32.
+// One step of the running weighted mean (reference._blend): acc[j] = (1 - b) *
+// acc[j] + b * ((q[j] - zp) * s), in float32, for the update at `entry` with fraction b.
+static void blend_run(const ClientUpdates& u, int64_t entry, float b, const Run& run, float* __restrict acc) {
+  const int8_t* __restrict q = u.codes[entry] + run.begin;
+  const float* __restrict s = u.scales[entry] + run.channel;
+  const int32_t* __restrict z = u.zero_points[entry] + run.channel;
+  const float keep = 1.0f - b;
+  if (run.cycling) {
+#pragma omp simd
+    for (int64_t j = 0; j < run.len; ++j) acc[j] = keep * acc[j] + b * ((float(q[j]) - float(z[j])) * s[j]);
+  } else {
+    const float sk = s[0], zk = float(z[0]);
+#pragma omp simd
+    for (int64_t j = 0; j < run.len; ++j) acc[j] = keep * acc[j] + b * ((float(q[j]) - zk) * sk);
+  }
+}
+
+// acc = 0, then every client k in order blended with its fraction u.weights[k].
 // (Keeping sums for a block of 16-256 elements in registers while walking the clients
 // was measured slower than this: the per-client setup per block costs more than the
 // L1-resident acc traffic it saves.)
 static void average_run(const ClientUpdates& u, int64_t tensors, int32_t t, const Run& run, float* __restrict acc) {
   std::fill(acc, acc + run.len, 0.0f);
-  for (int64_t k = 0; k < u.clients; ++k) {
-    const int64_t entry = k * tensors + t;
-    const int8_t* __restrict q = u.codes[entry] + run.begin;
-    const float* __restrict s = u.scales[entry] + run.channel;
-    const int32_t* __restrict z = u.zero_points[entry] + run.channel;
-    const float w = u.weights[k];
-    if (run.cycling) {
-#pragma omp simd
-      for (int64_t j = 0; j < run.len; ++j) acc[j] += w * ((float(q[j]) - float(z[j])) * s[j]);
-    } else {
-      const float sk = s[0], zk = float(z[0]);
-#pragma omp simd
-      for (int64_t j = 0; j < run.len; ++j) acc[j] += w * ((float(q[j]) - zk) * sk);
-    }
-  }
+  for (int64_t k = 0; k < u.clients; ++k) blend_run(u, k * tensors + t, u.weights[k], run, acc);
 }
 
 // The unweighted trimmed mean of the K dequantized values of each element, as
@@ -109,6 +114,13 @@ int64_t aggregate(const ClientUpdates& updates, const std::vector<TensorLayout>&
             [&](int64_t j, const QParams& p) { out[j] = quantize_value(acc[j], p); });
   });
   return -1;
+}
+
+void accumulate(const ClientUpdates& update, const std::vector<TensorLayout>& layouts,
+                const std::vector<int64_t>& element_base, float* acc, int threads) {
+  parallel_runs(layouts, make_tasks(layouts), threads, [&](int, int32_t t, const Run& run) {
+    blend_run(update, t, update.weights[0], run, acc + element_base[size_t(t)] + run.begin);
+  });
 }
 
 }  // namespace fedhq::cpu

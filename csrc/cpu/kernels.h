@@ -43,7 +43,7 @@ struct ClientUpdates {
   const int8_t* const* codes;
   const float* const* scales;
   const int32_t* const* zero_points;
-  const float* weights;  // one per client, normalized by the caller
+  const float* weights;  // one per client: its running fraction (functional.running_fractions)
   int64_t clients;
   int64_t trim = -1;  // < 0: weighted mean; else the trimmed mean cutting `trim` per end
 };
@@ -51,5 +51,10 @@ struct ClientUpdates {
 int64_t aggregate(const ClientUpdates& updates, const std::vector<TensorLayout>& layouts,
                   const std::vector<int64_t>& element_base, bool symmetric, int32_t qmin, int32_t qmax, float* workspace,
                   int8_t* codes, float* scale, int32_t* zero_point, int threads);
+
+// One update (`update.clients` == 1, its fraction in weights[0]) blended into the
+// packed running mean `acc` (tensor t at element_base[t]).
+void accumulate(const ClientUpdates& update, const std::vector<TensorLayout>& layouts,
+                const std::vector<int64_t>& element_base, float* acc, int threads);
 
 }  // namespace fedhq::cpu

@@ -1,6 +1,7 @@
 // The server's aggregation on the GPU, with the semantics of csrc/cpu/aggregate.cpp:
-// dequantize every client's update, average with the clients' weights in float32,
-//   acc = sum over clients k, in order, of w_k * ((q_k - zp_k) * s_k),
+// dequantize every client's update, average with the clients' weights in float32 as
+// a running mean (docs/kernels.md, "The weighted mean"): acc = 0, then for each client
+// k in order acc = (1 - b_k) * acc + b_k * ((q_k - zp_k) * s_k), b_k its fraction;
 // then requantize each segment with its freshly observed range. A whole model is one
 // packed index space (tiles.h), described by a table the host copies to the device,
 // so each pass is one launch however many tensors the model has (a ResNet-18 is 62).
@@ -38,9 +39,9 @@ __device__ __forceinline__ TensorDesc locate_tile(const Model& m, int64_t tile, 
   return m.descs[*tensor];
 }
 
-// One client's contribution, as the CPU computes it (the multiplies unfused: no FMA).
-__device__ __forceinline__ float term(float w, int8_t q, float zero_point, float scale) {
-  return mul_rn(w, mul_rn(float(q) - zero_point, scale));
+// One client blended into the running mean, as the CPU computes it (no FMA).
+__device__ __forceinline__ float blend(float acc, float b, int8_t q, float zero_point, float scale) {
+  return __fadd_rn(mul_rn(1.0f - b, acc), mul_rn(b, mul_rn(float(q) - zero_point, scale)));
 }
 
 __device__ __forceinline__ float dequantized(const Model& m, int64_t k, int64_t t, int64_t c, int64_t i) {
@@ -86,7 +87,7 @@ __device__ __forceinline__ void average_vec(const Model& m, int64_t t, int64_t c
     load_vec(e.codes + i, q);
     const float w = __ldg(m.weights + k), s = __ldg(e.scale + c), z = float(__ldg(e.zero_point + c));
 #pragma unroll
-    for (int j = 0; j < kVector; ++j) acc[j] = acc[j] + term(w, q.v[j], z, s);
+    for (int j = 0; j < kVector; ++j) acc[j] = blend(acc[j], w, q.v[j], z, s);
   }
 }
 
@@ -96,7 +97,7 @@ __device__ __forceinline__ float average_one(const Model& m, int64_t t, int64_t 
 #pragma unroll 4
   for (int64_t k = 0; k < m.clients; ++k) {
     const AggregateEntry e = m.entries[k * m.tensors + t];
-    acc = acc + term(__ldg(m.weights + k), __ldg(e.codes + i), float(__ldg(e.zero_point + c)), __ldg(e.scale + c));
+    acc = blend(acc, __ldg(m.weights + k), __ldg(e.codes + i), float(__ldg(e.zero_point + c)), __ldg(e.scale + c));
   }
   return acc;
 }
@@ -242,6 +243,27 @@ cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const
                                                                               kWarpsPerBlock)),
                        kBlock, 0, stream>>>(m, plan.tiles, symmetric, qmin, qmax, average, vec, slots, codes, scale,
                                             zero_point);
+  return cudaGetLastError();
+}
+
+namespace {
+
+__global__ void __launch_bounds__(kBlock) kAccumulate(float* __restrict__ acc, const int8_t* __restrict__ codes,
+                                                      const float* __restrict__ scale,
+                                                      const int32_t* __restrict__ zero_point, Layout l, float b) {
+  for (int64_t i = int64_t(blockIdx.x) * kBlock + threadIdx.x; i < l.numel; i += total_threads()) {
+    const int64_t c = (i / l.inner) % l.channels;
+    acc[i] = blend(acc[i], b, __ldg(codes + i), float(__ldg(zero_point + c)), __ldg(scale + c));
+  }
+}
+
+}  // namespace
+
+cudaError_t accumulate(float* acc, const int8_t* codes, const float* scale, const int32_t* zero_point,
+                       const Layout& layout, float fraction, cudaStream_t stream) {
+  if (layout.numel == 0) return cudaSuccess;
+  const int blocks = int(std::min<int64_t>(ceil_div(layout.numel, kBlock), 8192));
+  kAccumulate<<<blocks, kBlock, 0, stream>>>(acc, codes, scale, zero_point, layout, fraction);
   return cudaGetLastError();
 }
 

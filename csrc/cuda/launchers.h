@@ -125,15 +125,20 @@ AggregatePlan aggregate_write_table(void* host_table, const Layout* layouts, int
 inline bool aggregate_keeps_average(int64_t clients, int64_t trim) { return clients > 8 || trim >= 0; }
 
 // Pass 1 (one launch): checks every client's scale / zero point (Status.bad_qparam),
-// averages acc = sum_k w_k * ((q_k - zp_k) * s_k) in float32, client by client in
-// order, and observes each segment's range (Status.bad_value: a non-finite average).
+// averages acc = (1 - b_k) * acc + b_k * ((q_k - zp_k) * s_k) from 0 in float32,
+// client by client in order, and observes each segment's range (Status.bad_value: a non-finite average).
 // Pass 2 (one launch): requantizes the average with the fresh range into the packed
 // `codes`, `scale`, `zero_point`. `average` (elements floats) is used when non-null
-// (see aggregate_keeps_average); `weights` (clients floats, normalized) and
+// (see aggregate_keeps_average); `weights` (clients floats: their running fractions) and
 // `device_table` live on the device; `workspace` has observe_workspace_bytes(segments).
 // trim >= 0: the unweighted trimmed mean instead (trim values cut from each end).
 cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const float* weights, int64_t trim,
                       bool symmetric, int32_t qmin, int32_t qmax, float* average, int8_t* codes, float* scale,
                       int32_t* zero_point, void* workspace, cudaStream_t stream);
+
+// The streaming step over one tensor: acc = (1 - b) * acc + b * ((q - zp) * s), b =
+// `fraction`, as pass 1 blends each client. The caller has checked the parameters.
+cudaError_t accumulate(float* acc, const int8_t* codes, const float* scale, const int32_t* zero_point,
+                       const Layout& layout, float fraction, cudaStream_t stream);
 
 }  // namespace fedhq::cuda

@@ -526,7 +526,7 @@ def run(
     for r in range(len(history) + 1, config.rounds + 1):
         round_started = time.perf_counter()
         plans = {cid: round_plan(config, r, s, batches[cid]) for cid, s in strategies.items() if topology.trains[cid]}
-        outcome = close_round(server, topology, r, link.train(server, plans), round_started)
+        outcome = close_round(topology, r, link.train(server, plans), round_started)
         metrics = evaluate_global(spec, server, dataset.test, calibration_x)
         row = add_round(history, outcome.row(metrics["accuracy"], metrics["loss"], config.local_epochs) | metrics)
         row.update(outcome.extra)

@@ -1,6 +1,7 @@
 """A round's path, both engines: ``round_plan`` (what the server asks of a client),
 the delivery (in this process: ``train_clients``; on Flower: fedhq.flower.strategy),
-then ``close_round`` (validate, aggregate along the tree, the topology's round time).
+each update validated and aggregated as it arrives, then ``close_round`` (the new
+global model, the topology's round time).
 ``play_round`` is all three in this process (the adjustment's trials)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from fedhq.data.base import Split
 from fedhq.fl.client import ClientState, RoundPlan, Update
 from fedhq.fl.config import RunConfig
-from fedhq.fl.server import Rejection, Server
+from fedhq.fl.server import Rejection, RoundIntake, Server
 from fedhq.fl.timing import COST_STRATEGY, ClientDevice, ClientTime
 from fedhq.fl.topology import Topology
 from fedhq.models import ModelSpec
@@ -63,13 +64,38 @@ class RoundContext:
     train_fn: TrainFn
 
 
+@dataclass(frozen=True)
+class Received:
+    """What a round keeps of an update once the server has taken it in: its state only
+    where the adjustment needs it (``keeps_states``), else None, so the round holds
+    O(model) (docs/fl.md, "Streaming aggregation")."""
+
+    client: int
+    num_samples: int
+    train_loss: float
+    nbytes: int
+    state: dict | None
+
+    @classmethod
+    def of(cls, update: Update, keep_state: bool) -> Received:
+        state = update.state if keep_state else None
+        return cls(update.client, update.num_samples, update.train_loss, update.nbytes, state)
+
+
+def keeps_states(config: RunConfig, r: int) -> bool:
+    """Round ``r``'s updates are kept whole: the adjustment leaves each out in turn."""
+    return config.adjust and r == config.adjust_after
+
+
 @dataclass
 class Replies:
-    """What a round's messages brought back: the updates, the clients left out on the
-    way, each trained client's simulated cost, and the uploads of inner nodes that only
-    forwarded their subtree's aggregate."""
+    """What a round's messages brought back: the round's aggregation, fed as each
+    update arrived, what was kept of the updates, the clients left out on the way, each
+    trained client's simulated cost, and the uploads of inner nodes that only forwarded
+    their subtree's aggregate."""
 
-    updates: list[Update]
+    intake: RoundIntake
+    updates: list[Received]
     rejected: list[Rejection]
     times: dict[int, ClientTime]
     relay_upload_s: dict[int, float] = field(default_factory=dict)
@@ -79,7 +105,7 @@ class Replies:
 @dataclass
 class RoundOutcome:
     round: int
-    updates: list[Update]
+    updates: list[Received]
     accepted: list[int]
     rejected: list[Rejection]
     times: dict[int, ClientTime]
@@ -121,11 +147,13 @@ def round_plan(config: RunConfig, r: int, strategy: str, batch: int) -> RoundPla
 
 
 def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
-    """Delivery in this process: each planned client trains from the global model."""
+    """Delivery in this process: each planned client trains from the global model,
+    and the server takes its update in as soon as it is done."""
     config = ctx.config
     global_weights = ctx.server.global_weights()
     clients = {c.id: c for c in ctx.clients}
-    updates: list[Update] = []
+    intake = ctx.server.open_round(ctx.topology)
+    updates: list[Received] = []
     rejected: list[Rejection] = []
     times: dict[int, ClientTime] = {}
     for cid, plan in plans.items():
@@ -139,8 +167,10 @@ def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
             rejected.append(Server.reject(c.id, f"timed out: {update.wall_s:.2f} s > {config.client_timeout_s} s"))
             continue
         ctx.states[c.id] = new_state
-        updates.append(update)
+        intake.offer(update)
+        updates.append(Received.of(update, keeps_states(config, plan.round)))
         times[c.id] = c.device.round_time(ctx.spec.key, plan.strategy, plan.batch_size, update.steps, update.nbytes)
+        del update  # the server has it: nothing here holds the state any more
     relay: dict[int, float] = {}
     if updates:  # an inner node that did not train still uploads its subtree's aggregate
         size = statistics.median(u.nbytes for u in updates)
@@ -149,15 +179,16 @@ def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
             for c in ctx.clients
             if c.id not in times and ctx.topology.children(c.id)
         }
-    return Replies(updates, rejected, times, relay)
+    return Replies(intake, updates, rejected, times, relay)
 
 
-def close_round(server: Server, topology: Topology, r: int, replies: Replies, started: float) -> RoundOutcome:
-    """The server's side of a round: validate and aggregate (in client order, along the
-    tree), and the round's simulated time (``Topology.round_time``: it waits for every
-    client that trained, accepted or not)."""
+def close_round(topology: Topology, r: int, replies: Replies, started: float) -> RoundOutcome:
+    """The server's side of a round: install the aggregate of the updates taken in as
+    they arrived (``RoundIntake``), and the round's simulated time
+    (``Topology.round_time``: it waits for every client that trained, accepted or not)."""
     updates = sorted(replies.updates, key=lambda u: u.client)
-    accepted, bad = server.aggregate(updates, topology)
+    accepted, bad = replies.intake.close()
+    accepted = sorted(accepted)
     upload = {cid: t.upload_s for cid, t in replies.times.items()} | replies.relay_upload_s
     sim_s, critical = topology.round_time({cid: t.compute_s for cid, t in replies.times.items()}, upload)
     return RoundOutcome(
@@ -177,4 +208,4 @@ def play_round(ctx: RoundContext, r: int) -> RoundOutcome:
     """One whole round in this process with the clients' current strategies."""
     started = time.perf_counter()
     plans = {c.id: round_plan(ctx.config, r, c.strategy, c.batch) for c in ctx.clients if ctx.topology.trains[c.id]}
-    return close_round(ctx.server, ctx.topology, r, train_clients(ctx, plans), started)
+    return close_round(ctx.topology, r, train_clients(ctx, plans), started)

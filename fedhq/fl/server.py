@@ -209,20 +209,6 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def float_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
-    """FedAvg of float state dicts (the fp32 ceiling): float tensors averaged in
-    float32 weighted by ``weights``; integer buffers averaged and rounded."""
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    w = (w / w.sum()).to(torch.float32)
-    out = {}
-    for name in states[0]:
-        stacked = torch.stack([s[name].to(torch.float32) for s in states])
-        mean = torch.tensordot(w, stacked, dims=1)
-        ref = states[0][name]
-        out[name] = mean.to(ref.dtype) if ref.is_floating_point() else mean.round().to(ref.dtype)
-    return out
-
-
 class Server:
     """Holds the global model (quantized state dict, or float for fp32) and runs the
     validate -> aggregate step of every round."""
@@ -272,40 +258,19 @@ class Server:
         """The global model as float tensors: what clients load and evaluation uses."""
         return fk.dequantize_state_dict(self.state)
 
+    def open_round(self, topology: Topology | None = None) -> RoundIntake:
+        """The round's aggregation, fed one update at a time as they arrive
+        (``RoundIntake.offer``) and installed by ``RoundIntake.close``."""
+        return RoundIntake(self, topology)
+
     def aggregate(self, updates: Sequence, topology: Topology | None = None) -> tuple[list[int], list[Rejection]]:
         """Validates every update (objects with client, state, num_samples), aggregates
-        the good ones into the global model, and returns (accepted ids, rejections).
-        With a hierarchical ``topology`` the good updates are aggregated bottom-up, each
-        inner node combining its own update with its children's subtree aggregates."""
-        accepted, rejected, seen = [], [], set()
+        the good ones into the global model, and returns (accepted ids, rejections):
+        ``open_round``, every update offered in order, ``close``."""
+        intake = self.open_round(topology)
         for update in updates:
-            client = getattr(update, "client", None)
-            if client in seen:
-                rejected.append(self.reject(client, "a second update from this client in the round: the first counts"))
-                continue
-            seen.add(client)
-            try:
-                reason = self.check(update)
-            except Exception as error:  # noqa: BLE001  one bad update must never end the run
-                reason = f"validation raised {type(error).__name__}: {error}"
-            if reason is None:
-                accepted.append(update)
-            else:
-                rejected.append(self.reject(client, f"bad update: {reason}"))
-        if not accepted:
-            if updates:
-                log.warning("no usable update this round: the global model is kept")
-            return [], rejected
-        try:
-            if topology is None or topology.is_flat:
-                new_state = self.combine([(u.state, u.num_samples) for u in accepted])
-            else:
-                new_state = self.combine_tree(accepted, topology)
-        except Exception as error:  # noqa: BLE001  never corrupt the model, never end the run
-            rejected.extend(self.reject(u.client, f"aggregation failed: {error}") for u in accepted)
-            return [], rejected
-        self.state = new_state
-        return [u.client for u in accepted], rejected
+            intake.offer(update)
+        return intake.close()
 
     def check(self, update) -> str | None:
         """Why ``update`` (client, state, num_samples) cannot be aggregated, or None."""
@@ -315,29 +280,154 @@ class Server:
             update.state, update.num_samples, self.template, schemes=self.state, max_samples=cap, **checks
         )
 
+    def aggregator(self) -> fk.Aggregator:
+        """An empty aggregation step shaped like the global model, with the run's method."""
+        return fk.Aggregator(self.state, method=self.aggregation, trim=self.trim)
+
     def combine(self, parts: Sequence[tuple[Mapping, int]]) -> dict:
-        """One aggregation step: (state, sample count) pairs -> their weighted average,
+        """One aggregation step: (state, sample count) pairs -> their aggregate,
         requantized (float for fp32)."""
-        states, weights = [p[0] for p in parts], [p[1] for p in parts]
-        if self.aggregation != "mean":  # robust aggregation (RunConfig.aggregation), fp32 too
-            return fk.aggregate_state_dicts(states, weights, method=self.aggregation, trim=self.trim)
-        if self.bits is None:
-            return float_average(states, weights)
-        return fk.aggregate_state_dicts(states, weights)
+        step = self.aggregator()
+        for state, weight in parts:
+            step.add(state, weight)
+        return step.result()
 
     def combine_tree(self, accepted: Sequence, topology: Topology) -> dict:
-        """Bottom-up: every inner node aggregates its own update and its children's
-        subtree results (weighted by the samples under them); the server aggregates its
-        children's. A node whose own update was rejected still forwards its subtree."""
-        own = {u.client: (u.state, u.num_samples) for u in accepted}
-        below: dict[int, tuple[Mapping, int]] = {}
-        for node in topology.bottom_up():
-            parts = ([own[node]] if node in own else []) + [below[c] for c in topology.children(node) if c in below]
-            if parts:
-                below[node] = parts[0] if len(parts) == 1 else (self.combine(parts), sum(p[1] for p in parts))
-        return self.combine([below[c] for c in topology.children(None) if c in below])
+        """The aggregate of already validated updates along ``topology`` (RoundIntake)."""
+        intake = RoundIntake(self, topology)
+        for update in accepted:
+            intake.place(update)
+        return intake.aggregate()
 
     @staticmethod
     def reject(client: int, reason: str) -> Rejection:
         log.warning("client %s left out of this round: %s", client, reason)
         return Rejection(client, reason)
+
+
+class _Slot:
+    """What a node of the tree has received so far: a single part is kept as it came
+    (forwarded unchanged, as a node with one part always did); a second one starts an
+    aggregation step, which takes every later part as it arrives."""
+
+    def __init__(self, server: Server, passthrough: bool):
+        self.server, self.passthrough = server, passthrough
+        self.single: Mapping | None = None
+        self.step: fk.Aggregator | None = None
+        self.weight = 0
+
+    def add(self, state: Mapping, weight: int) -> None:
+        if self.passthrough and self.step is None and self.single is None:
+            self.single = state
+        else:
+            if self.step is None:
+                step = self.server.aggregator()
+                if self.single is not None:
+                    step.add(self.single, self.weight)
+                self.step, self.single = step, None
+            self.step.add(state, weight)
+        self.weight += weight
+
+    @property
+    def empty(self) -> bool:
+        return self.single is None and self.step is None
+
+    def result(self) -> Mapping:
+        return self.single if self.step is None else self.step.result()
+
+
+class RoundIntake:
+    """One round of the server, fed as updates arrive: ``offer`` validates an update
+    and adds it at once to its place in the tree (the server's step for a flat
+    system), keeping no reference to it, so the server holds O(model) however many
+    clients report (O(inner nodes x model) for a tree; the robust methods keep every
+    update: docs/fl.md, "Streaming aggregation"). ``close`` finishes the tree
+    bottom-up and installs the new global model; a failure there leaves the model as
+    it was and rejects the round's updates.
+
+    Along a tree, a client's update goes to its own node if it has children, else to
+    its parent's (a leaf forwards its update as it is); an inner node with one part
+    forwards it unchanged, with more it aggregates them (those that arrived, then its
+    inner children's subtree aggregates in child order), weighted by the samples
+    under them; the server aggregates what reaches it."""
+
+    def __init__(self, server: Server, topology: Topology | None):
+        self.server = server
+        tree = topology is not None and not topology.is_flat
+        self.parents = topology.parents if tree else ()
+        self.children: dict[int | None, list[int]] = {}
+        for node, parent in enumerate(self.parents):
+            self.children.setdefault(parent, []).append(node)
+        self.slots: dict[int | None, _Slot] = {None: _Slot(server, passthrough=False)}
+        self.accepted: list[int] = []
+        self.rejected: list[Rejection] = []
+        self.seen: set = set()
+
+    def offer(self, update) -> None:
+        """Validates ``update`` (client, state, num_samples) and adds it, or rejects it
+        with a logged reason."""
+        client = getattr(update, "client", None)
+        if client in self.seen:
+            self.rejected.append(
+                self.server.reject(client, "a second update from this client in the round: the first counts")
+            )
+            return
+        self.seen.add(client)
+        try:
+            reason = self.server.check(update)
+        except Exception as error:  # noqa: BLE001  one bad update must never end the run
+            reason = f"validation raised {type(error).__name__}: {error}"
+        if reason is not None:
+            self.rejected.append(self.server.reject(client, f"bad update: {reason}"))
+            return
+        try:
+            self.place(update)
+        except Exception as error:  # noqa: BLE001  refused before it touched the aggregate
+            self.rejected.append(self.server.reject(client, f"aggregation failed: {error}"))
+            return
+        self.accepted.append(client)
+
+    def place(self, update) -> None:
+        """Adds a validated update to its node's slot (its own if it has children)."""
+        node = (
+            update.client if update.client in self.children else (self.parents[update.client] if self.parents else None)
+        )
+        self._slot(node).add(update.state, update.num_samples)
+
+    def _slot(self, node: int | None) -> _Slot:
+        if node not in self.slots:
+            self.slots[node] = _Slot(self.server, passthrough=True)
+        return self.slots[node]
+
+    def aggregate(self) -> dict:
+        """The new global model: every inner node's subtree aggregate, deepest first,
+        into its parent's slot, then the server's step."""
+        results: dict[int, tuple[Mapping, int]] = {}
+        for node in sorted(self.children.keys() - {None}, key=self._depth, reverse=True) + [None]:
+            slot = self._slot(node)
+            for child in self.children.get(node, []):
+                if child in results:
+                    slot.add(*results.pop(child))
+            if node is not None and not slot.empty:
+                results[node] = slot.result(), slot.weight
+        return self.slots[None].result()
+
+    def _depth(self, node: int) -> int:
+        depth = 0
+        while self.parents[node] is not None:
+            depth, node = depth + 1, self.parents[node]
+        return depth
+
+    def close(self) -> tuple[list[int], list[Rejection]]:
+        """Installs the round's aggregate as the global model; (accepted ids, rejections)."""
+        if not self.accepted:
+            if self.seen:
+                log.warning("no usable update this round: the global model is kept")
+            return [], self.rejected
+        try:
+            new_state = self.aggregate()
+        except Exception as error:  # noqa: BLE001  never corrupt the model, never end the run
+            failed = [self.server.reject(c, f"aggregation failed: {error}") for c in self.accepted]
+            return [], self.rejected + failed
+        self.server.state = new_state
+        return self.accepted, self.rejected

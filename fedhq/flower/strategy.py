@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from fedhq.fl.client import RoundPlan, Update
 from fedhq.fl.config import ConfigError
 from fedhq.fl.engine import Answer, Setup
-from fedhq.fl.rounds import Replies, RoundOutcome
+from fedhq.fl.rounds import Received, Replies, RoundOutcome
 from fedhq.fl.server import MAX_SAMPLES, Rejection, Server
 from fedhq.fl.timing import ClientTime
 from fedhq.flower.records import RecordError, decode_state, encode_state
@@ -126,14 +126,19 @@ class FedHQStrategy:
                     self.nodes[client],
                 )
             )
+        # send_and_receive returns once every reply is in (or the timeout): the replies'
+        # records are all held until the round ends (docs/flower.md, "Server memory").
+        # Each decoded update is aggregated at once and dropped, in client order (the
+        # float32 sum does not depend on arrival order).
         replies = self.grid.send_and_receive(self._track(messages), timeout=self.timeout)
         round_name = f"round {next(iter(plans.values())).round}" if plans else "round"
         clients = {nid: client for client, nid in self.nodes.items()}
-        updates: list[Update] = []
+        intake = server.open_round()
+        updates: list[Received] = []
         rejected: list[Rejection] = []
         times: dict[int, ClientTime] = {}
         record_bytes, seen = 0, set()
-        for msg, nid in self._match(replies, round_name):
+        for msg, nid in sorted(self._match(replies, round_name), key=lambda pair: clients[pair[1]]):
             client = clients[nid]
             seen.add(nid)
             if msg.has_error():
@@ -147,13 +152,15 @@ class FedHQStrategy:
             except Exception as error:  # noqa: BLE001  one reply must never end the run
                 rejected.append(Server.reject(client, f"unreadable reply ({type(error).__name__}): {error}"))
                 continue
-            updates.append(update)
+            intake.offer(update)
+            updates.append(Received.of(update, keep_state=False))
             times[client] = cost
             record_bytes += size
+            del update
         for client in plans:
             if self.nodes[client] not in seen:
                 rejected.append(Server.reject(client, "no reply before the round's timeout (disconnected or too slow)"))
-        return Replies(updates, rejected, times, extra={"record_bytes": record_bytes})
+        return Replies(intake, updates, rejected, times, extra={"record_bytes": record_bytes})
 
     # ---- what the nodes keep to themselves ----
 

@@ -5,6 +5,8 @@ read-back at the end. Layout of the tables and the passes: docs/kernels.md,
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -40,11 +42,19 @@ def _dequantized(code_ptrs, params_ptr, k, T, S, t, offs, mask, seg, seg_ok):
 
 
 @triton.jit
+def _blend(acc, values, fraction):
+    """reference._blend: (1 - b) * acc + b * values in float32 (no FMA: launch())."""
+    return (1.0 - fraction) * acc + fraction * values
+
+
+@triton.jit
 def _weighted_average(code_ptrs, params_ptr, w_ptr, K, T, S, t, offs, mask, seg, seg_ok):
-    """acc = sum over clients k, in order, of w_k * ((q_k - zp_k) * s_k), in float32."""
+    """The running weighted mean: acc = 0, then for each client k in order
+    acc = _blend(acc, (q_k - zp_k) * s_k, b_k), in float32."""
     acc = tl.zeros(offs.shape, tl.float32)
     for k in range(K):
-        acc = acc + tl.load(w_ptr + k) * _dequantized(code_ptrs, params_ptr, k, T, S, t, offs, mask, seg, seg_ok)
+        values = _dequantized(code_ptrs, params_ptr, k, T, S, t, offs, mask, seg, seg_ok)
+        acc = _blend(acc, values, tl.load(w_ptr + k))
     return acc
 
 
@@ -320,3 +330,64 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
             "(client scales too large for float32)"
         )
     return out_codes, out_scale, out_zero_point
+
+
+ACC_BLOCK = 4096 if cm.INTERPRET else 1024
+
+
+@triton.jit
+def _accumulate_kernel(acc_ptr, codes_ptr, scale_ptr, zp_ptr, fraction, numel, C, inner, BLOCK: tl.constexpr):
+    """acc = _blend(acc, (q - zp) * s, fraction) over one tensor, [outer, C, inner]."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    channel = (offs // inner) % C
+    q = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32)
+    scale = tl.load(scale_ptr + channel, mask=mask, other=1.0)
+    zero_point = tl.load(zp_ptr + channel, mask=mask, other=0).to(tl.float32)
+    acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+    tl.store(acc_ptr + offs, _blend(acc, (q - zero_point) * scale, fraction), mask=mask)
+
+
+def accumulate(acc, codes, scales, zero_points, axes, fraction, names):
+    if cm.INTERPRET and acc.device.type != "cpu":  # as aggregate: the interpreter reads host memory
+        host = acc.cpu()
+        accumulate(
+            host,
+            [c.cpu() for c in codes],
+            [s.cpu() for s in scales],
+            [z.cpu() for z in zero_points],
+            axes,
+            fraction,
+            names,
+        )
+        acc.copy_(host)
+        return
+    # every parameter checked before acc is touched (one read-back on a GPU)
+    scale_all = torch.cat([s.reshape(-1) for s in scales]) if scales else acc.new_empty(0)
+    zp_all = torch.cat([z.reshape(-1) for z in zero_points]) if zero_points else acc.new_empty(0, dtype=torch.int32)
+    bad = ~(torch.isfinite(scale_all) & (scale_all > 0)) | (zp_all < -128) | (zp_all > 127)
+    if bool(bad.any()):
+        for t in range(len(axes)):
+            reference.check_qparams(
+                "accumulate", scales[t].cpu(), zero_points[t].cpu(), -128, 127, f"the update's '{names[t]}'"
+            )
+    start = 0
+    with cm.on_device(acc):
+        for c, s, z, axis in zip(codes, scales, zero_points, axes):
+            channels = 1 if axis < 0 else c.shape[axis]
+            inner = 1 if axis < 0 else math.prod(c.shape[axis + 1 :])
+            if c.numel():
+                launch(
+                    _accumulate_kernel,
+                    (triton.cdiv(c.numel(), ACC_BLOCK),),
+                    acc[start:],
+                    c.contiguous(),
+                    s.contiguous(),
+                    z.contiguous(),
+                    fraction,
+                    c.numel(),
+                    channels,
+                    inner,
+                    BLOCK=ACC_BLOCK,
+                )
+            start += c.numel()

@@ -1,0 +1,151 @@
+"""The server step as a stream: ``Aggregator`` takes each client's update as it
+arrives, so the server never holds more than the model's accumulator and the update in
+hand (docs/kernels.md, "Streaming aggregation")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fedhq_kernels import ops
+from fedhq_kernels.functional import (
+    DEFAULT_TRIM,
+    _check_device,
+    _check_same_kind,
+    _resolve_method,
+    aggregate_state_dicts,
+)
+from fedhq_kernels.mean import PlainMean, WeightTotal
+from fedhq_kernels.quantized_tensor import QuantizedTensor, validate_all
+
+_OP = "Aggregator"
+
+
+def _owners(k: int) -> str:
+    return ("the template", "the update")[k]
+
+
+class Aggregator:
+    """``Aggregator(template)``, ``add(update, weight)`` per client, ``result()``: the
+    aggregate of the added updates, bit-identical to ``aggregate_state_dicts`` of the
+    same updates and weights in the same order.
+
+    ``template`` is the global model's layout (a state dict of QuantizedTensors and
+    plain tensors; its values are not read): every update must have its names, and per
+    entry its kind, shape, dtype and, when quantized, bits, axis and scheme, with valid
+    values (finite scales > 0, zero points and codes in range) on the template's device.
+    ``add`` checks all of that, and the weight (a finite number >= 0), before touching
+    any state: a refused update raises ValueError / TypeError and changes nothing.
+
+    method="mean" (the weighted mean) streams: ``add`` blends the update into a float32
+    accumulator (the fused dequantize + blend op ``accumulate``) and keeps no reference
+    to it, so memory is O(model) however many clients are added; ``result`` requantizes
+    each tensor with its observed range. "trimmed-mean" and "median" rank every
+    client's value, so they cannot stream: ``add`` validates the update and keeps it
+    (O(clients x model) memory) and ``result`` runs ``aggregate_state_dicts`` on them.
+    """
+
+    def __init__(self, template: Mapping, *, method: str = "mean", trim: float = DEFAULT_TRIM):
+        if not isinstance(template, Mapping):
+            raise TypeError(f"{_OP}: the template must be a mapping, got {type(template).__name__}")
+        _resolve_method(_OP, method, trim, 1)  # checks method and trim; the cut depends on the clients
+        self.method, self.trim = method, trim
+        self.template = dict(template)
+        for key, entry in self.template.items():
+            _check_same_kind(_OP, key, [entry], _owners)
+        self.quantized = [k for k, v in self.template.items() if isinstance(v, QuantizedTensor)]
+        first = next(iter(self.template.values()), None)
+        self.device = first.data.device if isinstance(first, QuantizedTensor) else getattr(first, "device", None)
+        self.device = self.device or torch.device("cpu")
+        self.total = WeightTotal()
+        self.clients = 0
+        self.kept: list[tuple[Mapping, float]] = []  # robust methods only
+        if method == "mean":
+            elements = sum(self.template[k].data.numel() for k in self.quantized)
+            self.acc = torch.zeros(elements, dtype=torch.float32, device=self.device)
+            self.plain = {
+                k: PlainMean(v, self.device) for k, v in self.template.items() if not isinstance(v, QuantizedTensor)
+            }
+
+    def add(self, update: Mapping, weight) -> None:
+        """Validates ``update`` against the template, then adds it with ``weight`` (e.g.
+        its sample count)."""
+        self._check(update)
+        fraction, total = self.total.add(_OP, weight)
+        if self.method != "mean":
+            self.kept.append((update, weight))
+            self.total, self.clients = total, self.clients + 1
+            return
+        if self.quantized:
+            qs = [update[k] for k in self.quantized]
+            axes = [-1 if q.axis is None else q.axis for q in qs]
+            ops.accumulate(
+                self.acc,
+                [q.data for q in qs],
+                [q.scale for q in qs],
+                [q.zero_point for q in qs],
+                axes,
+                fraction,
+                self.quantized,
+            )
+        for key, mean in self.plain.items():
+            mean.add(update[key], fraction)
+        self.total, self.clients = total, self.clients + 1
+
+    def _check(self, update: Mapping) -> None:
+        if not isinstance(update, Mapping):
+            raise TypeError(f"{_OP}: the update must be a mapping, got {type(update).__name__}")
+        if set(update) != set(self.template):
+            missing = sorted(set(self.template) - set(update))
+            extra = sorted(set(update) - set(self.template))
+            raise ValueError(
+                f"{_OP}: the update's names differ from the template's: missing {missing}, unexpected {extra}"
+            )
+        for key, reference in self.template.items():
+            _check_same_kind(_OP, key, [reference, update[key]], _owners)
+        owners = [f"the update's '{k}'" for k in self.quantized]
+        for key, owner in zip(self.quantized, owners):
+            _check_device(_OP, owner, update[key], self.device)
+        validate_all([update[k] for k in self.quantized], _OP, owners)
+
+    def result(self) -> dict:
+        """The aggregate of the updates added so far, in the template's order."""
+        if not self.clients:
+            raise ValueError(f"{_OP}: no update was added")
+        if self.method != "mean":
+            updates, weights = zip(*self.kept)
+            return aggregate_state_dicts(list(updates), list(weights), method=self.method, trim=self.trim)
+        if not self.total.total:
+            raise ValueError(f"{_OP}: weights sum to 0; at least one client must have weight > 0")
+        out: dict = {key: mean.result() for key, mean in self.plain.items()}
+        start = 0
+        for key in self.quantized:
+            q = self.template[key]
+            values = self.acc[start : start + q.data.numel()].view(q.shape)
+            start += q.data.numel()
+            out[key] = _requantize(key, q, values)
+        return {key: out[key] for key in self.template}
+
+
+def _requantize(key: str, like: QuantizedTensor, values: Tensor) -> QuantizedTensor:
+    """``values`` (the float32 mean) quantized as ``like`` is, with its observed range."""
+    quant_min, quant_max = like.quant_range
+    axis = -1 if like.axis is None else like.axis
+    try:
+        codes, scale, zero_point = ops.quantize(values, quant_min, quant_max, like.symmetric, axis)
+    except ValueError:
+        raise ValueError(
+            f"{_OP}: the weighted average of '{key}' is not finite (client scales too large for float32)"
+        ) from None
+    return QuantizedTensor(
+        data=codes,
+        scale=scale,
+        zero_point=zero_point,
+        bits=like.bits,
+        axis=like.axis,
+        symmetric=like.symmetric,
+        dtype=like.dtype,
+        shape=like.shape,
+    )

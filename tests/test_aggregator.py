@@ -1,0 +1,243 @@
+"""Aggregator, the streaming server step: bit for bit aggregate_state_dicts on every
+backend, an update refused by add leaves it unchanged, it keeps no update (mean), and
+the robust methods, weights and templates it accepts or refuses."""
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+from conftest import assert_equal
+from test_aggregate import MODEL, client_state_dicts
+from test_quantize import TAMPERED, tampered
+
+import fedhq_kernels as fk
+from fedhq_kernels import reference
+
+
+def with_plain_entries(gen, sds, shared_count=True):
+    """Adds BatchNorm-like float statistics and integer buffers (one shared by every
+    client, one that differs) to each client's state dict."""
+    for k, sd in enumerate(sds):
+        sd["bn.running_mean"] = torch.randn(13, generator=gen)
+        sd["bn.half"] = torch.randn(5, generator=gen).half()
+        sd["bn.num_batches_tracked"] = torch.tensor(40 if shared_count else 40 + k)
+        sd["steps"] = torch.randint(-1000, 1000, (3, 2), generator=gen, dtype=torch.int32)
+    return sds
+
+
+def assert_same_state(got, expected):
+    assert list(got) == list(expected)
+    for name, want in expected.items():
+        have = got[name]
+        if isinstance(want, fk.QuantizedTensor):
+            assert isinstance(have, fk.QuantizedTensor), name
+            for field in ("shape", "dtype", "bits", "axis", "symmetric"):
+                assert getattr(have, field) == getattr(want, field), f"{name} {field}"
+            for field in ("data", "scale", "zero_point"):
+                assert_equal(getattr(have, field), getattr(want, field), f"{name} {field}")
+        else:
+            assert_equal(have, want, name)
+
+
+def streamed(sds, weights, **kwargs):
+    aggregator = fk.Aggregator(sds[0], **kwargs)
+    for sd, w in zip(sds, weights):
+        aggregator.add(sd, w)
+    return aggregator.result()
+
+
+@pytest.mark.parametrize("clients", [1, 4, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matches_aggregate_state_dicts_bit_for_bit(backend, gen, clients, dtype, symmetric):
+    sds = with_plain_entries(gen, client_state_dicts(gen, clients, dtype, symmetric=symmetric))
+    weights = torch.randint(0, 500, (clients,), generator=gen).tolist()
+    weights[-1] += 1  # never all 0
+    assert_same_state(streamed(sds, weights), fk.aggregate_state_dicts(sds, weights))
+
+
+def test_mixed_bit_widths_and_non_contiguous_codes(backend, gen):
+    def client():
+        x = torch.randn(9, 17, generator=gen)
+        wide = fk.quantize(x, bits=8, axis=1)
+        t = fk.quantize(torch.randn(17, 9, generator=gen), bits=3, axis=0)
+        # the same codes seen through a transpose: a non-contiguous data tensor
+        transposed = fk.QuantizedTensor(
+            t.data.t().contiguous().t(), t.scale, t.zero_point, 3, 0, True, torch.float32, t.shape
+        )
+        assert not transposed.data.is_contiguous()
+        return {"a": wide, "b": fk.quantize(torch.randn(31, generator=gen), bits=5, symmetric=False), "c": transposed}
+
+    sds = [client() for _ in range(5)]
+    weights = [0.5, 3, 1e-3, 2.25, 7]
+    assert_same_state(streamed(sds, weights), fk.aggregate_state_dicts(sds, weights))
+
+
+def test_accumulate_is_the_fused_mean_step(backend, gen):
+    """The op behind add: successive accumulate calls from 0 equal the reference's
+    running mean, element by element."""
+    sds = client_state_dicts(gen, 3)
+    names = list(MODEL)
+    axes = [-1 if MODEL[n][1] is None else MODEL[n][1] for n in names]
+    fractions = fk.functional.running_fractions("test", [2, 5, 3], 3, torch.device("cpu"))
+    acc = torch.zeros(sum(sds[0][n].data.numel() for n in names))
+    expected = [torch.zeros(sds[0][n].shape) for n in names]
+    for sd, b in zip(sds, fractions.tolist()):
+        qs = [sd[n] for n in names]
+        torch.ops.fedhq.accumulate(
+            acc, [q.data for q in qs], [q.scale for q in qs], [q.zero_point for q in qs], axes, b, names
+        )
+        for t, q in enumerate(qs):
+            values = reference._dequantize_float(q.data, q.scale, q.zero_point, axes[t])
+            expected[t] = reference._blend(expected[t], values, torch.tensor(b))
+    assert_equal(acc, torch.cat([e.flatten() for e in expected]))
+
+
+def test_refused_update_leaves_the_aggregator_unchanged(backend, gen):
+    sds = with_plain_entries(gen, client_state_dicts(gen, 3, bits=4))
+    good = fk.Aggregator(sds[0])
+    for sd in sds:
+        good.add(sd, 3)
+    expected = good.result()
+
+    bad_updates = []
+    for name in ("conv.weight", "fc.weight"):
+        for field, value in (("bits", 5), ("axis", None), ("symmetric", False), ("dtype", torch.float16)):
+            q = sds[1][name]
+            bad = fk.QuantizedTensor(q.data, q.scale, q.zero_point, q.bits, q.axis, q.symmetric, q.dtype, q.shape)
+            object.__setattr__(bad, field, value)
+            bad_updates.append((f"{name} {field}", {**sds[1], name: bad}))
+    q = sds[1]["fc.weight"]
+    scale = q.scale.clone()
+    scale[3] = math.nan
+    bad_updates.append(
+        (
+            "nan scale",
+            {**sds[1], "fc.weight": fk.QuantizedTensor(q.data, scale, q.zero_point, 4, 0, True, q.dtype, q.shape)},
+        )
+    )
+    codes = q.data.clone()
+    codes[-1, -1] = 9  # outside the 4-bit range
+    bad_updates.append(
+        (
+            "codes",
+            {**sds[1], "fc.weight": fk.QuantizedTensor(codes, q.scale, q.zero_point, 4, 0, True, q.dtype, q.shape)},
+        )
+    )
+    meta = fk.QuantizedTensor(
+        q.data.to("meta"), q.scale.to("meta"), q.zero_point.to("meta"), 4, 0, True, q.dtype, q.shape
+    )
+    bad_updates.append(("device", {**sds[1], "fc.weight": meta}))
+    bad_updates.append(("missing", {k: v for k, v in sds[1].items() if k != "scalar"}))
+    bad_updates.append(("extra", {**sds[1], "new": torch.zeros(2)}))
+    bad_updates.append(("plain as quantized", {**sds[1], "bn.running_mean": sds[1]["bn.weight"]}))
+    bad_updates.append(("int dtype", {**sds[1], "steps": sds[1]["steps"].long()}))
+    bad_updates.append(("not a mapping", [sds[1]]))
+
+    aggregator = fk.Aggregator(sds[0])
+    for i, sd in enumerate(sds):
+        aggregator.add(sd, 3)
+        if i == 0:
+            acc = aggregator.acc.clone()
+            for what, update in bad_updates:
+                with pytest.raises((TypeError, ValueError), match="Aggregator: "):
+                    aggregator.add(update, 3)
+                assert_equal(aggregator.acc, acc, what)
+            for weight in (-1, math.nan, math.inf, True, "3", None):
+                with pytest.raises(ValueError, match="Aggregator: a weight must be a finite number >= 0"):
+                    aggregator.add(sds[1], weight)
+                assert_equal(aggregator.acc, acc, f"weight {weight!r}")
+            assert aggregator.clients == 1
+    assert_same_state(aggregator.result(), expected)
+
+
+@pytest.mark.parametrize("what", TAMPERED)
+def test_refuses_every_altered_quantized_tensor(backend, what):
+    template = {"tensor": fk.quantize(torch.randn(3, 5), bits=4, axis=0)}
+    aggregator = fk.Aggregator(template)
+    aggregator.add(template, 1)
+    acc = aggregator.acc.clone()
+    with pytest.raises((TypeError, ValueError), match="Aggregator: "):
+        aggregator.add({"tensor": tampered(what)}, 1)
+    assert_equal(aggregator.acc, acc, what)
+
+
+def test_mean_keeps_no_reference_to_an_update(backend, gen):
+    template = client_state_dicts(gen, 1)[0]
+    aggregator = fk.Aggregator(template)
+    update = client_state_dicts(gen, 1)[0]
+    codes = weakref.ref(update["fc.weight"].data)
+    aggregator.add(update, 2)
+    del update
+    gc.collect()
+    assert codes() is None
+    assert aggregator.acc.numel() == sum(q.data.numel() for q in template.values())
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean"])
+def test_robust_methods_keep_the_updates_and_match(backend, gen, method):
+    sds = with_plain_entries(gen, client_state_dicts(gen, 5), shared_count=False)
+    weights = [1, 2, 3, 4, 5]
+    got = streamed(sds, weights, method=method, trim=0.2)
+    assert_same_state(got, fk.aggregate_state_dicts(sds, weights, method=method, trim=0.2))
+
+
+def test_weights(backend, gen):
+    sds = client_state_dicts(gen, 3)
+    # exact running totals: huge weights neither overflow nor lose the ratio
+    assert_same_state(streamed(sds[:2], [1e308, 1e308]), streamed(sds[:2], [1, 1]))
+    assert_same_state(streamed(sds, [0, 2, 6]), streamed(sds[1:], [1, 3]))
+    assert_same_state(streamed(sds, torch.tensor([4, 1, 2]).tolist()), streamed(sds, [0.4, 0.1, 0.2]))
+    aggregator = fk.Aggregator(sds[0])
+    with pytest.raises(ValueError, match="Aggregator: no update was added"):
+        aggregator.result()
+    aggregator.add(sds[0], 0)
+    with pytest.raises(ValueError, match="Aggregator: weights sum to 0"):
+        aggregator.result()
+    aggregator.add(sds[1], 2**70)  # an int beyond float64's exact range
+    assert_same_state(aggregator.result(), streamed(sds[1:2], [1]))
+
+
+def test_integer_entries_are_exact(backend, gen):
+    big = torch.iinfo(torch.int64).max
+    sds = [{"count": torch.tensor([7, big, -3]), "small": torch.tensor([1, 2], dtype=torch.int8)} for _ in range(3)]
+    sds[1]["small"] = torch.tensor([127, 2], dtype=torch.int8)
+    got = streamed(sds, [1, 1, 1])
+    assert_equal(got["count"], torch.tensor([7, big, -3]))  # shared by every client: kept exactly
+    assert_equal(got["small"], torch.tensor([43, 2], dtype=torch.int8))
+
+
+def test_overflowing_average_is_a_clear_error(backend):
+    q = fk.quantize(torch.tensor([3e38, -3e38, 1.0]), symmetric=False)
+    aggregator = fk.Aggregator({"w": q})
+    aggregator.add({"w": q}, 1)
+    big = fk.QuantizedTensor(
+        torch.tensor([127, -128, 127], dtype=torch.int8),
+        torch.tensor(3e38),
+        torch.tensor(0, dtype=torch.int32),
+        8,
+        None,
+        False,
+        torch.float32,
+        q.shape,
+    )
+    aggregator.add({"w": big}, 1)
+    with pytest.raises(ValueError, match="Aggregator: the weighted average of 'w' is not finite"):
+        aggregator.result()
+
+
+@pytest.mark.parametrize(
+    "template,kwargs,error,message",
+    [
+        ([1], {}, TypeError, "the template must be a mapping"),
+        ({"b": torch.zeros(2, dtype=torch.bool)}, {}, TypeError, "'b' is a bool tensor"),
+        ({"x": 3.0}, {}, TypeError, "'x' must be a QuantizedTensor or a tensor"),
+        ({}, {"method": "mode"}, ValueError, "method must be one of"),
+        ({}, {"method": "median", "trim": 0.5}, ValueError, "trim must be a fraction"),
+    ],
+)
+def test_refuses_bad_templates_and_methods(template, kwargs, error, message):
+    with pytest.raises(error, match=f"Aggregator: .*{message}"):
+        fk.Aggregator(template, **kwargs)
