@@ -110,10 +110,14 @@ class Aggregator:
             _check_device(_OP, owner, update[key], self.device)
         validate_all([update[k] for k in self.quantized], _OP, owners)
 
-    def result(self) -> dict:
-        """The aggregate of the updates added so far, in the template's order."""
+    def result(self, *, requantize: bool = True) -> dict:
+        """The aggregate of the updates added so far, in the template's order.
+        ``requantize=False`` (the mean only): the quantized entries as the float32 mean
+        itself, cast to each entry's float dtype, for a server that sends a float model."""
         if not self.clients:
             raise ValueError(f"{_OP}: no update was added")
+        if not requantize and self.method != "mean":
+            raise ValueError(f"{_OP}: only the mean has a float result; {self.method} requantizes")
         if self.method != "mean":
             updates, weights = zip(*self.kept)
             return aggregate_state_dicts(list(updates), list(weights), method=self.method, trim=self.trim)
@@ -125,7 +129,7 @@ class Aggregator:
             q = self.template[key]
             values = self.acc[start : start + q.data.numel()].view(q.shape)
             start += q.data.numel()
-            out[key] = _requantize(key, q, values)
+            out[key] = _requantize(key, q, values) if requantize else values.to(q.dtype, copy=True)
         return {key: out[key] for key in self.template}
 
 

@@ -58,6 +58,34 @@ def test_matches_aggregate_state_dicts_bit_for_bit(backend, gen, clients, dtype,
     assert_same_state(streamed(sds, weights), fk.aggregate_state_dicts(sds, weights))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_result_is_the_running_mean_itself(backend, gen, dtype):
+    """result(requantize=False): each quantized entry as the reference's float32 running
+    mean of the dequantized updates, cast to its dtype; plain entries as result()'s."""
+    sds = with_plain_entries(gen, client_state_dicts(gen, 4, dtype))
+    weights = [3, 1, 0.5, 7]
+    aggregator = fk.Aggregator(sds[0])
+    for sd, w in zip(sds, weights):
+        aggregator.add(sd, w)
+    got, requantized = aggregator.result(requantize=False), aggregator.result()
+    fractions = fk.functional.running_fractions("test", weights, 4, torch.device("cpu")).tolist()
+    for name, want in requantized.items():
+        if not isinstance(want, fk.QuantizedTensor):
+            assert_equal(got[name], want, name)
+            continue
+        mean = torch.zeros(want.shape)
+        for sd, b in zip(sds, fractions):
+            q = sd[name]
+            values = reference._dequantize_float(q.data, q.scale, q.zero_point, -1 if q.axis is None else q.axis)
+            mean = reference._blend(mean, values, torch.tensor(b))
+        assert_equal(got[name], mean.to(dtype), name)
+    assert list(got) == list(requantized)
+    robust = fk.Aggregator(sds[0], method="median")
+    robust.add(sds[0], 1)
+    with pytest.raises(ValueError, match="only the mean has a float result"):
+        robust.result(requantize=False)
+
+
 def test_mixed_bit_widths_and_non_contiguous_codes(backend, gen):
     def client():
         x = torch.randn(9, 17, generator=gen)

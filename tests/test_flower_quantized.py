@@ -7,13 +7,14 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr", reason="the Flower adapter needs the flower extra: pip install 'fedhq[flower]'")
 
 import flower_quickstart as quickstart  # noqa: E402
 from flower_support import LocalGrid  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict  # noqa: E402
 from flwr.clientapp.mod import fixedclipping_mod  # noqa: E402
 from flwr.serverapp.strategy import (  # noqa: E402
     DifferentialPrivacyClientSideFixedClipping,
@@ -25,6 +26,7 @@ from flwr.serverapp.strategy import (  # noqa: E402
 )
 
 from fedhq.flower.quantized import LAYOUT, QuantizedStrategy, make_quantize_mod, quantize_mod, record_bytes  # noqa: E402
+from fedhq.flower.records import SCALES  # noqa: E402
 
 NODES = 4
 ROUNDS = 3
@@ -134,6 +136,16 @@ def test_malformed_and_unquantized_replies_are_dropped_with_a_reason(caplog):
         reply.content["metrics"]["num-examples"] = float("nan")
         return reply
 
+    def nan_scales(reply, msg):  # well-formed: refused by the aggregator's value checks
+        (arrays,) = reply.content.array_records.values()
+        arrays[SCALES] = Array(np.full(arrays[SCALES].shape, np.nan, dtype=np.float32))
+        return reply
+
+    for make in (FedAvg, FedMedian):
+        wrapper = QuantizedStrategy(make(fraction_evaluate=0.0))
+        run(wrapper, faults={1: nan_scales}, rounds=1)
+        assert [d["node_id"] - 1000 for d in wrapper.dropped] == [1], make
+        assert "scale must be finite and > 0" in wrapper.dropped[0]["reason"], make
     wrapper = QuantizedStrategy(FedAvg(fraction_evaluate=0.0))
     with caplog.at_level(logging.WARNING, logger="fedhq.flower"):
         accuracy = run(wrapper, faults={1: no_layout, 2: wrong_bits, 3: no_weight}, rounds=1)

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 import fedhq_kernels as fk
 from fedhq.flower.records import RecordError, decode_state, encode_state, expect, to_array
 from fedhq_kernels.checks import check_bits, is_real
+from fedhq_kernels.functional import DEFAULT_TRIM
 
 log = logging.getLogger("fedhq.flower")
 
@@ -134,7 +135,8 @@ class QuantizedStrategy(Strategy):
             raise ValueError(f"QuantizedStrategy: no fused aggregation for {type(strategy).__name__}")
         self.method = None if aggregate == "strategy" else method
         self.weighted_by_key = getattr(strategy, "weighted_by_key", "num-examples")
-        self._expected = expect({})  # what a reply must look like: the model sent this round (records.expect)
+        self._template: dict = {}  # the model sent this round, quantized: what a reply must look like
+        self._expected = expect({})  # its records.expect
         self.dropped: list[dict] = []  # {"round", "node_id", "reason"} of every reply left out
         self.aggregate_s: dict[int, float] = {}  # round -> seconds in aggregate_train
 
@@ -176,7 +178,8 @@ class QuantizedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._expected = expect(self._quantized(arrays))
+        self._template = self._quantized(arrays)
+        self._expected = expect(self._template)
         return self._send(self.strategy.configure_train(server_round, arrays, config, grid), arrays)
 
     def configure_evaluate(
@@ -205,53 +208,71 @@ class QuantizedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         start = time.perf_counter()
-        usable: list[tuple[Message, dict, float]] = []
-        errors = []
-        for msg in replies:
-            if msg.has_error():
-                errors.append(msg)
-                continue
-            try:
-                state, weight = self._read(msg)
-            except Exception as error:  # noqa: BLE001  one reply never ends the run
-                reason = (
-                    str(error) if isinstance(error, RecordError) else f"unreadable ({type(error).__name__}): {error}"
-                )
-                self._drop(server_round, msg.metadata.src_node_id, reason)
-                continue
-            usable.append((msg, state, weight))
         try:
-            if self.method is None:
-                for msg, state, _ in usable:
-                    key, _ = _only_arrays(msg.content, "a reply")
-                    msg.content = RecordDict({k: v for k, v in msg.content.items() if k != LAYOUT})
-                    msg.content[key] = ArrayRecord(fk.dequantize_state_dict(state))
-                return self.strategy.aggregate_train(server_round, errors + [m for m, _, _ in usable])
-            return self._fused(server_round, usable, errors)
+            if self.method is not None:
+                return self._fused(server_round, replies)
+            replies = list(replies)
+            usable = list(self._each_read(server_round, replies))
+            for msg, (state, _) in usable:
+                key, _ = _only_arrays(msg.content, "a reply")
+                msg.content = RecordDict({k: v for k, v in msg.content.items() if k != LAYOUT})
+                msg.content[key] = ArrayRecord(fk.dequantize_state_dict(state))
+            errors = [msg for msg in replies if msg.has_error()]  # the wrapped strategy sees them too
+            return self.strategy.aggregate_train(server_round, errors + [msg for msg, _ in usable])
         finally:
             self.aggregate_s[server_round] = time.perf_counter() - start
 
-    def _fused(self, server_round: int, usable: list, errors: list) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        for msg in errors:
-            log.info("round %d: error reply from node %d: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
-        if not usable:
-            return None, None
-        trim = getattr(self.strategy, "beta", 0.1) if self.method == "trimmed-mean" else 0.1
+    def _each_read(self, server_round: int, replies: Iterable[Message]) -> Iterable[tuple[Message, tuple]]:
+        """(reply, (state, weight)) of every usable reply; the others are logged (error
+        replies) or dropped with their reason."""
+        for msg in replies:
+            if msg.has_error():
+                log.info(
+                    "round %d: error reply from node %d: %s", server_round, msg.metadata.src_node_id, msg.error.reason
+                )
+                continue
+            try:
+                read = self._read(msg)
+            except Exception as error:  # noqa: BLE001  one reply never ends the run
+                self._drop(server_round, msg.metadata.src_node_id, _reason(error))
+                continue
+            yield msg, read
+
+    def _fused(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped strategy's aggregation on the quantized replies: each reply checked
+        and added to an ``fk.Aggregator`` as it is read (one with bad values is dropped
+        alone). The mean's new model is the float32 mean itself (it travels as floats);
+        the median and trimmed mean are requantized by the kernels, then dequantized."""
+        trim = getattr(self.strategy, "beta", DEFAULT_TRIM) if self.method == "trimmed-mean" else DEFAULT_TRIM
+        aggregator, used = fk.Aggregator(self._template, method=self.method, trim=trim), []
+        for msg, (state, weight) in self._each_read(server_round, replies):
+            try:
+                aggregator.add(state, weight)  # refused: the aggregator is unchanged
+            except (TypeError, ValueError) as error:
+                self._drop(server_round, msg.metadata.src_node_id, str(error))
+                continue
+            used.append(msg.content)
         try:
-            model = fk.aggregate_state_dicts(
-                [s for _, s, _ in usable], [w for _, _, w in usable], method=self.method, trim=trim
-            )
-        except ValueError as error:  # e.g. every weight 0
+            if self.method == "mean":
+                model = aggregator.result(requantize=False)
+            else:
+                model = fk.dequantize_state_dict(aggregator.result())
+        except ValueError as error:  # no usable reply, every weight 0, too few to trim
             log.warning("round %d: no aggregate: %s", server_round, error)
             return None, None
-        arrays = ArrayRecord({k: to_array(v) for k, v in fk.dequantize_state_dict(model).items()})
+        return ArrayRecord({k: to_array(v) for k, v in model.items()}), self._metrics(used)
+
+    def _metrics(self, contents: list[RecordDict]) -> MetricRecord | None:
         metrics_fn = getattr(self.strategy, "train_metrics_aggr_fn", None)
-        metrics = metrics_fn([m.content for m, _, _ in usable], self.weighted_by_key) if metrics_fn else None
-        return arrays, metrics
+        return metrics_fn(contents, self.weighted_by_key) if metrics_fn else None
 
     def _drop(self, server_round: int, node_id: int, reason: str) -> None:
         log.warning("round %d: reply from node %d left out: %s", server_round, node_id, reason)
         self.dropped.append({"round": server_round, "node_id": node_id, "reason": reason})
+
+
+def _reason(error: Exception) -> str:
+    return str(error) if isinstance(error, RecordError) else f"unreadable ({type(error).__name__}): {error}"
 
 
 def record_bytes(content: RecordDict) -> int:
