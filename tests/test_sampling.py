@@ -140,10 +140,13 @@ def test_cli_flags(reference, tmp_path, capsys):
     assert "expected an int or a fraction, got 'half'" in capsys.readouterr().err
     assert cli.main(["run", "--clients", "4", "--clients-per-round", "5", "--output", str(tmp_path)]) == 2
     assert "clients_per_round must be an int in [1, clients = 4]" in capsys.readouterr().err
-    args = ["run", "--clients", "2", "--availability", str(tmp_path / "none.csv"), "--output", str(tmp_path)]
-    assert cli.main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "none.csv does not exist" in err[0]
+    for command in ("run", "compare"):  # checked before the data loads
+        args = [command, "--clients", "2", "--availability", str(tmp_path / "none.csv"), "--output", str(tmp_path)]
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            len(err) == 1 and f"fedhq {command}: error: availability file" in err[0] and "none.csv does not" in err[0]
+        )
 
 
 # ---- runs ----
