@@ -164,6 +164,9 @@ def test_sampling_every_client_is_the_run_without_sampling_bit_for_bit(reference
         assert [r["sampled"] for r in run["rounds"]] == [[0, 1, 2, 3]] * 2
         assert_same_model(saved_model(tmp_path / name / "run"), saved_model(tmp_path / "plain" / "run"))
     assert plain["rounds"][0]["sampled"] == [0, 1, 2, 3] and plain["rounds"][0]["available"] == 4
+    # a real sample moves no other draw: partition, alphas, betas, batches, allocation
+    half = quiet(tiny(reference, tmp_path / "half", clients_per_round=2, rounds=1))
+    assert half["clients"] == plain["clients"] and len(half["rounds"][0]["sampled"]) == 2
 
 
 def test_a_sampled_run_trains_the_drawn_clients_and_times_only_them(reference, tmp_path):
@@ -182,6 +185,10 @@ def test_a_sampled_run_trains_the_drawn_clients_and_times_only_them(reference, t
         for cid in first["sampled"]
     }
     assert first["sim_s"] == pytest.approx(max(finish.values()), rel=1e-9)
+    slowest_of_all = max(
+        clients[c]["predicted_s"][clients[c]["strategy"]] + clients[c]["predicted_s"]["upload"] for c in clients
+    )
+    assert slowest_of_all > 1.5 * first["sim_s"]  # an unsampled client is slower: the round did not wait for it
     assert first["slowest_client"] == max(finish, key=finish.get)
     assert first["upload_bytes"] == 2 * results["rounds"][2]["upload_bytes"]
     assert (skipped["sampled"], skipped["participants"], skipped["available"], skipped["sim_s"]) == ([], [], 0, 0.0)
