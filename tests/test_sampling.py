@@ -205,6 +205,14 @@ def test_a_sampled_run_trains_the_drawn_clients_and_times_only_them(reference, t
     assert [r["available"] for r in rows] == ["6", "0", "1"]
 
 
+def test_every_strategy_of_a_comparison_trains_the_same_clients(reference, tmp_path, capsys):
+    args = "compare --strategies fedhq,fedfq --clients 6 --clients-per-round 2 --rounds 2 --local-epochs 1"
+    assert cli.main([*args.split(), "--reference-profile", reference, "--output", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "comparison.json").read_text())["runs_by_seed"]["0"]
+    fedhq, fedfq = ([r["sampled"] for r in runs[name]["rounds"]] for name in ("fedhq", "fedfq"))
+    assert fedhq == fedfq and all(len(s) == 2 for s in fedhq)
+
+
 def test_a_resumed_sampled_run_draws_what_the_uninterrupted_one_drew(reference, tmp_path):
     settings = dict(clients=6, clients_per_round=0.5, strategy="fedaqt")  # QAT: observers are client state
     full = quiet(tiny(reference, tmp_path / "straight", rounds=3, **settings))
