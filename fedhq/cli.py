@@ -170,6 +170,18 @@ _RUN_SETTINGS = {
         "the server's aggregation: mean (default), trimmed-mean:TRIM (TRIM in [0, 0.5), default 0.1) or median",
     ),
     "--threads": ("threads", int, "torch threads (default 2)"),
+    "--clients-per-round": (
+        "clients_per_round",
+        "count-or-fraction",
+        "K clients train per round, drawn (seeded) among the available ones: an int, or a fraction of "
+        "--clients such as 0.05 (default: every client)",
+    ),
+    "--availability": (
+        "availability",
+        str,
+        "CSV trace of who can train when: one row per client, one 0/1 column per round "
+        "(default: every client, every round; docs/fl.md)",
+    ),
     "--topology": ("topology", str, "hierarchical system: 'hierarchical:AxL' or a JSON file of parents (default flat)"),
     "--adjust-after": ("adjust_after", int, "rounds observed before the adjustment (default 2)"),
     "--adjust-time-tolerance": ("adjust_time_tolerance", float, "straggler: round time > (1 + tol) x median (0.5)"),
@@ -177,6 +189,16 @@ _RUN_SETTINGS = {
     "--adjust-budget": ("adjust_budget", int, "candidate trainings the cost model may run (default 8; 0: leaves only)"),
     "--adjust-trial-rounds": ("adjust_trial_rounds", int, "rounds per candidate trial (default 1)"),
 }
+
+
+def _parse_count_or_fraction(text: str) -> int | float:
+    """'50' -> 50 (a count), '0.05' -> 0.05 (a fraction); RunConfig checks the range."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"expected an int or a fraction, got {text!r}")
 
 
 def _parse_list(kind: str, text: str) -> list:
@@ -193,7 +215,9 @@ def _parse_list(kind: str, text: str) -> list:
 def _add_run_settings(parser) -> None:
     parser.add_argument("--config", help="JSON file of settings (flags override it)")
     for flag, (dest, kind, help_text) in _RUN_SETTINGS.items():
-        if isinstance(kind, str):
+        if kind == "count-or-fraction":
+            parser.add_argument(flag, dest=dest, type=_parse_count_or_fraction, help=help_text)
+        elif isinstance(kind, str):
             parser.add_argument(flag, dest=dest, type=lambda t, k=kind: _parse_list(k, t), help=help_text)
         else:
             parser.add_argument(flag, dest=dest, type=kind, help=help_text)

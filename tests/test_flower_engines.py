@@ -46,6 +46,20 @@ def test_fedhq_run_on_the_flower_simulation_engine(reference, tmp_path, capsys):
     assert _no_children_left(within_s=30) == []  # Ray's processes end with the run
 
 
+def test_both_engines_sample_the_same_clients(reference, tmp_path, capsys):
+    args = [*"run --clients 4 --clients-per-round 2 --rounds 2 --local-epochs 1 --reference-profile".split(), reference]
+    assert cli.main([*args, "--engine", "flower", "--output", str(tmp_path / "flower")]) == 0
+    assert cli.main([*args, "--output", str(tmp_path / "embedded")]) == 0
+    flower, embedded = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("flower", "embedded"))
+    for f, e in zip(flower["rounds"], embedded["rounds"], strict=True):
+        assert len(f["sampled"]) == 2 and f["sampled"] == e["sampled"] == f["participants"] == e["participants"]
+        assert [f[k] for k in ("accuracy", "loss", "sim_s", "upload_bytes")] == [
+            e[k] for k in ("accuracy", "loss", "sim_s", "upload_bytes")
+        ]
+    assert flower["rounds"][0]["sampled"] != flower["rounds"][1]["sampled"]
+    assert _no_children_left(within_s=30) == []
+
+
 def test_resume_and_a_missing_engine_are_refused(tmp_path, capsys):
     assert cli.main(["run", "--engine", "flower", "--resume", "--output", str(tmp_path)]) == 2
     assert "cannot resume" in capsys.readouterr().err

@@ -275,8 +275,11 @@ def test_settings_from_a_flower_run_config(reference, tmp_path):
         "alphas": "0.5,1",
         "model": "",
         "client-timeout-s": 30.0,
+        "clients-per-round": 0.5,
+        "availability": "",
     }
     config = run_config_from_flower({**values, "clients": 2})
+    assert (config.clients_per_round, config.per_round, config.availability) == (0.5, 1, None)
     assert (config.rounds, config.lr, config.seed, config.local_epochs) == (2, 0.01, 3, 1)
     assert config.devices == ["rtx-a6000", "jetson-orin-nano-8gb"] and config.alphas == [0.5, 1.0]
     assert config.model is None and config.client_timeout_s == 30.0

@@ -14,6 +14,7 @@ from pathlib import Path
 from fedhq.fl import engine
 from fedhq.fl.config import MAX_SEED, PAPER_STRATEGIES, STRATEGIES, ConfigError, RunConfig
 from fedhq.fl.outputs import claim_output
+from fedhq.fl.sampling import Sampler
 from fedhq.fl.summary import summarize
 from fedhq_kernels.checks import is_int
 
@@ -101,6 +102,7 @@ def compare(
     out = Path(config.output_dir)
     claim_output(out, RESULT_PATTERNS, resume=resume, overwrite=overwrite)
     engine.parse_topology(config)  # a bad setting fails before the data loads and the profile is measured
+    Sampler.of(config)  # and so does a bad availability trace
     dataset = engine.load_data(config)
     spec = engine.model_spec(config, dataset)
     _, reference = engine.reference_profile(config, spec, out, echo, reuse_saved=resume)

@@ -33,6 +33,7 @@ TEXT_SETTINGS = (
     ("model", True),
     ("reference_profile", True),
     ("topology", True),
+    ("availability", True),
 )
 # A heterogeneous mix: a workstation GPU, an edge GPU module and a phone (fedhq/devices).
 DEFAULT_DEVICES = ("rtx-a6000", "jetson-orin-nano-8gb", "phone-snapdragon-8-gen-2")
@@ -92,6 +93,10 @@ class RunConfig:
     # "trimmed-mean:<trim>" (trim in [0, 0.5): the fraction cut at each end) or "median"
     aggregation: str = "mean"
     threads: int = 2
+    # client sampling (fedhq.fl.sampling): K clients train per round, drawn among those
+    # available; K an int, or a fraction of clients (K = max(1, round(fraction x clients)))
+    clients_per_round: int | float | None = None  # None: every client, every round
+    availability: str | None = None  # None: every client, every round; or a CSV trace (client x round, 1 = there)
     # hierarchical systems and the fine-grained adjustment (fedhq.fl.topology, fedhq.allocation.adjust)
     topology: str | None = None  # None: flat; "hierarchical:AxL"; or a JSON file of parents
     adjust: bool = False
@@ -142,6 +147,19 @@ class RunConfig:
     @property
     def quantized(self) -> bool:
         return self.strategy != "fp32"
+
+    @property
+    def per_round(self) -> int:
+        """K, the clients that train in a round when that many are available."""
+        k = self.clients_per_round
+        if k is None:
+            return self.clients
+        return k if is_int(k) else max(1, round(k * self.clients))
+
+    @property
+    def samples_clients(self) -> bool:
+        """Whether some round may train fewer than all clients."""
+        return self.per_round < self.clients or self.availability is not None
 
     @property
     def aggregation_method(self) -> tuple[str, float]:
@@ -202,6 +220,7 @@ class RunConfig:
             if not is_real(value) or value < 1:
                 raise ConfigError(f"max_weight_growth must be a finite number >= 1 (or null: no bound), got {value!r}")
         self.aggregation = _aggregation_text(self.aggregation)
+        self._validate_sampling()
         if (
             not isinstance(self.devices, list)
             or not self.devices
@@ -230,6 +249,18 @@ class RunConfig:
             elif is_real(value):
                 setattr(self, f.name, float(value))
         return self
+
+    def _validate_sampling(self) -> None:
+        k = self.clients_per_round
+        if not (k is None or (is_int(k) and 1 <= k <= self.clients) or (is_real(k) and not is_int(k) and 0 < k <= 1)):
+            raise ConfigError(
+                f"clients_per_round must be an int in [1, clients = {self.clients}], a fraction in (0, 1] "
+                f"or null (every client), got {k!r}"
+            )
+        if self.samples_clients and self.topology is not None:
+            raise ConfigError("clients_per_round and availability sample a flat system's clients: unset topology")
+        if self.samples_clients and self.adjust:
+            raise ConfigError("adjust observes every client in every round: unset clients_per_round and availability")
 
 
 def parse_aggregation(text: object) -> tuple[str, float]:

@@ -9,6 +9,7 @@ client in this process), ``fedhq.flower.strategy.FedHQStrategy`` on Flower.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -52,6 +53,7 @@ from fedhq.fl.rounds import (
     round_plan,
     train_clients,
 )
+from fedhq.fl.sampling import Sampler
 from fedhq.fl.server import Server, check_scheme, growth_limits, validate_update
 from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
@@ -232,7 +234,7 @@ def client_analysis(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[floa
     with QAT (the strategy being decided), in whole batches as trained; Sig_acc is
     Alg. 1 + Eq. 3 on ``config.acc_statistic``. Eq. 2 turns everyone's T_m into
     Sig_speed on the server."""
-    time_s = predicted_compute_s(c, spec, "qat", config.local_epochs, has_batchnorm(spec.build()))
+    time_s = predicted_compute_s(c, spec, "qat", config.local_epochs, model_facts(spec, config.bits)[0])
     acc_sig = client_significance(c.data.x.numpy(), c.data.y.numpy(), statistic=config.acc_statistic)
     return time_s, acc_sig
 
@@ -240,10 +242,18 @@ def client_analysis(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[floa
 def client_costs(c: Client, spec: ModelSpec, config: RunConfig) -> tuple[float, float]:
     """(PTQ compute seconds, upload seconds) a client predicts for one round, besides
     T_m: what the round-aware allocators (fedhq-rt, slackfill) read."""
+    batchnorm, upload_bytes = model_facts(spec, config.bits)
+    ptq_s = predicted_compute_s(c, spec, "ptq", config.local_epochs, batchnorm)
+    return ptq_s, c.device.upload_seconds(upload_bytes)
+
+
+@functools.cache
+def model_facts(spec: ModelSpec, bits: int) -> tuple[bool, int]:
+    """(whether the model has BatchNorm, the bytes of its upload at ``bits``): the same
+    for every client, so worked out once per process rather than from two models built
+    per client."""
     model = spec.build()
-    ptq_s = predicted_compute_s(c, spec, "ptq", config.local_epochs, has_batchnorm(model))
-    upload = quantize_upload(model.state_dict(), quantized_names(model), config.bits)
-    return ptq_s, c.device.upload_seconds(payload_bytes(upload))
+    return has_batchnorm(model), payload_bytes(quantize_upload(model.state_dict(), quantized_names(model), bits))
 
 
 def describe(c: Client) -> dict:
@@ -475,6 +485,7 @@ def run(
     torch.set_num_threads(config.threads)
     out = Path(config.output_dir)
     topology = parse_topology(config)
+    sampler = Sampler.of(config)
     saved = _load_checkpoint(config, out) if resume else None
 
     # setup
@@ -523,13 +534,21 @@ def run(
         f"{config.strategy}{on}: {dataset.summary()}; model {spec.key}; {len(answers)} clients "
         f"({assignment.count('ptq')} PTQ, {assignment.count('qat')} QAT){left_out}"
     )
+    trainers = [cid for cid in strategies if topology.trains[cid]]
     for r in range(len(history) + 1, config.rounds + 1):
         round_started = time.perf_counter()
-        plans = {cid: round_plan(config, r, s, batches[cid]) for cid, s in strategies.items() if topology.trains[cid]}
-        outcome = close_round(topology, r, link.train(server, plans), round_started)
+        sampled, available = sampler.sample(r, trainers)
+        wanted = min(sampler.per_round, len(trainers))
+        if len(available) < wanted:
+            skipped = "" if available else ": round skipped, the global model unchanged"
+            echo(f"round {r}: {len(available)} of {len(trainers)} clients available, fewer than K = {wanted}{skipped}")
+        plans = {cid: round_plan(config, r, strategies[cid], batches[cid]) for cid in sampled}
+        # a round nobody trains in changes nothing: it is recorded and the run goes on
+        replies = link.train(server, plans) if plans else Replies(server.open_round(topology), [], [], {})
+        outcome = close_round(topology, r, replies, round_started)
         metrics = evaluate_global(spec, server, dataset.test, calibration_x)
         row = add_round(history, outcome.row(metrics["accuracy"], metrics["loss"], config.local_epochs) | metrics)
-        row.update(outcome.extra)
+        row.update(outcome.extra, sampled=sampled, available=len(available))
         training_s += row["wall_s"]
         if config.adjust and r == config.adjust_after and adjustment is None:
             adjustment = link.adjust(server, strategies, outcome, next_round=r + 1)
@@ -692,8 +711,9 @@ def _payload_problem(saved: dict) -> str | None:
         for key in ("wall_s", "sim_s", "cum_wall_s", "cum_sim_s", "upload_bytes"):
             if not is_real(row.get(key)) or row[key] < 0:
                 return f"round {i}: {key} must be a finite number >= 0, got {row.get(key)!r}"
-        if not isinstance(row.get("participants"), list) or not isinstance(row.get("rejected"), list):
-            return f"round {i}: participants and rejected must be lists"
+        # "sampled" is absent from the checkpoints of versions without client sampling
+        if not all(isinstance(v, list) for v in (row.get("participants"), row.get("rejected"), row.get("sampled", []))):
+            return f"round {i}: participants, rejected and sampled must be lists"
     return None
 
 

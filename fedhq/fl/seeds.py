@@ -21,6 +21,7 @@ STREAMS = {
     "adjustment": 0xAD,  # the adjustment's sample of candidate allocations
     "test_subset": 0x7E57,  # the test images kept by --max-test
     "calibration": 0xCA1B,  # the server's calibration images of the deployed model
+    "sampling": 0x5A3B,  # the clients that train in a round; key round
 }
 
 

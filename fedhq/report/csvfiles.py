@@ -22,11 +22,14 @@ ROUND_COLUMNS = (
     "cum_wall_s",
     "cum_sim_s",
     "upload_bytes",
+    "available",
+    "sampled",
     "participants",
     "rejected",
     "slowest_client",
 )
 COUNTED = ("participants", "rejected")  # lists in results.json, their lengths here
+LISTED = ("sampled",)  # lists of client ids in results.json, space-separated ids here
 
 
 def round_rows(name: str, run: Mapping) -> list[dict]:
@@ -44,6 +47,8 @@ def round_rows(name: str, run: Mapping) -> list[dict]:
         for key, value in r.items():
             if key in COUNTED:
                 row[key] = len(value)
+            elif key in LISTED:
+                row[key] = " ".join(str(v) for v in value)
             elif value is None or isinstance(value, (int, float, str)):
                 row[key] = value
         rows.append(row)
