@@ -161,9 +161,11 @@ def test_bench_qat_step_small_model(tmp_path):
     assert rows["fp32"]["ratio_to_fp32"] == 1.0
     ours = rows["fedhq-qat"]
     assert isinstance(ours["goal_met"], bool) and ours["speedup_vs_torch_ao"] > 0
-    assert ours["goal_met"] == (ours[ours["goal_figure"]] <= 1.3)
+    assert ours["goal_met"] == (ours[ours["goal_figure"]] <= 1.2)
     assert ours["paired_ratio_p10"] <= ours["paired_ratio_median"] <= ours["paired_ratio_p90"]
-    assert "Goal: fedhq-qat <= 1.3x fp32" in result.stdout
+    assert "Goal: fedhq-qat <= 1.2x fp32" in result.stdout
+    for row in rows.values():  # the warm-up step is timed apart from the steady-state rounds
+        assert row["warmup_steps"] == 1 and row["first_step_ms"] == row["warmup_median_ms"] > 0
     assert ("-> MET" in result.stdout) != ("-> NOT MET" in result.stdout)
     assert "deprecated" not in result.stderr  # torch.ao's notices are filtered
 
