@@ -32,7 +32,8 @@ from fedhq.profile.steps import make_step  # noqa: E402
 from fedhq.profile.timing import Timing, measure_interleaved, randn_nonzero, synchronize  # noqa: E402
 from fedhq.quant import prepare_qat as fedhq_prepare_qat  # noqa: E402
 
-GOAL_RATIO = 1.2
+# QAT step / FP32 step, paired: issue 17's on the CPU (batch 8, 2 threads), 1.3 on a GPU
+GOAL_RATIO = {"cpu": 1.2, "cuda": 1.3}
 ROTATING_BATCHES = 4
 
 # torch.ao's deprecation notices (eager QAT is the baseline on purpose) are noise here.
@@ -145,9 +146,10 @@ def run(args) -> list[dict]:
             **context,
         }
         if name == "fedhq-qat":
-            row["goal"] = f"<= {GOAL_RATIO}x fp32"
+            goal = GOAL_RATIO[device.type]
+            row["goal"] = f"<= {goal}x fp32"
             row["goal_figure"] = "paired_ratio_median"
-            row["goal_met"] = row["paired_ratio_median"] <= GOAL_RATIO
+            row["goal_met"] = row["paired_ratio_median"] <= goal
             row["speedup_vs_torch_ao"] = timings["torch.ao-qat"].median_s / t.median_s
         rows.append(row)
     return rows
