@@ -1,11 +1,13 @@
 """Bandwidth benchmark of the fedhq_kernels ops against their PyTorch baselines.
 
     python bench/bench_kernels.py [--device cpu|cuda] [--backends a,b] [--size N] [--threads T]
-                                  [--repeats R] [--quick] [--json PATH] [--robust M,M] [--robust-only]
+                                  [--repeats R] [--warmup W] [--quick] [--json PATH] [--robust M,M]
+                                  [--robust-only]
 
 Every case is checked for correctness before it is timed, with the profile's timing
 harness and copy bandwidth (fedhq.profile); throughput is logical bandwidth against a
-copy measured in the same run. Method and goals: docs/profile.md ("Kernel benchmark").
+copy measured in the same run, in steady state after W warm-up calls, whose cost is
+reported separately. Method and goals: docs/profile.md ("Kernel benchmark").
 """
 
 from __future__ import annotations
@@ -51,14 +53,15 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecat
 
 
 # The project's targets per device: case key -> (speedup over its baseline, % of the
-# copy's bandwidth); None where it sets none.
+# copy's bandwidth); None where it sets none. The share of the copy is judged on the
+# out= row where the case has one (a caller with a buffer), else on the allocating row.
 GOALS = {
     "cpu": {
         "fq_tensor": (2.5, 60),
         "fq_channel": (2.5, 60),
         "fq_observed": (3.0, None),
         "quantize": (None, None),
-        "dequantize": (None, None),
+        "dequantize": (1.0, None),
         "aggregate": (4.0, None),
         "robust_aggregate": (5.0, None),
     },
@@ -90,19 +93,45 @@ def calls_per_sample(call_ms: float) -> int:
     return max(1, min(1000, round(SAMPLE_MS / max(call_ms, 1e-3))))
 
 
-def measure(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> timing.Timing:
-    """``timing.measure`` of ``fn``. On the CPU a sample is one call. On a GPU a sample
-    queues calls_per_sample calls back to back between two CUDA events: a 64M-element
-    op runs ~0.1 ms, and timing single calls would bill the host's launch latency."""
+def warm_up(fn: Callable[[], object], calls: int, device: torch.device) -> list[float]:
+    """Seconds of each of the first ``calls`` calls, one by one (synchronized on a GPU):
+    first calls pay for page faults on fresh memory, allocator growth, caches, clocks."""
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        out = fn()
+        timing.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        del out  # freed outside the timed region, as in timing.measure
+    return seconds
+
+
+def measure(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int) -> dict:
+    """Steady state: ``timing.measure`` of ``fn`` after ``warmup`` calls, which are
+    timed one by one and summarized apart (summarize). On the CPU a sample is one call.
+    On a GPU a sample queues calls_per_sample calls back to back between two CUDA
+    events: a 64M-element op runs ~0.1 ms, and timing single calls would bill the
+    host's launch latency."""
+    first = warm_up(fn, warmup, device)
     number = 1
     if device.type == "cuda":
-        one = timing.measure(fn, device=device, repeats=1, warmup=warmup)
-        number, warmup = calls_per_sample(one.median_s * 1e3), 0
-    return timing.measure(fn, device=device, repeats=repeats, warmup=warmup, number=number)
+        number = calls_per_sample(timing.measure(fn, device=device, repeats=1, warmup=0).median_s * 1e3)
+    return summarize(timing.measure(fn, device=device, repeats=repeats, warmup=0, number=number), first)
 
 
-def summarize(t: timing.Timing) -> dict:
-    return {"median_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3, "repeats": t.repeats}
+def summarize(t: timing.Timing, first: list[float]) -> dict:
+    """The steady-state figures and the warm-up's: its first call, its median, and its
+    extra cost (the warm-up calls' total beyond as many steady-state calls)."""
+    steady = {"median_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3, "repeats": t.repeats}
+    if not first:
+        return {**steady, "warmup_calls": 0}
+    return {
+        **steady,
+        "warmup_calls": len(first),
+        "first_call_ms": first[0] * 1e3,
+        "warmup_median_ms": sorted(first)[len(first) // 2] * 1e3,
+        "warmup_extra_ms": (sum(first) - len(first) * t.median_s) * 1e3,
+    }
 
 
 # ---- correctness ----
@@ -145,6 +174,18 @@ class Case:
     baselines: list[Baseline]  # the first is the one the project's target names
     validate: Callable[[], None]  # raises Mismatch; runs, per backend, before any timing
     floor_bytes: int | None = None  # bytes the algorithm must move when more than nbytes
+    ours_out: Callable[[], object] | None = None  # the out= form, into a buffer made once
+
+
+def _as_tuple(result) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
+
+
+def check_out_form(case: Case) -> None:
+    """The out= form gives the allocating form's bits (which case.validate checks)."""
+    got = [t.detach().clone() for t in _as_tuple(case.ours_out())]
+    for k, (g, want) in enumerate(zip(got, _as_tuple(case.ours()))):
+        check_equal(f"{case.op}, out= form, result {k}", g, want.detach())
 
 
 def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[Case]:
@@ -172,6 +213,15 @@ def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[
     def per_channel_torch():
         return torch.fake_quantize_per_channel_affine(x2, scales, zero_points, 0, QMIN, QMAX)
 
+    buffer = torch.empty_like(x)  # the out= forms' buffer, as a QAT layer would keep one
+    buffer2 = buffer.view(x2.shape)
+
+    def per_tensor_out():
+        return fk.fake_quant(x, scale_t, zero_point_t, out=buffer)
+
+    def per_channel_out():
+        return fk.fake_quant(x2, scales, zero_points, axis=0, out=buffer2)
+
     return [
         Case(
             "fq_tensor",
@@ -182,6 +232,7 @@ def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[
             per_tensor_ours,
             [Baseline("torch.fake_quantize_per_tensor_affine", "torch", per_tensor_torch)],
             lambda: check_equal("fake_quant per-tensor", per_tensor_ours(), per_tensor_torch()),
+            ours_out=per_tensor_out,
         ),
         Case(
             "fq_channel",
@@ -192,6 +243,7 @@ def fake_quant_given_scale_cases(x: torch.Tensor, gen: torch.Generator) -> list[
             per_channel_ours,
             [Baseline("torch.fake_quantize_per_channel_affine", "torch", per_channel_torch)],
             lambda: check_equal("fake_quant per-channel", per_channel_ours(), per_channel_torch()),
+            ours_out=per_channel_out,
         ),
     ]
 
@@ -213,6 +265,12 @@ def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
     # accumulates into leaf.grad (which would add a read-add-write pass from call 2 on).
     def ours():
         y = fk.fake_quant(leaf)  # scale=None: range observed, per-tensor symmetric
+        return y, torch.autograd.grad(y, leaf, grad)[0]
+
+    buffer = torch.empty_like(x)
+
+    def ours_out():  # the forward into a buffer; the gradient is autograd's, fresh
+        y = fk.fake_quant(leaf, out=buffer)
         return y, torch.autograd.grad(y, leaf, grad)[0]
 
     def fake_quantize_module():
@@ -278,6 +336,7 @@ def fake_quant_observed_case(x: torch.Tensor, gen: torch.Generator) -> Case:
         ],
         validate,
         floor_bytes=24 * x.numel(),
+        ours_out=ours_out,
     )
 
 
@@ -344,6 +403,11 @@ def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
     def ours_dequantize():
         return fk.dequantize(ours_q)
 
+    buffer = torch.empty_like(x)
+
+    def ours_dequantize_out():
+        return fk.dequantize(ours_q, out=buffer)
+
     def torch_dequantize():
         return torch.dequantize(torch_q)
 
@@ -368,6 +432,7 @@ def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
             ours_dequantize,
             [Baseline("torch.dequantize", "torch", torch_dequantize)],
             lambda: check_equal("dequantize", ours_dequantize(), torch_dequantize()),
+            ours_out=ours_dequantize_out,
         ),
     ]
 
@@ -647,7 +712,7 @@ def time_case(case: Case, args, device: torch.device) -> tuple[list[dict], list[
 
     for baseline in case.baselines:
         if checked(baseline.backend, baseline.validate):
-            timed.append((baseline, summarize(measure(baseline.run, args.baseline_repeats, device))))
+            timed.append((baseline, measure(baseline.run, args.baseline_repeats, device, args.warmup)))
     if not timed:
         return rows, failures
     strongest, strongest_stats = min(timed, key=lambda pair: pair[1]["median_ms"])
@@ -668,25 +733,31 @@ def time_case(case: Case, args, device: torch.device) -> tuple[list[dict], list[
     for backend in args.backends:
         if not checked(f"fedhq-{backend}", forced(backend, case.validate)):
             continue
-        ours = summarize(measure(forced(backend, case.ours), args.repeats, device))
-        row = make_row(
-            *same,
-            f"fedhq-{backend}",
-            f"fedhq_kernels ({backend})",
-            case.nbytes,
-            ours,
-            baseline=strongest.name,
-            speedup=strongest_stats["median_ms"] / ours["median_ms"],
-        )
-        if target is not None and named is not None:
-            row["target"] = f">= {target}x {case.baselines[0].backend}"
-            row["target_speedup"] = named["median_ms"] / ours["median_ms"]
-            row["target_met"] = row["target_speedup"] >= target
-        if aim is not None:
-            row["aim"], row["aim_pct"] = f">= {aim}% of copy", aim
-            if case.floor_bytes:
-                row["aim_ceiling_pct"] = 100 * case.nbytes / case.floor_bytes
-        rows.append(row)
+        forms = [(f"fedhq-{backend}", f"fedhq_kernels ({backend})", case.ours)]
+        if case.ours_out is not None and checked(
+            f"fedhq-{backend} out=", forced(backend, lambda: check_out_form(case))
+        ):
+            forms.append((f"fedhq-{backend} out=", f"fedhq_kernels ({backend}), out= buffer", case.ours_out))
+        for label, impl, fn in forms:
+            ours = measure(forced(backend, fn), args.repeats, device, args.warmup)
+            row = make_row(
+                *same,
+                label,
+                impl,
+                case.nbytes,
+                ours,
+                baseline=strongest.name,
+                speedup=strongest_stats["median_ms"] / ours["median_ms"],
+            )
+            if target is not None and named is not None and fn is case.ours:
+                row["target"] = f">= {target}x {case.baselines[0].backend}"
+                row["target_speedup"] = named["median_ms"] / ours["median_ms"]
+                row["target_met"] = row["target_speedup"] >= target
+            if aim is not None and fn is forms[-1][2]:  # the out= form where there is one
+                row["aim"], row["aim_pct"] = f">= {aim}% of copy", aim
+                if case.floor_bytes:
+                    row["aim_ceiling_pct"] = 100 * case.nbytes / case.floor_bytes
+            rows.append(row)
     return rows, failures
 
 
@@ -705,7 +776,7 @@ def run(args) -> tuple[list[dict], list[str]]:
     def reference_row(op, impl, name):
         fn, nbytes = copies[name]
         return make_row(
-            op, str(tuple(x.shape)), x.numel(), "torch", impl, nbytes, summarize(measure(fn, args.repeats, device))
+            op, str(tuple(x.shape)), x.numel(), "torch", impl, nbytes, measure(fn, args.repeats, device, args.warmup)
         )
 
     rows = [
@@ -755,7 +826,17 @@ def run(args) -> tuple[list[dict], list[str]]:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["op", "size", "backend", "median ms", "p10-p90 ms", "GB/s", "% copy", "vs strongest baseline"]
+    header = [
+        "op",
+        "size",
+        "backend",
+        "median ms",
+        "p10-p90 ms",
+        "GB/s",
+        "% copy",
+        "vs strongest baseline",
+        "warm-up: first / median ms",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join(" --- " for _ in header) + "|")
     for r in rows:
@@ -769,15 +850,17 @@ def print_table(rows: list[dict]) -> None:
             f"{r['gbps']:.1f}",
             f"{r['pct_of_copy']:.0f}%",
             speedup,
+            f"{r['first_call_ms']:.2f} / {r['warmup_median_ms']:.2f}" if r["warmup_calls"] else "",
         ]
         print("| " + " | ".join(cells) + " |")
     r = rows[0]
     print(
         f"\nfloat32 on {r['device']}; {r['machine']}, {r['cores']} cores/SMs, {r['threads']} threads; "
         f"torch {r['torch']}; fedhq backends {r['fedhq_backends']}. "
+        f"Steady state after {r['warmup_calls']} warm-up calls, timed apart (first call / their median). "
         "GB/s = logical bytes (each tensor read or written once) / median; % copy is against the faster copy_ "
-        "row of this run; the last column is the case's fastest baseline's time over the row's. "
-        "Every op row allocates its output (compare with clone)."
+        "row of this run; 'vs strongest baseline' is the case's fastest baseline's time over the row's. "
+        "Op rows allocate their output (compare with clone), except 'out=' rows, which write a buffer made once."
     )
     if r["quick"]:
         print("--quick is a smoke test: its inputs fit in the caches, so these are not memory bandwidths.")
@@ -808,6 +891,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the C++ kernels share its pool)")
     parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 30; --quick: 3)")
+    parser.add_argument(
+        "--warmup", type=int, help="calls before the timed ones, reported apart (default 20; --quick: 2)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test (< 30 s)")
     parser.add_argument(
         "--robust",
@@ -835,12 +921,14 @@ def parse_args(argv=None):
     args.json = args.json or Path(__file__).resolve().parent / "results" / f"kernels-{args.device}.json"
     args.size = args.size or (QUICK_SIZE if args.quick else FULL_SIZE[args.device])
     args.repeats = args.repeats or (3 if args.quick else 30)
+    if args.warmup is None:
+        args.warmup = 2 if args.quick else 20
     # The slow baselines (80-400 ms a call at 16M) get at most 15 repeats: ~25 s in all.
     args.baseline_repeats = min(args.repeats, 15)
     if args.size <= 0 or args.size % CHANNELS:
         parser.error(f"--size must be a positive multiple of {CHANNELS}: the per-channel case uses {CHANNELS} channels")
-    if args.repeats < 1 or args.threads < 1:
-        parser.error("--repeats and --threads must be >= 1")
+    if args.repeats < 1 or args.threads < 1 or args.warmup < 0:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     return args
 
 

@@ -1,12 +1,13 @@
 """One QAT training step against the FP32 step and against torch.ao's eager QAT.
 
-    python bench/bench_qat_step.py [--device cpu|cuda] [--model resnet18] [--batch 32]
-                                   [--repeats R] [--threads T] [--json PATH]
+    python bench/bench_qat_step.py [--device cpu|cuda] [--model resnet18] [--batch 8]
+                                   [--repeats R] [--warmup W] [--threads T] [--json PATH]
 
 Variants fp32 (a PTQ client's step), fedhq-qat (``fedhq.quant.prepare_qat``) and
 torch.ao-qat, timed round-robin; the QAT/FP32 ratio is reported of the medians and
-paired per round. What a step is, why the paired ratio, how the torch.ao model is
-prepared, and the goal: docs/profile.md, "The QAT step benchmark".
+paired per round, in steady state: the W warm-up steps of each variant are timed apart.
+What a step is, why the paired ratio, how the torch.ao model is prepared, and the
+goal: docs/profile.md, "The QAT step benchmark".
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -27,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import fedhq_kernels as fk  # noqa: E402
 from fedhq.models import ModelSpec, count_parameters  # noqa: E402
 from fedhq.profile.steps import make_step  # noqa: E402
-from fedhq.profile.timing import Timing, measure_interleaved, randn_nonzero  # noqa: E402
+from fedhq.profile.timing import Timing, measure_interleaved, randn_nonzero, synchronize  # noqa: E402
 from fedhq.quant import prepare_qat as fedhq_prepare_qat  # noqa: E402
 
-GOAL_RATIO = 1.3
+# QAT step / FP32 step, paired: issue 17's on the CPU (batch 8, 2 threads), 1.3 on a GPU
+GOAL_RATIO = {"cpu": 1.2, "cuda": 1.3}
 ROTATING_BATCHES = 4
 
 # torch.ao's deprecation notices (eager QAT is the baseline on purpose) are noise here.
@@ -51,9 +54,22 @@ VARIANTS = {
 }
 
 
-def timed_rounds(steps: dict, batches: list, device: torch.device, repeats: int, warmup: int) -> dict[str, list[float]]:
+def warm_up(steps: dict, batches: list, device: torch.device, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each of the first ``warmup`` steps of every variant, one variant
+    after the other (first steps pay for allocator growth, page faults, caches)."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():
+        for k in range(warmup):
+            start = time.perf_counter()
+            step(batches[k % len(batches)])
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def timed_rounds(steps: dict, batches: list, device: torch.device, repeats: int) -> dict[str, list[float]]:
     """Seconds per step of every variant, ``repeats`` rounds of one step each
-    (measure_interleaved with one repeat per round; warm-up steps before round 0).
+    (measure_interleaved with one repeat per round, after warm_up).
     Each round starts with a different variant and shifts the rotating batches, so no
     variant always follows the same one or gets the same batch; and sample r of every
     variant comes from the same moment, so sample-by-sample ratios (the paired ratio)
@@ -64,11 +80,7 @@ def timed_rounds(steps: dict, batches: list, device: torch.device, repeats: int,
         order = names[r % len(names) :] + names[: r % len(names)]
         k = r % len(batches)
         timings = measure_interleaved(
-            {name: steps[name] for name in order},
-            device=device,
-            repeats=1,
-            warmup=warmup if r == 0 else 0,
-            inputs=batches[k:] + batches[:k],
+            {name: steps[name] for name in order}, device=device, repeats=1, warmup=0, inputs=batches[k:] + batches[:k]
         )
         for name, timing in timings.items():
             samples[name].append(timing.median_s)
@@ -95,7 +107,8 @@ def run(args) -> list[dict]:
         for _ in range(ROTATING_BATCHES)
     ]
     load_before = _load_average()
-    samples = timed_rounds(steps, batches, device, args.repeats, args.warmup)
+    first = warm_up(steps, batches, device, args.warmup)
+    samples = timed_rounds(steps, batches, device, args.repeats)
     timings = {name: Timing.from_samples(s) for name, s in samples.items()}
     fp32 = timings["fp32"].median_s
     context = {
@@ -127,12 +140,16 @@ def run(args) -> list[dict]:
             "paired_ratio_median": paired.median_s,
             "paired_ratio_p10": paired.p10_s,
             "paired_ratio_p90": paired.p90_s,
+            "warmup_steps": len(first[name]),
+            "first_step_ms": first[name][0] * 1e3 if first[name] else None,
+            "warmup_median_ms": statistics.median(first[name]) * 1e3 if first[name] else None,
             **context,
         }
         if name == "fedhq-qat":
-            row["goal"] = f"<= {GOAL_RATIO}x fp32"
+            goal = GOAL_RATIO[device.type]
+            row["goal"] = f"<= {goal}x fp32"
             row["goal_figure"] = "paired_ratio_median"
-            row["goal_met"] = row["paired_ratio_median"] <= GOAL_RATIO
+            row["goal_met"] = row["paired_ratio_median"] <= goal
             row["speedup_vs_torch_ao"] = timings["torch.ao-qat"].median_s / t.median_s
         rows.append(row)
     return rows
@@ -159,13 +176,17 @@ def print_table(rows: list[dict]) -> None:
         f"\nOne training step of {r['model']} ({r['params'] / 1e6:.2f}M params), batch {r['batch']}, "
         f"on {r['machine']} ({r['device']}, {r['threads']} threads), torch {r['torch']}"
     )
-    print("| variant | median ms | p10-p90 ms | / fp32 (medians) | / fp32 paired: median [p10-p90] |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| variant | median ms | p10-p90 ms | / fp32 (medians) | / fp32 paired: median [p10-p90] | "
+        f"warm-up ({r['warmup_steps']} steps): first / median ms |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        warm = f"{r['first_step_ms']:.2f} / {r['warmup_median_ms']:.2f}" if r["warmup_steps"] else ""
         print(
             f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | "
             f"{r['ratio_to_fp32']:.2f}x | {r['paired_ratio_median']:.2f}x "
-            f"[{r['paired_ratio_p10']:.2f}-{r['paired_ratio_p90']:.2f}] |"
+            f"[{r['paired_ratio_p10']:.2f}-{r['paired_ratio_p90']:.2f}] | {warm} |"
         )
     ours = next(r for r in rows if r["variant"] == "fedhq-qat")
     load = rows[0]["load_average_1m"]
@@ -185,9 +206,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default="resnet18@32x32x3:10", help="model spec, e.g. small_cnn@8x8x1:10")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="steps per variant before the timed rounds, timed apart")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     parser.add_argument("--json", type=Path, help="default bench/results/qat-step-<device>.json")
     args = parser.parse_args(argv)

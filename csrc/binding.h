@@ -12,7 +12,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fedhq::binding {
@@ -23,10 +25,13 @@ namespace fedhq::binding {
 #define FEDHQ_IMPLEMENT_OPS(ns, key)                       \
   TORCH_LIBRARY_IMPL(ns, key, m) {                         \
     m.impl("fake_quant", &fake_quant);                     \
+    m.impl("fake_quant_out", &fake_quant_out);             \
     m.impl("fake_quant_backward", &fake_quant_backward);   \
     m.impl("fake_quant_observed", &fake_quant_observed);   \
+    m.impl("fake_quant_observed_out", &fake_quant_observed_out); \
     m.impl("quantize", &quantize);                         \
     m.impl("dequantize", &dequantize);                     \
+    m.impl("dequantize_out", &dequantize_out);             \
     m.impl("aggregate", &aggregate);                       \
     m.impl("accumulate", &accumulate);                     \
   }
@@ -106,6 +111,21 @@ inline void check_same_shape(const char* op, const at::Tensor& grad, const at::T
                     x.sizes());
 }
 
+// The `out` of an out= op: shaped like `like`, of `dtype`, on its device, contiguous
+// (the kernels write it as one flat array) and sharing no memory with any input (the
+// kernels read inputs and write out through restrict pointers; docs/kernels.md, "out= forms").
+inline void check_out(const char* op, const at::Tensor& out, const at::Tensor& like, at::ScalarType dtype,
+                      std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  TORCH_CHECK_VALUE(out.sizes() == like.sizes(), op, ": out has shape ", out.sizes(), ", expected ", like.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == dtype, op, ": out is ", out.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK_VALUE(out.device() == like.device(), op, ": out is on ", out.device(), ", expected ", like.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  for (const auto& [name, input] : inputs) {
+    TORCH_CHECK_VALUE(!input->has_storage() || !out.storage().is_alias_of(input->storage()), op,
+                      ": out shares memory with ", name);
+  }
+}
+
 // Fresh scale / zero point outputs: 0-d per-tensor, [C] per-channel, on x's device.
 inline std::tuple<at::Tensor, at::Tensor> empty_qparams(const at::Tensor& x, int64_t axis) {
   const auto options = x.options().dtype(at::kFloat);
@@ -113,10 +133,10 @@ inline std::tuple<at::Tensor, at::Tensor> empty_qparams(const at::Tensor& x, int
   return {at::empty({x.size(axis)}, options), at::empty({x.size(axis)}, options.dtype(at::kInt))};
 }
 
-// The frame of the observed ops (fake_quant_observed, quantize): checks, contiguous
-// input, fresh outputs (`out_type`: x's type, or int8 codes, from alloc(sizes,
-// options)); run(x, out, scale, zero_point) fills them and returns the first tensor
-// holding a NaN / Inf, or -1.
+// The frame of the observed ops (fake_quant_observed, quantize and their out= forms):
+// checks, contiguous input, outputs (`out_type`: x's type, or int8 codes, from
+// alloc(sizes, options): a fresh tensor, or the checked `out`); run(x, out, scale,
+// zero_point) fills them and returns the first tensor holding a NaN / Inf, or -1.
 template <class Alloc, class Run>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
                                                            int64_t qmax, int64_t axis, at::ScalarType out_type,

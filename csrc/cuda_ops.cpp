@@ -70,8 +70,9 @@ at::Tensor empty_workspace(const at::Tensor& like, size_t bytes) {
   return at::empty({int64_t(bytes)}, like.options().dtype(at::kByte));
 }
 
-at::Tensor fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
-                      int64_t qmin, int64_t qmax, int64_t axis) {
+// fake_quant into `y` (a fresh output, or a checked out=).
+void fake_quant_into(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in, int64_t qmin,
+                     int64_t qmax, int64_t axis, at::Tensor& y) {
   check_range("fake_quant", qmin, qmax);
   const fc::FloatType type = float_type(x_in.scalar_type(), "fake_quant");
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -79,11 +80,22 @@ at::Tensor fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, const 
   const fc::Layout layout = layout_of(x, axis);
   const auto [scale, zero_point] =
       device_qparams("fake_quant", x, scale_in, zero_point_in, layout.channels, qmin, qmax);
-  at::Tensor y = at::empty(x.sizes(), x.options());
   check_launch(fc::fake_quant(type, x.const_data_ptr(), y.data_ptr(), layout, scale.const_data_ptr<float>(),
                               zero_point.const_data_ptr<int32_t>(), int32_t(qmin), int32_t(qmax), stream_of(x)),
                "fake_quant");
+}
+
+at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin,
+                      int64_t qmax, int64_t axis) {
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  fake_quant_into(x, scale, zero_point, qmin, qmax, axis, y);
   return y;
+}
+
+void fake_quant_out(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin,
+                    int64_t qmax, int64_t axis, at::Tensor out) {
+  check_out("fake_quant", out, x, x.scalar_type(), {{"x", &x}, {"scale", &scale}, {"zero_point", &zero_point}});
+  fake_quant_into(x, scale, zero_point, qmin, qmax, axis, out);
 }
 
 at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale_in,
@@ -108,12 +120,11 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
 
 // binding.h's observed_op on the GPU: launch(type, x, out, layout, scale, zero_point,
 // workspace, stream) queues the launcher; the one read-back follows.
-template <class Launch>
+template <class Alloc, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
                                                                 int64_t qmax, int64_t axis, at::ScalarType out_type,
-                                                                Launch&& launch) {
+                                                                Alloc&& alloc, Launch&& launch) {
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto alloc = [](at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); };
   return observed_op(op, x_in, qmin, qmax, axis, out_type, alloc,
                      [&](const at::Tensor& x, at::Tensor& out, at::Tensor& scale, at::Tensor& zero_point) {
                        const fc::FloatType type = float_type(x.scalar_type(), op);
@@ -126,9 +137,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_observed_op(const char* op, 
                      });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
-                                                                   bool symmetric, int64_t axis) {
-  return cuda_observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) { return at::empty(sizes, options); }
+
+template <class Alloc>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed_into(const at::Tensor& x, int64_t qmin,
+                                                                        int64_t qmax, bool symmetric, int64_t axis,
+                                                                        Alloc&& alloc) {
+  return cuda_observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(), alloc,
                           [&](fc::FloatType type, const void* in, void* y, fc::Layout layout, float* scale, int32_t* zp,
                               void* workspace, cudaStream_t stream) {
                             return fc::fake_quant_observed(type, in, y, layout, symmetric, int32_t(qmin), int32_t(qmax),
@@ -136,9 +151,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Ten
                           });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                                   bool symmetric, int64_t axis) {
+  return fake_quant_observed_into(x, qmin, qmax, symmetric, axis, empty_output);
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_observed_out(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                           bool symmetric, int64_t axis, at::Tensor out) {
+  check_out("fake_quant", out, x, x.scalar_type(), {{"x", &x}});
+  const auto [y, scale, zero_point] =
+      fake_quant_observed_into(x, qmin, qmax, symmetric, axis, [&](at::IntArrayRef, const at::TensorOptions&) { return out; });
+  return {scale, zero_point};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
-  return cuda_observed_op("quantize", x, qmin, qmax, axis, at::kChar,
+  return cuda_observed_op("quantize", x, qmin, qmax, axis, at::kChar, empty_output,
                           [&](fc::FloatType type, const void* in, void* codes, fc::Layout layout, float* scale, int32_t* zp,
                               void* workspace, cudaStream_t stream) {
                             return fc::quantize(type, in, static_cast<int8_t*>(codes), layout, symmetric, int32_t(qmin),
@@ -146,17 +174,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int
                           });
 }
 
-at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
-                      int64_t axis, at::ScalarType dtype) {
+// dequantize into `y` (a fresh output, or a checked out=), of y's float type.
+void dequantize_into(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
+                     int64_t axis, at::Tensor& y) {
   TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kChar, "dequantize: codes must be int8, got ",
                    codes_in.scalar_type());
-  const fc::FloatType type = float_type(dtype, "dequantize");
+  const fc::FloatType type = float_type(y.scalar_type(), "dequantize");
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const fc::Layout layout = layout_of(codes, axis);
   const auto [scale, zero_point] =
       device_qparams("dequantize", codes, scale_in, zero_point_in, layout.channels, -128, 127);
-  at::Tensor y = at::empty(codes.sizes(), codes.options().dtype(dtype));
   const at::Tensor workspace = empty_workspace(codes, sizeof(fc::Status));
   check_launch(fc::dequantize(type, codes.const_data_ptr<int8_t>(), y.data_ptr(), layout,
                               scale.const_data_ptr<float>(), zero_point.const_data_ptr<int32_t>(),
@@ -167,7 +195,22 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, co
     check_qparam_value("dequantize", "the", scale.reshape(-1)[bad].item<float>(),
                        zero_point.reshape(-1)[bad].item<int32_t>(), bad, layout.channels, -128, 127);
   }
+}
+
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero_point, int64_t axis,
+                      at::ScalarType dtype) {
+  check_float_type(dtype, "dequantize");
+  at::Tensor y = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  dequantize_into(codes, scale, zero_point, axis, y);
   return y;
+}
+
+void dequantize_out(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero_point, int64_t axis,
+                    at::Tensor out) {
+  check_float_type(out.scalar_type(), "dequantize");
+  check_out("dequantize", out, codes, out.scalar_type(),
+            {{"codes", &codes}, {"scale", &scale}, {"zero_point", &zero_point}});
+  dequantize_into(codes, scale, zero_point, axis, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {

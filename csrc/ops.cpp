@@ -62,19 +62,31 @@ TensorLayout layout_of(const at::Tensor& x, int64_t axis, int64_t segment_base =
   return cpu::make_layout(std::vector<int64_t>(x.sizes().begin(), x.sizes().end()), axis, segment_base);
 }
 
-at::Tensor fake_quant(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
-                      int64_t qmin, int64_t qmax, int64_t axis) {
+// fake_quant into `y` (a fresh output, or a checked out=).
+void fake_quant_into(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in, int64_t qmin,
+                     int64_t qmax, int64_t axis, at::Tensor& y) {
   check_range("fake_quant", qmin, qmax);
   const at::Tensor x = x_in.contiguous(), scale = scale_in.contiguous(), zero_point = zero_point_in.contiguous();
   const TensorLayout layout = layout_of(x, axis);
   check_qparams("fake_quant", "the", scale, zero_point, layout.channels, qmin, qmax);
-  at::Tensor y = empty_output(x.sizes(), x.options());
   dispatch_float_type(x.scalar_type(), "fake_quant", [&](auto tag) {
     using T = decltype(tag);
     cpu::fake_quant<T>(cptr<T>(x), ptr<T>(y), layout, cptr<float>(scale), cptr<int32_t>(zero_point), int32_t(qmin),
                        int32_t(qmax), at::get_num_threads());
   });
+}
+
+at::Tensor fake_quant(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin,
+                      int64_t qmax, int64_t axis) {
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  fake_quant_into(x, scale, zero_point, qmin, qmax, axis, y);
   return y;
+}
+
+void fake_quant_out(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin,
+                    int64_t qmax, int64_t axis, at::Tensor out) {
+  check_out("fake_quant", out, x, x.scalar_type(), {{"x", &x}, {"scale", &scale}, {"zero_point", &zero_point}});
+  fake_quant_into(x, scale, zero_point, qmin, qmax, axis, out);
 }
 
 at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& scale_in,
@@ -96,11 +108,11 @@ at::Tensor fake_quant_backward(const at::Tensor& grad_in, const at::Tensor& x_in
 
 // binding.h's observed_op on the CPU: kernel(tag, x, out, layout, scale, zero_point)
 // runs the kernel for element type decltype(tag) and returns its non-finite report.
-template <class Kernel>
+template <class Alloc, class Kernel>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_observed_op(const char* op, const at::Tensor& x_in, int64_t qmin,
                                                                int64_t qmax, int64_t axis, at::ScalarType out_type,
-                                                               Kernel&& kernel) {
-  return observed_op(op, x_in, qmin, qmax, axis, out_type, empty_output,
+                                                               Alloc&& alloc, Kernel&& kernel) {
+  return observed_op(op, x_in, qmin, qmax, axis, out_type, alloc,
                      [&](const at::Tensor& x, at::Tensor& out, at::Tensor& scale, at::Tensor& zero_point) {
                        int64_t bad = -1;
                        dispatch_float_type(x.scalar_type(), op, [&](auto tag) {
@@ -112,9 +124,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_observed_op(const char* op, c
                      });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
-                                                                   bool symmetric, int64_t axis) {
-  return cpu_observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(),
+template <class Alloc>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed_into(const at::Tensor& x, int64_t qmin,
+                                                                        int64_t qmax, bool symmetric, int64_t axis,
+                                                                        Alloc&& alloc) {
+  return cpu_observed_op("fake_quant", x, qmin, qmax, axis, x.scalar_type(), alloc,
                          [&](auto tag, auto in, at::Tensor& y, const TensorLayout& layout, float* scale, int32_t* zp) {
                            using T = decltype(tag);
                            return cpu::fake_quant_observed<T>(in, ptr<T>(y), layout, symmetric, int32_t(qmin),
@@ -122,9 +136,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Ten
                          });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_observed(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                                   bool symmetric, int64_t axis) {
+  return fake_quant_observed_into(x, qmin, qmax, symmetric, axis, empty_output);
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant_observed_out(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                           bool symmetric, int64_t axis, at::Tensor out) {
+  check_out("fake_quant", out, x, x.scalar_type(), {{"x", &x}});
+  const auto [y, scale, zero_point] =
+      fake_quant_observed_into(x, qmin, qmax, symmetric, axis, [&](at::IntArrayRef, const at::TensorOptions&) { return out; });
+  return {scale, zero_point};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                         bool symmetric, int64_t axis) {
-  return cpu_observed_op("quantize", x, qmin, qmax, axis, at::kChar,
+  return cpu_observed_op("quantize", x, qmin, qmax, axis, at::kChar, empty_output,
                          [&](auto tag, auto in, at::Tensor& codes, const TensorLayout& layout, float* scale, int32_t* zp) {
                            using T = decltype(tag);
                            return cpu::quantize<T>(in, ptr<int8_t>(codes), layout, symmetric, int32_t(qmin), int32_t(qmax),
@@ -132,21 +159,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const at::Tensor& x, int
                          });
 }
 
-at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
-                      int64_t axis, at::ScalarType dtype) {
+// dequantize into `y` (a fresh output, or a checked out=), of y's float type.
+void dequantize_into(const at::Tensor& codes_in, const at::Tensor& scale_in, const at::Tensor& zero_point_in,
+                     int64_t axis, at::Tensor& y) {
   TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kChar, "dequantize: codes must be int8, got ",
                    codes_in.scalar_type());
   const at::Tensor codes = codes_in.contiguous(), scale = scale_in.contiguous(),
                    zero_point = zero_point_in.contiguous();
   const TensorLayout layout = layout_of(codes, axis);
   check_qparams("dequantize", "the", scale, zero_point, layout.channels, -128, 127);
-  at::Tensor y = empty_output(codes.sizes(), codes.options().dtype(dtype));
-  dispatch_float_type(dtype, "dequantize", [&](auto tag) {
+  dispatch_float_type(y.scalar_type(), "dequantize", [&](auto tag) {
     using T = decltype(tag);
     cpu::dequantize<T>(cptr<int8_t>(codes), ptr<T>(y), layout, cptr<float>(scale), cptr<int32_t>(zero_point),
                        at::get_num_threads());
   });
+}
+
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero_point, int64_t axis,
+                      at::ScalarType dtype) {
+  check_float_type(dtype, "dequantize");
+  at::Tensor y = empty_output(codes.sizes(), codes.options().dtype(dtype));
+  dequantize_into(codes, scale, zero_point, axis, y);
   return y;
+}
+
+void dequantize_out(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero_point, int64_t axis,
+                    at::Tensor out) {
+  check_float_type(out.scalar_type(), "dequantize");
+  check_out("dequantize", out, codes, out.scalar_type(),
+            {{"codes", &codes}, {"scale", &scale}, {"zero_point", &zero_point}});
+  dequantize_into(codes, scale, zero_point, axis, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {

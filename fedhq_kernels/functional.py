@@ -106,6 +106,24 @@ def _qparam_tensor(op: str, name: str, value, dtype: torch.dtype, x: Tensor, axi
     return torch.full((), value, dtype=dtype, device=x.device)
 
 
+def _check_out_arg(op: str, out, x: Tensor) -> None:
+    """``out`` is None or a tensor, its autograd history dropped; outside the eager fast path (torch.compile, export,
+    dispatch modes) the registered out= ops have no autograd formula, so a gradient
+    through out= is refused there, as torch refuses one through its own out= ops."""
+    if out is None:
+        return
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{op}: out must be a torch.Tensor or None, got {type(out).__name__}")
+    if not ops.eager_fast_path(x) and torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(f"{op}: out= is differentiable in eager mode only; x requires grad here")
+    if out.grad_fn is not None:
+        # out is overwritten, so its history goes: kept, the next backward would run
+        # into the previous step's (freed) graph through it.
+        if out._is_view():
+            raise ValueError(f"{op}: out is a view with autograd history; pass a tensor without one")
+        out.detach_()
+
+
 # ---- fake quantization ----
 
 
@@ -119,6 +137,7 @@ def fake_quant(
     axis: int | None = None,
     quant_min: int | None = None,
     quant_max: int | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Quantize-dequantize ``x`` with a straight-through gradient (1 where the code was
     inside [quant_min, quant_max], 0 outside).
@@ -129,8 +148,13 @@ def fake_quant(
     same kernel, with MinMaxObserver's formulas (``symmetric`` picks the scheme).
     ``axis`` selects per-channel quantization; the range defaults to the signed
     ``bits``-bit range and ``quant_min`` / ``quant_max`` override it.
+
+    ``out``: write the result into this tensor (x's shape, dtype and device,
+    contiguous, sharing no memory with x) and return it, e.g. a buffer a QAT layer
+    keeps; in eager mode it carries the gradient to x (docs/kernels.md, "out= forms").
     """
     _check_tensor("fake_quant", x)
+    _check_out_arg("fake_quant", out, x)
     quant_min, quant_max = _resolve_range("fake_quant", bits, quant_min, quant_max)
     axis = _normalize_axis("fake_quant", x, axis)
     if scale is None:
@@ -138,15 +162,21 @@ def fake_quant(
             raise ValueError("fake_quant: zero_point was given without a scale; give both, or neither to observe")
         _check_symmetric_range("fake_quant", symmetric, quant_min, quant_max)
         if ops.eager_fast_path(x):
-            return ops.FakeQuantObservedEager.apply(x, quant_min, quant_max, symmetric, axis)[0]
-        return ops.fake_quant_observed(x, quant_min, quant_max, symmetric, axis)[0]
+            return ops.FakeQuantObservedEager.apply(x, quant_min, quant_max, symmetric, axis, out)[0]
+        if out is None:
+            return ops.fake_quant_observed(x, quant_min, quant_max, symmetric, axis)[0]
+        ops.fake_quant_observed_out(x, quant_min, quant_max, symmetric, axis, out)
+        return out
     scale = _qparam_tensor("fake_quant", "scale", scale, torch.float32, x, axis)
     zero_point = _qparam_tensor(
         "fake_quant", "zero_point", 0 if zero_point is None else zero_point, torch.int32, x, axis
     )
     if ops.eager_fast_path(x):
-        return ops.FakeQuantEager.apply(x, scale, zero_point, quant_min, quant_max, axis)
-    return ops.fake_quant(x, scale, zero_point, quant_min, quant_max, axis)
+        return ops.FakeQuantEager.apply(x, scale, zero_point, quant_min, quant_max, axis, out)
+    if out is None:
+        return ops.fake_quant(x, scale, zero_point, quant_min, quant_max, axis)
+    ops.fake_quant_out(x, scale, zero_point, quant_min, quant_max, axis, out)
+    return out
 
 
 # ---- quantize / dequantize ----
@@ -172,13 +202,21 @@ def quantize(x: Tensor, *, bits: int = 8, symmetric: bool = True, axis: int | No
     )
 
 
-def dequantize(q: QuantizedTensor) -> Tensor:
-    """(code - zero_point) * scale, as ``q.dtype``."""
+def dequantize(q: QuantizedTensor, *, out: Tensor | None = None) -> Tensor:
+    """(code - zero_point) * scale, as ``q.dtype``; written into ``out`` (q's shape and
+    dtype, contiguous, not sharing memory with q) and returned when it is given."""
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"dequantize: expected a QuantizedTensor, got {type(q).__name__}")
     q.validate("dequantize")
     axis = -1 if q.axis is None else q.axis
-    return ops.dequantize(q.data, q.scale, q.zero_point, axis, q.dtype)
+    if out is None:
+        return ops.dequantize(q.data, q.scale, q.zero_point, axis, q.dtype)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"dequantize: out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.dtype != q.dtype:
+        raise TypeError(f"dequantize: out is {out.dtype}, expected the tensor's dtype {q.dtype}")
+    ops.dequantize_out(q.data, q.scale, q.zero_point, axis, out)
+    return out
 
 
 def quantize_state_dict(

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fedhq_kernels import dispatch
 from fedhq_kernels.checks import check_float_dtype
-from fedhq_kernels.optable import SCHEMAS
+from fedhq_kernels.optable import MUTATED_ARGS, SCHEMAS
 
 
 # Plain comparisons, not torch._check_*: these run on every eager call, where building
@@ -58,8 +58,24 @@ def check_observed(op: str, x: Tensor, axis: int) -> None:
     check_axis(op, x, axis)
 
 
+def check_out(op: str, out: Tensor, like: Tensor, dtype: torch.dtype, inputs: dict[str, Tensor]) -> None:
+    """The ``out`` of an out= op (the rules of csrc/binding.h's check_out): ``like``'s
+    shape and device, ``dtype``, contiguous, sharing no memory with any of ``inputs``."""
+    if out.shape != like.shape:
+        raise ValueError(f"{op}: out has shape {tuple(out.shape)}, expected {tuple(like.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{op}: out is {out.dtype}, expected {dtype}")
+    if out.device != like.device:
+        raise ValueError(f"{op}: out is on {out.device}, expected {like.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous")
+    for name, t in inputs.items():
+        if torch._C._is_alias_of(out, t):  # same storage: any overlap, views included
+            raise ValueError(f"{op}: out shares memory with {name}")
+
+
 def _custom_op(name: str):
-    return torch.library.custom_op(f"fedhq::{name}", mutates_args=(), schema=SCHEMAS[name])
+    return torch.library.custom_op(f"fedhq::{name}", mutates_args=MUTATED_ARGS[name], schema=SCHEMAS[name])
 
 
 def _empty_qparams(x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
@@ -80,6 +96,24 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, qua
 def _(x, scale, zero_point, quant_min, quant_max, axis):
     check_given("fake_quant", x, scale, zero_point, axis)
     return x.new_empty(x.shape)
+
+
+def check_fake_quant_out(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, out: Tensor) -> None:
+    check_given("fake_quant", x, scale, zero_point, axis)
+    check_out("fake_quant", out, x, x.dtype, {"x": x, "scale": scale, "zero_point": zero_point})
+
+
+@_custom_op("fake_quant_out")
+def fake_quant_out(
+    x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int, axis: int, out: Tensor
+) -> None:
+    check_fake_quant_out(x, scale, zero_point, axis, out)
+    dispatch.kernel("fake_quant_out", x.device)(x, scale, zero_point, quant_min, quant_max, axis, out)
+
+
+@fake_quant_out.register_fake
+def _(x, scale, zero_point, quant_min, quant_max, axis, out):
+    check_fake_quant_out(x, scale, zero_point, axis, out)
 
 
 @_custom_op("fake_quant_backward")
@@ -128,6 +162,25 @@ def _(x, quant_min, quant_max, symmetric, axis):
     return (x.new_empty(x.shape), *_empty_qparams(x, axis))
 
 
+def check_observed_out(x: Tensor, axis: int, out: Tensor) -> None:
+    check_observed("fake_quant", x, axis)
+    check_out("fake_quant", out, x, x.dtype, {"x": x})
+
+
+@_custom_op("fake_quant_observed_out")
+def fake_quant_observed_out(
+    x: Tensor, quant_min: int, quant_max: int, symmetric: bool, axis: int, out: Tensor
+) -> tuple[Tensor, Tensor]:
+    check_observed_out(x, axis, out)
+    return dispatch.kernel("fake_quant_observed_out", x.device)(x, quant_min, quant_max, symmetric, axis, out)
+
+
+@fake_quant_observed_out.register_fake
+def _(x, quant_min, quant_max, symmetric, axis, out):
+    check_observed_out(x, axis, out)
+    return _empty_qparams(x, axis)
+
+
 def _observed_setup_context(ctx, inputs, output):
     x, quant_min, quant_max, _, axis = inputs
     _, scale, zero_point = output
@@ -163,31 +216,49 @@ def _ste_backward(ctx, grad):
     return dispatch.kernel("fake_quant_backward", x.device)(grad, x, scale, zero_point, *ctx.qrange_axis)
 
 
+# With ``out`` (None: a fresh output) these run the out= form and return ``out``,
+# marked dirty: it carries the straight-through gradient to x, which the registered
+# out= ops (no autograd formula) cannot.
+
+
 class FakeQuantEager(torch.autograd.Function):
-    """fedhq::fake_quant and its straight-through backward, without the dispatcher."""
+    """fedhq::fake_quant (or fake_quant_out) and its straight-through backward, without the dispatcher."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis):
-        check_given("fake_quant", x, scale, zero_point, axis)
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis, out):
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange_axis = (quant_min, quant_max, axis)
-        return dispatch.kernel("fake_quant", x.device)(x, scale, zero_point, quant_min, quant_max, axis)
+        if out is None:
+            check_given("fake_quant", x, scale, zero_point, axis)
+            return dispatch.kernel("fake_quant", x.device)(x, scale, zero_point, quant_min, quant_max, axis)
+        check_fake_quant_out(x, scale, zero_point, axis, out)
+        dispatch.kernel("fake_quant_out", x.device)(x, scale, zero_point, quant_min, quant_max, axis, out)
+        ctx.mark_dirty(out)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        return _ste_backward(ctx, grad), None, None, None, None, None
+        return _ste_backward(ctx, grad), None, None, None, None, None, None
 
 
 class FakeQuantObservedEager(torch.autograd.Function):
-    """fedhq::fake_quant_observed and its straight-through backward, without the dispatcher."""
+    """fedhq::fake_quant_observed (or its out= form) and its straight-through backward, without the dispatcher."""
 
     @staticmethod
-    def forward(ctx, x, quant_min, quant_max, symmetric, axis):
-        check_observed("fake_quant", x, axis)
-        y, scale, zero_point = dispatch.kernel("fake_quant_observed", x.device)(
-            x, quant_min, quant_max, symmetric, axis
-        )
+    def forward(ctx, x, quant_min, quant_max, symmetric, axis, out):
+        if out is None:
+            check_observed("fake_quant", x, axis)
+            y, scale, zero_point = dispatch.kernel("fake_quant_observed", x.device)(
+                x, quant_min, quant_max, symmetric, axis
+            )
+        else:
+            check_observed_out(x, axis, out)
+            scale, zero_point = dispatch.kernel("fake_quant_observed_out", x.device)(
+                x, quant_min, quant_max, symmetric, axis, out
+            )
+            y = out
+            ctx.mark_dirty(out)
         ctx.mark_non_differentiable(scale, zero_point)
         ctx.save_for_backward(x, scale, zero_point)
         ctx.qrange_axis = (quant_min, quant_max, axis)
@@ -196,7 +267,7 @@ class FakeQuantObservedEager(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad, _grad_scale, _grad_zero_point):
-        return _ste_backward(ctx, grad), None, None, None, None
+        return _ste_backward(ctx, grad), None, None, None, None, None
 
 
 # ---- quantize / dequantize ----
@@ -225,6 +296,25 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int, dtyp
 def _(codes, scale, zero_point, axis, dtype):
     check_qparams_shape("dequantize", codes, scale, zero_point, axis)
     return codes.new_empty(codes.shape, dtype=dtype)
+
+
+def check_dequantize_out(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int, out: Tensor) -> None:
+    if codes.dtype != torch.int8:
+        raise TypeError(f"dequantize: codes must be int8, got {codes.dtype}")
+    check_qparams_shape("dequantize", codes, scale, zero_point, axis)
+    check_float_dtype("dequantize", out.dtype, "out must be a {} tensor")
+    check_out("dequantize", out, codes, out.dtype, {"codes": codes, "scale": scale, "zero_point": zero_point})
+
+
+@_custom_op("dequantize_out")
+def dequantize_out(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int, out: Tensor) -> None:
+    check_dequantize_out(codes, scale, zero_point, axis, out)
+    dispatch.kernel("dequantize_out", codes.device)(codes, scale, zero_point, axis, out)
+
+
+@dequantize_out.register_fake
+def _(codes, scale, zero_point, axis, out):
+    check_dequantize_out(codes, scale, zero_point, axis, out)
 
 
 # ---- aggregate: whole models, packed ----

@@ -9,18 +9,26 @@ import torch
 
 SCHEMAS = {
     "fake_quant": "(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int axis) -> Tensor",
+    "fake_quant_out": "(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int axis, "
+    "Tensor(a!) out) -> ()",
     "fake_quant_backward": "(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
     "int axis) -> Tensor",
     "fake_quant_observed": "(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, "
     "Tensor)",
+    "fake_quant_observed_out": "(Tensor x, int quant_min, int quant_max, bool symmetric, int axis, Tensor(a!) out) "
+    "-> (Tensor, Tensor)",
     "quantize": "(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)",
     "dequantize": "(Tensor codes, Tensor scale, Tensor zero_point, int axis, ScalarType dtype) -> Tensor",
+    "dequantize_out": "(Tensor codes, Tensor scale, Tensor zero_point, int axis, Tensor(a!) out) -> ()",
     "aggregate": "(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
     "int quant_max, bool symmetric, str[] names, int trim) -> (Tensor, Tensor, Tensor)",
     "accumulate": "(Tensor(a!) acc, Tensor[] codes, Tensor[] scales, Tensor[] zero_points, int[] axes, float fraction, "
     "str[] names) -> ()",
 }
 OP_NAMES = tuple(SCHEMAS)
+# The out= forms (``<op>_out``) write the result into their last argument, ``out``
+# (rules: docs/kernels.md, "out= forms"); the schema's ``(a!)`` declares the mutation.
+MUTATED_ARGS = {name: ("out",) if "Tensor(a!) out" in schema else () for name, schema in SCHEMAS.items()}
 _LIBRARIES: dict[str, torch.library.Library] = {}
 
 

@@ -67,6 +67,10 @@ def fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
     return _fake_quant_float(x, s, z, quant_min, quant_max).to(x.dtype)
 
 
+def fake_quant_out(x, scale, zero_point, quant_min, quant_max, axis, out):
+    out.copy_(fake_quant(x, scale, zero_point, quant_min, quant_max, axis))
+
+
 def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
     check_qparams("fake_quant_backward", scale, zero_point, quant_min, quant_max)
     s, z = _along(scale.float(), x.dim(), axis), _along(zero_point.float(), x.dim(), axis)
@@ -99,6 +103,12 @@ def fake_quant_observed(x, quant_min, quant_max, symmetric, axis):
     return fake_quant(x, scale, zero_point, quant_min, quant_max, axis), scale, zero_point
 
 
+def fake_quant_observed_out(x, quant_min, quant_max, symmetric, axis, out):
+    y, scale, zero_point = fake_quant_observed(x, quant_min, quant_max, symmetric, axis)
+    out.copy_(y)
+    return scale, zero_point
+
+
 def _quantize_float(x, scale, zero_point, quant_min, quant_max, axis):
     s, z = _along(scale, x.dim(), axis), _along(zero_point.float(), x.dim(), axis)
     return _unclamped_code(x, s, z, quant_min, quant_max).clamp(quant_min, quant_max).to(torch.int8)
@@ -117,6 +127,10 @@ def _dequantize_float(codes, scale, zero_point, axis):
 def dequantize(codes, scale, zero_point, axis, dtype):
     check_qparams("dequantize", scale, zero_point, -128, 127)
     return _dequantize_float(codes, scale, zero_point, axis).to(dtype)
+
+
+def dequantize_out(codes, scale, zero_point, axis, out):
+    out.copy_(dequantize(codes, scale, zero_point, axis, out.dtype))
 
 
 def _trimmed_mean(values: list[torch.Tensor], trim: int) -> torch.Tensor:

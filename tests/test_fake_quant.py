@@ -15,7 +15,18 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(), (1,), (7,), (33, 17), (3, 5, 7, 2), (70001,)]
 # (shape, axis): constant-parameter rows longer than a run (4096), short rows,
 # channel-cycling layouts (last axis) with more channels than a run, odd sizes
-PER_CHANNEL = [((6, 5000), 0), ((4, 7, 9), 1), ((3, 4100), 1), ((2, 3, 11000), 2), ((70, 1100), 0), ((5,), 0)]
+# axis 0 with rows that fit in cache takes the CPU kernel's one-pass observed path;
+# (2, 20000) along axis 0 has rows longer than it takes
+PER_CHANNEL = [
+    ((6, 5000), 0),
+    ((4, 7, 9), 1),
+    ((3, 4100), 1),
+    ((2, 3, 11000), 2),
+    ((70, 1100), 0),
+    ((33, 7, 3, 3), 0),
+    ((2, 20000), 0),
+    ((5,), 0),
+]
 
 
 def sample(shape, scale, gen, dtype=torch.float32):
@@ -245,7 +256,7 @@ def test_empty_tensor(backend, axis):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("axis", [None, 0, 1])
 def test_observed_rejects_non_finite(backend, bad, axis):
     x = torch.randn(3, 5000)
     x[2, 4321] = bad

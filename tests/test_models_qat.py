@@ -304,3 +304,70 @@ def test_compiles_without_graph_breaks():
     out = compiled(x)
     out.sum().backward()
     assert bool(layer[0].act_observed) and torch.allclose(out, layer(x))
+
+
+# ---- the weight buffer (fake_quant's out= form in the QAT layers) ----
+
+
+def _allocating(model: nn.Module) -> nn.Module:
+    """The model with every QAT layer fake-quantizing its weight into a fresh tensor."""
+    for m in model.modules():
+        if isinstance(m, (QATConv2d, QATLinear)):
+            m.quantize_weight = lambda m=m: fk.fake_quant(m.weight, bits=m.qat_config.weight_bits, axis=0)
+    return model
+
+
+class _Twice(nn.Module):
+    """One QAT conv called twice per forward (shared weights), as a loop would."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("shape", ["model", "shared layer"])
+def test_weight_buffer_training_equals_allocating(gen, shape):
+    """Steps through the buffered layers give the allocating layers' weights bit for
+    bit, also with a layer called twice before its backward and a forward whose graph
+    is dropped without a backward."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    base = (
+        small_cnn(in_channels=1, num_classes=4, image_size=8)
+        if shape == "model"
+        else _Twice(nn.Conv2d(3, 3, 3, padding=1))
+    )
+    models = [prepare_qat(base, bits=4), _allocating(prepare_qat(base, bits=4))]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    x_shape = (5, 1, 8, 8) if shape == "model" else (2, 3, 6, 6)
+    for step in range(4):
+        x = torch.randn(x_shape, generator=gen)
+        for m, opt in zip(models, opts):
+            if step == 2:
+                m(x).sum()  # a graph dropped without a backward
+            opt.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+            opt.step()
+    for (name, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_weight_buffer_is_reused_and_left_out_of_copies(gen):
+    layer = prepare_qat(nn.Sequential(nn.Linear(6, 5)))[0]
+    pointers = []
+    for _ in range(3):
+        y = layer(torch.randn(4, 6, generator=gen))
+        pointers.append(layer._weight_buffer.tensor.data_ptr())
+        y.sum().backward()
+    assert len(set(pointers)) == 1  # one buffer, written each step
+    with torch.no_grad():
+        assert torch.equal(layer.quantize_weight(), fk.fake_quant(layer.weight, axis=0))
+    assert "_weight_buffer" not in str(layer.state_dict().keys())
+    import copy
+
+    assert copy.deepcopy(layer)._weight_buffer.tensor is None
+    frozen = copy.deepcopy(layer).requires_grad_(False)
+    y = frozen.quantize_weight()  # a recorded graph with nothing to hook: a fresh tensor
+    assert frozen._weight_buffer.tensor is None and torch.equal(y, fk.fake_quant(layer.weight, axis=0))

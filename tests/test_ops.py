@@ -25,11 +25,14 @@ def op_samples():
             note = f"{str(dtype)[6:]}-axis{axis}"
             add(torch.ops.fedhq.fake_quant, (x.clone().requires_grad_(), scale, zero_point, -128, 127, axis), note)
             grad = torch.randn(6, 33).to(dtype)
+            add(torch.ops.fedhq.fake_quant_out, (x, scale, zero_point, -128, 127, axis, torch.empty_like(x)), note)
             add(torch.ops.fedhq.fake_quant_backward, (grad, x, scale, zero_point, -8, 7, axis), note)
             add(torch.ops.fedhq.fake_quant_observed, (x.clone().requires_grad_(), -128, 127, axis < 0, axis), note)
+            add(torch.ops.fedhq.fake_quant_observed_out, (x, -128, 127, axis < 0, axis, torch.empty_like(x)), note)
             add(torch.ops.fedhq.quantize, (x, -8, 7, False, axis), note)
             codes = torch.randint(-128, 128, (6, 33), dtype=torch.int8)
             add(torch.ops.fedhq.dequantize, (codes, scale, zero_point, axis, dtype), note)
+            add(torch.ops.fedhq.dequantize_out, (codes, scale, zero_point, axis, torch.empty_like(x)), note)
     q = [fk.quantize(torch.randn(5, 7), axis=0) for _ in range(3)] + [fk.quantize(torch.randn(9)) for _ in range(3)]
     agg_args = (
         [t.data for t in q],

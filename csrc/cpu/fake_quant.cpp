@@ -42,9 +42,51 @@ void fake_quant_backward(const T* grad, const T* x, T* grad_x, const TensorLayou
   });
 }
 
+// Rows of at most this many elements are rewritten while still in cache (64 KiB of
+// float32: L2 on any x86 core).
+constexpr int64_t kCachedRowMax = 1 << 14;
+
+// Channels along the first axis whose rows fit in cache (a conv / linear weight: 9 to
+// 4608 elements per output channel): each row is reduced, then rewritten from cache, so
+// memory is read once instead of twice. Same range, parameters and bits as the two-pass
+// path (min / max are exact in any order; a zero's sign does not reach the parameters).
+template <class T>
+static int64_t fake_quant_observed_rows(const T* x, T* y, const TensorLayout& layout, bool symmetric, int32_t qmin,
+                                        int32_t qmax, float* scale, int32_t* zero_point, int threads) {
+  const int64_t rows = layout.channels, len = layout.inner;
+  const int64_t chunk = std::max<int64_t>(1, kTaskElems / len);
+  const int used = int(std::max<int64_t>(1, std::min<int64_t>(threads, (rows + chunk - 1) / chunk)));
+  int nonfinite = 0;
+#pragma omp parallel for num_threads(used) schedule(dynamic, chunk) reduction(| : nonfinite) if (used > 1)
+  for (int64_t c = 0; c < rows; ++c) {
+    const T* __restrict xr = x + c * len;
+    T* __restrict yr = y + c * len;
+    float mn = std::numeric_limits<float>::infinity(), mx = -mn, probe = 0.0f;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(+ : probe)
+    for (int64_t j = 0; j < len; ++j) {
+      const float v = to_float(xr[j]);
+      mn = v < mn ? v : mn;
+      mx = v > mx ? v : mx;
+      probe += v - v;  // NaN for a NaN or +-Inf value
+    }
+    if (probe != 0.0f) {
+      nonfinite = 1;
+      continue;
+    }
+    qparams_from_range(mn, mx, symmetric, qmin, qmax, &scale[c], &zero_point[c]);
+    const QParams p = make_qparams(scale[c], zero_point[c], qmin, qmax);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) yr[j] = from_float<T>(fake_quant_value(to_float(xr[j]), p));
+  }
+  return nonfinite ? 0 : -1;
+}
+
 template <class T>
 int64_t fake_quant_observed(const T* x, T* y, const TensorLayout& layout, bool symmetric, int32_t qmin,
                             int32_t qmax, float* scale, int32_t* zero_point, int threads) {
+  const bool rows_in_cache = layout.channels > 1 && !layout.cycling() && layout.rows() == layout.channels &&
+                             layout.inner <= kCachedRowMax && layout.numel > 0;
+  if (rows_in_cache) return fake_quant_observed_rows(x, y, layout, symmetric, qmin, qmax, scale, zero_point, threads);
   const std::vector<TensorLayout> layouts{layout};
   std::vector<QParams> params;
   const int64_t bad = observe(layouts, make_tasks(layouts), threads, symmetric, qmin, qmax, scale, zero_point,

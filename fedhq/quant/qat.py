@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fedhq_kernels as fk
+from fedhq_kernels import ops
 from fedhq_kernels.checks import check_bits, is_real
 from fedhq_kernels.qparams import qparams_from_range
 from fedhq_kernels.quantized_tensor import quant_range
@@ -50,6 +51,42 @@ class QATConfig:
             raise ValueError(f"QATConfig: averaging_constant must be in (0, 1], got {c!r}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"QATConfig: observer must be one of {OBSERVERS}, got {self.observer!r}")
+
+
+class _WeightBuffer:
+    """Where a layer writes its fake-quantized weight (fake_quant's out= form), kept
+    across steps: it saves a fresh output's allocation and page faults every step
+    (docs/kernels.md, "The QAT layer"). The convolution saves that output for its
+    backward, so while a graph may still read it the buffer is busy: a hook on the
+    output's gradient, which runs once that backward is done with it, frees it, and a
+    call that finds it busy (a layer called twice before a backward, a forward with
+    no backward) starts a new one. Copies and pickles of a model start empty."""
+
+    def __init__(self):
+        self.tensor: Tensor | None = None
+        self.busy = False
+
+    def __deepcopy__(self, memo):
+        return _WeightBuffer()
+
+    def __reduce__(self):
+        return (_WeightBuffer, ())
+
+    def take(self, like: Tensor) -> Tensor:
+        t = self.tensor
+        if self.busy or t is None or (t.shape, t.dtype, t.device) != (like.shape, like.dtype, like.device):
+            self.tensor, self.busy = torch.empty(like.shape, dtype=like.dtype, device=like.device), False
+        return self.tensor
+
+    def hold_until_backward(self, output: Tensor) -> None:
+        self.busy = True
+        current = self.tensor
+
+        def release(grad):
+            if self.tensor is current:  # not a buffer this one has since replaced
+                self.busy = False
+
+        output.register_hook(release)
 
 
 def _sharing(new: nn.Module, source: nn.Module) -> nn.Module:
@@ -84,6 +121,7 @@ class _QATMixin:
         # update and the scale computation are a handful of small ops, not two sets.
         self.register_buffer("act_range", torch.zeros(2, dtype=torch.float32, device=device))
         self.register_buffer("act_observed", torch.zeros((), dtype=torch.bool, device=device))
+        self._weight_buffer = _WeightBuffer()
 
     def _activation_range(self, x: Tensor) -> Tensor:
         """(min, max) to quantize this input with; in training mode it also updates the
@@ -127,7 +165,17 @@ class _QATMixin:
             ) from error
 
     def quantize_weight(self) -> Tensor:
-        return fk.fake_quant(self.weight, bits=self.qat_config.weight_bits, axis=0)
+        w, bits = self.weight, self.qat_config.weight_bits
+        recorded = torch.is_grad_enabled() and w.requires_grad
+        # Under torch.compile / export / dispatch modes the out= form is not
+        # differentiable; with a graph recorded but no gradient to hook, the buffer
+        # could not be freed: both allocate, as before.
+        if not ops.eager_fast_path(w) or (torch.is_grad_enabled() and not recorded):
+            return fk.fake_quant(w, bits=bits, axis=0)
+        y = fk.fake_quant(w, bits=bits, axis=0, out=self._weight_buffer.take(w))
+        if recorded:
+            self._weight_buffer.hold_until_backward(y)
+        return y
 
     def extra_repr(self) -> str:
         cfg = self.qat_config

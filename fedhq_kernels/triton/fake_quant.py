@@ -10,15 +10,14 @@ from fedhq_kernels.triton import _common as cm
 from fedhq_kernels.triton._common import FAKE_QUANT, FAKE_QUANT_BACKWARD, View, bf16_bits, on_device, write_tiles
 
 
-def _with_given_params(op, kind, a, x, scale, zero_point, quant_min, quant_max, axis):
-    """One write_tiles pass of ``kind`` over x's layout (a: x, or the gradient)."""
+def _with_given_params(op, kind, a, x, scale, zero_point, quant_min, quant_max, axis, out):
+    """One write_tiles pass of ``kind`` over x's layout (a: x, or the gradient) into out."""
     cm.check_range(op, quant_min, quant_max)
     scale, zero_point = scale.contiguous(), zero_point.contiguous()
     if not x.is_cuda:
         # Free on CPU tensors. On a GPU it would cost a host sync per call on the QAT hot
         # path, so there the parameters are trusted (see the package docstring).
         cm.check_qparams(op, scale, zero_point, quant_min, quant_max)
-    out = torch.empty_like(x)
     with on_device(x):
         write_tiles(
             kind,
@@ -35,9 +34,15 @@ def _with_given_params(op, kind, a, x, scale, zero_point, quant_min, quant_max, 
     return out
 
 
-def fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
+def fake_quant_out(x, scale, zero_point, quant_min, quant_max, axis, out):
     x = x.contiguous()
-    return _with_given_params("fake_quant", FAKE_QUANT, x, x, scale, zero_point, quant_min, quant_max, axis)
+    _with_given_params("fake_quant", FAKE_QUANT, x, x, scale, zero_point, quant_min, quant_max, axis, out)
+
+
+def fake_quant(x, scale, zero_point, quant_min, quant_max, axis):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    fake_quant_out(x, scale, zero_point, quant_min, quant_max, axis, out)
+    return out
 
 
 def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
@@ -45,14 +50,18 @@ def fake_quant_backward(grad, x, scale, zero_point, quant_min, quant_max, axis):
     grad = grad.to(x.dtype).contiguous()
     if grad.shape != x.shape:
         raise ValueError(f"fake_quant_backward: grad shape {list(grad.shape)} differs from input shape {list(x.shape)}")
-    return _with_given_params(
-        "fake_quant_backward", FAKE_QUANT_BACKWARD, grad, x, scale, zero_point, quant_min, quant_max, axis
+    out = torch.empty_like(x)
+    _with_given_params(
+        "fake_quant_backward", FAKE_QUANT_BACKWARD, grad, x, scale, zero_point, quant_min, quant_max, axis, out
     )
+    return out
+
+
+def fake_quant_observed_out(x, quant_min, quant_max, symmetric, axis, out):
+    cm.check_range("fake_quant", quant_min, quant_max)
+    return cm.run_observed("fake_quant", FAKE_QUANT, x.contiguous(), out, symmetric, quant_min, quant_max, axis)
 
 
 def fake_quant_observed(x, quant_min, quant_max, symmetric, axis):
-    cm.check_range("fake_quant", quant_min, quant_max)
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    scale, zero_point = cm.run_observed("fake_quant", FAKE_QUANT, x, y, symmetric, quant_min, quant_max, axis)
-    return y, scale, zero_point
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y, *fake_quant_observed_out(x, quant_min, quant_max, symmetric, axis, y)

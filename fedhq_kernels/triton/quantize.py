@@ -18,25 +18,30 @@ def quantize(x, quant_min, quant_max, symmetric, axis):
     return codes, scale, zero_point
 
 
-def dequantize(codes, scale, zero_point, axis, dtype):
+def dequantize_out(codes, scale, zero_point, axis, out):
     if codes.dtype != torch.int8:
         raise TypeError(f"dequantize: codes must be int8, got {codes.dtype}")
+    check_float_dtype("dequantize", out.dtype)
     codes, scale, zero_point = codes.contiguous(), scale.contiguous(), zero_point.contiguous()
     # one small device -> host read on a GPU; dequantize is off the training hot path
     cm.check_qparams("dequantize", scale, zero_point, -128, 127)
-    check_float_dtype("dequantize", dtype)
-    y = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     with on_device(codes):
         write_tiles(
             DEQUANTIZE,
             View.of(codes.shape, axis),
             codes,
             codes,
-            bf16_bits(y),
+            bf16_bits(out),
             scale,
             zero_point,
             -128,
             127,
-            dtype == torch.bfloat16,
+            out.dtype == torch.bfloat16,
         )
+
+
+def dequantize(codes, scale, zero_point, axis, dtype):
+    check_float_dtype("dequantize", dtype)
+    y = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    dequantize_out(codes, scale, zero_point, axis, y)
     return y
