@@ -353,6 +353,15 @@ def test_registered_statistics_are_checked(monkeypatch):
         register_statistic(STATISTICS[DEFAULT_STATISTIC])
 
 
+class LinearSpec:
+    """A model spec as the engine uses one (hashable: the engine caches per spec)."""
+
+    key = "m"
+
+    def build(self):
+        return torch.nn.Linear(1, 1)
+
+
 def test_both_engines_use_the_configured_statistic():
     # engine.client_analysis is what the embedded engine and the Flower ClientApp call.
     from fedhq.data.base import Split
@@ -373,7 +382,7 @@ def test_both_engines_use_the_configured_statistic():
     for name in STATISTICS:
         config = RunConfig(acc_statistic=name).validated()
         expected = client_significance(data.x.numpy(), labels, statistic=name)
-        spec = SimpleNamespace(key="m", build=lambda: torch.nn.Linear(1, 1))
+        spec = LinearSpec()
         assert engine.client_analysis(client, spec, config) == (2.5, expected)
     assert RunConfig().acc_statistic == DEFAULT_STATISTIC
     with pytest.raises(ConfigError, match="unknown acc_statistic 'label_index'"):
