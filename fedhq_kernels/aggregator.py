@@ -65,6 +65,7 @@ class Aggregator:
         if method == "mean":
             elements = sum(self.template[k].data.numel() for k in self.quantized)
             self.acc = torch.zeros(elements, dtype=torch.float32, device=self.device)
+            self.acc_shared = False  # whether a float result holds views of acc (copied on the next add)
             self.plain = {
                 k: PlainMean(v, self.device) for k, v in self.template.items() if not isinstance(v, QuantizedTensor)
             }
@@ -79,6 +80,8 @@ class Aggregator:
             self.total, self.clients = total, self.clients + 1
             return
         if self.quantized:
+            if self.acc_shared:  # a float result views the accumulator: it must not change under it
+                self.acc, self.acc_shared = self.acc.clone(), False
             qs = [update[k] for k in self.quantized]
             axes = [-1 if q.axis is None else q.axis for q in qs]
             ops.accumulate(
@@ -113,7 +116,10 @@ class Aggregator:
     def result(self, *, requantize: bool = True) -> dict:
         """The aggregate of the updates added so far, in the template's order.
         ``requantize=False`` (the mean only): the quantized entries as the float32 mean
-        itself, cast to each entry's float dtype, for a server that sends a float model."""
+        itself, cast to each entry's float dtype, for a server that sends a float model
+        (float32 entries are views of the accumulator, which a later ``add`` copies first,
+        so a result never changes under its holder: no 4-bytes-per-parameter copy for the
+        common last call; while the aggregator is still in use, treat them as read-only)."""
         if not self.clients:
             raise ValueError(f"{_OP}: no update was added")
         if not requantize and self.method != "mean":
@@ -129,7 +135,8 @@ class Aggregator:
             q = self.template[key]
             values = self.acc[start : start + q.data.numel()].view(q.shape)
             start += q.data.numel()
-            out[key] = _requantize(key, q, values) if requantize else values.to(q.dtype, copy=True)
+            out[key] = _requantize(key, q, values) if requantize else values.to(q.dtype)
+        self.acc_shared = self.acc_shared or not requantize
         return {key: out[key] for key in self.template}
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedhq_kernels.checks import MAX_BITS, MIN_BITS, check_bits, check_float_dtype, is_int, valid_bits  # noqa: F401  (check_bits: re-exported)
+from fedhq_kernels.checks import FLOAT_DTYPES, MAX_BITS, MIN_BITS, check_bits, check_float_dtype, is_int, valid_bits  # noqa: F401  (check_bits: re-exported)
 
 
 def quant_range(bits: int) -> tuple[int, int]:
@@ -64,6 +64,8 @@ class QuantizedTensor:
                     ValueError,
                     f"{where} {name} must be a {dtype} tensor of shape {expected}, got {_describe(value)}",
                 )
+        if self.dtype in FLOAT_DTYPES:  # the common case first: the message below costs string work per call
+            return None
         try:
             check_float_dtype(op, self.dtype, owner.replace("{", "{{").replace("}", "}}") + " dtype must be {}")
         except TypeError as error:

@@ -80,6 +80,14 @@ def test_float_result_is_the_running_mean_itself(backend, gen, dtype):
             mean = reference._blend(mean, values, torch.tensor(b))
         assert_equal(got[name], mean.to(dtype), name)
     assert list(got) == list(requantized)
+    kept = {name: value.clone() for name, value in got.items()}
+    aggregator.add(sds[0], 5)  # the float result views the accumulator: adding copies it first
+    for name, value in got.items():
+        assert_equal(value, kept[name], name)
+    again = fk.Aggregator(sds[0])
+    for sd, w in zip([*sds, sds[0]], [*weights, 5]):
+        again.add(sd, w)
+    assert_same_state(aggregator.result(), again.result())
     robust = fk.Aggregator(sds[0], method="median")
     robust.add(sds[0], 1)
     with pytest.raises(ValueError, match="only the mean has a float result"):

@@ -276,6 +276,10 @@ def test_decode_against_expect_is_decode_against_the_state(state):
     assert_same(decoded, state)
     decoded["conv.weight"].data.add_(1)  # writable, and the record unchanged
     assert_same(decode_state(arrays, layout, state), state)
+    # entries in another order than the global model's: the record's own layout places the bytes
+    shuffled = {name: state[name] for name in ("fc.weight", "bn.running_var", "conv.bias", "conv.weight")}
+    shuffled["bn.num_batches_tracked"] = state["bn.num_batches_tracked"]
+    assert_same(decode_state(*encode_state(shuffled), expect(state)), shuffled)
     other = dict(state, **{"fc.weight": fk.quantize(torch.randn(5, 7), bits=5, symmetric=False, axis=0)})
     with pytest.raises(RecordError, match="fc.weight"):
         decode_state(*encode_state(other), expect(state))

@@ -90,6 +90,7 @@ class Expected:
 
     schemes: dict  # quantized name -> scheme()
     sizes: dict  # array name -> (dtype name, shape, most bytes it may hold)
+    entries: tuple  # the quantized entries as a matching layout parses (_parse_entries)
 
 
 def expect(expected: Mapping[str, object]) -> Expected:
@@ -108,7 +109,7 @@ def expect(expected: Mapping[str, object]) -> Expected:
         name: (dtype, shape, math.prod(shape) * np.dtype(dtype).itemsize + NPY_HEADER_MAX)
         for name, (dtype, shape) in sizes.items()
     }
-    return Expected(schemes, limits)
+    return Expected(schemes, limits, _parse_entries(schemes))
 
 
 def decode_state(
@@ -125,7 +126,8 @@ def decode_state(
     if len(quantized) != len(lists["quantized"]):
         raise RecordError("layout names a quantized entry twice")
     if expected is not None:
-        _check_expected(arrays, quantized, expected if isinstance(expected, Expected) else expect(expected))
+        expected = expected if isinstance(expected, Expected) else expect(expected)
+        _check_expected(arrays, quantized, expected)
     packed = PACKED if quantized else ()
     missing = sorted(set(packed) - set(arrays.keys()))
     if missing:
@@ -143,16 +145,19 @@ def decode_state(
             state[name] = _array(arrays, name, copy=copy)
         if not quantized:
             return state
-        state.update(_unpack(quantized, *(_array(arrays, key, copy=copy and key != CODES) for key in PACKED), copy))
+        # the record's own order places the bytes; the global model's parsed entries serve when it is the same
+        same = expected is not None and list(quantized) == list(expected.schemes)
+        entries = expected.entries if same else _parse_entries(quantized)
+        state.update(_unpack(entries, *(_array(arrays, key, copy=copy and key != CODES) for key in PACKED), copy))
     order = layout.get(ORDER)
     if not (isinstance(order, list) and len(order) == len(state) and set(order) == state.keys()):
         raise RecordError(f"layout '{ORDER}' must list each of the {len(state)} entries once")
     return {name: state[name] for name in order}
 
 
-def _unpack(quantized: dict, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, copy: bool) -> dict:
-    """The QuantizedTensors whose packed codes, scales and zero points lie one after
-    another in the three arrays, in the layout's order; their sizes are checked first."""
+def _parse_entries(quantized: dict) -> tuple:
+    """The layout's quantized entries as (name, bits, axis, symmetric, dtype, shape,
+    channels, packed bytes); RecordError naming an entry that makes no sense."""
     entries = []
     for name, (bits, axis, symmetric, dtype, shape) in quantized.items():
         if dtype not in FLOAT_DTYPES:
@@ -164,9 +169,16 @@ def _unpack(quantized: dict, codes: torch.Tensor, scales: torch.Tensor, zero_poi
         if not (axis == -1 or 0 <= axis < len(shape)):
             raise RecordError(f"'{name}': axis must be -1 (per tensor) or in [0, {len(shape)}), got {axis}")
         channels = 1 if axis == -1 else shape[axis]
-        entries.append((name, bits, axis, symmetric, FLOAT_DTYPES[dtype], shape, channels))
+        size = packed_size(math.prod(shape), bits)
+        entries.append((name, bits, axis, symmetric, FLOAT_DTYPES[dtype], shape, channels, size))
+    return tuple(entries)
+
+
+def _unpack(entries: tuple, codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, copy: bool) -> dict:
+    """The QuantizedTensors (``_parse_entries``) whose packed codes, scales and zero points
+    lie one after another in the three arrays; the arrays' sizes are checked first."""
     for key, array, need, unit in (
-        (CODES, codes, sum(packed_size(math.prod(e[5]), e[1]) for e in entries), "bytes"),
+        (CODES, codes, sum(e[7] for e in entries), "bytes"),
         (SCALES, scales, sum(e[6] for e in entries), "scales"),
         (ZERO_POINTS, zero_points, sum(e[6] for e in entries), "zero points"),
     ):
@@ -176,8 +188,7 @@ def _unpack(quantized: dict, codes: torch.Tensor, scales: torch.Tensor, zero_poi
         if array.numel() != need:
             raise RecordError(f"'{key}' holds {array.numel()} {unit}, the layout's entries take {need}")
     state, byte, channel = {}, 0, 0
-    for name, bits, axis, symmetric, dtype, shape, channels in entries:
-        size = packed_size(math.prod(shape), bits)
+    for name, bits, axis, symmetric, dtype, shape, channels, size in entries:
         params = () if axis == -1 else (channels,)
         try:
             data = fk.unpack_codes(codes[byte : byte + size], bits, shape)
