@@ -156,7 +156,7 @@ def main() -> None:
     for name, size in sizes.items():
         print(f"| {name} | {size:,} | {sizes['float32'] / size:.2f}x |")
     print(
-        "\n| aggregation | Flower (NumPy) | QuantizedStrategy (8 bits) | faster by | fused kernel alone | faster by |",
+        "\n| aggregation | Flower (NumPy) | QuantizedStrategy (8 bits) | faster by | aggregation alone | faster by |",
         "\n| --- | ---: | ---: | ---: | ---: | ---: |",
         sep="",
     )
