@@ -128,8 +128,9 @@ class FedHQStrategy:
             )
         # send_and_receive returns once every reply is in (or the timeout): the replies'
         # records are all held until the round ends (docs/flower.md, "Server memory").
-        # Each decoded update is aggregated at once and dropped, in client order (the
-        # float32 sum does not depend on arrival order).
+        # Each decoded update is aggregated at once and dropped, in client order: the
+        # running mean's float32 rounding depends on the order, and client order keeps the
+        # result deterministic and identical to the embedded engine's.
         replies = self.grid.send_and_receive(self._track(messages), timeout=self.timeout)
         round_name = f"round {next(iter(plans.values())).round}" if plans else "round"
         clients = {nid: client for client, nid in self.nodes.items()}
