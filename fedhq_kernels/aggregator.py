@@ -56,6 +56,9 @@ class Aggregator:
         for key, entry in self.template.items():
             _check_same_kind(_OP, key, [entry], _owners)
         self.quantized = [k for k, v in self.template.items() if isinstance(v, QuantizedTensor)]
+        self.plain_floats = [
+            k for k, v in self.template.items() if not isinstance(v, QuantizedTensor) and v.is_floating_point()
+        ]
         first = next(iter(self.template.values()), None)
         self.device = first.data.device if isinstance(first, QuantizedTensor) else getattr(first, "device", None)
         self.device = self.device or torch.device("cpu")
@@ -112,6 +115,10 @@ class Aggregator:
         for key, owner in zip(self.quantized, owners):
             _check_device(_OP, owner, update[key], self.device)
         validate_all([update[k] for k in self.quantized], _OP, owners)
+        _check_reach(update, self.quantized)
+        for key in self.plain_floats:
+            if not bool(torch.isfinite(update[key]).all()):
+                raise ValueError(f"{_OP}: the update's '{key}' holds NaN or Inf")
 
     def result(self, *, requantize: bool = True) -> dict:
         """The aggregate of the updates added so far, in the template's order.
@@ -136,8 +143,27 @@ class Aggregator:
             values = self.acc[start : start + q.data.numel()].view(q.shape)
             start += q.data.numel()
             out[key] = _requantize(key, q, values) if requantize else values.to(q.dtype)
-        self.acc_shared = self.acc_shared or not requantize
+        if not requantize:
+            if not bool(torch.isfinite(self.acc).all()):  # never hand on a non-finite model
+                raise ValueError(f"{_OP}: the weighted average is not finite (client scales too large for float32)")
+            self.acc_shared = True
         return {key: out[key] for key in self.template}
+
+
+def _check_reach(update: Mapping, keys: list[str]) -> None:
+    """ValueError naming an entry whose dequantized values can overflow float32: the
+    largest |code - zero point| times its scale, per channel (one batch per bit width),
+    so that no inf enters the mean, which a float result would hand on."""
+    by_bits: dict[int, list[str]] = {}
+    for key in keys:
+        by_bits.setdefault(update[key].bits, []).append(key)
+    for group in by_bits.values():
+        qmin, qmax = update[group[0]].quant_range
+        scale = torch.cat([update[k].scale.reshape(-1) for k in group])
+        zero_point = torch.cat([update[k].zero_point.reshape(-1) for k in group])
+        if not bool(torch.isfinite(torch.maximum(qmax - zero_point, zero_point - qmin).float() * scale).all()):
+            key = next(k for k in group if not bool(torch.isfinite(update[k].scale * (qmax - qmin)).all()))
+            raise ValueError(f"{_OP}: the update's '{key}' has a scale so large its values overflow float32")
 
 
 def _requantize(key: str, like: QuantizedTensor, values: Tensor) -> QuantizedTensor:

@@ -22,9 +22,12 @@ def is_int(value: object) -> bool:
 
 def is_real(value: object) -> bool:
     """A finite int or float that is not a bool (numpy scalars count)."""
-    if type(value) is float or type(value) is int:
-        return math.isfinite(value)
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        if type(value) is float or type(value) is int:
+            return math.isfinite(value)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int beyond float's range (10**400): not a usable number
+        return False
 
 
 def valid_bits(bits: object) -> bool:

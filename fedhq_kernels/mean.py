@@ -53,8 +53,9 @@ class PlainMean:
 
     def add(self, value: Tensor, fraction: float) -> None:
         value = value.to(device=self.acc.device)
-        b = torch.tensor(fraction, dtype=self.acc.dtype, device=self.acc.device)
-        self.acc = (1 - b) * self.acc + b * value.to(self.acc.dtype)
+        if fraction:  # a client of weight 0 leaves the mean as it is (0 * a NaN would not)
+            b = torch.tensor(fraction, dtype=self.acc.dtype, device=self.acc.device)
+            self.acc = (1 - b) * self.acc + b * value.to(self.acc.dtype)
         if not self.dtype.is_floating_point:
             if self.first is None:
                 self.first, self.shared = value.clone(), torch.ones_like(value, dtype=torch.bool)
@@ -63,7 +64,7 @@ class PlainMean:
 
     def result(self) -> Tensor:
         if self.dtype.is_floating_point:
-            return self.acc.to(device=self.device, dtype=self.dtype)
+            return self.acc.to(device=self.device, dtype=self.dtype, copy=True)  # never the accumulator itself
         out = torch.where(self.shared, self.first, saturate(self.acc, self.dtype))
         return out.to(device=self.device)
 

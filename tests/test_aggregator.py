@@ -245,6 +245,24 @@ def test_integer_entries_are_exact(backend, gen):
     assert_equal(got["small"], torch.tensor([43, 2], dtype=torch.int8))
 
 
+def test_non_finite_plain_entries_are_refused_and_weight_zero_changes_nothing(backend, gen):
+    sds = with_plain_entries(gen, client_state_dicts(gen, 3))
+    aggregator = fk.Aggregator(sds[0])
+    aggregator.add(sds[0], 2)
+    before = aggregator.result()
+    for bad in (float("nan"), float("inf")):
+        poisoned = dict(sds[1], **{"bn.running_mean": torch.full((13,), bad)})
+        for weight in (0, 3):  # weight 0 too: 0 x NaN is NaN
+            with pytest.raises(ValueError, match="'bn.running_mean' holds NaN or Inf"):
+                aggregator.add(poisoned, weight)
+            assert_same_state(aggregator.result(), before)
+    aggregator.add(sds[2], 0)  # a finite client of weight 0 leaves the mean as it was
+    assert_same_state(aggregator.result(), before)
+    mean = aggregator.result()["bn.running_mean"]
+    mean.add_(1)  # a result is the caller's: the aggregator's mean is unchanged
+    assert_same_state(aggregator.result(), before)
+
+
 def test_overflowing_average_is_a_clear_error(backend):
     q = fk.quantize(torch.tensor([3e38, -3e38, 1.0]), symmetric=False)
     aggregator = fk.Aggregator({"w": q})
@@ -259,9 +277,12 @@ def test_overflowing_average_is_a_clear_error(backend):
         torch.float32,
         q.shape,
     )
-    aggregator.add({"w": big}, 1)
-    with pytest.raises(ValueError, match="Aggregator: the weighted average of 'w' is not finite"):
-        aggregator.result()
+    before = aggregator.result()
+    with pytest.raises(ValueError, match="Aggregator: the update's 'w' has a scale so large its values overflow"):
+        aggregator.add({"w": big}, 1)  # 127 x 3e38 is inf in float32: refused before it enters the mean
+    assert_same_state(aggregator.result(), before)
+    float_mean = aggregator.result(requantize=False)["w"]
+    assert bool(torch.isfinite(float_mean).all())
 
 
 @pytest.mark.parametrize(

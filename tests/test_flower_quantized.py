@@ -141,8 +141,8 @@ def test_malformed_and_unquantized_replies_are_dropped_with_a_reason(caplog):
         arrays[SCALES] = Array(np.full(arrays[SCALES].shape, np.nan, dtype=np.float32))
         return reply
 
-    for make in (FedAvg, FedMedian):
-        wrapper = QuantizedStrategy(make(fraction_evaluate=0.0))
+    for make, how in ((FedAvg, "auto"), (FedMedian, "auto"), (FedAvg, "strategy")):
+        wrapper = QuantizedStrategy(make(fraction_evaluate=0.0), aggregate=how)
         run(wrapper, faults={1: nan_scales}, rounds=1)
         assert [d["node_id"] - 1000 for d in wrapper.dropped] == [1], make
         assert "scale must be finite and > 0" in wrapper.dropped[0]["reason"], make

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 import fedhq_kernels as fk
 from fedhq_kernels.checks import FLOAT_DTYPE_NAMES as FLOAT_DTYPES
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, valid_bits
 from fedhq_kernels.quantized_tensor import packed_size
 
 CODES, SCALES, ZERO_POINTS = "fedhq.codes", "fedhq.scales", "fedhq.zero_points"  # every quantized entry's, packed
@@ -160,6 +161,8 @@ def _parse_entries(quantized: dict) -> tuple:
     channels, packed bytes); RecordError naming an entry that makes no sense."""
     entries = []
     for name, (bits, axis, symmetric, dtype, shape) in quantized.items():
+        if not valid_bits(bits):
+            raise RecordError(f"'{name}': bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
         if dtype not in FLOAT_DTYPES:
             raise RecordError(f"'{name}': unknown float dtype {dtype!r}")
         try:
@@ -327,4 +330,7 @@ def _array(arrays: ArrayRecord, name: str, copy: bool = True) -> torch.Tensor:
             f"it holds {len(data) - offset}"
         )
     value = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
-    return torch.from_numpy(value.copy() if copy else value)
+    try:
+        return torch.from_numpy(value.copy() if copy else value)
+    except TypeError:  # a number type torch has no tensor of (longdouble, ...)
+        raise RecordError(f"'{name}' holds {dtype} numbers, which torch cannot hold") from None
