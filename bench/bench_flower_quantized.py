@@ -94,7 +94,7 @@ def timed(strategy, messages: list[Message], repeats: int) -> float:
 def aggregated(wrapper: QuantizedStrategy, states: list[dict], weights: list[float]) -> dict:
     """The wrapper's aggregation step alone: every update added to an Aggregator, the
     result as the wrapper takes it (the float mean; the robust methods requantized)."""
-    aggregator = fk.Aggregator(wrapper._template, method=wrapper.method)
+    aggregator = fk.Aggregator(wrapper._template, method=wrapper.method, **wrapper._buffer())
     for state, weight in zip(states, weights):
         aggregator.add(state, weight)
     return aggregator.result(requantize=wrapper.method != "mean")

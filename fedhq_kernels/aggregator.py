@@ -21,6 +21,7 @@ from fedhq_kernels.mean import PlainMean, WeightTotal
 from fedhq_kernels.quantized_tensor import QuantizedTensor, validate_all
 
 _OP = "Aggregator"
+HALF_FLOAT32_MAX = torch.finfo(torch.float32).max / 2
 
 
 def _owners(k: int) -> str:
@@ -41,13 +42,17 @@ class Aggregator:
 
     method="mean" (the weighted mean) streams: ``add`` blends the update into a float32
     accumulator (the fused dequantize + blend op ``accumulate``) and keeps no reference
-    to it, so memory is O(model) however many clients are added; ``result`` requantizes
+    to it, so memory is O(model) however many clients are added (``accumulator``: a
+    float32 buffer to reuse for it, zeroed here, e.g. a server's from round to round);
+    ``result`` requantizes
     each tensor with its observed range. "trimmed-mean" and "median" rank every
     client's value, so they cannot stream: ``add`` validates the update and keeps it
     (O(clients x model) memory) and ``result`` runs ``aggregate_state_dicts`` on them.
     """
 
-    def __init__(self, template: Mapping, *, method: str = "mean", trim: float = DEFAULT_TRIM):
+    def __init__(
+        self, template: Mapping, *, method: str = "mean", trim: float = DEFAULT_TRIM, accumulator: Tensor | None = None
+    ):
         if not isinstance(template, Mapping):
             raise TypeError(f"{_OP}: the template must be a mapping, got {type(template).__name__}")
         _resolve_method(_OP, method, trim, 1)  # checks method and trim; the cut depends on the clients
@@ -67,7 +72,7 @@ class Aggregator:
         self.kept: list[tuple[Mapping, float]] = []  # robust methods only
         if method == "mean":
             elements = sum(self.template[k].data.numel() for k in self.quantized)
-            self.acc = torch.zeros(elements, dtype=torch.float32, device=self.device)
+            self.acc = _accumulator(accumulator, elements, self.device)
             self.acc_shared = False  # whether a float result holds views of acc (copied on the next add)
             self.plain = {
                 k: PlainMean(v, self.device) for k, v in self.template.items() if not isinstance(v, QuantizedTensor)
@@ -144,16 +149,36 @@ class Aggregator:
             start += q.data.numel()
             out[key] = _requantize(key, q, values) if requantize else values.to(q.dtype)
         if not requantize:
-            if not bool(torch.isfinite(self.acc).all()):  # never hand on a non-finite model
-                raise ValueError(f"{_OP}: the weighted average is not finite (client scales too large for float32)")
             self.acc_shared = True
         return {key: out[key] for key in self.template}
 
 
+def _accumulator(buffer: Tensor | None, elements: int, device: torch.device) -> Tensor:
+    """The mean's float32 accumulator, zeroed: ``buffer`` when given (a server that
+    aggregates round after round reuses one: a fresh 45 MB tensor costs ~10 ms of page
+    faults a round), else a new one."""
+    if buffer is None:
+        return torch.zeros(elements, dtype=torch.float32, device=device)
+    if not (
+        isinstance(buffer, Tensor)
+        and buffer.dtype == torch.float32
+        and buffer.shape == (elements,)
+        and buffer.device == device
+        and buffer.is_contiguous()
+    ):
+        raise ValueError(
+            f"{_OP}: the accumulator must be a contiguous 1-d float32 tensor of {elements} elements on {device}, "
+            f"got {buffer.dtype if isinstance(buffer, Tensor) else type(buffer).__name__} "
+            f"{tuple(buffer.shape) if isinstance(buffer, Tensor) else ''}"
+        )
+    return buffer.zero_()
+
+
 def _check_reach(update: Mapping, keys: list[str]) -> None:
-    """ValueError naming an entry whose dequantized values can overflow float32: the
-    largest |code - zero point| times its scale, per channel (one batch per bit width),
-    so that no inf enters the mean, which a float result would hand on."""
+    """ValueError naming an entry whose dequantized values can reach half of float32's
+    largest value: the largest |code - zero point| times its scale, per channel (one
+    batch per bit width). Below that bound no blend step (a convex combination, rounded)
+    can overflow, so the mean stays finite and a float result needs no check of its own."""
     by_bits: dict[int, list[str]] = {}
     for key in keys:
         by_bits.setdefault(update[key].bits, []).append(key)
@@ -161,9 +186,10 @@ def _check_reach(update: Mapping, keys: list[str]) -> None:
         qmin, qmax = update[group[0]].quant_range
         scale = torch.cat([update[k].scale.reshape(-1) for k in group])
         zero_point = torch.cat([update[k].zero_point.reshape(-1) for k in group])
-        if not bool(torch.isfinite(torch.maximum(qmax - zero_point, zero_point - qmin).float() * scale).all()):
-            key = next(k for k in group if not bool(torch.isfinite(update[k].scale * (qmax - qmin)).all()))
-            raise ValueError(f"{_OP}: the update's '{key}' has a scale so large its values overflow float32")
+        reach = torch.maximum(qmax - zero_point, zero_point - qmin).float() * scale
+        if not bool((reach <= HALF_FLOAT32_MAX).all()):  # NaN compares False: refused too
+            key = next(k for k in group if not bool((update[k].scale * (qmax - qmin) <= HALF_FLOAT32_MAX).all()))
+            raise ValueError(f"{_OP}: the update's '{key}' has a scale so large its values reach float32's limit")
 
 
 def _requantize(key: str, like: QuantizedTensor, values: Tensor) -> QuantizedTensor:

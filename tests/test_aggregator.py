@@ -94,6 +94,20 @@ def test_float_result_is_the_running_mean_itself(backend, gen, dtype):
         robust.result(requantize=False)
 
 
+def test_a_reused_accumulator_gives_the_same_mean(backend, gen):
+    sds = with_plain_entries(gen, client_state_dicts(gen, 3))
+    elements = sum(v.data.numel() for v in sds[0].values() if isinstance(v, fk.QuantizedTensor))
+    buffer = torch.full((elements,), float("nan"))  # whatever it held is zeroed first
+    for _ in range(2):  # round after round
+        aggregator = fk.Aggregator(sds[0], accumulator=buffer)
+        for sd, w in zip(sds, [1, 2, 3]):
+            aggregator.add(sd, w)
+        assert_same_state(aggregator.result(), streamed(sds, [1, 2, 3]))
+    for bad in (torch.zeros(elements - 1), torch.zeros(elements, dtype=torch.float64), torch.zeros(2, elements)[:, 0]):
+        with pytest.raises(ValueError, match="the accumulator must be a contiguous 1-d float32 tensor"):
+            fk.Aggregator(sds[0], accumulator=bad)
+
+
 def test_mixed_bit_widths_and_non_contiguous_codes(backend, gen):
     def client():
         x = torch.randn(9, 17, generator=gen)
@@ -264,7 +278,7 @@ def test_non_finite_plain_entries_are_refused_and_weight_zero_changes_nothing(ba
 
 
 def test_overflowing_average_is_a_clear_error(backend):
-    q = fk.quantize(torch.tensor([3e38, -3e38, 1.0]), symmetric=False)
+    q = fk.quantize(torch.tensor([1.5e38, -1.5e38, 1.0]), symmetric=False)  # below half of float32's max: taken
     aggregator = fk.Aggregator({"w": q})
     aggregator.add({"w": q}, 1)
     big = fk.QuantizedTensor(
@@ -278,7 +292,9 @@ def test_overflowing_average_is_a_clear_error(backend):
         q.shape,
     )
     before = aggregator.result()
-    with pytest.raises(ValueError, match="Aggregator: the update's 'w' has a scale so large its values overflow"):
+    with pytest.raises(
+        ValueError, match="Aggregator: the update's 'w' has a scale so large its values reach float32's limit"
+    ):
         aggregator.add({"w": big}, 1)  # 127 x 3e38 is inf in float32: refused before it enters the mean
     assert_same_state(aggregator.result(), before)
     float_mean = aggregator.result(requantize=False)["w"]

@@ -138,6 +138,7 @@ class QuantizedStrategy(Strategy):
         self.weighted_by_key = getattr(strategy, "weighted_by_key", "num-examples")
         self._template: dict = {}  # the model sent this round, quantized: what a reply must look like
         self._expected = expect({})  # its records.expect
+        self._accumulator: torch.Tensor | None = None  # the streaming mean's, reused (_buffer)
         self.dropped: list[dict] = []  # {"round", "node_id", "reason"} of every reply left out
         self.aggregate_s: dict[int, float] = {}  # round -> seconds in aggregate_train
 
@@ -252,7 +253,7 @@ class QuantizedStrategy(Strategy):
         alone). The mean's new model is the float32 mean itself (it travels as floats);
         the median and trimmed mean are requantized by the kernels, then dequantized."""
         trim = getattr(self.strategy, "beta", DEFAULT_TRIM) if self.method == "trimmed-mean" else DEFAULT_TRIM
-        aggregator, used = fk.Aggregator(self._template, method=self.method, trim=trim), []
+        aggregator, used = fk.Aggregator(self._template, method=self.method, trim=trim, **self._buffer()), []
         for msg, (state, weight) in self._each_read(server_round, replies):
             try:
                 aggregator.add(state, weight)  # refused: the aggregator is unchanged
@@ -269,6 +270,16 @@ class QuantizedStrategy(Strategy):
             log.warning("round %d: no aggregate: %s", server_round, error)
             return None, None
         return ArrayRecord({k: to_array(v) for k, v in model.items()}), self._metrics(used)
+
+    def _buffer(self) -> dict:
+        """The mean's accumulator, kept from round to round (its result is copied into the
+        new ArrayRecord before the next round zeroes it)."""
+        if self.method != "mean":
+            return {}
+        elements = sum(v.data.numel() for v in self._template.values() if isinstance(v, fk.QuantizedTensor))
+        if self._accumulator is None or self._accumulator.numel() != elements:
+            self._accumulator = torch.empty(elements, dtype=torch.float32)
+        return {"accumulator": self._accumulator}
 
     def _metrics(self, contents: list[RecordDict]) -> MetricRecord | None:
         metrics_fn = getattr(self.strategy, "train_metrics_aggr_fn", None)
