@@ -44,10 +44,10 @@ class Aggregator:
     accumulator (the fused dequantize + blend op ``accumulate``) and keeps no reference
     to it, so memory is O(model) however many clients are added (``accumulator``: a
     float32 buffer to reuse for it, zeroed here, e.g. a server's from round to round);
-    ``result`` requantizes
-    each tensor with its observed range. "trimmed-mean" and "median" rank every
-    client's value, so they cannot stream: ``add`` validates the update and keeps it
-    (O(clients x model) memory) and ``result`` runs ``aggregate_state_dicts`` on them.
+    ``result`` requantizes each tensor with its observed range. "trimmed-mean" and
+    "median" rank every client's value, so they cannot stream: ``add`` validates the
+    update and keeps it (O(clients x model) memory) and ``result`` runs
+    ``aggregate_state_dicts`` on them.
     """
 
     def __init__(
