@@ -9,9 +9,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedhq.analysis.speed import SpeedModel
+from fedhq_kernels.checks import is_real
 
 # The cost model of each client strategy: fp32 clients train like PTQ clients.
 COST_STRATEGY = {"ptq": "ptq", "qat": "qat", "fp32": "ptq"}
+
+
+def upload_seconds(nbytes: int, uplink_mbps: float) -> float:
+    """Seconds ``nbytes`` take over an uplink of ``uplink_mbps`` megabits per second."""
+    return nbytes * 8 / (uplink_mbps * 1e6)
+
+
+def upload_budget(upload_s: float, uplink_mbps: float) -> int:
+    """The most whole bytes an uplink of ``uplink_mbps`` sends within ``upload_s``
+    seconds: ``upload_seconds``'s inverse, rounded down so that it never exceeds them."""
+    if not (is_real(upload_s) and upload_s >= 0):
+        raise ValueError(f"upload_s must be a finite number of seconds >= 0, got {upload_s!r}")
+    if not (is_real(uplink_mbps) and uplink_mbps > 0):
+        raise ValueError(f"uplink_mbps must be a finite number > 0, got {uplink_mbps!r}")
+    nbytes = int(upload_s * uplink_mbps * 1e6 / 8)
+    while nbytes > 0 and upload_seconds(nbytes, uplink_mbps) > upload_s:  # float rounding: at most a step or two
+        nbytes -= 1
+    return nbytes
 
 
 @dataclass
@@ -42,7 +61,7 @@ class ClientDevice:
         return steps * self.speed.step_time(model_key, COST_STRATEGY[strategy], batch) / self.beta
 
     def upload_seconds(self, nbytes: int) -> float:
-        return nbytes * 8 / (self.uplink_mbps * 1e6)
+        return upload_seconds(nbytes, self.uplink_mbps)
 
     def round_time(self, model_key: str, strategy: str, batch: int, steps: int, nbytes: int) -> ClientTime:
         return ClientTime(self.compute_seconds(model_key, strategy, batch, steps), self.upload_seconds(nbytes))
