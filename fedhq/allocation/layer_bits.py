@@ -15,7 +15,7 @@ import bisect
 import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -46,7 +46,8 @@ class Significance:
     """``measure_significance``'s result: per layer, bits -> cost."""
 
     tables: dict[str, dict[int, LayerCost]]
-    fixed_bytes: int  # the upload's entries that travel float (BatchNorm's running statistics)
+    kept: dict[str, int]  # quantized layers left out of the measurement: they travel at the highest width
+    fixed_bytes: int  # bytes the bits cannot change: the kept layers and the entries that travel float
     base_loss: float  # the float model's validation loss
 
 
@@ -61,7 +62,7 @@ class BitAllocation:
     met: bool  # False: even the fewest-bytes map exceeds the budget (``bits`` is that map)
 
 
-def quantize_roundtrip(name: str, tensor: torch.Tensor, bits: int) -> fk.QuantizedTensor:
+def quantize_layer(name: str, tensor: torch.Tensor, bits: int) -> fk.QuantizedTensor:
     """``tensor`` quantized as the upload quantizes it (``quantize_state_dict``'s
     granularity and range), for its dequantized values and its wire bytes."""
     return fk.quantize_state_dict({name: tensor}, bits=bits)[name]
@@ -91,8 +92,9 @@ def measure_significance(
     """Per layer and bit width, the validation loss increase when only that layer is
     quantized (the rest float) and its wire bytes. ``model``: the float model with the
     weights to assess (the global model), given back as it came; ``layers``: a subset of the
-    quantized tensors (default all of them). Costs len(layers) x len(bits) + 1 passes
-    over ``data``."""
+    quantized tensors (default all of them; the others stay at the highest width, e.g.
+    biases and BatchNorm's, which cost a pass each and weigh little). Costs
+    len(layers) x len(bits) + 1 passes over ``data``."""
     widths = _check_bits_set(bits)
     if len(data) == 0:
         raise ValueError("measure_significance: the validation split is empty")
@@ -109,20 +111,26 @@ def measure_significance(
     params = dict(model.named_parameters())
     state = model.state_dict()
     training = model.training
-    base_loss = score(model, data, batch_size)[1]
     tables: dict[str, dict[int, LayerCost]] = {}
-    for name in names:
-        param = params[name]
-        original = param.detach().clone()
-        tables[name] = {}
-        for b in widths:
-            q = quantize_roundtrip(name, original, b)
-            param.copy_(fk.dequantize(q))
-            tables[name][b] = LayerCost(score(model, data, batch_size)[1] - base_loss, q.nbytes)
-        param.copy_(original)
-    model.train(training)
+    try:
+        base_loss = score(model, data, batch_size)[1]
+        for name in names:
+            param = params[name]
+            original = param.detach().clone()
+            tables[name] = {}
+            try:
+                for b in widths:
+                    q = quantize_layer(name, original, b)
+                    param.copy_(fk.dequantize(q))
+                    tables[name][b] = LayerCost(score(model, data, batch_size)[1] - base_loss, q.nbytes)
+            finally:
+                param.copy_(original)
+    finally:
+        model.train(training)
+    kept = {name: widths[0] for name in sorted(quantized - set(names))}
     fixed = payload_bytes({k: v for k, v in state.items() if k not in quantized})
-    return Significance(tables, fixed, base_loss)
+    fixed += sum(quantize_layer(name, state[name], b).nbytes for name, b in kept.items())
+    return Significance(tables, kept, fixed, base_loss)
 
 
 def _check_tables(tables: Tables) -> None:
@@ -229,7 +237,9 @@ def allocate_bits(tables: Tables, budget: int, *, fixed_bytes: int = 0) -> BitAl
 
 
 def client_bit_maps(significance: Significance, uplinks_mbps: Sequence[float], upload_s: float) -> list[BitAllocation]:
-    """Each client's upload bits: its budget is what its uplink (``ClientDevice.uplink_mbps``)
-    sends in ``upload_s`` seconds, the round's upload time target."""
+    """Each client's upload bits for every quantized layer (the measured ones and the
+    kept ones): its budget is what its uplink (``ClientDevice.uplink_mbps``) sends in
+    ``upload_s`` seconds, the round's upload time target."""
     path = LoweringPath(significance.tables, fixed_bytes=significance.fixed_bytes)
-    return [path.allocate(upload_budget(upload_s, mbps)) for mbps in uplinks_mbps]
+    maps = [path.allocate(upload_budget(upload_s, mbps)) for mbps in uplinks_mbps]
+    return [replace(m, bits=significance.kept | m.bits) for m in maps]
