@@ -45,6 +45,12 @@ def test_flower_engine_gives_the_embedded_engines_numbers(reference, tmp_path):
     config = tiny(reference, tmp_path / "embedded", strategy="fedhq")
     embedded = engine.run(config, echo=quiet)
     flower = run_on_grid(LocalGrid(client_app.app, 4), config.replace(output_dir=str(tmp_path / "flower")), echo=quiet)
+    # the last client's reply first, one per pull: each is held until those before it are in
+    late = LocalGrid(client_app.app, 4, arrive=lambda replies: replies[-1:])
+    reversed_ = run_on_grid(late, config.replace(output_dir=str(tmp_path / "reversed")), echo=quiet)
+    assert [r["replies_held_peak"] for r in flower["rounds"]] == [1, 1]
+    assert [r["replies_held_peak"] for r in reversed_["rounds"]] == [4, 4]
+    assert reversed_["final_accuracy"] == flower["final_accuracy"] == embedded["final_accuracy"]
     assert flower["schema"] == embedded["schema"] and flower["engine"] == "flower" and flower["excluded"] == []
     assert flower["assignment_before"] == embedded["assignment_before"]
     assert {"ptq", "qat"} <= set(flower["assignment_before"])  # both strategies travel
@@ -134,7 +140,8 @@ def test_bad_replies_are_left_out_and_the_run_goes_on(reference, tmp_path, caplo
         5: _node_error,  # disconnected: the SuperLink answers for it with an error
         6: _delete(ZERO_POINTS),
     }
-    config = tiny(reference, tmp_path, clients=7, strategy="fedfq", partition="iid")
+    # client 4's silence costs the round its timeout
+    config = tiny(reference, tmp_path, clients=7, strategy="fedfq", partition="iid", client_timeout_s=2.0)
     grid = LocalGrid(client_app.app, 7, {p: _not_for_query(f) for p, f in faults.items()})
     with caplog.at_level("WARNING", logger="fedhq"):
         results = run_on_grid(grid, config, echo=quiet)

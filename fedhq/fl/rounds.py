@@ -102,6 +102,44 @@ class Replies:
     extra: dict = field(default_factory=dict)  # engine-specific fields of the round's row
 
 
+class InClientOrder:
+    """A reorder buffer: replies go in as they arrive and come out in client order, so
+    the running mean's float32 rounding (fedhq_kernels.mean) never depends on network
+    timing. A reply waits only for those of the clients planned before it; ``skip``
+    says a client will not reply (timed out). ``peak`` is the most replies held at once."""
+
+    def __init__(self, clients: list[int]):
+        self._order = sorted(clients)
+        self._next = 0
+        self._held: dict[int, object] = {}
+        self._gone: set[int] = set()
+        self.peak = 0
+
+    def put(self, client: int, reply: object) -> list[tuple[int, object]]:
+        """Takes ``client``'s reply; returns the replies now due, in client order."""
+        if client in self._held or client in self._gone:
+            raise ValueError(f"client {client} replied twice")
+        self._held[client] = reply
+        self.peak = max(self.peak, len(self._held))
+        return self._due()
+
+    def skip(self, client: int) -> list[tuple[int, object]]:
+        """``client`` will not reply; returns the replies that were waiting for it."""
+        self._gone.add(client)
+        return self._due()
+
+    def _due(self) -> list[tuple[int, object]]:
+        due = []
+        while self._next < len(self._order):
+            client = self._order[self._next]
+            if client in self._held:
+                due.append((client, self._held.pop(client)))
+            elif client not in self._gone:
+                break
+            self._next += 1
+        return due
+
+
 @dataclass
 class RoundOutcome:
     round: int

@@ -1,8 +1,9 @@
 """FedHQStrategy: the Flower transport of the run driver (``fedhq.fl.engine.run``).
 
-It turns the driver's query and round plans into Flower messages, sends them with
-``grid.send_and_receive`` and reads the replies strictly; the driver aggregates,
-times, evaluates and checkpoints as for the embedded engine (docs/flower.md).
+It turns the driver's query and round plans into Flower messages, pushes them to the
+grid and reads the replies strictly as they come in, offering each training reply to
+the round's aggregation in client order; the driver times, evaluates and checkpoints
+as for the embedded engine (docs/flower.md, "Server memory").
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -18,8 +19,8 @@ from flwr.serverapp import Grid
 from fedhq.fl.client import RoundPlan, Update
 from fedhq.fl.config import ConfigError
 from fedhq.fl.engine import Answer, Setup
-from fedhq.fl.rounds import Received, Replies, RoundOutcome
-from fedhq.fl.server import MAX_SAMPLES, Rejection, Server
+from fedhq.fl.rounds import InClientOrder, Received, Replies, RoundOutcome
+from fedhq.fl.server import MAX_SAMPLES, Server
 from fedhq.fl.timing import ClientTime
 from fedhq.flower.records import RecordError, decode_state, encode_state
 from fedhq_kernels.checks import is_int, is_real
@@ -28,6 +29,8 @@ log = logging.getLogger("fedhq.flower")
 
 # Used when the run sets no client_timeout_s: how long a round waits for replies.
 DEFAULT_ROUND_TIMEOUT_S = 600.0
+# How often a round asks the SuperLink for replies that came in.
+PULL_INTERVAL_S = 0.1
 # How long the run waits for its nodes to connect to the SuperLink.
 NODE_WAIT_S = 120.0
 # What a node says about itself in the query round (its client row): name -> type.
@@ -88,7 +91,7 @@ class FedHQStrategy:
         replies = self.grid.send_and_receive(sent, timeout=self.timeout)
         expected, answered = {nid for _, nid in self._sent}, set()
         by_client: dict[int, tuple[int, Answer]] = {}
-        for msg, nid in self._match(replies, "query round"):
+        for msg, nid in self._match(replies, "query round", self._waiting()):
             answered.add(nid)
             answer, reason = _read_answer(msg, nid, self.config.clients)
             if answer is not None and answer.client in by_client:
@@ -126,42 +129,57 @@ class FedHQStrategy:
                     self.nodes[client],
                 )
             )
-        # send_and_receive returns once every reply is in (or the timeout): the replies'
-        # records are all held until the round ends (docs/flower.md, "Server memory").
-        # Each decoded update is aggregated at once and dropped, in client order: the
-        # running mean's float32 rounding depends on the order, and client order keeps the
-        # result deterministic and identical to the embedded engine's.
-        replies = self.grid.send_and_receive(self._track(messages), timeout=self.timeout)
         round_name = f"round {next(iter(plans.values())).round}" if plans else "round"
         clients = {nid: client for client, nid in self.nodes.items()}
-        intake = server.open_round()
-        updates: list[Received] = []
-        rejected: list[Rejection] = []
-        times: dict[int, ClientTime] = {}
-        record_bytes, seen = 0, set()
-        for msg, nid in sorted(self._match(replies, round_name), key=lambda pair: clients[pair[1]]):
-            client = clients[nid]
-            seen.add(nid)
-            if msg.has_error():
-                rejected.append(Server.reject(client, f"node error {msg.error.code}: {msg.error.reason}"))
-                continue
-            try:
-                update, cost, size = _read_update(client, msg.content, server.state)
-            except RecordError as error:
-                rejected.append(Server.reject(client, f"malformed reply: {error}"))
-                continue
-            except Exception as error:  # noqa: BLE001  one reply must never end the run
-                rejected.append(Server.reject(client, f"unreadable reply ({type(error).__name__}): {error}"))
-                continue
-            intake.offer(update)
-            updates.append(Received.of(update, keep_state=False))
-            times[client] = cost
-            record_bytes += size
-            del update
-        for client in plans:
-            if self.nodes[client] not in seen:
-                rejected.append(Server.reject(client, "no reply before the round's timeout (disconnected or too slow)"))
-        return Replies(intake, updates, rejected, times, extra={"record_bytes": record_bytes})
+        replies = Replies(server.open_round(), [], [], {}, extra={"record_bytes": 0})
+        order = InClientOrder(list(plans))
+        for client, msg in self._receive(messages, round_name, order, clients):
+            self._take(client, msg, server.state, replies)
+        replies.extra["replies_held_peak"] = order.peak
+        return replies
+
+    def _receive(
+        self, messages: list[tuple[Message, int]], where: str, order: InClientOrder, clients: dict[int, int]
+    ) -> Iterator[tuple[int, Message | None]]:
+        """Pushes ``messages`` and pulls their replies until all are in or the timeout
+        passes; yields (client, reply) in client order as each becomes due, and
+        (client, None) for a node with no reply in time. A reply is held only while a
+        client before it has not replied (docs/flower.md, "Server memory")."""
+        self.grid.push_messages(self._track(messages))
+        waiting = self._waiting()
+        deadline = time.monotonic() + self.timeout
+        while waiting:
+            for reply, nid in self._match(self.grid.pull_messages(list(waiting)), where, waiting):
+                yield from order.put(clients[nid], reply)
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(PULL_INTERVAL_S)
+        for nid in waiting.values():
+            yield clients[nid], None
+            yield from order.skip(clients[nid])
+
+    def _take(self, client: int, msg: Message | None, expected: dict, replies: Replies) -> None:
+        """Reads one training reply into the round (aggregated at once, then dropped)
+        or records why it was left out."""
+        if msg is None:
+            reason = "no reply before the round's timeout (disconnected or too slow)"
+            replies.rejected.append(Server.reject(client, reason))
+            return
+        if msg.has_error():
+            replies.rejected.append(Server.reject(client, f"node error {msg.error.code}: {msg.error.reason}"))
+            return
+        try:
+            update, cost, size = _read_update(client, msg.content, expected)
+        except RecordError as error:
+            replies.rejected.append(Server.reject(client, f"malformed reply: {error}"))
+            return
+        except Exception as error:  # noqa: BLE001  one reply must never end the run
+            replies.rejected.append(Server.reject(client, f"unreadable reply ({type(error).__name__}): {error}"))
+            return
+        replies.intake.offer(update)
+        replies.updates.append(Received.of(update, keep_state=False))
+        replies.times[client] = cost
+        replies.extra["record_bytes"] += size
 
     # ---- what the nodes keep to themselves ----
 
@@ -181,14 +199,18 @@ class FedHQStrategy:
         self._sent = sent
         return [msg for msg, _ in sent]
 
-    def _match(self, replies: Iterable[Message], where: str) -> list[tuple[Message, int]]:
-        """(reply, node id) for the first reply to each message sent, matched by the
-        message it answers: a disconnected node's error reply comes from the SuperLink.
-        The grid gives a message its id when it pushes it, so ids are read here."""
-        pending = {msg.metadata.message_id: nid for msg, nid in self._sent}
+    def _waiting(self) -> dict[str, int]:
+        """Message id -> node id of the exchange under way (the grid gives a message
+        its id when it pushes it, so ids are read after sending)."""
+        return {msg.metadata.message_id: nid for msg, nid in self._sent}
+
+    def _match(self, replies: Iterable[Message], where: str, waiting: dict[str, int]) -> list[tuple[Message, int]]:
+        """(reply, node id) for the first reply to each message in ``waiting`` (which
+        loses it), matched by the message it answers: a disconnected node's error reply
+        comes from the SuperLink."""
         matched = []
         for reply in replies:
-            nid = pending.pop(reply.metadata.reply_to_message_id, None)
+            nid = waiting.pop(reply.metadata.reply_to_message_id, None)
             if nid is None:
                 log.warning(
                     "%s: ignoring a reply to no message of this round (from node %d)", where, reply.metadata.src_node_id
