@@ -12,6 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
+import fedhq_kernels as fk
 from fedhq.data.base import Split
 from fedhq.fl.client import ClientState, RoundPlan, Update
 from fedhq.fl.config import RunConfig
@@ -187,16 +190,17 @@ def round_plan(config: RunConfig, r: int, strategy: str, batch: int) -> RoundPla
 def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
     """Delivery in this process: each planned client trains from the global model,
     and the server takes its update in as soon as it is done."""
-    config = ctx.config
-    global_weights = ctx.server.global_weights()
+    config, server = ctx.config, ctx.server
     clients = {c.id: c for c in ctx.clients}
-    intake = ctx.server.open_round(ctx.topology)
+    intake = server.open_round(ctx.topology, upload_bits(server, plans))
+    downloads = Downloads(server)
     updates: list[Received] = []
     rejected: list[Rejection] = []
     times: dict[int, ClientTime] = {}
     for cid, plan in plans.items():
         c = clients[cid]
         try:
+            global_weights = downloads.weights(plan)
             update, new_state = ctx.train_fn(ctx.spec, global_weights, c.data, plan, c.id, ctx.states[c.id])
         except Exception as error:  # a failing client must not end the round
             rejected.append(Server.reject(c.id, f"client raised {type(error).__name__}: {error}"))
@@ -218,6 +222,41 @@ def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
             if c.id not in times and ctx.topology.children(c.id)
         }
     return Replies(intake, updates, rejected, times, relay)
+
+
+def upload_bits(server: Server, plans: dict[int, RoundPlan]) -> dict[int, dict[str, int]]:
+    """The bits each planned client must upload each quantized entry at, where its
+    plan sets them per tensor (the server checks its update against them)."""
+    return {cid: plan.upload_map(server.quantized) for cid, plan in plans.items() if plan.upload_bits is not None}
+
+
+class Downloads:
+    """The global model as each plan asks for it (``Server.download``), made once per
+    distinct bit map in a round."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self._states: dict[tuple, dict] = {}
+        self._weights: dict[tuple, dict] = {}
+
+    @staticmethod
+    def _key(bits: dict[str, int] | None) -> tuple:
+        return () if bits is None else tuple(sorted(bits.items()))
+
+    def state(self, plan: RoundPlan) -> dict:
+        """The quantized state dict sent to ``plan``'s client."""
+        bits = plan.download_map(self.server.quantized)
+        key = self._key(bits)
+        if key not in self._states:
+            self._states[key] = self.server.download(bits)
+        return self._states[key]
+
+    def weights(self, plan: RoundPlan) -> dict[str, Tensor]:
+        """What the client loads: that state dict dequantized."""
+        key = self._key(plan.download_map(self.server.quantized))
+        if key not in self._weights:
+            self._weights[key] = fk.dequantize_state_dict(self.state(plan))
+        return self._weights[key]
 
 
 def close_round(topology: Topology, r: int, replies: Replies, started: float) -> RoundOutcome:

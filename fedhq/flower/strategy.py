@@ -19,10 +19,10 @@ from flwr.serverapp import Grid
 from fedhq.fl.client import RoundPlan, Update
 from fedhq.fl.config import ConfigError
 from fedhq.fl.engine import Answer, Setup
-from fedhq.fl.rounds import InClientOrder, Received, Replies, RoundOutcome
+from fedhq.fl.rounds import Downloads, InClientOrder, Received, Replies, RoundOutcome, upload_bits
 from fedhq.fl.server import MAX_SAMPLES, Server
 from fedhq.fl.timing import ClientTime
-from fedhq.flower.records import RecordError, decode_state, encode_state
+from fedhq.flower.records import Expected, RecordError, decode_state, encode_state, expect
 from fedhq_kernels.checks import is_int, is_real
 
 log = logging.getLogger("fedhq.flower")
@@ -48,7 +48,8 @@ TRAIN_METRICS = ("num-examples", "train-loss", "steps", "wall-s", "compute-s", "
 # them a metric is absurd, and the reply is left out (docs/flower.md).
 MAX_STEPS = 2**31 - 1
 MAX_SECONDS = 1e9
-# The round plan's fields in a training message ("strategy" travels as the message type).
+# The round plan's fields in a training message ("strategy" travels as the message
+# type; per-tensor bits as JSON, PLAN_BIT_MAPS).
 PLAN_FIELDS = {
     "round": "round",
     "epochs": "epochs",
@@ -58,6 +59,21 @@ PLAN_FIELDS = {
     "bits": "bits",
     "seed": "seed",
 }
+PLAN_BIT_MAPS = {"upload-bits": "upload_bits", "download-bits": "download_bits"}
+
+
+def plan_record(plan: RoundPlan) -> dict:
+    """A round plan as a training message's ConfigRecord values (``read_plan`` inverts it)."""
+    values = {key: getattr(plan, attr) for key, attr in PLAN_FIELDS.items()}
+    for key, attr in PLAN_BIT_MAPS.items():
+        values[key] = json.dumps(getattr(plan, attr))
+    return values
+
+
+def read_plan(strategy: str, values: ConfigRecord) -> RoundPlan:
+    """The round plan of a training message (what ``plan_record`` wrote)."""
+    maps = {attr: json.loads(values[key]) for key, attr in PLAN_BIT_MAPS.items()}
+    return RoundPlan(strategy=strategy, **{attr: values[key] for key, attr in PLAN_FIELDS.items()}, **maps)
 
 
 class FedHQStrategy:
@@ -113,10 +129,14 @@ class FedHQStrategy:
         """Sends each planned node the global model (arrays + layout) and its plan, as
         message type ``train.<strategy>``; reads the replies. A node with no reply
         before the timeout is left out of the round."""
-        global_arrays, layout = encode_state(server.state)
+        downloads, encoded = Downloads(server), {}
         messages = []
         for client, plan in plans.items():
-            record = ConfigRecord({key: getattr(plan, attr) for key, attr in PLAN_FIELDS.items()})
+            sent = downloads.state(plan)
+            if id(sent) not in encoded:  # one encoding per distinct model sent
+                encoded[id(sent)] = encode_state(sent)
+            global_arrays, layout = encoded[id(sent)]
+            record = ConfigRecord(plan_record(plan))
             content = RecordDict({"global": global_arrays, "layout": layout, "plan": record})
             messages.append(
                 (
@@ -131,10 +151,18 @@ class FedHQStrategy:
             )
         round_name = f"round {next(iter(plans.values())).round}" if plans else "round"
         clients = {nid: client for client, nid in self.nodes.items()}
-        replies = Replies(server.open_round(), [], [], {}, extra={"record_bytes": 0})
+        bits = upload_bits(server, plans)
+        replies = Replies(server.open_round(upload_bits=bits), [], [], {}, extra={"record_bytes": 0})
+        layouts: dict[tuple, Expected] = {}  # one per distinct upload bit map
+        expected = {}
+        for client in plans:
+            key = tuple(sorted(bits.get(client, {}).items()))
+            if key not in layouts:
+                layouts[key] = expect(server.download(bits.get(client)))
+            expected[client] = layouts[key]
         order = InClientOrder(list(plans))
         for client, msg in self._receive(messages, round_name, order, clients):
-            self._take(client, msg, server.state, replies)
+            self._take(client, msg, expected[client], replies)
         replies.extra["replies_held_peak"] = order.peak
         return replies
 
@@ -158,7 +186,7 @@ class FedHQStrategy:
             yield clients[nid], None
             yield from order.skip(clients[nid])
 
-    def _take(self, client: int, msg: Message | None, expected: dict, replies: Replies) -> None:
+    def _take(self, client: int, msg: Message | None, expected: Expected, replies: Replies) -> None:
         """Reads one training reply into the round (aggregated at once, then dropped)
         or records why it was left out."""
         if msg is None:
@@ -275,9 +303,9 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
     return Answer(about["partition-id"], float(time_s), float(acc), row, *map(float, costs)), None
 
 
-def _read_update(client: int, content: RecordDict, expected: dict) -> tuple[Update, ClientTime, int]:
+def _read_update(client: int, content: RecordDict, expected: Expected) -> tuple[Update, ClientTime, int]:
     """(update, simulated time, records' bytes) of a training reply; RecordError if it is
-    malformed or does not fit ``expected``, the global state dict (``decode_state``)."""
+    malformed or does not fit ``expected``, the client's planned upload (``decode_state``)."""
     arrays, layout, metrics = content.get("update"), content.get("layout"), content.get("metrics")
     if not isinstance(metrics, MetricRecord):
         raise RecordError("the reply has no 'metrics' MetricRecord")
