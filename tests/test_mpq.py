@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fedhq_kernels as fk
 from fedhq.models import ResNet18, build_model
 from fedhq.mpq import (
     BUDGET_TIERS,
@@ -32,6 +33,7 @@ from fedhq.mpq import (
     server_step,
     to_bitplane,
     train_fedmpq,
+    upload_state,
 )
 from fedhq_kernels.checks import MAX_BITS
 
@@ -118,6 +120,15 @@ def test_round_trip_to_float_state_dict_and_resnet():
     x = torch.randn(2, 3, 9, 9)
     bp.eval(), plain.eval()
     torch.testing.assert_close(bp(x), plain(x))
+    # the lossless upload: the layers' integers at their bits, dequantizing to the float state bit for bit
+    upload = upload_state(bp)
+    assert list(upload) == list(state)
+    for name in counts:
+        q = upload[name]
+        q.validate()
+        assert q.bits == bits[name] and q.axis is None and q.data.abs().max() <= 2 ** (bits[name] - 1) - 1
+        assert torch.equal(fk.dequantize(q), state[name])
+    assert all(torch.equal(upload[k], state[k]) for k in state if k not in counts)
     # 8 bits keeps every weight within half a step of the float one
     state8 = float_state_dict(to_bitplane(model, dict.fromkeys(counts, 8)))
     for name in counts:
@@ -378,9 +389,13 @@ def test_to_bitplane_bad_input():
     with pytest.raises(ValueError, match=r"bit-plane layer conv1.weight: bits must be an int in \[2, 8\], got 1"):
         to_bitplane(model, {**dict.fromkeys(counts, 4), "conv1.weight": 1})
     with pytest.raises(TypeError, match="layer conv1 holds torch.float64 weights"):
-        to_bitplane(model.double(), dict.fromkeys(counts, 4))
+        to_bitplane(copy.deepcopy(model).double(), dict.fromkeys(counts, 4))
     with pytest.raises(ValueError, match="no bit-plane layers"):
         group_lasso(model)
+    with torch.no_grad():
+        model.fc1.weight[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="bit-plane layer fc1.weight: the weight contains NaN or Inf"):
+        to_bitplane(model, dict.fromkeys(counts, 4))
 
 
 def blobs(seed, n=192, classes=3, dim=12):

@@ -24,6 +24,7 @@ from fedhq.mpq.bitplane import (
     quantizable_layers,
     to_bitplane,
     to_float,
+    upload_state,
 )
 from fedhq.mpq.budget import (
     BUDGET_TIERS,
@@ -65,4 +66,5 @@ __all__ = [
     "to_bitplane",
     "to_float",
     "train_fedmpq",
+    "upload_state",
 ]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import fedhq_kernels as fk
 from fedhq.quant.qat import _swap
 from fedhq_kernels.checks import check_bits, is_real
 
@@ -58,6 +59,8 @@ class BitPlaneLayer(nn.Module):
     def __init__(self, weight: Tensor, bias: Tensor | None, bits: int, name: str):
         super().__init__()
         check_bits(f"bit-plane layer {name}", bits)
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"bit-plane layer {name}: the weight contains NaN or Inf")
         self.name = name
         code, scale = encode(weight, bits)
         self.planes = nn.Parameter(to_planes(code, bits))
@@ -113,7 +116,8 @@ class BitPlaneLayer(nn.Module):
         magnitude = torch.where(step == 0, 0.0, torch.exp2(torch.round(torch.log2(step.abs()))))
         magnitude = torch.clamp(magnitude / self.scale, max=qmax)
         whole = magnitude.floor()
-        units = whole + (torch.rand(step.shape, generator=generator) < magnitude - whole)
+        # drawn on the CPU generator whatever the device, so a seed gives the same run everywhere
+        units = whole + (torch.rand(step.shape, generator=generator).to(step.device) < magnitude - whole)
         code = torch.clamp(self.code() - step.sign().to(torch.int64) * units.to(torch.int64), -qmax, qmax)
         self._store(code, self.bits)
 
@@ -234,6 +238,27 @@ def float_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The float model's state dict (the upload, and what the server aggregates):
     dequantized weights under the float model's names, every other entry copied."""
     return {k: v.detach().clone() for k, v in to_float(model).state_dict().items()}
+
+
+def upload_state(model: nn.Module) -> dict:
+    """The upload without loss: each bit-plane weight as a per-tensor symmetric
+    ``fedhq_kernels.QuantizedTensor`` at its layer's bits (its integers and scale, zero
+    point 0; ``fk.dequantize`` gives ``float_state_dict``'s tensor bit for bit), every
+    other entry as ``float_state_dict`` has it."""
+    state = float_state_dict(model)
+    for name, layer in bit_layers(model).items():
+        code = layer.code()
+        state[name] = fk.QuantizedTensor(
+            data=code.to(torch.int8),
+            scale=layer.scale.detach().clone(),
+            zero_point=torch.zeros((), dtype=torch.int32, device=code.device),
+            bits=layer.bits,
+            axis=None,
+            symmetric=True,
+            dtype=torch.float32,
+            shape=code.shape,
+        )
+    return state
 
 
 def bit_map(model: nn.Module) -> dict[str, int]:
