@@ -396,6 +396,9 @@ def test_to_bitplane_bad_input():
         model.fc1.weight[3, 2] = float("nan")
     with pytest.raises(ValueError, match="bit-plane layer fc1.weight: the weight contains NaN or Inf"):
         to_bitplane(model, dict.fromkeys(counts, 4))
+    reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="bit-plane layer 0.weight: padding_mode 'reflect' is not supported"):
+        to_bitplane(reflect, {"0.weight": 4})
 
 
 def blobs(seed, n=192, classes=3, dim=12):
@@ -472,14 +475,43 @@ def test_a_strong_group_lasso_empties_the_top_planes():
         assert abs(top(default.state, k) - top(plain.state, k)) < 0.1
 
 
-@pytest.mark.parametrize("bad", [{"lr": -1.0}, {"lr": float("nan")}, {"lam": -0.1}, {"momentum": float("inf")}])
-def test_local_training_bad_input(bad):
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"lr": -1.0}, "lr must be a finite number >= 0, got -1.0"),
+        ({"lr": float("nan")}, "lr must be a finite number >= 0"),
+        ({"lam": -0.1}, "lam must be a finite number >= 0"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
+        ({"epsilon": 2.0}, r"epsilon must be a number in \[0, 1\], got 2.0"),
+        ({"min_bits": 9}, r"min_bits must be an int in \[2, 8\], got 9"),
+    ],
+)
+def test_local_training_bad_input(bad, match):
     bp = to_bitplane(mlp(0), {"0.weight": 4, "2.weight": 4})
-    kwargs = {"lr": 0.05, **bad}
-    with pytest.raises(ValueError, match=f"train_fedmpq: {next(iter(bad))} must be a finite number >= 0"):
-        train_fedmpq(bp, [], **kwargs)
+    x, y = blobs(0)
+
+    def batches():  # fails the test if training starts before the arguments are checked
+        raise AssertionError("trained before checking its arguments")
+        yield x, y
+
+    with pytest.raises(ValueError, match=f"train_fedmpq: {match}"):
+        train_fedmpq(bp, batches(), **{"lr": 0.05, **bad})
 
 
 def test_local_training_needs_a_bit_plane_model():
     with pytest.raises(ValueError, match="train_fedmpq: the model has no bit-plane layers"):
         train_fedmpq(mlp(0), [], lr=0.05)
+
+
+def test_local_training_of_resnet18_trains_batchnorm_as_float():
+    torch.manual_seed(0)
+    model = ResNet18(num_classes=4, in_channels=3, width=4)
+    counts = quantizable_layers(model)
+    bp = to_bitplane(model, {k: 4 + len(k) % 4 for k in counts})
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    result = train_fedmpq(bp, [(x[:4], y[:4]), (x[4:], y[4:])], lr=0.05, momentum=0.9, seed=0)
+    reference = model.state_dict()
+    assert list(result.state) == list(reference) and result.steps == 2
+    assert not torch.equal(result.state["bn1.running_mean"], reference["bn1.running_mean"])
+    assert not torch.equal(result.state["bn1.weight"], reference["bn1.weight"])
+    assert any(not torch.equal(result.state[k], float_state_dict(bp)[k]) for k in counts)

@@ -288,13 +288,18 @@ def group_lasso(model: nn.Module) -> Tensor:
     return torch.stack(terms).sum()
 
 
+def check_pruning(op: str, epsilon: float, min_bits: int) -> None:
+    """ValueError naming ``op`` unless epsilon is in [0, 1] and min_bits a valid width."""
+    if not (is_real(epsilon) and 0 <= epsilon <= 1):
+        raise ValueError(f"{op}: epsilon must be a number in [0, 1], got {epsilon!r}")
+    check_bits(op, min_bits, "min_bits")
+
+
 def prune_top_bits(model: nn.Module, epsilon: float = 0.02, min_bits: int = MIN_BITS) -> dict[str, int]:
     """In place: while a layer's top plane has density below ``epsilon`` and the layer is
     wider than ``min_bits``, drop that plane (seed §3.3, MSB pruning). Returns the planes
     dropped per layer (weight name -> count, every layer listed)."""
-    if not (is_real(epsilon) and 0 <= epsilon <= 1):
-        raise ValueError(f"prune_top_bits: epsilon must be a number in [0, 1], got {epsilon!r}")
-    check_bits("prune_top_bits", min_bits, "min_bits")
+    check_pruning("prune_top_bits", epsilon, min_bits)
     dropped = {}
     for name, layer in bit_layers(model).items():
         dropped[name] = 0

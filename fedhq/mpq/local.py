@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedhq.mpq.bitplane import MIN_BITS, bit_layers, bit_map, float_state_dict, group_lasso, prune_top_bits
+from fedhq.mpq.bitplane import (
+    MIN_BITS,
+    bit_layers,
+    bit_map,
+    check_pruning,
+    float_state_dict,
+    group_lasso,
+    prune_top_bits,
+)
 from fedhq_kernels.checks import is_real
 
 LAMBDA = 0.001  # the group Lasso's weight: the seed's best (§4.5)
@@ -48,9 +56,12 @@ def train_fedmpq(
     bit-plane weights by the same step taken as an integer update
     (BitPlaneLayer.weight_grad, integer_step); then prunes top planes sparser than
     ``epsilon`` down to ``min_bits``."""
-    for name, value in (("lr", lr), ("lam", lam), ("momentum", momentum)):
+    for name, value in (("lr", lr), ("lam", lam)):
         if not (is_real(value) and value >= 0):
             raise ValueError(f"train_fedmpq: {name} must be a finite number >= 0, got {value!r}")
+    if not (is_real(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"train_fedmpq: momentum must be in [0, 1), got {momentum!r}")
+    check_pruning("train_fedmpq", epsilon, min_bits)  # before training, not after it
     model = copy.deepcopy(model)
     layers = bit_layers(model).values()
     if not layers:
@@ -60,12 +71,12 @@ def train_fedmpq(
     optimizer = torch.optim.SGD(floats, lr=lr, momentum=momentum) if floats else None
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    velocity: dict[int, Tensor] = {}
+    velocity: dict[nn.Module, Tensor] = {}
     losses = []
     for x, y in batches:
         model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
-        (loss + lam * group_lasso(model)).backward()
+        (loss + lam * group_lasso(model) if lam else loss).backward()
         if optimizer is not None:
             optimizer.step()
         for layer in layers:
@@ -73,8 +84,9 @@ def train_fedmpq(
             if grad is None:
                 continue
             # torch.optim.SGD's momentum (buffer = momentum x buffer + grad), kept in float
-            v = velocity[id(layer)] = grad if id(layer) not in velocity else momentum * velocity[id(layer)] + grad
-            layer.integer_step(lr * v, generator)
+            previous = velocity.get(layer)
+            velocity[layer] = grad if previous is None else momentum * previous + grad
+            layer.integer_step(lr * velocity[layer], generator)
         losses.append(loss.detach())
     pruned = prune_top_bits(model, epsilon, min_bits)
     train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
