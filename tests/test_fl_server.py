@@ -365,3 +365,48 @@ def test_replies_come_out_in_client_order_whatever_order_they_arrive_in():
     with pytest.raises(ValueError, match="client 2 replied twice"):
         order.put(2, "again")
     assert order.skip(1) == [(2, "b")]
+
+
+def test_download_requantizes_the_global_model_at_a_clients_bits(setup):
+    net, names, _ = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    assert server.download(None) is server.state
+    bits = dict.fromkeys(sorted(names), 8) | {"0.weight": 3, "3.bias": 5}
+    sent = server.download(bits)
+    for name, q in sent.items():
+        if name not in names:
+            assert sent[name] is server.state[name]
+            continue
+        held = server.state[name]
+        assert (q.bits, q.axis, q.symmetric, q.shape) == (bits[name], held.axis, held.symmetric, held.shape)
+        if bits[name] == 8:
+            assert q is held
+        else:  # plain-torch reference: the held model's values, quantized at the plan's width
+            expected = fk.quantize(held.dequantize(), bits=bits[name], symmetric=held.symmetric, axis=held.axis)
+            assert torch.equal(q.data, expected.data) and torch.equal(q.scale, expected.scale)
+
+
+def test_each_update_is_checked_against_its_clients_planned_bits(setup):
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    planned = {0: dict.fromkeys(names, 8), 1: dict.fromkeys(names, 8) | {"0.weight": 4}, 2: dict.fromkeys(names, 8)}
+    intake = server.open_round(upload_bits=planned)
+    for update in updates:  # all three uploaded at 8 bits: client 1 was asked for 4 in '0.weight'
+        intake.offer(update)
+    accepted, rejected = intake.close()
+    assert accepted == [0, 2] and [r.client for r in rejected] == [1]
+    assert "'0.weight'" in rejected[0].reason and "expected 4-bit codes, got 8-bit" in rejected[0].reason
+
+
+def test_round_plan_bit_maps_are_validated():
+    from fedhq.fl.client import RoundPlan
+
+    values = {"round": 1, "strategy": "ptq", "epochs": 1, "batch_size": 8, "lr": 0.1, "momentum": 0.0, "bits": 8}
+    plan = RoundPlan(**values, seed=0, upload_bits={"a": 4}, download_bits={"b": 2})
+    assert plan.upload_map({"a", "b"}) == {"a": 4, "b": 8} and plan.download_map({"a", "b"}) == {"a": 8, "b": 2}
+    assert RoundPlan(**values, seed=0).download_map({"a"}) is None
+    with pytest.raises(ValueError, match="not quantized: \\['c'\\]"):
+        RoundPlan(**values, seed=0, upload_bits={"c": 4}).upload_map({"a"})
+    for bad in (1, 9, 4.0, True):
+        with pytest.raises(ValueError, match="upload_bits must map names to widths in \\[2, 8\\]"):
+            RoundPlan(**values, seed=0, upload_bits={"a": bad})

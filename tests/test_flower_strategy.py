@@ -296,3 +296,15 @@ def test_settings_from_a_flower_run_config(reference, tmp_path):
         run_config_from_flower({"roundz": 3})
     with pytest.raises(ConfigError, match="flat systems"):
         run_on_grid(LocalGrid(client_app.app, 2), tiny(reference, tmp_path, topology="hierarchical:2x1"), echo=quiet)
+
+
+def test_a_plans_bit_maps_travel_in_the_training_message():
+    from flwr.app import ConfigRecord
+
+    from fedhq.fl.client import RoundPlan
+    from fedhq.flower.strategy import plan_record, read_plan
+
+    values = {"round": 3, "epochs": 1, "batch_size": 8, "lr": 0.1, "momentum": 0.9, "bits": 6, "seed": 4}
+    for maps in ({}, {"upload_bits": {"0.weight": 2}}, {"upload_bits": {"a": 3}, "download_bits": {"b": 5}}):
+        plan = RoundPlan(strategy="qat", **values, **maps)
+        assert read_plan("qat", ConfigRecord(plan_record(plan))) == plan

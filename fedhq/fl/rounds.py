@@ -225,9 +225,9 @@ def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
 
 
 def upload_bits(server: Server, plans: dict[int, RoundPlan]) -> dict[int, dict[str, int]]:
-    """The bits each planned client must upload each quantized entry at, where its
-    plan sets them per tensor (the server checks its update against them)."""
-    return {cid: plan.upload_map(server.quantized) for cid, plan in plans.items() if plan.upload_bits is not None}
+    """The bits each planned client must upload each quantized entry at: its plan's,
+    which the server checks its update against."""
+    return {cid: plan.upload_map(server.quantized) for cid, plan in plans.items()}
 
 
 class Downloads:
