@@ -26,17 +26,27 @@ Fault = Callable[[Message, Message], Message | None]  # (reply, message) -> repl
 
 
 # What the Grid methods that FedHQStrategy never calls say when called anyway.
-UNUSED = "LocalGrid is a test double of Grid.send_and_receive and get_node_ids only"
+UNUSED = "LocalGrid is a test double of Grid's messaging and get_node_ids only"
 
 
 class LocalGrid(Grid):
     """Sends each message straight to ``app`` in this process with its node's
     Context (the i-th node holds partition i). ``faults[partition](reply, message)``
     may change a node's reply, replace it or drop it (None: a node that never
-    answers). A ClientApp that raises gets an error reply, as Flower's runtimes give."""
+    answers). A ClientApp that raises gets an error reply, as Flower's runtimes give.
+    ``arrive(replies)`` picks which of the replies that are in a pull returns, in what
+    order (default: all, in the order they were pushed)."""
 
-    def __init__(self, app, partitions: int, faults: dict[int, Fault] | None = None):
-        self.app, self.faults = app, faults or {}
+    def __init__(
+        self,
+        app,
+        partitions: int,
+        faults: dict[int, Fault] | None = None,
+        arrive: Callable[[list[Message]], list[Message]] = list,
+    ):
+        self.app, self.faults, self.arrive = app, faults or {}, arrive
+        self.inbox: list[Message] = []  # replies not pulled yet
+        self.pulls = 0
         # Flower 1.41's Message() reads the task's identity, which its runtimes set
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
         self.contexts = {
@@ -64,16 +74,11 @@ class LocalGrid(Grid):
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def push_messages(self, messages):
-        raise NotImplementedError(UNUSED)
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError(UNUSED)
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages) -> list[str]:
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # what Flower's grids do on push
+            ids.append(msg.metadata.message_id)
             context = self.contexts[msg.metadata.dst_node_id]
             try:
                 reply = self.app(msg, context)
@@ -82,7 +87,20 @@ class LocalGrid(Grid):
             fault = self.faults.get(context.node_config["partition-id"])
             reply = fault(reply, msg) if fault else reply
             if reply is not None:
-                replies.append(reply)
+                self.inbox.append(reply)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        self.pulls += 1
+        wanted = set(message_ids)
+        pulled = self.arrive([r for r in self.inbox if r.metadata.reply_to_message_id in wanted])
+        self.inbox = [r for r in self.inbox if all(r is not p for p in pulled)]
+        return pulled
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        ids, replies = self.push_messages(messages), []
+        while batch := self.pull_messages(ids):
+            replies += batch
         return replies
 
 

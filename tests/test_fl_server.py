@@ -11,6 +11,7 @@ from torch import nn
 import fedhq_kernels as fk
 from fedhq.fl.client import Update, quantize_upload, quantized_names
 from fedhq.fl.config import ConfigError, RunConfig
+from fedhq.fl.rounds import InClientOrder
 from fedhq.fl.server import RunningStats, Server, growth_limits, magnitude, running_stats, validate_update
 from fedhq.models import ResNet18
 
@@ -49,7 +50,10 @@ def test_good_updates_aggregate_exactly_as_fedhq_kernels(setup):
     server = Server(net.state_dict(), bits=8, quantized=names)
     accepted, rejected = server.aggregate(updates)
     assert accepted == [0, 1, 2] and rejected == []
-    expected = fk.aggregate_state_dicts([u.state for u in updates], [10, 20, 30])
+    assert_state_is(server, fk.aggregate_state_dicts([u.state for u in updates], [10, 20, 30]))
+
+
+def assert_state_is(server: Server, expected: dict) -> None:
     for name, value in expected.items():
         got = server.state[name]
         if isinstance(value, fk.QuantizedTensor):
@@ -314,13 +318,7 @@ def test_round_intake_aggregates_as_updates_arrive_and_keeps_none(setup):
     assert [ref() for ref in alive] == [None, None, None]  # nothing of an update outlives its offer
     intake.offer(updates[0])  # a second update from client 0
     assert intake.close() == ([0, 1, 2], intake.rejected) and len(intake.rejected) == 1
-    expected = fk.aggregate_state_dicts([u.state for u in updates], [u.num_samples for u in updates])
-    for name, value in expected.items():
-        got = server.state[name]
-        if isinstance(value, fk.QuantizedTensor):
-            assert torch.equal(got.data, value.data) and torch.equal(got.scale, value.scale), name
-        else:
-            assert torch.equal(got, value), name
+    assert_state_is(server, fk.aggregate_state_dicts([u.state for u in updates], [u.num_samples for u in updates]))
 
 
 def test_fp32_round_is_the_same_running_mean(setup, gen):
@@ -342,3 +340,73 @@ def test_fp32_round_is_the_same_running_mean(setup, gen):
     for name, value in expected.items():
         assert torch.equal(server.state[name], value), name
     assert int(server.state["1.num_batches_tracked"]) == round((5 * 0 + 6 * 1 + 7 * 2) / 18)
+
+
+def test_replies_come_out_in_client_order_whatever_order_they_arrive_in():
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(200):
+        clients = torch.randperm(40, generator=gen)[: int(torch.randint(1, 12, (1,), generator=gen))].tolist()
+        silent = {c for c in clients if torch.rand(1, generator=gen) < 0.3}
+        arrivals = [clients[i] for i in torch.randperm(len(clients), generator=gen).tolist()]
+        order, out = InClientOrder(clients), []
+        for c in arrivals:
+            out += order.skip(c) if c in silent else order.put(c, f"reply {c}")
+        assert out == [(c, f"reply {c}") for c in sorted(clients) if c not in silent]
+        # a reply is held only while a client before it has not been heard from
+        peak, first_unheard = 0, min(clients)
+        for t, c in enumerate(arrivals):
+            if c not in silent:
+                arrived = {a for a in arrivals[: t + 1] if a not in silent}
+                peak = max(peak, len({a for a in arrived if a >= first_unheard}))
+            first_unheard = min(set(clients) - set(arrivals[: t + 1]), default=max(clients) + 1)
+        assert order.peak == peak
+    order = InClientOrder([0, 1, 2])
+    assert order.put(2, "b") == [] and order.put(0, "a") == [(0, "a")] and order.peak == 2
+    with pytest.raises(ValueError, match="client 2 replied twice"):
+        order.put(2, "again")
+    assert order.skip(1) == [(2, "b")]
+
+
+def test_download_requantizes_the_global_model_at_a_clients_bits(setup):
+    net, names, _ = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    assert server.download(None) is server.state
+    bits = dict.fromkeys(sorted(names), 8) | {"0.weight": 3, "3.bias": 5}
+    sent = server.download(bits)
+    for name, q in sent.items():
+        if name not in names:
+            assert sent[name] is server.state[name]
+            continue
+        held = server.state[name]
+        assert (q.bits, q.axis, q.symmetric, q.shape) == (bits[name], held.axis, held.symmetric, held.shape)
+        if bits[name] == 8:
+            assert q is held
+        else:  # plain-torch reference: the held model's values, quantized at the plan's width
+            expected = fk.quantize(held.dequantize(), bits=bits[name], symmetric=held.symmetric, axis=held.axis)
+            assert torch.equal(q.data, expected.data) and torch.equal(q.scale, expected.scale)
+
+
+def test_each_update_is_checked_against_its_clients_planned_bits(setup):
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    planned = {0: dict.fromkeys(names, 8), 1: dict.fromkeys(names, 8) | {"0.weight": 4}, 2: dict.fromkeys(names, 8)}
+    intake = server.open_round(upload_bits=planned)
+    for update in updates:  # all three uploaded at 8 bits: client 1 was asked for 4 in '0.weight'
+        intake.offer(update)
+    accepted, rejected = intake.close()
+    assert accepted == [0, 2] and [r.client for r in rejected] == [1]
+    assert "'0.weight'" in rejected[0].reason and "expected 4-bit codes, got 8-bit" in rejected[0].reason
+
+
+def test_round_plan_bit_maps_are_validated():
+    from fedhq.fl.client import RoundPlan
+
+    values = {"round": 1, "strategy": "ptq", "epochs": 1, "batch_size": 8, "lr": 0.1, "momentum": 0.0, "bits": 8}
+    plan = RoundPlan(**values, seed=0, upload_bits={"a": 4}, download_bits={"b": 2})
+    assert plan.upload_map({"a", "b"}) == {"a": 4, "b": 8} and plan.download_map({"a", "b"}) == {"a": 8, "b": 2}
+    assert RoundPlan(**values, seed=0).download_map({"a"}) is None
+    with pytest.raises(ValueError, match="not quantized: \\['c'\\]"):
+        RoundPlan(**values, seed=0, upload_bits={"c": 4}).upload_map({"a"})
+    for bad in (1, 9, 4.0, True):
+        with pytest.raises(ValueError, match="upload_bits must map names to widths in \\[2, 8\\]"):
+            RoundPlan(**values, seed=0, upload_bits={"a": bad})

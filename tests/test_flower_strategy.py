@@ -45,6 +45,12 @@ def test_flower_engine_gives_the_embedded_engines_numbers(reference, tmp_path):
     config = tiny(reference, tmp_path / "embedded", strategy="fedhq")
     embedded = engine.run(config, echo=quiet)
     flower = run_on_grid(LocalGrid(client_app.app, 4), config.replace(output_dir=str(tmp_path / "flower")), echo=quiet)
+    # the last client's reply first, one per pull: each is held until those before it are in
+    late = LocalGrid(client_app.app, 4, arrive=lambda replies: replies[-1:])
+    reversed_ = run_on_grid(late, config.replace(output_dir=str(tmp_path / "reversed")), echo=quiet)
+    assert [r["replies_held_peak"] for r in flower["rounds"]] == [1, 1]
+    assert [r["replies_held_peak"] for r in reversed_["rounds"]] == [4, 4]
+    assert reversed_["final_accuracy"] == flower["final_accuracy"] == embedded["final_accuracy"]
     assert flower["schema"] == embedded["schema"] and flower["engine"] == "flower" and flower["excluded"] == []
     assert flower["assignment_before"] == embedded["assignment_before"]
     assert {"ptq", "qat"} <= set(flower["assignment_before"])  # both strategies travel
@@ -134,7 +140,8 @@ def test_bad_replies_are_left_out_and_the_run_goes_on(reference, tmp_path, caplo
         5: _node_error,  # disconnected: the SuperLink answers for it with an error
         6: _delete(ZERO_POINTS),
     }
-    config = tiny(reference, tmp_path, clients=7, strategy="fedfq", partition="iid")
+    # client 4's silence costs the round its timeout
+    config = tiny(reference, tmp_path, clients=7, strategy="fedfq", partition="iid", client_timeout_s=2.0)
     grid = LocalGrid(client_app.app, 7, {p: _not_for_query(f) for p, f in faults.items()})
     with caplog.at_level("WARNING", logger="fedhq"):
         results = run_on_grid(grid, config, echo=quiet)
@@ -289,3 +296,15 @@ def test_settings_from_a_flower_run_config(reference, tmp_path):
         run_config_from_flower({"roundz": 3})
     with pytest.raises(ConfigError, match="flat systems"):
         run_on_grid(LocalGrid(client_app.app, 2), tiny(reference, tmp_path, topology="hierarchical:2x1"), echo=quiet)
+
+
+def test_a_plans_bit_maps_travel_in_the_training_message():
+    from flwr.app import ConfigRecord
+
+    from fedhq.fl.client import RoundPlan
+    from fedhq.flower.strategy import plan_record, read_plan
+
+    values = {"round": 3, "epochs": 1, "batch_size": 8, "lr": 0.1, "momentum": 0.9, "bits": 6, "seed": 4}
+    for maps in ({}, {"upload_bits": {"0.weight": 2}}, {"upload_bits": {"a": 3}, "download_bits": {"b": 5}}):
+        plan = RoundPlan(strategy="qat", **values, **maps)
+        assert read_plan("qat", ConfigRecord(plan_record(plan))) == plan

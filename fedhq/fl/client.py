@@ -22,6 +22,7 @@ from fedhq.fl import seeds
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys, prepare_qat
 from fedhq.quant.deploy import score
+from fedhq_kernels.checks import is_int
 
 CLIENT_STRATEGIES = ("ptq", "qat", "fp32")
 
@@ -38,10 +39,38 @@ class RoundPlan:
     momentum: float
     bits: int
     seed: int
+    # Per-tensor bit widths where they differ from ``bits`` (mixed precision, docs/fl.md
+    # "Bits per client"): of the upload, and of the global model the server sends it.
+    upload_bits: Mapping[str, int] | None = None
+    download_bits: Mapping[str, int] | None = None
 
     def __post_init__(self):
         if self.strategy not in CLIENT_STRATEGIES:
             raise ValueError(f"RoundPlan: strategy must be one of {CLIENT_STRATEGIES}, got {self.strategy!r}")
+        for what in ("upload_bits", "download_bits"):
+            bits = getattr(self, what)
+            if bits is not None and not all(is_int(b) and MIN_BITS <= b <= MAX_BITS for b in bits.values()):
+                raise ValueError(f"RoundPlan: {what} must map names to widths in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+
+    def upload_map(self, names: set[str]) -> dict[str, int]:
+        """The bits of each quantized entry of the client's upload."""
+        return _bit_map(names, self.bits, self.upload_bits)
+
+    def download_map(self, names: set[str]) -> dict[str, int] | None:
+        """The bits of each quantized entry of the global model sent to the client;
+        None: the global model as the server holds it."""
+        return None if self.download_bits is None else _bit_map(names, self.bits, self.download_bits)
+
+
+# The widths a tensor can travel at (fedhq_kernels packs 2 to 8 bits).
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def _bit_map(names: set[str], bits: int, overrides: Mapping[str, int] | None) -> dict[str, int]:
+    unknown = sorted(set(overrides or {}) - names)
+    if unknown:
+        raise ValueError(f"per-tensor bits name entries that are not quantized: {unknown[:5]}")
+    return {name: (overrides or {}).get(name, bits) for name in sorted(names)}
 
 
 @dataclass
@@ -84,8 +113,14 @@ def quantized_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.is_floating_point()}
 
 
-def quantize_upload(weights: Mapping[str, Tensor], names: set[str], bits: int) -> dict:
-    quantized = fk.quantize_state_dict({k: v for k, v in weights.items() if k in names}, bits=bits)
+def quantize_upload(weights: Mapping[str, Tensor], names: set[str], bits: int | Mapping[str, int]) -> dict:
+    """``weights`` with the entries in ``names`` quantized at ``bits`` (one width, or one
+    per name), the others as they are."""
+    widths = dict(bits) if isinstance(bits, Mapping) else dict.fromkeys(names, bits)
+    quantized = {}
+    for width in set(widths.values()):
+        chosen = {k: v for k, v in weights.items() if k in names and widths[k] == width}
+        quantized.update(fk.quantize_state_dict(chosen, bits=width))
     return {k: quantized[k] if k in names else v for k, v in weights.items()}
 
 
@@ -149,7 +184,8 @@ def train_local(
             losses.append(loss.detach())
             steps += 1
     weights = {k: v.detach().clone() for k, v in float_state_dict(model).items()}
-    upload = weights if plan.strategy == "fp32" else quantize_upload(weights, quantized_names(model), plan.bits)
+    names = quantized_names(model)
+    upload = weights if plan.strategy == "fp32" else quantize_upload(weights, names, plan.upload_map(names))
     keys = observer_keys(model)
     new_state = ClientState({k: v.detach().clone() for k, v in model.state_dict().items() if k in keys})
     train_loss = float(torch.stack(losses).mean()) if losses else float("nan")

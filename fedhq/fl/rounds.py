@@ -12,6 +12,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
+import fedhq_kernels as fk
 from fedhq.data.base import Split
 from fedhq.fl.client import ClientState, RoundPlan, Update
 from fedhq.fl.config import RunConfig
@@ -102,6 +105,44 @@ class Replies:
     extra: dict = field(default_factory=dict)  # engine-specific fields of the round's row
 
 
+class InClientOrder:
+    """A reorder buffer: replies go in as they arrive and come out in client order, so
+    the running mean's float32 rounding (fedhq_kernels.mean) never depends on network
+    timing. A reply waits only for those of the clients planned before it; ``skip``
+    says a client will not reply (timed out). ``peak`` is the most replies held at once."""
+
+    def __init__(self, clients: list[int]):
+        self._order = sorted(clients)
+        self._next = 0
+        self._held: dict[int, object] = {}
+        self._gone: set[int] = set()
+        self.peak = 0
+
+    def put(self, client: int, reply: object) -> list[tuple[int, object]]:
+        """Takes ``client``'s reply; returns the replies now due, in client order."""
+        if client in self._held or client in self._gone:
+            raise ValueError(f"client {client} replied twice")
+        self._held[client] = reply
+        self.peak = max(self.peak, len(self._held))
+        return self._due()
+
+    def skip(self, client: int) -> list[tuple[int, object]]:
+        """``client`` will not reply; returns the replies that were waiting for it."""
+        self._gone.add(client)
+        return self._due()
+
+    def _due(self) -> list[tuple[int, object]]:
+        due = []
+        while self._next < len(self._order):
+            client = self._order[self._next]
+            if client in self._held:
+                due.append((client, self._held.pop(client)))
+            elif client not in self._gone:
+                break
+            self._next += 1
+        return due
+
+
 @dataclass
 class RoundOutcome:
     round: int
@@ -149,16 +190,17 @@ def round_plan(config: RunConfig, r: int, strategy: str, batch: int) -> RoundPla
 def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
     """Delivery in this process: each planned client trains from the global model,
     and the server takes its update in as soon as it is done."""
-    config = ctx.config
-    global_weights = ctx.server.global_weights()
+    config, server = ctx.config, ctx.server
     clients = {c.id: c for c in ctx.clients}
-    intake = ctx.server.open_round(ctx.topology)
+    intake = server.open_round(ctx.topology, upload_bits(server, plans))
+    downloads = Downloads(server)
     updates: list[Received] = []
     rejected: list[Rejection] = []
     times: dict[int, ClientTime] = {}
     for cid, plan in plans.items():
         c = clients[cid]
         try:
+            global_weights = downloads.weights(plan)
             update, new_state = ctx.train_fn(ctx.spec, global_weights, c.data, plan, c.id, ctx.states[c.id])
         except Exception as error:  # a failing client must not end the round
             rejected.append(Server.reject(c.id, f"client raised {type(error).__name__}: {error}"))
@@ -180,6 +222,41 @@ def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
             if c.id not in times and ctx.topology.children(c.id)
         }
     return Replies(intake, updates, rejected, times, relay)
+
+
+def upload_bits(server: Server, plans: dict[int, RoundPlan]) -> dict[int, dict[str, int]]:
+    """The bits each planned client must upload each quantized entry at: its plan's,
+    which the server checks its update against."""
+    return {cid: plan.upload_map(server.quantized) for cid, plan in plans.items()}
+
+
+class Downloads:
+    """The global model as each plan asks for it (``Server.download``), made once per
+    distinct bit map in a round."""
+
+    def __init__(self, server: Server):
+        self.server = server
+        self._states: dict[tuple, dict] = {}
+        self._weights: dict[tuple, dict] = {}
+
+    @staticmethod
+    def _key(bits: dict[str, int] | None) -> tuple:
+        return () if bits is None else tuple(sorted(bits.items()))
+
+    def state(self, plan: RoundPlan) -> dict:
+        """The quantized state dict sent to ``plan``'s client."""
+        bits = plan.download_map(self.server.quantized)
+        key = self._key(bits)
+        if key not in self._states:
+            self._states[key] = self.server.download(bits)
+        return self._states[key]
+
+    def weights(self, plan: RoundPlan) -> dict[str, Tensor]:
+        """What the client loads: that state dict dequantized."""
+        key = self._key(plan.download_map(self.server.quantized))
+        if key not in self._weights:
+            self._weights[key] = fk.dequantize_state_dict(self.state(plan))
+        return self._weights[key]
 
 
 def close_round(topology: Topology, r: int, replies: Replies, started: float) -> RoundOutcome:

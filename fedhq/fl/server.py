@@ -73,7 +73,7 @@ def validate_update(
     num_samples: object,
     template: Mapping[str, Tensor],
     *,
-    bits: int | None,
+    bits: int | Mapping[str, int] | None,
     quantized: set[str],
     limits: Mapping[str, float] | None = None,
     stats: Sequence[RunningStats] = (),
@@ -82,11 +82,12 @@ def validate_update(
 ) -> str | None:
     """Why ``state`` cannot be aggregated into a model shaped like ``template`` (the
     global float state dict), or None. The entries named in ``quantized`` must be
-    ``bits``-bit QuantizedTensors (``bits`` None: a float fp32 update, nothing quantized),
-    with the axis, symmetry and dtype of ``schemes``' entry of that name (the global
-    model) where given. ``limits`` bounds the magnitude of the float entries named in it
-    (``growth_limits``); the running variances of ``stats`` must be finite and >= 0 and
-    are bounded by their square root. ``num_samples`` must lie in [1, ``max_samples``]."""
+    ``bits``-bit QuantizedTensors (one width, or one per name: the client's plan;
+    ``bits`` None: a float fp32 update, nothing quantized), with the axis, symmetry and
+    dtype of ``schemes``' entry of that name (the global model) where given. ``limits``
+    bounds the magnitude of the float entries named in it (``growth_limits``); the
+    running variances of ``stats`` must be finite and >= 0 and are bounded by their
+    square root. ``num_samples`` must lie in [1, ``max_samples``]."""
     if not is_int(num_samples) or not 0 < num_samples <= min(max_samples, MAX_SAMPLES):
         return f"num_samples must be an int in [1, {min(max_samples, MAX_SAMPLES)}], got {num_samples!r}"
     if not isinstance(state, Mapping):
@@ -97,7 +98,8 @@ def validate_update(
         return f"names differ from the global model's: missing {missing[:5]}, unexpected {extra[:5]}"
     variances = {s.var for s in stats}
     for name, reference in template.items():
-        reason = _check_entry(state[name], reference, bits if name in quantized else None)
+        width = bits.get(name) if isinstance(bits, Mapping) else bits
+        reason = _check_entry(state[name], reference, width if name in quantized else None)
         if reason is None and schemes and isinstance(schemes.get(name), fk.QuantizedTensor):
             reason = check_scheme(state[name], schemes[name])
         if reason is None and name in variances:
@@ -131,11 +133,12 @@ def _check_variance(value: Tensor | fk.QuantizedTensor) -> str | None:
     return None
 
 
-SCHEME_FIELDS = ("bits", "axis", "symmetric", "dtype")
+SCHEME_FIELDS = ("axis", "symmetric", "dtype")
 
 
 def check_scheme(value: fk.QuantizedTensor, reference: fk.QuantizedTensor) -> str | None:
-    """Aggregation needs every client's entry quantized as the global model's is."""
+    """Aggregation needs every client's entry quantized as the global model's is, at
+    the bits of the client's plan (checked apart: they may differ from the global's)."""
     got, want = ([getattr(q, f) for f in SCHEME_FIELDS] for q in (value, reference))
     if got != want:
         return f"quantized with {dict(zip(SCHEME_FIELDS, got))}, the global model with {dict(zip(SCHEME_FIELDS, want))}"
@@ -258,10 +261,27 @@ class Server:
         """The global model as float tensors: what clients load and evaluation uses."""
         return fk.dequantize_state_dict(self.state)
 
-    def open_round(self, topology: Topology | None = None) -> RoundIntake:
+    def open_round(
+        self, topology: Topology | None = None, upload_bits: Mapping[int, Mapping[str, int]] | None = None
+    ) -> RoundIntake:
         """The round's aggregation, fed one update at a time as they arrive
-        (``RoundIntake.offer``) and installed by ``RoundIntake.close``."""
-        return RoundIntake(self, topology)
+        (``RoundIntake.offer``) and installed by ``RoundIntake.close``. ``upload_bits``:
+        the bits each client was asked to upload each entry at (its plan's
+        ``upload_map``), where not the server's ``bits``."""
+        return RoundIntake(self, topology, upload_bits or {})
+
+    def download(self, bits: Mapping[str, int] | None) -> dict:
+        """The global model as sent to a client whose plan asks for these bits per
+        quantized entry (None: as the server holds it): entries at other widths are
+        requantized from their dequantized values, with the same scheme."""
+        if bits is None:
+            return self.state
+        out = dict(self.state)
+        for name, width in bits.items():
+            q = self.state[name]
+            if q.bits != width:
+                out[name] = fk.quantize(q.dequantize(), bits=width, symmetric=q.symmetric, axis=q.axis)
+        return out
 
     def aggregate(self, updates: Sequence, topology: Topology | None = None) -> tuple[list[int], list[Rejection]]:
         """Validates every update (objects with client, state, num_samples), aggregates
@@ -272,9 +292,11 @@ class Server:
             intake.offer(update)
         return intake.close()
 
-    def check(self, update) -> str | None:
-        """Why ``update`` (client, state, num_samples) cannot be aggregated, or None."""
-        checks = {"bits": self.bits, "quantized": self.quantized, "limits": self.limits, "stats": self.stats}
+    def check(self, update, bits: Mapping[str, int] | None = None) -> str | None:
+        """Why ``update`` (client, state, num_samples) cannot be aggregated, or None;
+        ``bits``: the widths its plan asked for, where not the server's."""
+        bits = self.bits if bits is None else bits
+        checks = {"bits": bits, "quantized": self.quantized, "limits": self.limits, "stats": self.stats}
         cap = self.samples.get(update.client, MAX_SAMPLES)
         return validate_update(
             update.state, update.num_samples, self.template, schemes=self.state, max_samples=cap, **checks
@@ -294,7 +316,7 @@ class Server:
 
     def combine_tree(self, accepted: Sequence, topology: Topology) -> dict:
         """The aggregate of already validated updates along ``topology`` (RoundIntake)."""
-        intake = RoundIntake(self, topology)
+        intake = RoundIntake(self, topology, {})
         for update in accepted:
             intake.place(update)
         return intake.aggregate()
@@ -351,8 +373,8 @@ class RoundIntake:
     inner children's subtree aggregates in child order), weighted by the samples
     under them; the server aggregates what reaches it."""
 
-    def __init__(self, server: Server, topology: Topology | None):
-        self.server = server
+    def __init__(self, server: Server, topology: Topology | None, upload_bits: Mapping[int, Mapping[str, int]]):
+        self.server, self.upload_bits = server, upload_bits
         tree = topology is not None and not topology.is_flat
         self.parents = topology.parents if tree else ()
         self.children: dict[int | None, list[int]] = {}
@@ -374,7 +396,7 @@ class RoundIntake:
             return
         self.seen.add(client)
         try:
-            reason = self.server.check(update)
+            reason = self.server.check(update, self.upload_bits.get(client))
         except Exception as error:  # noqa: BLE001  one bad update must never end the run
             reason = f"validation raised {type(error).__name__}: {error}"
         if reason is not None:

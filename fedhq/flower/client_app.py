@@ -17,11 +17,11 @@ from flwr.clientapp import ClientApp
 
 import fedhq_kernels as fk
 from fedhq.fl import engine
-from fedhq.fl.client import ClientState, RoundPlan, train_local
+from fedhq.fl.client import ClientState, train_local
 from fedhq.fl.config import RunConfig
 from fedhq.fl.rounds import Client
 from fedhq.flower.records import decode_state, encode_state
-from fedhq.flower.strategy import PLAN_FIELDS
+from fedhq.flower.strategy import read_plan
 from fedhq.models import ModelSpec
 
 SETUP = "fedhq-setup"  # context.state: the query's setup record, for the training rounds
@@ -99,8 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     c = node.client
     strategy = msg.metadata.message_type.split(".", 1)[1]
     weights = fk.dequantize_state_dict(decode_state(msg.content["global"], msg.content["layout"]))
-    fields = msg.content["plan"]
-    plan = RoundPlan(strategy=strategy, **{attr: fields[key] for key, attr in PLAN_FIELDS.items()})
+    plan = read_plan(strategy, msg.content["plan"])
     observers = context.state[OBSERVERS].to_torch_state_dict() if OBSERVERS in context.state else {}
     update, state = train_local(node.spec, weights, c.data, plan, c.id, ClientState(dict(observers)))
     if state.observers:

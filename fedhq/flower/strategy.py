@@ -1,8 +1,9 @@
 """FedHQStrategy: the Flower transport of the run driver (``fedhq.fl.engine.run``).
 
-It turns the driver's query and round plans into Flower messages, sends them with
-``grid.send_and_receive`` and reads the replies strictly; the driver aggregates,
-times, evaluates and checkpoints as for the embedded engine (docs/flower.md).
+It turns the driver's query and round plans into Flower messages, pushes them to the
+grid and reads the replies strictly as they come in, offering each training reply to
+the round's aggregation in client order; the driver times, evaluates and checkpoints
+as for the embedded engine (docs/flower.md, "Server memory").
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -18,16 +19,18 @@ from flwr.serverapp import Grid
 from fedhq.fl.client import RoundPlan, Update
 from fedhq.fl.config import ConfigError
 from fedhq.fl.engine import Answer, Setup
-from fedhq.fl.rounds import Received, Replies, RoundOutcome
-from fedhq.fl.server import MAX_SAMPLES, Rejection, Server
+from fedhq.fl.rounds import Downloads, InClientOrder, Received, Replies, RoundOutcome, upload_bits
+from fedhq.fl.server import MAX_SAMPLES, Server
 from fedhq.fl.timing import ClientTime
-from fedhq.flower.records import RecordError, decode_state, encode_state
+from fedhq.flower.records import Expected, RecordError, decode_state, encode_state, expect
 from fedhq_kernels.checks import is_int, is_real
 
 log = logging.getLogger("fedhq.flower")
 
 # Used when the run sets no client_timeout_s: how long a round waits for replies.
 DEFAULT_ROUND_TIMEOUT_S = 600.0
+# How often a round asks the SuperLink for replies that came in.
+PULL_INTERVAL_S = 0.1
 # How long the run waits for its nodes to connect to the SuperLink.
 NODE_WAIT_S = 120.0
 # What a node says about itself in the query round (its client row): name -> type.
@@ -45,7 +48,8 @@ TRAIN_METRICS = ("num-examples", "train-loss", "steps", "wall-s", "compute-s", "
 # them a metric is absurd, and the reply is left out (docs/flower.md).
 MAX_STEPS = 2**31 - 1
 MAX_SECONDS = 1e9
-# The round plan's fields in a training message ("strategy" travels as the message type).
+# The round plan's fields in a training message ("strategy" travels as the message
+# type; per-tensor bits as JSON, PLAN_BIT_MAPS).
 PLAN_FIELDS = {
     "round": "round",
     "epochs": "epochs",
@@ -55,6 +59,21 @@ PLAN_FIELDS = {
     "bits": "bits",
     "seed": "seed",
 }
+PLAN_BIT_MAPS = {"upload-bits": "upload_bits", "download-bits": "download_bits"}
+
+
+def plan_record(plan: RoundPlan) -> dict:
+    """A round plan as a training message's ConfigRecord values (``read_plan`` inverts it)."""
+    values = {key: getattr(plan, attr) for key, attr in PLAN_FIELDS.items()}
+    for key, attr in PLAN_BIT_MAPS.items():
+        values[key] = json.dumps(getattr(plan, attr))
+    return values
+
+
+def read_plan(strategy: str, values: ConfigRecord) -> RoundPlan:
+    """The round plan of a training message (what ``plan_record`` wrote)."""
+    maps = {attr: json.loads(values[key]) for key, attr in PLAN_BIT_MAPS.items()}
+    return RoundPlan(strategy=strategy, **{attr: values[key] for key, attr in PLAN_FIELDS.items()}, **maps)
 
 
 class FedHQStrategy:
@@ -88,7 +107,7 @@ class FedHQStrategy:
         replies = self.grid.send_and_receive(sent, timeout=self.timeout)
         expected, answered = {nid for _, nid in self._sent}, set()
         by_client: dict[int, tuple[int, Answer]] = {}
-        for msg, nid in self._match(replies, "query round"):
+        for msg, nid in self._match(replies, "query round", self._waiting()):
             answered.add(nid)
             answer, reason = _read_answer(msg, nid, self.config.clients)
             if answer is not None and answer.client in by_client:
@@ -110,10 +129,14 @@ class FedHQStrategy:
         """Sends each planned node the global model (arrays + layout) and its plan, as
         message type ``train.<strategy>``; reads the replies. A node with no reply
         before the timeout is left out of the round."""
-        global_arrays, layout = encode_state(server.state)
+        downloads, encoded = Downloads(server), {}
         messages = []
         for client, plan in plans.items():
-            record = ConfigRecord({key: getattr(plan, attr) for key, attr in PLAN_FIELDS.items()})
+            sent = downloads.state(plan)
+            if id(sent) not in encoded:  # one encoding per distinct model sent
+                encoded[id(sent)] = encode_state(sent)
+            global_arrays, layout = encoded[id(sent)]
+            record = ConfigRecord(plan_record(plan))
             content = RecordDict({"global": global_arrays, "layout": layout, "plan": record})
             messages.append(
                 (
@@ -126,42 +149,65 @@ class FedHQStrategy:
                     self.nodes[client],
                 )
             )
-        # send_and_receive returns once every reply is in (or the timeout): the replies'
-        # records are all held until the round ends (docs/flower.md, "Server memory").
-        # Each decoded update is aggregated at once and dropped, in client order: the
-        # running mean's float32 rounding depends on the order, and client order keeps the
-        # result deterministic and identical to the embedded engine's.
-        replies = self.grid.send_and_receive(self._track(messages), timeout=self.timeout)
         round_name = f"round {next(iter(plans.values())).round}" if plans else "round"
         clients = {nid: client for client, nid in self.nodes.items()}
-        intake = server.open_round()
-        updates: list[Received] = []
-        rejected: list[Rejection] = []
-        times: dict[int, ClientTime] = {}
-        record_bytes, seen = 0, set()
-        for msg, nid in sorted(self._match(replies, round_name), key=lambda pair: clients[pair[1]]):
-            client = clients[nid]
-            seen.add(nid)
-            if msg.has_error():
-                rejected.append(Server.reject(client, f"node error {msg.error.code}: {msg.error.reason}"))
-                continue
-            try:
-                update, cost, size = _read_update(client, msg.content, server.state)
-            except RecordError as error:
-                rejected.append(Server.reject(client, f"malformed reply: {error}"))
-                continue
-            except Exception as error:  # noqa: BLE001  one reply must never end the run
-                rejected.append(Server.reject(client, f"unreadable reply ({type(error).__name__}): {error}"))
-                continue
-            intake.offer(update)
-            updates.append(Received.of(update, keep_state=False))
-            times[client] = cost
-            record_bytes += size
-            del update
+        bits = upload_bits(server, plans)
+        replies = Replies(server.open_round(upload_bits=bits), [], [], {}, extra={"record_bytes": 0})
+        layouts: dict[tuple, Expected] = {}  # one per distinct upload bit map
+        expected = {}
         for client in plans:
-            if self.nodes[client] not in seen:
-                rejected.append(Server.reject(client, "no reply before the round's timeout (disconnected or too slow)"))
-        return Replies(intake, updates, rejected, times, extra={"record_bytes": record_bytes})
+            key = tuple(sorted(bits.get(client, {}).items()))
+            if key not in layouts:
+                layouts[key] = expect(server.download(bits.get(client)))
+            expected[client] = layouts[key]
+        order = InClientOrder(list(plans))
+        for client, msg in self._receive(messages, round_name, order, clients):
+            self._take(client, msg, expected[client], replies)
+        replies.extra["replies_held_peak"] = order.peak
+        return replies
+
+    def _receive(
+        self, messages: list[tuple[Message, int]], where: str, order: InClientOrder, clients: dict[int, int]
+    ) -> Iterator[tuple[int, Message | None]]:
+        """Pushes ``messages`` and pulls their replies until all are in or the timeout
+        passes; yields (client, reply) in client order as each becomes due, and
+        (client, None) for a node with no reply in time. A reply is held only while a
+        client before it has not replied (docs/flower.md, "Server memory")."""
+        self.grid.push_messages(self._track(messages))
+        waiting = self._waiting()
+        deadline = time.monotonic() + self.timeout
+        while waiting:
+            for reply, nid in self._match(self.grid.pull_messages(list(waiting)), where, waiting):
+                yield from order.put(clients[nid], reply)
+            if not waiting or time.monotonic() >= deadline:
+                break
+            time.sleep(PULL_INTERVAL_S)
+        for nid in waiting.values():
+            yield clients[nid], None
+            yield from order.skip(clients[nid])
+
+    def _take(self, client: int, msg: Message | None, expected: Expected, replies: Replies) -> None:
+        """Reads one training reply into the round (aggregated at once, then dropped)
+        or records why it was left out."""
+        if msg is None:
+            reason = "no reply before the round's timeout (disconnected or too slow)"
+            replies.rejected.append(Server.reject(client, reason))
+            return
+        if msg.has_error():
+            replies.rejected.append(Server.reject(client, f"node error {msg.error.code}: {msg.error.reason}"))
+            return
+        try:
+            update, cost, size = _read_update(client, msg.content, expected)
+        except RecordError as error:
+            replies.rejected.append(Server.reject(client, f"malformed reply: {error}"))
+            return
+        except Exception as error:  # noqa: BLE001  one reply must never end the run
+            replies.rejected.append(Server.reject(client, f"unreadable reply ({type(error).__name__}): {error}"))
+            return
+        replies.intake.offer(update)
+        replies.updates.append(Received.of(update, keep_state=False))
+        replies.times[client] = cost
+        replies.extra["record_bytes"] += size
 
     # ---- what the nodes keep to themselves ----
 
@@ -181,14 +227,18 @@ class FedHQStrategy:
         self._sent = sent
         return [msg for msg, _ in sent]
 
-    def _match(self, replies: Iterable[Message], where: str) -> list[tuple[Message, int]]:
-        """(reply, node id) for the first reply to each message sent, matched by the
-        message it answers: a disconnected node's error reply comes from the SuperLink.
-        The grid gives a message its id when it pushes it, so ids are read here."""
-        pending = {msg.metadata.message_id: nid for msg, nid in self._sent}
+    def _waiting(self) -> dict[str, int]:
+        """Message id -> node id of the exchange under way (the grid gives a message
+        its id when it pushes it, so ids are read after sending)."""
+        return {msg.metadata.message_id: nid for msg, nid in self._sent}
+
+    def _match(self, replies: Iterable[Message], where: str, waiting: dict[str, int]) -> list[tuple[Message, int]]:
+        """(reply, node id) for the first reply to each message in ``waiting`` (which
+        loses it), matched by the message it answers: a disconnected node's error reply
+        comes from the SuperLink."""
         matched = []
         for reply in replies:
-            nid = pending.pop(reply.metadata.reply_to_message_id, None)
+            nid = waiting.pop(reply.metadata.reply_to_message_id, None)
             if nid is None:
                 log.warning(
                     "%s: ignoring a reply to no message of this round (from node %d)", where, reply.metadata.src_node_id
@@ -253,9 +303,9 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
     return Answer(about["partition-id"], float(time_s), float(acc), row, *map(float, costs)), None
 
 
-def _read_update(client: int, content: RecordDict, expected: dict) -> tuple[Update, ClientTime, int]:
+def _read_update(client: int, content: RecordDict, expected: Expected) -> tuple[Update, ClientTime, int]:
     """(update, simulated time, records' bytes) of a training reply; RecordError if it is
-    malformed or does not fit ``expected``, the global state dict (``decode_state``)."""
+    malformed or does not fit ``expected``, the client's planned upload (``decode_state``)."""
     arrays, layout, metrics = content.get("update"), content.get("layout"), content.get("metrics")
     if not isinstance(metrics, MetricRecord):
         raise RecordError("the reply has no 'metrics' MetricRecord")
