@@ -122,16 +122,27 @@ def test_a_subset_of_layers_is_measured_alone_and_the_others_are_kept():
 
 @pytest.mark.parametrize("layers", [None, ["0.weight", "4.weight", "6.weight"]])
 def test_the_predicted_bytes_are_the_uploads_bytes(layers):
-    from fedhq.fl.client import payload_bytes
+    from fedhq.fl.client import RoundPlan, payload_bytes, quantize_upload, quantized_names
 
     model = odd_model()
     sig = measure_significance(model, random_split(4), layers=layers)
-    state = model.state_dict()
     results = client_bit_maps(sig, [0.001, 0.01, 0.02, 0.05, 1.0], upload_s=0.1)
     assert len({tuple(r.bits.values()) for r in results}) > 2  # the uplinks made different maps
+    names = quantized_names(model)
     for result in results:
-        assert set(result.bits) == {name for name, _ in model.named_parameters()}
-        upload = {k: quantize_layer(k, v, result.bits[k]) if k in result.bits else v for k, v in state.items()}
+        plan = RoundPlan(
+            round=1,
+            strategy="ptq",
+            epochs=1,
+            batch_size=8,
+            lr=0.1,
+            momentum=0.0,
+            bits=8,
+            seed=0,
+            upload_bits=result.bits,
+        )
+        assert plan.upload_map(names) == result.bits  # every quantized entry has its width
+        upload = quantize_upload(model.state_dict(), names, plan.upload_map(names))
         assert payload_bytes(upload) == result.nbytes
 
 

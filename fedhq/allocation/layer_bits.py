@@ -22,7 +22,7 @@ from torch import nn
 
 import fedhq_kernels as fk
 from fedhq.data.base import Split
-from fedhq.fl.client import payload_bytes, quantized_names
+from fedhq.fl.client import payload_bytes, quantize_upload, quantized_names
 from fedhq.fl.timing import upload_budget
 from fedhq.quant.deploy import score
 from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real
@@ -63,9 +63,9 @@ class BitAllocation:
 
 
 def quantize_layer(name: str, tensor: torch.Tensor, bits: int) -> fk.QuantizedTensor:
-    """``tensor`` quantized as the upload quantizes it (``quantize_state_dict``'s
-    granularity and range), for its dequantized values and its wire bytes."""
-    return fk.quantize_state_dict({name: tensor}, bits=bits)[name]
+    """``tensor`` quantized as the upload quantizes it, for its dequantized values and
+    its wire bytes."""
+    return quantize_upload({name: tensor}, {name}, bits)[name]
 
 
 def _check_bits_set(bits: Iterable[int]) -> tuple[int, ...]:
