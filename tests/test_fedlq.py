@@ -283,6 +283,7 @@ def test_the_budget_is_the_most_the_uplink_sends_in_time(seed):
         assert upload_seconds(budget, mbps) <= seconds < upload_seconds(budget + 1, mbps)
     assert upload_budget(0.0, 5.0) == 0
     assert upload_budget(2.0, 8.0) == 2_000_000
+    assert upload_budget(1e6, 1e6) == 125 * 10**15  # beyond 2^53, where a float step is many bytes
 
 
 def test_each_client_gets_the_greedy_map_for_its_uplink():

@@ -5,7 +5,9 @@ upload over the device's uplink. A round's time follows the tree:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from fedhq.analysis.speed import SpeedModel
@@ -27,8 +29,10 @@ def upload_budget(upload_s: float, uplink_mbps: float) -> int:
         raise ValueError(f"upload_s must be a finite number of seconds >= 0, got {upload_s!r}")
     if not (is_real(uplink_mbps) and uplink_mbps > 0):
         raise ValueError(f"uplink_mbps must be a finite number > 0, got {uplink_mbps!r}")
-    nbytes = int(upload_s * uplink_mbps * 1e6 / 8)
-    while nbytes > 0 and upload_seconds(nbytes, uplink_mbps) > upload_s:  # float rounding: at most a step or two
+    nbytes = math.floor(Fraction(upload_s) * Fraction(uplink_mbps) * 125_000)  # exact: 10^6 / 8 bytes per Mbit
+    for _ in range(4):  # upload_seconds rounds in float: it may time the exact floor a hair over upload_s
+        if nbytes == 0 or upload_seconds(nbytes, uplink_mbps) <= upload_s:
+            break
         nbytes -= 1
     return nbytes
 
