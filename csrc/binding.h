@@ -155,17 +155,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> observed_op(const char* op, const
 // aggregate's parameters as both bindings take them (its schema: optable.py).
 #define FEDHQ_AGGREGATE_PARAMS                                                                                  \
   at::TensorList codes_in, at::TensorList scales_in, at::TensorList zero_points_in, const at::Tensor& weights_in, \
-      at::IntArrayRef axes, int64_t qmin, int64_t qmax, bool symmetric, std::vector<std::string> names, int64_t trim
+      at::IntArrayRef axes, at::IntArrayRef bits, int64_t qmin, int64_t qmax, bool symmetric,                    \
+      std::vector<std::string> names, int64_t trim
 
 struct AggregateCounts {
   int64_t tensors;
   int64_t clients;
 };
 
-// The range and the counts of the client-major lists.
+// The output range and the counts of the client-major lists (one bit width per entry).
 inline AggregateCounts check_aggregate_args(at::TensorList codes, at::TensorList scales, at::TensorList zero_points,
-                                            const at::Tensor& weights, at::IntArrayRef axes, int64_t qmin,
-                                            int64_t qmax, const std::vector<std::string>& names, int64_t trim) {
+                                            const at::Tensor& weights, at::IntArrayRef axes, at::IntArrayRef bits,
+                                            int64_t qmin, int64_t qmax, const std::vector<std::string>& names,
+                                            int64_t trim) {
   check_range("aggregate", qmin, qmax);
   check_int8_codes("aggregate", qmin, qmax);
   const int64_t tensors = int64_t(axes.size()), clients = weights.numel();
@@ -174,7 +176,21 @@ inline AggregateCounts check_aggregate_args(at::TensorList codes, at::TensorList
                     "aggregate: expected ", clients, " clients x ", tensors, " tensors of codes, scales and zero points");
   TORCH_CHECK_VALUE(trim < 0 || 2 * trim < clients, "aggregate: trimming ", trim, " of ", clients,
                     " clients from each end leaves none");
+  TORCH_CHECK_VALUE(bits.size() == codes.size(), "aggregate: expected ", codes.size(),
+                    " bit widths (one per client x tensor), got ", bits.size());
   return {tensors, clients};
+}
+
+struct CodeRange {
+  int64_t qmin;
+  int64_t qmax;
+};
+
+// The signed code range of an entry's bit width (2..8): clients may send a tensor at
+// different widths, each checked against its own. `owner` names the entry.
+inline CodeRange input_range(const std::string& owner, int64_t bits) {
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "aggregate: ", owner, " bits must be an int in [2, 8], got ", bits);
+  return {-(int64_t(1) << (bits - 1)), (int64_t(1) << (bits - 1)) - 1};
 }
 
 inline std::string aggregate_owner(int64_t client, const std::string& name) {

@@ -215,7 +215,7 @@ void dequantize_out(const at::Tensor& codes, const at::Tensor& scale, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {
   const auto [tensors, clients] =
-      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names, trim);
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, bits, qmin, qmax, names, trim);
   const at::Device device = tensors > 0 ? codes_in[0].device() : weights_in.device();
   TORCH_CHECK_VALUE(device.is_cuda(), "aggregate: expected CUDA tensors, got codes on ", device);
   const c10::cuda::CUDAGuard guard(device);
@@ -230,10 +230,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
 
   std::vector<at::Tensor> keep;  // contiguous copies stay alive until the kernels have run
   std::vector<fc::AggregateEntry> entries;
+  std::vector<fc::EntryRange> ranges;  // each entry's own code range
   for (int64_t k = 0; k < clients; ++k) {
     for (int64_t t = 0; t < tensors; ++t) {
       const size_t e = size_t(k * tensors + t);
       const std::string who = aggregate_owner(k, names[size_t(t)]);
+      const CodeRange range = input_range(who, bits[e]);
       check_aggregate_codes(who, codes_in[e], codes_in[size_t(t)]);
       check_qparams_meta("aggregate", who, scales_in[e], zero_points_in[e], layouts[size_t(t)].channels);
       for (const at::Tensor* in : {&codes_in[e], &scales_in[e], &zero_points_in[e]}) {
@@ -243,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
       const size_t n = keep.size();
       entries.push_back(fc::AggregateEntry{keep[n - 3].const_data_ptr<int8_t>(), keep[n - 2].const_data_ptr<float>(),
                                            keep[n - 1].const_data_ptr<int32_t>()});
+      ranges.push_back(fc::EntryRange{int32_t(range.qmin), int32_t(range.qmax)});
     }
   }
 
@@ -251,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
   at::Tensor host_table =
       at::empty({int64_t(fc::aggregate_table_bytes(tensors, clients))}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   const fc::AggregatePlan plan =
-      fc::aggregate_write_table(host_table.data_ptr(), layouts.data(), tensors, entries.data(), clients);
+      fc::aggregate_write_table(host_table.data_ptr(), layouts.data(), tensors, entries.data(), ranges.data(), clients);
   const at::Tensor table = host_table.to(device, /*non_blocking=*/true);
 
   const auto options = weights.options();
@@ -276,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
     const int64_t c = s - segment_base[size_t(t)], e = k * tensors + t;
     check_qparam_value("aggregate", aggregate_owner(k, names[size_t(t)]),
                        scales_in[size_t(e)].reshape(-1)[c].item<float>(),
-                       zero_points_in[size_t(e)].reshape(-1)[c].item<int32_t>(), c, layouts[size_t(t)].channels, qmin,
-                       qmax);
+                       zero_points_in[size_t(e)].reshape(-1)[c].item<int32_t>(), c, layouts[size_t(t)].channels,
+                       ranges[size_t(e)].qmin, ranges[size_t(e)].qmax);
   }
   check_finite_average(fc::first_nonfinite_tensor(status), names);
   return {out_codes, out_scale, out_zero_point};

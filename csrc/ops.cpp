@@ -193,7 +193,7 @@ void dequantize_out(const at::Tensor& codes, const at::Tensor& scale, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS) {
   const auto [tensors, clients] =
-      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, qmin, qmax, names, trim);
+      check_aggregate_args(codes_in, scales_in, zero_points_in, weights_in, axes, bits, qmin, qmax, names, trim);
   const at::Tensor weights = weights_in.to(at::kFloat).contiguous();
 
   std::vector<TensorLayout> layouts;
@@ -214,12 +214,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate(FEDHQ_AGGREGATE_PARAMS)
     for (int64_t t = 0; t < tensors; ++t) {
       const size_t e = size_t(k * tensors + t);
       const std::string who = aggregate_owner(k, names[size_t(t)]);
+      const CodeRange range = input_range(who, bits[e]);
       check_aggregate_codes(who, codes_in[e], codes_in[size_t(t)]);
       keep.push_back(codes_in[e].contiguous());
       codes.push_back(cptr<int8_t>(keep.back()));
       keep.push_back(scales_in[e].contiguous());
       keep.push_back(zero_points_in[e].contiguous());
-      check_qparams("aggregate", who, keep[keep.size() - 2], keep.back(), layouts[size_t(t)].channels, qmin, qmax);
+      check_qparams("aggregate", who, keep[keep.size() - 2], keep.back(), layouts[size_t(t)].channels, range.qmin,
+                    range.qmax);
       scales.push_back(cptr<float>(keep[keep.size() - 2]));
       zero_points.push_back(cptr<int32_t>(keep.back()));
     }

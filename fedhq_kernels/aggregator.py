@@ -16,9 +16,10 @@ from fedhq_kernels.functional import (
     _check_same_kind,
     _resolve_method,
     aggregate_state_dicts,
+    output_bits,
 )
 from fedhq_kernels.mean import PlainMean, WeightTotal
-from fedhq_kernels.quantized_tensor import QuantizedTensor, validate_all
+from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range, validate_all
 
 _OP = "Aggregator"
 HALF_FLOAT32_MAX = torch.finfo(torch.float32).max / 2
@@ -35,8 +36,9 @@ class Aggregator:
 
     ``template`` is the global model's layout (a state dict of QuantizedTensors and
     plain tensors; its values are not read): every update must have its names, and per
-    entry its kind, shape, dtype and, when quantized, bits, axis and scheme, with valid
-    values (finite scales > 0, zero points and codes in range) on the template's device.
+    entry its kind, shape, dtype and, when quantized, axis and scheme (at any bit width
+    in [2, 8]), with valid values (finite scales > 0, zero points and codes in its
+    width's range) on the template's device.
     ``add`` checks all of that, and the weight (a finite number >= 0), before touching
     any state: a refused update raises ValueError / TypeError and changes nothing.
 
@@ -44,7 +46,8 @@ class Aggregator:
     accumulator (the fused dequantize + blend op ``accumulate``) and keeps no reference
     to it, so memory is O(model) however many clients are added (``accumulator``: a
     float32 buffer to reuse for it, zeroed here, e.g. a server's from round to round);
-    ``result`` requantizes each tensor with its observed range. "trimmed-mean" and
+    ``result`` requantizes each tensor with its observed range (at ``bits``; by default
+    the highest width an added update had for it). "trimmed-mean" and
     "median" rank every client's value, so they cannot stream: ``add`` validates the
     update and keeps it (O(clients x model) memory) and ``result`` runs
     ``aggregate_state_dicts`` on them.
@@ -69,6 +72,7 @@ class Aggregator:
         self.device = self.device or torch.device("cpu")
         self.total = WeightTotal()
         self.clients = 0
+        self.widest: dict[str, int] = {}  # quantized entry -> the highest width added
         self.kept: list[tuple[Mapping, float]] = []  # robust methods only
         if method == "mean":
             elements = sum(self.template[k].data.numel() for k in self.quantized)
@@ -83,6 +87,8 @@ class Aggregator:
         its sample count)."""
         self._check(update)
         fraction, total = self.total.add(_OP, weight)
+        for key in self.quantized:
+            self.widest[key] = max(self.widest.get(key, 0), update[key].bits)
         if self.method != "mean":
             self.kept.append((update, weight))
             self.total, self.clients = total, self.clients + 1
@@ -125,20 +131,22 @@ class Aggregator:
             if not bool(torch.isfinite(update[key]).all()):
                 raise ValueError(f"{_OP}: the update's '{key}' holds NaN or Inf")
 
-    def result(self, *, requantize: bool = True) -> dict:
-        """The aggregate of the updates added so far, in the template's order.
-        ``requantize=False`` (the mean only): the quantized entries as the float32 mean
-        itself, cast to each entry's float dtype, for a server that sends a float model
+    def result(self, *, requantize: bool = True, bits: int | Mapping[str, int] | None = None) -> dict:
+        """The aggregate of the updates added so far, in the template's order, its
+        quantized entries at ``bits`` (an int, or a map naming every quantized entry;
+        None: each entry's highest width among the added updates), as
+        ``aggregate_state_dicts``'s. ``requantize=False`` (the mean only): the quantized
+        entries as the float32 mean itself, cast to each entry's float dtype, for a
+        server that sends a float model
         (float32 entries are views of the accumulator, which a later ``add`` copies first,
         so a result never changes under its holder: no 4-bytes-per-parameter copy for the
         common last call; while the aggregator is still in use, treat them as read-only)."""
         if not self.clients:
             raise ValueError(f"{_OP}: no update was added")
-        if not requantize and self.method != "mean":
-            raise ValueError(f"{_OP}: only the mean has a float result; {self.method} requantizes")
+        widths = output_bits(_OP, bits, requantize, self.method, self.widest)
         if self.method != "mean":
             updates, weights = zip(*self.kept)
-            return aggregate_state_dicts(list(updates), list(weights), method=self.method, trim=self.trim)
+            return aggregate_state_dicts(list(updates), list(weights), bits=bits, method=self.method, trim=self.trim)
         if not self.total.total:
             raise ValueError(f"{_OP}: weights sum to 0; at least one client must have weight > 0")
         out: dict = {key: mean.result() for key, mean in self.plain.items()}
@@ -147,7 +155,7 @@ class Aggregator:
             q = self.template[key]
             values = self.acc[start : start + q.data.numel()].view(q.shape)
             start += q.data.numel()
-            out[key] = _requantize(key, q, values) if requantize else values.to(q.dtype)
+            out[key] = _requantize(key, q, values, widths[key]) if requantize else values.to(q.dtype)
         if not requantize:
             self.acc_shared = True
         return {key: out[key] for key in self.template}
@@ -192,9 +200,9 @@ def _check_reach(update: Mapping, keys: list[str]) -> None:
             raise ValueError(f"{_OP}: the update's '{key}' has a scale so large its values reach float32's limit")
 
 
-def _requantize(key: str, like: QuantizedTensor, values: Tensor) -> QuantizedTensor:
-    """``values`` (the float32 mean) quantized as ``like`` is, with its observed range."""
-    quant_min, quant_max = like.quant_range
+def _requantize(key: str, like: QuantizedTensor, values: Tensor, bits: int) -> QuantizedTensor:
+    """``values`` (the float32 mean) quantized at ``bits`` in ``like``'s scheme, with its observed range."""
+    quant_min, quant_max = quant_range(bits)
     axis = -1 if like.axis is None else like.axis
     try:
         codes, scale, zero_point = ops.quantize(values, quant_min, quant_max, like.symmetric, axis)
@@ -206,7 +214,7 @@ def _requantize(key: str, like: QuantizedTensor, values: Tensor) -> QuantizedTen
         data=codes,
         scale=scale,
         zero_point=zero_point,
-        bits=like.bits,
+        bits=bits,
         axis=like.axis,
         symmetric=like.symmetric,
         dtype=like.dtype,

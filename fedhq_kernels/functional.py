@@ -219,18 +219,43 @@ def dequantize(q: QuantizedTensor, *, out: Tensor | None = None) -> Tensor:
     return out
 
 
+def bit_map(op: str, bits, names: list[str], what: str) -> dict[str, int]:
+    """name -> bit width for each of ``names`` from ``bits``: an int (every name), or a
+    Mapping naming exactly those names (``what`` says what they are, for a name it does
+    not know); a missing or unknown name, or a width outside [2, 8], is a ValueError
+    naming the key."""
+    if not isinstance(bits, Mapping):
+        return dict.fromkeys(names, check_bits(op, bits))
+    known = set(names)
+    unknown = next((key for key in bits if key not in known), None)
+    if unknown is not None:
+        raise ValueError(f"{op}: bits names {unknown!r}, which is not {what}")
+    missing = next((name for name in names if name not in bits), None)
+    if missing is not None:
+        raise ValueError(f"{op}: bits gives no width for {missing!r}; a bits map must name every one of {what}s")
+    return {name: check_bits(op, bits[name], f"bits[{name!r}]") for name in names}
+
+
 def quantize_state_dict(
-    state_dict: Mapping[str, Tensor], *, bits: int = 8, symmetric: bool = True, per_channel: bool = True
+    state_dict: Mapping[str, Tensor],
+    *,
+    bits: int | Mapping[str, int] = 8,
+    symmetric: bool = True,
+    per_channel: bool = True,
 ) -> dict[str, QuantizedTensor | Tensor]:
     """Quantizes every floating-point tensor of a state dict (per channel along axis 0
     for tensors of 2 or more dimensions when ``per_channel``); other entries (integer
-    buffers such as BatchNorm's num_batches_tracked) are kept as they are."""
+    buffers such as BatchNorm's num_batches_tracked) are kept as they are. ``bits``: one
+    width for every tensor, or a mapping name -> width naming every floating-point entry
+    (mixed precision: docs/kernels.md, "Mixed bit widths")."""
+    floats = [k for k, v in state_dict.items() if isinstance(v, Tensor) and v.dtype in FLOAT_DTYPES]
+    widths = bit_map("quantize_state_dict", bits, floats, "a floating-point entry of the state dict")
     out: dict[str, QuantizedTensor | Tensor] = {}
     for key, value in state_dict.items():
-        if isinstance(value, Tensor) and value.dtype in FLOAT_DTYPES:
+        if key in widths:
             axis = 0 if per_channel and value.dim() >= 2 else None
             try:
-                out[key] = quantize(value, bits=bits, symmetric=symmetric, axis=axis)
+                out[key] = quantize(value, bits=widths[key], symmetric=symmetric, axis=axis)
             except ValueError as error:
                 raise ValueError(f"quantize_state_dict: '{key}': {error}") from error
         else:
@@ -268,12 +293,13 @@ def running_fractions(op: str, weights, clients: int, device: torch.device) -> T
     return torch.tensor(fractions, dtype=torch.float32, device=device)
 
 
-_QT_FIELDS = ("shape", "dtype", "bits", "axis", "symmetric")
+_QT_FIELDS = ("shape", "dtype", "axis", "symmetric")  # not bits: clients may send a tensor at any width
 
 
 def _check_same_kind(op: str, key: str, entries: list, owners=lambda k: f"client {k}") -> None:
-    """Every entry for ``key`` must be aggregatable with entry 0; ``owners(k)`` names
-    entry k's owner in the message."""
+    """Every entry for ``key`` must be aggregatable with entry 0 (quantized: the same
+    shape, dtype, axis and scheme, at any bit width); ``owners(k)`` names entry k's
+    owner in the message."""
     first = entries[0]
     for k, entry in enumerate(entries[1:], start=1):
         if isinstance(first, QuantizedTensor):
@@ -332,19 +358,38 @@ def _resolve_method(op: str, method, trim, clients: int) -> int:
     return cut
 
 
-def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], weights: Tensor, cut: int) -> list:
-    """One fused aggregate call over several tensors sharing bits and scheme."""
+def output_bits(op: str, bits, requantize: bool, method: str, widest: dict[str, int]) -> dict[str, int]:
+    """The aggregate's width per quantized entry: ``bits`` (an int, or a map naming
+    every quantized entry), or None: ``widest``, each entry's highest width among the
+    clients. ``requantize=False`` (a float result, the mean only) takes no ``bits``."""
+    if not isinstance(requantize, bool):
+        raise TypeError(f"{op}: requantize must be a bool, got {requantize!r}")
+    if not requantize:
+        if method != "mean":
+            raise ValueError(f"{op}: only the mean has a float result; {method} requantizes")
+        if bits is not None:
+            raise ValueError(f"{op}: bits={bits!r} has no meaning with requantize=False (a float result)")
+        return {}
+    return dict(widest) if bits is None else bit_map(op, bits, list(widest), "a quantized entry")
+
+
+def _aggregate_quantized(
+    keys: list[str], columns: list[list[QuantizedTensor]], weights: Tensor, cut: int, bits: int
+) -> list:
+    """One fused aggregate call over several tensors sharing a scheme, requantized at
+    ``bits``; each client's tensor enters at its own width."""
     first = [column[0] for column in columns]
     axes = [-1 if q.axis is None else q.axis for q in first]
     clients = len(columns[0])
     entries = [columns[t][k] for k in range(clients) for t in range(len(keys))]  # client-major
-    quant_min, quant_max = first[0].quant_range
+    quant_min, quant_max = quant_range(bits)
     codes, scales, zero_points = ops.aggregate(
         [q.data for q in entries],
         [q.scale for q in entries],
         [q.zero_point for q in entries],
         weights,
         axes,
+        [q.bits for q in entries],
         quant_min,
         quant_max,
         first[0].symmetric,
@@ -360,7 +405,7 @@ def _aggregate_quantized(keys: list[str], columns: list[list[QuantizedTensor]], 
                 data=codes[element : element + q.data.numel()].view(q.shape),
                 scale=scales[segment : segment + channels].view(params_shape),
                 zero_point=zero_points[segment : segment + channels].view(params_shape),
-                bits=q.bits,
+                bits=bits,
                 axis=q.axis,
                 symmetric=q.symmetric,
                 dtype=q.dtype,
@@ -397,16 +442,48 @@ def _aggregate_plain(column: list[Tensor], fractions: Tensor, cut: int) -> Tenso
     return out.to(device=first.device)
 
 
+def _float_mean(keys: list[str], columns: dict, fractions: Tensor) -> dict[str, Tensor]:
+    """The quantized entries' weighted mean as floats: the running mean of successive
+    ``accumulate`` calls (Aggregator's, bit for bit), cast to each entry's dtype."""
+    firsts = [columns[key][0] for key in keys]
+    sizes = [q.data.numel() for q in firsts]
+    acc = torch.zeros(sum(sizes), dtype=torch.float32, device=fractions.device)
+    axes = [-1 if q.axis is None else q.axis for q in firsts]
+    for k, fraction in enumerate(fractions.tolist() if keys else []):
+        qs = [columns[key][k] for key in keys]
+        ops.accumulate(
+            acc, [q.data for q in qs], [q.scale for q in qs], [q.zero_point for q in qs], axes, fraction, keys
+        )
+    values = [part.view(q.shape) for part, q in zip(acc.split(sizes), firsts)]
+    if not bool(torch.isfinite(acc).all()):
+        key = next(key for key, v in zip(keys, values) if not bool(torch.isfinite(v).all()))
+        raise ValueError(
+            f"aggregate_state_dicts: the weighted average of '{key}' is not finite "
+            "(client scales too large for float32)"
+        )
+    return {key: v.to(q.dtype) for key, v, q in zip(keys, values, firsts)}
+
+
 def aggregate_state_dicts(
-    state_dicts: Sequence[Mapping], weights, *, method: str = "mean", trim: float = DEFAULT_TRIM
+    state_dicts: Sequence[Mapping],
+    weights,
+    *,
+    bits: int | Mapping[str, int] | None = None,
+    method: str = "mean",
+    trim: float = DEFAULT_TRIM,
+    requantize: bool = True,
 ) -> dict:
     """The server step over whole models: dequantize every client's state dict,
     combine coordinate-wise with ``method`` ("mean": weighted by ``weights``, e.g.
     sample counts; "trimmed-mean" cutting ``trim`` of the clients from each end, or
     "median": unweighted), requantize with fresh ranges. All quantized tensors sharing
-    bits and scheme go through one fused call; unquantized entries get the same
+    output bits and scheme go through one fused call; unquantized entries get the same
     method (docs/kernels.md, "Robust aggregation"). Clients must agree on names,
-    shapes, dtypes, bits, axes and schemes."""
+    shapes, dtypes, axes and schemes; each may send a tensor at its own bit width
+    (docs/kernels.md, "Mixed bit widths"). ``bits``: the result's width, an int or a
+    map naming every quantized entry; None: per entry, the highest width among the
+    clients. ``requantize=False`` (the mean only): the quantized entries as the float32
+    mean itself, cast to each entry's dtype."""
     op = "aggregate_state_dicts"
     state_dicts = list(state_dicts)
     if not state_dicts:
@@ -426,24 +503,23 @@ def aggregate_state_dicts(
     first = columns[keys[0]][0] if keys else None
     device = first.data.device if isinstance(first, QuantizedTensor) else getattr(first, "device", torch.device("cpu"))
     w = running_fractions(op, weights, len(state_dicts), device)
-    updates = [
-        (q, f"client {k}'s '{key}'")
-        for key, c in columns.items()
-        for k, q in enumerate(c)
-        if isinstance(c[0], QuantizedTensor)
-    ]
+    quantized = [key for key, column in columns.items() if isinstance(column[0], QuantizedTensor)]
+    updates = [(q, f"client {k}'s '{key}'") for key in quantized for k, q in enumerate(columns[key])]
     for q, owner in updates:
         _check_device(op, owner, q, w.device)
     validate_all([q for q, _ in updates], op, [owner for _, owner in updates])
     cut = _resolve_method(op, method, trim, len(state_dicts))
+    widths = output_bits(op, bits, requantize, method, {key: max(q.bits for q in columns[key]) for key in quantized})
 
-    groups: dict[tuple[int, bool], list[str]] = {}
-    for key, column in columns.items():
-        if isinstance(column[0], QuantizedTensor):
-            groups.setdefault((column[0].bits, column[0].symmetric), []).append(key)
     result: dict = {}
-    for group in groups.values():
-        result.update(zip(group, _aggregate_quantized(group, [columns[key] for key in group], w, cut)))
+    if requantize:
+        groups: dict[tuple[int, bool], list[str]] = {}
+        for key in quantized:
+            groups.setdefault((widths[key], columns[key][0].symmetric), []).append(key)
+        for (group_bits, _), group in groups.items():
+            result.update(zip(group, _aggregate_quantized(group, [columns[key] for key in group], w, cut, group_bits)))
+    else:
+        result.update(_float_mean(quantized, columns, w))
     for key, column in columns.items():
         if not isinstance(column[0], QuantizedTensor):
             result[key] = _aggregate_plain(column, w, cut)
@@ -451,13 +527,23 @@ def aggregate_state_dicts(
 
 
 def aggregate(
-    updates: Sequence[QuantizedTensor], weights, *, method: str = "mean", trim: float = DEFAULT_TRIM
-) -> QuantizedTensor:
+    updates: Sequence[QuantizedTensor],
+    weights,
+    *,
+    bits: int | None = None,
+    method: str = "mean",
+    trim: float = DEFAULT_TRIM,
+    requantize: bool = True,
+) -> QuantizedTensor | Tensor:
     """The server step for one tensor: aggregate_state_dicts on a one-entry model."""
     updates = list(updates)
     if not updates:
         raise ValueError("aggregate: no updates to aggregate")
+    if isinstance(bits, Mapping):
+        raise TypeError("aggregate: bits must be an int or None for one tensor, got a mapping")
     for k, q in enumerate(updates):
         if not isinstance(q, QuantizedTensor):
             raise TypeError(f"aggregate: update {k} must be a QuantizedTensor, got {type(q).__name__}")
-    return aggregate_state_dicts([{"tensor": q} for q in updates], weights, method=method, trim=trim)["tensor"]
+    return aggregate_state_dicts(
+        [{"tensor": q} for q in updates], weights, bits=bits, method=method, trim=trim, requantize=requantize
+    )["tensor"]

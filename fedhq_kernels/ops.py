@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from fedhq_kernels import dispatch
 from fedhq_kernels.checks import check_float_dtype
 from fedhq_kernels.optable import MUTATED_ARGS, SCHEMAS
+from fedhq_kernels.quantized_tensor import input_ranges
 
 
 # Plain comparisons, not torch._check_*: these run on every eager call, where building
@@ -327,8 +328,9 @@ def _packed_sizes(codes: list[Tensor], axes: list[int]) -> tuple[int, int]:
     return elements, segments
 
 
-def _check_aggregate(codes, scales, zero_points, weights, axes, names, trim) -> None:
-    """trim < 0: weighted mean; trim >= 0: values cut from each end (docs/kernels.md)."""
+def _check_aggregate(codes, scales, zero_points, weights, axes, bits, names, trim) -> None:
+    """trim < 0: weighted mean; trim >= 0: values cut from each end (docs/kernels.md);
+    ``bits``: each entry's bit width."""
     tensors = len(axes)
     torch._check_value(
         weights.dim() == 1 and weights.numel() > 0, lambda: "aggregate: weights must be a non-empty 1-d tensor"
@@ -343,6 +345,7 @@ def _check_aggregate(codes, scales, zero_points, weights, axes, names, trim) -> 
             f"and {tensors} names, got {len(codes)}, {len(scales)}, {len(zero_points)} and {len(names)}"
         ),
     )
+    input_ranges("aggregate", bits, len(codes), names)
     _check_entries("aggregate", codes, scales, zero_points, axes, names, weights.device, "the weights'")
 
 
@@ -381,21 +384,22 @@ def aggregate(
     zero_points: list[Tensor],
     weights: Tensor,
     axes: list[int],
+    bits: list[int],
     quant_min: int,
     quant_max: int,
     symmetric: bool,
     names: list[str],
     trim: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_aggregate(codes, scales, zero_points, weights, axes, names, trim)
+    _check_aggregate(codes, scales, zero_points, weights, axes, bits, names, trim)
     return dispatch.kernel("aggregate", weights.device)(
-        codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim
+        codes, scales, zero_points, weights, axes, bits, quant_min, quant_max, symmetric, names, trim
     )
 
 
 @aggregate.register_fake
-def _(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim):
-    _check_aggregate(codes, scales, zero_points, weights, axes, names, trim)
+def _(codes, scales, zero_points, weights, axes, bits, quant_min, quant_max, symmetric, names, trim):
+    _check_aggregate(codes, scales, zero_points, weights, axes, bits, names, trim)
     elements, segments = _packed_sizes(codes, axes)
     return (
         weights.new_empty((elements,), dtype=torch.int8),

@@ -20,8 +20,8 @@ SCHEMAS = {
     "quantize": "(Tensor x, int quant_min, int quant_max, bool symmetric, int axis) -> (Tensor, Tensor, Tensor)",
     "dequantize": "(Tensor codes, Tensor scale, Tensor zero_point, int axis, ScalarType dtype) -> Tensor",
     "dequantize_out": "(Tensor codes, Tensor scale, Tensor zero_point, int axis, Tensor(a!) out) -> ()",
-    "aggregate": "(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int quant_min, "
-    "int quant_max, bool symmetric, str[] names, int trim) -> (Tensor, Tensor, Tensor)",
+    "aggregate": "(Tensor[] codes, Tensor[] scales, Tensor[] zero_points, Tensor weights, int[] axes, int[] bits, "
+    "int quant_min, int quant_max, bool symmetric, str[] names, int trim) -> (Tensor, Tensor, Tensor)",
     "accumulate": "(Tensor(a!) acc, Tensor[] codes, Tensor[] scales, Tensor[] zero_points, int[] axes, float fraction, "
     "str[] names) -> ()",
 }

@@ -14,6 +14,21 @@ def quant_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+def input_ranges(op: str, bits, count: int, names: list[str]) -> list[tuple[int, int]]:
+    """The code range of each of the aggregate op's ``count`` client-major entries (entry
+    e: client e // T's tensor ``names[e % T]``), from its bit width ``bits[e]``: clients
+    may send the same tensor at different widths. ValueError naming a bad entry."""
+    if len(bits) != count:
+        raise ValueError(f"{op}: expected {count} bit widths (one per client x tensor), got {len(bits)}")
+    ranges = []
+    for e, b in enumerate(bits):
+        if not valid_bits(b):
+            owner = f"client {e // len(names)}'s '{names[e % len(names)]}'"
+            raise ValueError(f"{op}: {owner} bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {b!r}")
+        ranges.append(quant_range(b))
+    return ranges
+
+
 def packed_size(numel: int, bits: int) -> int:
     """Bytes that ``numel`` codes of ``bits`` bits take packed (``fedhq_kernels.packing``)."""
     return -(-numel * check_bits("packed_size", bits) // 8)

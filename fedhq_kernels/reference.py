@@ -12,6 +12,7 @@ import torch
 
 from fedhq_kernels.optable import op_table
 from fedhq_kernels.qparams import SCALE_EPS, qparams_from_range  # noqa: F401  (SCALE_EPS: re-exported)
+from fedhq_kernels.quantized_tensor import input_ranges
 
 DEVICES = ("cpu", "cuda")
 UNAVAILABLE = None
@@ -164,17 +165,21 @@ def accumulate(acc, codes, scales, zero_points, axes, fraction, names):
         start += codes[t].numel()
 
 
-def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim=-1):
-    """Per tensor t: with trim < 0, the running weighted mean: acc = 0, then for each
+def aggregate(codes, scales, zero_points, weights, axes, bits, quant_min, quant_max, symmetric, names, trim=-1):
+    """Entry e = k * T + t (client k's tensor t) holds ``bits[e]``-bit codes, its zero
+    points checked against that width's range: clients may quantize a tensor at
+    different widths. Per tensor t: with trim < 0, the running weighted mean: acc = 0, then for each
     client k in order acc = _blend(acc, dequantize(client k's codes), weights[k]), the
     weights being the clients' running fractions (functional.running_fractions), as
     successive ``accumulate`` calls compute it; with trim >= 0, the unweighted trimmed
     mean of the dequantized values (_trimmed_mean; the median is trim = (K - 1) // 2).
-    Then acc is requantized with its freshly observed range. Outputs are packed: every
+    Then acc is requantized with its freshly observed range in [quant_min, quant_max]
+    (one output range for every tensor of the call). Outputs are packed: every
     tensor's codes flattened one after another, and its scales / zero points likewise."""
     if trim >= 0 and not 2 * trim < weights.numel():
         raise ValueError(f"aggregate: trimming {trim} of {weights.numel()} clients from each end leaves none")
     tensors, clients = len(axes), weights.numel()
+    ranges = input_ranges("aggregate", bits, clients * tensors, names)
     w = weights.float()
     out_codes, out_scales, out_zero_points = [], [], []
     for t in range(tensors):
@@ -184,7 +189,7 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
         for k in range(clients):
             e = k * tensors + t
             owner = f"client {k}'s '{names[t]}'"
-            check_qparams("aggregate", scales[e], zero_points[e], quant_min, quant_max, owner)
+            check_qparams("aggregate", scales[e], zero_points[e], *ranges[e], owner)
             values.append(_dequantize_float(codes[e], scales[e], zero_points[e], axis))
             if trim < 0:
                 acc = _blend(acc, values[-1], w[k])

@@ -12,6 +12,7 @@ from test_quantize import TAMPERED, fields_of, tampered
 import fedhq_kernels as fk
 from fedhq_kernels import reference
 from fedhq_kernels.functional import running_fractions
+from fedhq_kernels.quantized_tensor import quant_range
 
 # name -> (shape, quantization axis): per-tensor and per-channel, channel-cycling
 # (last axis), rows longer than a run, odd sizes, a 0-d and an empty tensor
@@ -37,20 +38,22 @@ def client_state_dicts(gen, clients, dtype=torch.float32, bits=8, symmetric=True
     return sds
 
 
-def reference_state_dict(sds, weights):
-    """The reference twin, tensor by tensor, with the same running fractions."""
+def reference_state_dict(sds, weights, bits=None):
+    """The reference twin, tensor by tensor, with the same running fractions, each
+    client's tensor at its own width, the result at ``bits`` (None: the widest)."""
     w = running_fractions("test", weights, len(weights), torch.device("cpu"))
     out = {}
     for name in sds[0]:
         qs = [sd[name] for sd in sds]
         axis = -1 if qs[0].axis is None else qs[0].axis
-        qmin, qmax = qs[0].quant_range
+        qmin, qmax = quant_range(max(q.bits for q in qs) if bits is None else bits)
         codes, scale, zero_point = reference.aggregate(
             [q.data for q in qs],
             [q.scale for q in qs],
             [q.zero_point for q in qs],
             w,
             [axis],
+            [q.bits for q in qs],
             qmin,
             qmax,
             qs[0].symmetric,
@@ -174,7 +177,7 @@ def test_rejects_mismatched_names(backend, gen):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("shape", (16, 27)), ("bits", 4), ("axis", None), ("symmetric", False), ("dtype", torch.float16)]
+    "field,value", [("shape", (16, 27)), ("axis", None), ("symmetric", False), ("dtype", torch.float16)]
 )
 def test_rejects_mismatched_metadata(backend, gen, field, value):
     sds = client_state_dicts(gen, 2)

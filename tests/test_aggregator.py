@@ -154,7 +154,7 @@ def test_refused_update_leaves_the_aggregator_unchanged(backend, gen):
 
     bad_updates = []
     for name in ("conv.weight", "fc.weight"):
-        for field, value in (("bits", 5), ("axis", None), ("symmetric", False), ("dtype", torch.float16)):
+        for field, value in (("bits", 9), ("axis", None), ("symmetric", False), ("dtype", torch.float16)):
             q = sds[1][name]
             bad = fk.QuantizedTensor(q.data, q.scale, q.zero_point, q.bits, q.axis, q.symmetric, q.dtype, q.shape)
             object.__setattr__(bad, field, value)

@@ -623,6 +623,7 @@ def test_opcheck_on_cuda(cuda_backend):
             [t.zero_point for t in q],
             torch.tensor([0.4, 0.6], device=dev),
             [0],
+            [8, 8],
             -128,
             127,
             True,

@@ -40,6 +40,7 @@ def op_samples():
         [t.zero_point for t in q],
         torch.tensor([0.2, 0.3, 0.5]),
         [0, -1],
+        [8, 4, 8, 8, 2, 8],  # each entry's width: the op checks its zero points (0 here) against it
         -128,
         127,
         True,

@@ -9,6 +9,7 @@ from conftest import assert_equal
 
 import fedhq_kernels as fk
 from fedhq_kernels import reference
+from fedhq_kernels.quantized_tensor import quant_range
 
 # odd sizes, per-tensor and per-channel (rows and channel-cycling columns), 0-d, empty
 MODEL = {"w": ((7, 45), 0), "cyc": ((5, 9), 1), "v": ((301,), None), "s": ((), None), "e": ((0, 3), None)}
@@ -31,13 +32,15 @@ def clients(gen, k, bits, symmetric=True, ties=False):
 
 
 def expected(sds, cut):
+    """The reference per tensor, each client's tensor at its own width, the result at the widest."""
     out = {}
     for name in MODEL:
         qs = [sd[name] for sd in sds]
         axis = -1 if qs[0].axis is None else qs[0].axis
         w = torch.full((len(qs),), 1.0 / len(qs))
         args = ([q.data for q in qs], [q.scale for q in qs], [q.zero_point for q in qs], w, [axis])
-        out[name] = reference.aggregate(*args, *qs[0].quant_range, qs[0].symmetric, [name], cut)
+        widest = quant_range(max(q.bits for q in qs))
+        out[name] = reference.aggregate(*args, [q.bits for q in qs], *widest, qs[0].symmetric, [name], cut)
     return out
 
 
@@ -141,7 +144,7 @@ def test_op_rejects_a_trim_that_leaves_nothing(backend, gen):
     q = [fk.quantize(torch.randn(4), bits=8) for _ in range(2)]
     args = ([x.data for x in q], [x.scale for x in q], [x.zero_point for x in q], torch.tensor([0.5, 0.5]), [-1])
     with pytest.raises(ValueError, match="^aggregate: trimming 1 of 2 clients from each end leaves none$"):
-        torch.ops.fedhq.aggregate(*args, -128, 127, True, ["t"], 1)
+        torch.ops.fedhq.aggregate(*args, [8, 8], -128, 127, True, ["t"], 1)
 
 
 def test_every_backend_rejects_a_trim_that_leaves_nothing(gen):
@@ -153,4 +156,4 @@ def test_every_backend_rejects_a_trim_that_leaves_nothing(gen):
         module = dispatch._module(name)
         if module is not None:
             with pytest.raises(ValueError, match="^aggregate: trimming 1 of 2 clients from each end leaves none"):
-                module.KERNELS["aggregate"](*args, -128, 127, True, ["t"], 1)
+                module.KERNELS["aggregate"](*args, [8, 8], -128, 127, True, ["t"], 1)

@@ -111,8 +111,9 @@ def _recorded_launches(dtypes: list[torch.dtype], with_aggregate: bool) -> list[
         axes = [axis for _, axis in AGGREGATE_MODEL]
         for symmetric, trim in ((True, -1), (False, -1), (True, 1)):  # trim 1: the median of 3
             names = [str(i) for i in axes]
+            bits = [8] * len(codes)
             ag.aggregate(
-                codes, scales, zero_points, torch.tensor([0.2, 0.3, 0.5]), axes, -128, 127, symmetric, names, trim
+                codes, scales, zero_points, torch.tensor([0.2, 0.3, 0.5]), axes, bits, -128, 127, symmetric, names, trim
             )
         tensors = len(AGGREGATE_MODEL)  # the streaming step: one client into the running mean
         acc = torch.zeros(sum(c.numel() for c in codes[:tensors]))
@@ -452,7 +453,8 @@ def _aggregate_inputs(gen, shapes_axes, clients, bits=8, symmetric=True):
             scales.append(s)
             zero_points.append(z)
     w = torch.rand(clients, generator=gen) + 0.1
-    return codes, scales, zero_points, (w / w.sum()).float(), [a for _, a in shapes_axes], qmin, qmax, symmetric
+    axes, widths = [a for _, a in shapes_axes], [bits] * len(codes)
+    return codes, scales, zero_points, (w / w.sum()).float(), axes, widths, qmin, qmax, symmetric
 
 
 @pytest.mark.parametrize("clients,symmetric,trim", [(1, True, -1), (3, False, -1), (4, True, 1), (5, False, 2)])

@@ -29,6 +29,7 @@ constexpr int kMinBlocks = 3;
 struct Model {
   const TensorDesc* descs;
   const AggregateEntry* entries;  // client-major: entry k * tensors + t
+  const EntryRange* ranges;       // entry e's code range
   const float* weights;
   int64_t tensors, clients, segments;
   int64_t trim;  // < 0: weighted mean; else the trimmed mean cutting `trim` per end
@@ -151,15 +152,17 @@ struct RequantizeOp {
   }
 };
 
-__global__ void __launch_bounds__(kBlock, kMinBlocks) kAggregateObserve(Model m, int64_t tiles, int32_t qmin, int32_t qmax,
-                                                            float* average, bool vec, RangeSlots slots) {
-  // Every client's parameters, in the CPU binding's order: index k * segments + s.
+__global__ void __launch_bounds__(kBlock, kMinBlocks) kAggregateObserve(Model m, int64_t tiles, float* average,
+                                                                        bool vec, RangeSlots slots) {
+  // Every client's parameters, in the CPU binding's order: index k * segments + s,
+  // each against its entry's own code range.
   for (int64_t j = global_thread(); j < m.clients * m.segments; j += total_threads()) {
     const int64_t k = j / m.segments, s = j % m.segments;
     const int64_t t = find_tensor(m.descs, m.tensors, s, true);
     const AggregateEntry e = m.entries[k * m.tensors + t];
+    const EntryRange r = m.ranges[k * m.tensors + t];
     const int64_t c = s - m.descs[t].segment_base;
-    if (bad_qparam(__ldg(e.scale + c), __ldg(e.zero_point + c), qmin, qmax)) flag_bad_qparam(slots.status, j);
+    if (bad_qparam(__ldg(e.scale + c), __ldg(e.zero_point + c), r.qmin, r.qmax)) flag_bad_qparam(slots.status, j);
   }
   const QParams unused{};
   const int lane = lane_id();
@@ -199,11 +202,11 @@ __global__ void __launch_bounds__(kBlock, kMinBlocks) kAggregateQuantize(Model m
 }  // namespace
 
 size_t aggregate_table_bytes(int64_t tensors, int64_t clients) {
-  return sizeof(TensorDesc) * size_t(tensors) + sizeof(AggregateEntry) * size_t(tensors * clients);
+  return sizeof(TensorDesc) * size_t(tensors) + (sizeof(AggregateEntry) + sizeof(EntryRange)) * size_t(tensors * clients);
 }
 
 AggregatePlan aggregate_write_table(void* host_table, const Layout* layouts, int64_t tensors,
-                                    const AggregateEntry* entries, int64_t clients) {
+                                    const AggregateEntry* entries, const EntryRange* ranges, int64_t clients) {
   TensorDesc* descs = static_cast<TensorDesc*>(host_table);
   AggregatePlan plan{tensors, clients, 0, 0, 0};
   for (int64_t t = 0; t < tensors; ++t) {
@@ -219,7 +222,9 @@ AggregatePlan aggregate_write_table(void* host_table, const Layout* layouts, int
     plan.segments += l.channels;
     plan.tiles += d.tiles;
   }
-  std::memcpy(descs + tensors, entries, sizeof(AggregateEntry) * size_t(tensors * clients));
+  AggregateEntry* table_entries = reinterpret_cast<AggregateEntry*>(descs + tensors);
+  std::memcpy(table_entries, entries, sizeof(AggregateEntry) * size_t(tensors * clients));
+  std::memcpy(table_entries + tensors * clients, ranges, sizeof(EntryRange) * size_t(tensors * clients));
   return plan;
 }
 
@@ -227,8 +232,9 @@ cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const
                       bool symmetric, int32_t qmin, int32_t qmax, float* average, int8_t* codes, float* scale,
                       int32_t* zero_point, void* workspace, cudaStream_t stream) {
   const TensorDesc* descs = static_cast<const TensorDesc*>(device_table);
-  const Model m{descs, reinterpret_cast<const AggregateEntry*>(descs + plan.tensors), weights, plan.tensors,
-                plan.clients, plan.segments, trim};
+  const AggregateEntry* entries = reinterpret_cast<const AggregateEntry*>(descs + plan.tensors);
+  const EntryRange* ranges = reinterpret_cast<const EntryRange*>(entries + plan.tensors * plan.clients);
+  const Model m{descs, entries, ranges, weights, plan.tensors, plan.clients, plan.segments, trim};
   const RangeSlots slots = range_slots(workspace, plan.segments);
   cudaError_t error = cudaMemsetAsync(workspace, 0, observe_workspace_bytes(plan.segments), stream);
   if (error != cudaSuccess) return error;
@@ -237,7 +243,7 @@ cudaError_t aggregate(const void* device_table, const AggregatePlan& plan, const
   // pass 1 needs a thread per client parameter as well as a warp per tile
   const int64_t check_warps = ceil_div(plan.clients * plan.segments, kBlock) * kWarpsPerBlock;
   kAggregateObserve<<<grid_blocks<kAggregateObserve>(max64(plan.tiles, check_warps)), kBlock, 0, stream>>>(
-      m, plan.tiles, qmin, qmax, average, vec, slots);
+      m, plan.tiles, average, vec, slots);
   if ((error = cudaGetLastError()) != cudaSuccess) return error;
   kAggregateQuantize<<<grid_blocks<kAggregateQuantize>(max64(plan.tiles, ceil_div(plan.segments, kBlock) *
                                                                               kWarpsPerBlock)),

@@ -105,6 +105,14 @@ struct AggregateEntry {
   const int32_t* zero_point;
 };
 
+// An entry's code range: the signed range of its own bit width (clients may send a
+// tensor at different widths). Kept apart from AggregateEntry, which the averaging
+// loops load: a 32-byte entry made pass 1 spill registers.
+struct EntryRange {
+  int32_t qmin;
+  int32_t qmax;
+};
+
 struct AggregatePlan {
   int64_t tensors;
   int64_t clients;
@@ -116,19 +124,20 @@ struct AggregatePlan {
 size_t aggregate_table_bytes(int64_t tensors, int64_t clients);
 
 // Fills `host_table` (aggregate_table_bytes() bytes, 8-byte aligned) from the tensors'
-// layouts and the clients' entries; returns what the launch needs to know.
+// layouts and the clients' entries and their ranges; returns what the launch needs to know.
 AggregatePlan aggregate_write_table(void* host_table, const Layout* layouts, int64_t tensors,
-                                    const AggregateEntry* entries, int64_t clients);
+                                    const AggregateEntry* entries, const EntryRange* ranges, int64_t clients);
 
 // Whether keeping the float32 average in a workspace (4 bytes written and read per
 // element) beats recomputing it from the clients' codes in pass 2 (`clients` bytes).
 inline bool aggregate_keeps_average(int64_t clients, int64_t trim) { return clients > 8 || trim >= 0; }
 
-// Pass 1 (one launch): checks every client's scale / zero point (Status.bad_qparam),
+// Pass 1 (one launch): checks every client's scale / zero point (Status.bad_qparam;
+// zero points against the entry's own range),
 // averages acc = (1 - b_k) * acc + b_k * ((q_k - zp_k) * s_k) from 0 in float32,
 // client by client in order, and observes each segment's range (Status.bad_value: a non-finite average).
 // Pass 2 (one launch): requantizes the average with the fresh range into the packed
-// `codes`, `scale`, `zero_point`. `average` (elements floats) is used when non-null
+// `codes`, `scale`, `zero_point` in [qmin, qmax]. `average` (elements floats) is used when non-null
 // (see aggregate_keeps_average); `weights` (clients floats: their running fractions) and
 // `device_table` live on the device; `workspace` has observe_workspace_bytes(segments).
 // trim >= 0: the unweighted trimmed mean instead (trim values cut from each end).

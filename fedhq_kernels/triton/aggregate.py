@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from fedhq_kernels import reference
+from fedhq_kernels.quantized_tensor import input_ranges
 from fedhq_kernels.triton import _common as cm
 from fedhq_kernels.triton._common import (
     COL,
@@ -217,7 +218,7 @@ def _tables(views: list[View], code_ptrs: list[int]) -> tuple[torch.Tensor, int,
     return table, int(tile_tensor.numel()), elements, segments
 
 
-def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, symmetric, names, trim=-1):
+def aggregate(codes, scales, zero_points, weights, axes, bits, quant_min, quant_max, symmetric, names, trim=-1):
     if cm.INTERPRET and weights.device.type != "cpu":
         # The interpreter runs on host copies of the arguments, so the device addresses in
         # the code pointer table would be read on the host: run on CPU copies instead.
@@ -227,6 +228,7 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
             [z.cpu() for z in zero_points],
             weights.cpu(),
             axes,
+            bits,
             quant_min,
             quant_max,
             symmetric,
@@ -245,13 +247,14 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
         raise ValueError(f"aggregate: expected {K} clients x {T} tensors of codes, scales and zero points")
     if trim >= 0 and not 2 * trim < K:
         raise ValueError(f"aggregate: trimming {trim} of {K} clients from each end leaves none")
+    ranges = input_ranges("aggregate", bits, K * T, names)  # each entry's own code range
     if device.type != "cuda":
         # free on CPU tensors: check in the reference's order, with its messages
         for t in range(T):
             for k in range(K):
                 e = k * T + t
                 reference.check_qparams(
-                    "aggregate", scales[e], zero_points[e], quant_min, quant_max, f"client {k}'s '{names[t]}'"
+                    "aggregate", scales[e], zero_points[e], *ranges[e], f"client {k}'s '{names[t]}'"
                 )
 
     views = [_aggregate_view(codes[t].shape, axes[t]) for t in range(T)]
@@ -306,21 +309,19 @@ def aggregate(codes, scales, zero_points, weights, axes, quant_min, quant_max, s
                 )
 
     if device.type == "cuda":
-        bad_params = (
-            ~(torch.isfinite(scale_all) & (scale_all > 0)) | (zp_all < quant_min) | (zp_all > quant_max)
-        ).any()
+        channels = torch.tensor([s.numel() for s in scales])  # each entry's range, per parameter, built on the host
+        zp_min, zp_max = (
+            torch.tensor(bound, dtype=torch.int32).repeat_interleave(channels).to(device, non_blocking=True)
+            for bound in zip(*ranges)
+        )
+        bad_params = (~(torch.isfinite(scale_all) & (scale_all > 0)) | (zp_all < zp_min) | (zp_all > zp_max)).any()
         bad_params, bad_tensor = torch.stack([bad_params.to(torch.int32), flag[0]]).tolist()  # the one read
         if bad_params:
             for t in range(T):
                 for k in range(K):
                     e = k * T + t
                     reference.check_qparams(
-                        "aggregate",
-                        scales[e].cpu(),
-                        zero_points[e].cpu(),
-                        quant_min,
-                        quant_max,
-                        f"client {k}'s '{names[t]}'",
+                        "aggregate", scales[e].cpu(), zero_points[e].cpu(), *ranges[e], f"client {k}'s '{names[t]}'"
                     )
     else:
         bad_tensor = int(flag.item())

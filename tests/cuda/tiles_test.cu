@@ -131,13 +131,19 @@ void check_aggregate_table() {
   const int64_t tensors = int64_t(sizeof layouts / sizeof layouts[0]), clients = 3;
   alignas(16) static int8_t storage[64];
   std::vector<AggregateEntry> entries;
-  for (int64_t k = 0; k < clients; ++k)
-    for (int64_t t = 0; t < tensors; ++t)  // client 2's tensor 7 is misaligned: no vectors for tensor 7
+  std::vector<EntryRange> ranges;
+  for (int64_t k = 0; k < clients; ++k) {
+    for (int64_t t = 0; t < tensors; ++t) {  // client 2's tensor 7 is misaligned: no vectors for tensor 7
       entries.push_back(AggregateEntry{storage + ((k == 2 && t == 7) ? 1 : 0), nullptr, nullptr});
+      ranges.push_back(EntryRange{-int32_t(k + 2), int32_t(k + t)});
+    }
+  }
   std::vector<unsigned char> table(aggregate_table_bytes(tensors, clients));
-  const AggregatePlan plan = aggregate_write_table(table.data(), layouts, tensors, entries.data(), clients);
+  const AggregatePlan plan =
+      aggregate_write_table(table.data(), layouts, tensors, entries.data(), ranges.data(), clients);
   const TensorDesc* descs = reinterpret_cast<const TensorDesc*>(table.data());
   const AggregateEntry* copied = reinterpret_cast<const AggregateEntry*>(descs + tensors);
+  const EntryRange* copied_ranges = reinterpret_cast<const EntryRange*>(copied + entries.size());
   int64_t elements = 0, segments = 0, tiles = 0;
   for (int64_t t = 0; t < tensors; ++t) {
     const TensorDesc& d = descs[t];
@@ -157,7 +163,10 @@ void check_aggregate_table() {
   CHECK(plan.elements == elements && plan.segments == segments && plan.tiles == tiles && plan.tensors == tensors &&
             plan.clients == clients,
         "plan");
-  for (size_t e = 0; e < entries.size(); ++e) CHECK(copied[e].codes == entries[e].codes, "entry %zu", e);
+  for (size_t e = 0; e < entries.size(); ++e)  // each entry's own code range travels with it
+    CHECK(copied[e].codes == entries[e].codes && copied_ranges[e].qmin == ranges[e].qmin &&
+              copied_ranges[e].qmax == ranges[e].qmax,
+          "entry %zu", e);
 }
 
 int main() {
