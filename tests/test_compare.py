@@ -89,8 +89,8 @@ def test_headline_is_the_mean_of_the_last_five_rounds_deployed_when_recorded():
 
 
 def test_summarize_pairs_by_seed():
-    def run(acc, sim):
-        return {"rounds": [{"accuracy": acc}], "sim_time_s": sim}
+    def run(acc, sim, weight_bits=8.0):
+        return {"rounds": [{"accuracy": acc}], "sim_time_s": sim, "upload_bytes": 1000, "weight_bits": weight_bits}
 
     by_seed = {
         0: {"fedhq": run(0.9, 10.0), "fedaqt": run(0.8, 30.0)},
@@ -111,6 +111,13 @@ def test_summarize_pairs_by_seed():
     assert paired["fedhq-rt"]["fedhq"]["headline_accuracy"]["values"] == pytest.approx([0.05, -0.1])
     assert paired["fedhq-rt"]["fedaqt"]["time_ratio"]["values"] == [6.0, 4.0]
     assert paired["fedhq"]["fedhq-rt"]["time_ratio"]["values"] == [0.5, 0.5]
+    # fedmpq is paired too (its gain over aqfl); bits per weight and bytes are averaged
+    by_seed[0]["fedmpq"], by_seed[1]["fedmpq"] = run(0.85, 20.0, 5.5), run(0.7, 30.0, 4.5)
+    by_seed[0]["aqfl"], by_seed[1]["aqfl"] = run(0.8, 20.0, 6.0), run(0.72, 30.0, 6.0)
+    summary = summarize(by_seed)
+    assert summary["paired"]["fedmpq"]["aqfl"]["headline_accuracy"]["values"] == pytest.approx([0.05, -0.02])
+    assert summary["strategies"]["fedmpq"]["weight_bits"]["mean"] == 5.0
+    assert summary["strategies"]["fedmpq"]["upload_bytes"]["mean"] == 1000
 
 
 # ---- comparisons ----

@@ -233,7 +233,7 @@ def test_cli_run_writes_results_and_bad_settings_exit_2(reference, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "fedhq run: error: unknown strategy 'nope'; choose one of: fedhq, fedaqt, fedfq, fedrh, fp32, "
-        "fedhq-rt, slackfill, fedrh-matched"
+        "fedhq-rt, slackfill, fedrh-matched, aqfl, fedmpq, fedlq, fedhq-budget"
     ]
     assert cli.main(["run", "--dataset", "svhn", "--data-root", str(tmp_path)]) == 2
     assert "train_32x32.mat" in capsys.readouterr().err

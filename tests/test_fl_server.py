@@ -410,3 +410,14 @@ def test_round_plan_bit_maps_are_validated():
     for bad in (1, 9, 4.0, True):
         with pytest.raises(ValueError, match="upload_bits must map names to widths in \\[2, 8\\]"):
             RoundPlan(**values, seed=0, upload_bits={"a": bad})
+
+
+def test_a_range_of_planned_widths_accepts_narrower_uploads_only(setup):
+    net, names, updates = setup
+    server = Server(net.state_dict(), bits=8, quantized=names)
+    weights = {k: v.dequantize() if isinstance(v, fk.QuantizedTensor) else v for k, v in updates[0].state.items()}
+    planned = dict.fromkeys(names, range(2, 7)) | {"3.weight": range(2, 9)}  # as for a pruning (mpq) client
+    narrower = Update(0, quantize_upload(weights, names, dict.fromkeys(names, 8) | {"0.weight": 3}), 10, 0.0, 1, 0.0)
+    assert "'0.bias': expected 2- to 6-bit codes, got 8-bit" == server.check(narrower, planned)
+    fits = Update(0, quantize_upload(weights, names, dict.fromkeys(names, 5) | {"3.weight": 8}), 10, 0.0, 1, 0.0)
+    assert server.check(fits, planned) is None

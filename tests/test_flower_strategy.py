@@ -308,3 +308,18 @@ def test_a_plans_bit_maps_travel_in_the_training_message():
     for maps in ({}, {"upload_bits": {"0.weight": 2}}, {"upload_bits": {"a": 3}, "download_bits": {"b": 5}}):
         plan = RoundPlan(strategy="qat", **values, **maps)
         assert read_plan("qat", ConfigRecord(plan_record(plan))) == plan
+
+
+@pytest.mark.parametrize("strategy", ["aqfl", "fedhq-budget", "fedlq"])
+def test_flower_runs_the_mixed_precision_strategies_with_the_embedded_numbers(reference, tmp_path, strategy):
+    config = tiny(reference, tmp_path / "embedded", strategy=strategy, clients=6, rounds=1)
+    embedded = engine.run(config, echo=quiet)
+    flower = run_on_grid(LocalGrid(client_app.app, 6), config.replace(output_dir=str(tmp_path / "flower")), echo=quiet)
+    assert flower["rounds"][0]["rejected"] == [] and flower["rounds"][0]["participants"] == list(range(6))
+    for key in ("accuracy", "upload_bytes", "sim_s"):
+        assert flower["rounds"][0][key] == embedded["rounds"][0][key], key
+
+
+def test_flower_refuses_fedmpq(reference, tmp_path):
+    with pytest.raises(ConfigError, match="does not run fedmpq"):
+        run_on_grid(LocalGrid(client_app.app, 2), tiny(reference, tmp_path, clients=2, strategy="fedmpq"), echo=quiet)

@@ -459,3 +459,26 @@ def test_rounds_csv(tmp_path):
 def test_a_version_1_comparison_still_reads(comparison):
     v1 = {"schema": "fedhq.compare/1", "runs": comparison["runs_by_seed"]["0"]}
     assert format_comparison_table(v1) == format_comparison_table(comparison)
+
+
+def test_precision_summary_plots_accuracy_against_bits_per_weight_and_bytes(figures, tmp_path):
+    from fedhq.fl.summary import summarize
+
+    by_seed = several_seeds()
+    widths = {name: 2.0 + k for k, name in enumerate(by_seed[0])}
+    for s, runs in by_seed.items():
+        for name, run in runs.items():
+            run["weight_bits"] = widths[name] + 0.5 * s
+            run["upload_bytes"] = int(1e6 * widths[name])
+    summary = summarize(by_seed)
+    plots.plot_precision_summary(by_seed, tmp_path / "p.png")
+    left, right = figures[0].axes
+    for name, width in widths.items():
+        assert summary["strategies"][name]["weight_bits"]["mean"] == pytest.approx(width + 0.5)
+        assert summary["strategies"][name]["upload_bytes"]["mean"] == pytest.approx(1e6 * width)
+    # one marker per strategy, at its mean bits per weight (left) and megabytes (right)
+    assert sorted(c.lines[0].get_xdata()[0] for c in left.containers) == pytest.approx(
+        sorted(w + 0.5 for w in widths.values())
+    )
+    assert sorted(c.lines[0].get_xdata()[0] for c in right.containers) == pytest.approx(sorted(widths.values()))
+    assert right.get_xscale() == "log" and (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC

@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fedhq_kernels as fk
+from fedhq import mpq
 from fedhq.analysis.speed import batches_per_epoch
 from fedhq.data.base import Split
 from fedhq.fl import seeds
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys, prepare_qat
 from fedhq.quant.deploy import score
-from fedhq_kernels.checks import is_int
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int
 
-CLIENT_STRATEGIES = ("ptq", "qat", "fp32")
+CLIENT_STRATEGIES = ("ptq", "qat", "fp32", "mpq")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class RoundPlan:
     """What the server asks of a client in one round."""
 
     round: int
-    strategy: str  # 'ptq' | 'qat' | 'fp32' (float training, float upload)
+    strategy: str  # 'ptq' | 'qat' | 'fp32' (float training, float upload) | 'mpq' (FedMPQ's bit planes)
     epochs: int
     batch_size: int
     lr: float
@@ -43,10 +44,13 @@ class RoundPlan:
     # "Bits per client"): of the upload, and of the global model the server sends it.
     upload_bits: Mapping[str, int] | None = None
     download_bits: Mapping[str, int] | None = None
+    act_bits: int | None = None  # QAT's activations; None: ``bits``
 
     def __post_init__(self):
         if self.strategy not in CLIENT_STRATEGIES:
             raise ValueError(f"RoundPlan: strategy must be one of {CLIENT_STRATEGIES}, got {self.strategy!r}")
+        if self.act_bits is not None and not (is_int(self.act_bits) and MIN_BITS <= self.act_bits <= MAX_BITS):
+            raise ValueError(f"RoundPlan: act_bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.act_bits!r}")
         for what in ("upload_bits", "download_bits"):
             bits = getattr(self, what)
             if bits is not None and not all(is_int(b) and MIN_BITS <= b <= MAX_BITS for b in bits.values()):
@@ -60,10 +64,6 @@ class RoundPlan:
         """The bits of each quantized entry of the global model sent to the client;
         None: the global model as the server holds it."""
         return None if self.download_bits is None else _bit_map(names, self.bits, self.download_bits)
-
-
-# The widths a tensor can travel at (fedhq_kernels packs 2 to 8 bits).
-MIN_BITS, MAX_BITS = 2, 8
 
 
 def _bit_map(names: set[str], bits: int, overrides: Mapping[str, int] | None) -> dict[str, int]:
@@ -116,11 +116,7 @@ def quantized_names(model: nn.Module) -> set[str]:
 def quantize_upload(weights: Mapping[str, Tensor], names: set[str], bits: int | Mapping[str, int]) -> dict:
     """``weights`` with the entries in ``names`` quantized at ``bits`` (one width, or one
     per name), the others as they are."""
-    widths = dict(bits) if isinstance(bits, Mapping) else dict.fromkeys(names, bits)
-    quantized = {}
-    for width in set(widths.values()):
-        chosen = {k: v for k, v in weights.items() if k in names and widths[k] == width}
-        quantized.update(fk.quantize_state_dict(chosen, bits=width))
+    quantized = fk.quantize_state_dict({k: v for k, v in weights.items() if k in names}, bits=bits)
     return {k: quantized[k] if k in names else v for k, v in weights.items()}
 
 
@@ -140,11 +136,14 @@ def training_batches(order: Tensor, batch_size: int, batchnorm: bool) -> list[Te
     return batches[: batches_per_epoch(order.numel(), batch_size, drop_single=batchnorm)]
 
 
-def build_client_model(spec: ModelSpec, strategy: str, state: ClientState | None, *, bits: int) -> nn.Module:
-    """The model a client trains: float, or fake-quantized at the run's ``bits``."""
+def build_client_model(
+    spec: ModelSpec, strategy: str, state: ClientState | None, *, bits: int, act_bits: int | None = None
+) -> nn.Module:
+    """The model a client trains: float, or fake-quantized with weights at ``bits`` and
+    activations at ``act_bits`` (default ``bits``)."""
     model = spec.build()
     if strategy == "qat":
-        model = prepare_qat(model, bits=bits, inplace=True)
+        model = prepare_qat(model, weight_bits=bits, act_bits=act_bits or bits, inplace=True)
         if state is not None and state.observers:
             model.load_state_dict(state.observers, strict=False)
     return model
@@ -158,39 +157,60 @@ def train_local(
     client: int,
     state: ClientState | None = None,
 ) -> tuple[Update, ClientState]:
-    """Trains ``plan.epochs`` epochs of SGD from ``global_state`` (float tensors) on
-    ``data``; returns the upload and the client's new local state."""
+    """Trains ``plan.epochs`` epochs from ``global_state`` (float tensors) on ``data``
+    (SGD; for ``mpq`` FedMPQ's bit-plane training, fedhq.mpq); returns the upload and the
+    client's new local state."""
     started = time.perf_counter()
-    model = build_client_model(spec, plan.strategy, state, bits=plan.bits)
+    model = build_client_model(spec, plan.strategy, state, bits=plan.bits, act_bits=plan.act_bits)
     load_float_state_dict(model, global_state)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum)
-    generator = torch.Generator().manual_seed(seeds.int_seed(plan.seed, "shuffle", plan.round, client))
-    n = len(data)
-    batchnorm = has_batchnorm(model)
-    if batchnorm and min(n, plan.batch_size) < 2:
-        raise ValueError(
-            f"BatchNorm cannot train on batches of one sample, and this client's {n} sample(s) at batch size "
-            f"{plan.batch_size} make no other (it needs 2 samples and a batch of 2)"
+    names = quantized_names(model)
+    batches = _epoch_batches(data, plan, client, has_batchnorm(model))
+    if plan.strategy == "mpq":
+        layers = mpq.quantizable_layers(model)
+        planned = plan.upload_map(names)
+        result = mpq.train_fedmpq(
+            mpq.to_bitplane(model, {name: planned[name] for name in layers}),
+            ((data.x[idx], data.y[idx]) for idx in batches),
+            lr=plan.lr,
+            momentum=plan.momentum,
+            seed=seeds.int_seed(plan.seed, "mpq", plan.round, client),
         )
-    losses, steps = [], 0
-    for _ in range(plan.epochs):
-        order = torch.randperm(n, generator=generator)
-        for idx in training_batches(order, plan.batch_size, batchnorm):
+        weights, bits, new_state = result.state, planned | result.bits, ClientState()
+        train_loss, steps = result.train_loss, result.steps
+    else:
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=plan.momentum)
+        losses = []
+        for idx in batches:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-            steps += 1
-    weights = {k: v.detach().clone() for k, v in float_state_dict(model).items()}
-    names = quantized_names(model)
-    upload = weights if plan.strategy == "fp32" else quantize_upload(weights, names, plan.upload_map(names))
-    keys = observer_keys(model)
-    new_state = ClientState({k: v.detach().clone() for k, v in model.state_dict().items() if k in keys})
-    train_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-    update = Update(client, upload, n, train_loss, steps, time.perf_counter() - started)
+        weights = {k: v.detach().clone() for k, v in float_state_dict(model).items()}
+        bits = plan.upload_map(names)
+        keys = observer_keys(model)
+        new_state = ClientState({k: v.detach().clone() for k, v in model.state_dict().items() if k in keys})
+        train_loss, steps = (float(torch.stack(losses).mean()) if losses else float("nan")), len(losses)
+    upload = weights if plan.strategy == "fp32" else quantize_upload(weights, names, bits)
+    update = Update(client, upload, len(data), train_loss, steps, time.perf_counter() - started)
     return update, new_state
+
+
+def _epoch_batches(data: Split, plan: RoundPlan, client: int, batchnorm: bool) -> list[Tensor]:
+    """The sample indices of every step of the round, epoch after epoch, shuffled from the
+    seed's stream keyed by (round, client)."""
+    n = len(data)
+    if batchnorm and min(n, plan.batch_size) < 2:
+        raise ValueError(
+            f"BatchNorm cannot train on batches of one sample, and this client's {n} sample(s) at batch size "
+            f"{plan.batch_size} make no other (it needs 2 samples and a batch of 2)"
+        )
+    generator = torch.Generator().manual_seed(seeds.int_seed(plan.seed, "shuffle", plan.round, client))
+    batches = []
+    for _ in range(plan.epochs):
+        batches += training_batches(torch.randperm(n, generator=generator), plan.batch_size, batchnorm)
+    return batches
 
 
 def evaluate(spec: ModelSpec, weights: Mapping[str, Tensor], data: Split, batch_size: int = 512) -> tuple[float, float]:

@@ -107,6 +107,9 @@ def compare(
     spec = engine.model_spec(config, dataset)
     _, reference = engine.reference_profile(config, spec, out, echo, reuse_saved=resume)
 
+    # when one run needs the server's validation split, every run holds it out: the
+    # clients of a seed train on the same samples whatever the strategy
+    hold_out = config.adjust or config.hold_out_validation or any(engine.needs_validation(s) for s in strategies)
     todo = [(seed, *plan) for seed in seeds for plan in runs_of_seed]
     started, trained, trained_s = time.perf_counter(), 0, 0.0
     runs_by_seed: dict[int, dict[str, dict]] = {seed: {} for seed in seeds}
@@ -116,7 +119,7 @@ def compare(
             seed=seed,
             strategy=strategy,
             adjust=adjust,
-            hold_out_validation=config.adjust,
+            hold_out_validation=hold_out,
             output_dir=str(path),
             reference_profile=reference,
         )

@@ -18,8 +18,10 @@ from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
 from fedhq_kernels.functional import DEFAULT_TRIM, METHODS
 
 # the paper's five (fedhq compare's default), then this project's round-aware ones (docs/method.md §8)
+# and the mixed-precision systems (docs/mixed-precision.md, fedhq.fl.precision)
 PAPER_STRATEGIES = ("fedhq", "fedaqt", "fedfq", "fedrh", "fp32")
-STRATEGIES = (*PAPER_STRATEGIES, "fedhq-rt", "slackfill", "fedrh-matched")
+MIXED_PRECISION_STRATEGIES = ("aqfl", "fedmpq", "fedlq", "fedhq-budget")
+STRATEGIES = (*PAPER_STRATEGIES, "fedhq-rt", "slackfill", "fedrh-matched", *MIXED_PRECISION_STRATEGIES)
 PARTITIONS = ("iid", "dirichlet", "quantity")
 SPEED_ORIENTATIONS = ("time", "speed")
 # Seeds are below numpy's legacy bound, which every seeded library here accepts.
@@ -206,6 +208,8 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (isinstance(self.validation_fraction, float) and 0 < self.validation_fraction < 0.5):
             raise ConfigError(f"validation_fraction must be in (0, 0.5), got {self.validation_fraction!r}")
+        if self.strategy in MIXED_PRECISION_STRATEGIES and (self.topology is not None or self.adjust):
+            raise ConfigError(f"strategy {self.strategy} runs flat systems without --adjust")
         if self.adjust and self.strategy != "fedhq":
             raise ConfigError(f"adjust refines FedHQ's allocation: it needs strategy fedhq, not {self.strategy!r}")
         if self.adjust and self.adjust_after >= self.rounds:

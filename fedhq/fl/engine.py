@@ -29,7 +29,7 @@ from fedhq.analysis import speed as speed_analysis
 from fedhq.analysis.accuracy import client_significance
 from fedhq.data import DatasetNotFoundError, load_dataset, partition
 from fedhq.data.base import Dataset, Split, stratified_split, stratified_test_indices
-from fedhq.fl import checkpoint, seeds
+from fedhq.fl import checkpoint, precision, seeds
 from fedhq.fl.adjustment import adjust_allocation
 from fedhq.fl.client import (
     ClientState,
@@ -59,7 +59,7 @@ from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
 from fedhq.models import ModelSpec
 from fedhq.quant import calibration_split, evaluate_deployed
-from fedhq_kernels.checks import is_real
+from fedhq_kernels.checks import is_real, valid_bits
 
 log = logging.getLogger("fedhq.engine")
 
@@ -187,12 +187,18 @@ def reference_profile(
     return doc, str(path)
 
 
+def needs_validation(strategy: str, adjust: bool = False) -> bool:
+    """Whether a run decides from the server's validation split: the adjustment's
+    detection and trials, FedLQ's layer significance."""
+    return adjust or strategy == "fedlq"
+
+
 def split_validation(config: RunConfig, dataset: Dataset) -> tuple[Split, Split | None]:
-    """(the split clients share, the server's validation split): with --adjust a
-    stratified validation_fraction of the training set is held out for detection and
-    candidate trials, so the test split is never used to make decisions (runs compared
-    with an adjusted one hold out the same samples: hold_out_validation)."""
-    if not (config.adjust or config.hold_out_validation):
+    """(the split clients share, the server's validation split): when the run decides
+    from it (``needs_validation``) a stratified validation_fraction of the training set
+    is held out, so the test split is never used to make decisions (runs compared with
+    such a run hold out the same samples: hold_out_validation)."""
+    if not (needs_validation(config.strategy, config.adjust) or config.hold_out_validation):
         return dataset.train, None
     keep, held = stratified_split(dataset.train.y.numpy(), config.validation_fraction, config.seed)
     return dataset.train.subset(keep), dataset.train.subset(held)
@@ -287,12 +293,12 @@ def allocate(
     """One strategy per client. fedhq-rt and slackfill read the clients' predicted
     ``costs``; on a ``topology`` each node's path to the server counts."""
     n = len(speed_sig)
-    if config.strategy in ("fedhq", "fedrh-matched"):
+    if config.strategy in ("fedhq", "fedrh-matched", "fedhq-budget"):
         allocation = global_init(
             speed_sig, acc_sig, config.xi, config.area_threshold, speed_orientation=config.speed_orientation
         )
         chosen = [str(s) for s in allocation.strategies]
-        if config.strategy == "fedhq":
+        if config.strategy != "fedrh-matched":
             return chosen
         # as many QAT clients as fedhq, drawn at random
         matched = ["ptq"] * n
@@ -309,14 +315,32 @@ def allocate(
         else:
             mask = round_aware(acc_sig=acc_sig, round_slack=config.round_slack, **times)
         return ["qat" if q else "ptq" for q in mask]
-    if config.strategy == "fedaqt":
+    if config.strategy in ("fedaqt", "aqfl"):
         return ["qat"] * n
-    if config.strategy == "fedfq":
+    if config.strategy in ("fedfq", "fedlq"):
         return ["ptq"] * n
+    if config.strategy == "fedmpq":
+        return ["mpq"] * n
     if config.strategy == "fedrh":
         draws = seeds.generator(config.seed, "fedrh").random(n)
         return ["ptq" if d < 0.5 else "qat" for d in draws]
     return ["fp32"] * n
+
+
+def precision_policy(
+    config: RunConfig, spec: ModelSpec, answers: list[Answer], costs: RoundCosts, validation: Split | None
+) -> precision.Uniform:
+    """The run's bits per client and round (fedhq.fl.precision), from what the clients
+    said of themselves in the analysis round (their devices, sizes, upload times)."""
+    devices = {a.client: a.about["device"] for a in answers}
+    if config.strategy in precision.BUDGET_STRATEGIES:
+        return precision.Budgets(config, devices)
+    if config.strategy == "fedmpq":
+        return precision.MixedPrecision(config, spec, devices, {a.client: a.about["samples"] for a in answers})
+    if config.strategy == "fedlq":
+        upload_s = {a.client: s for a, s in zip(answers, costs.upload_s)}
+        return precision.LayerBits(config, spec, validation, upload_s, model_facts(spec, config.bits)[1])
+    return precision.Uniform(config)
 
 
 @dataclass(frozen=True)
@@ -515,6 +539,8 @@ def run(
 
     server = Server.for_run(config, initial_model(config, spec))
     server.declare_samples({a.client: a.about["samples"] for a in answers})  # no update may claim more
+    policy = precision_policy(config, spec, answers, costs, validation)
+    server.weights = policy.weights()
     history: list[dict] = []
     training_s = 0.0
     adjustment: dict | None = None
@@ -526,6 +552,7 @@ def run(
         training_s = saved["training_s"]
         adjustment = saved["adjustment"]
         strategies = dict(zip(strategies, saved["strategies"]))
+        policy.restore(saved.get("precision", {}))
         echo(f"resuming {out / CHECKPOINT_FILE} after round {len(history)}")
 
     on = "" if link.name == "embedded" else f" on {link.name.capitalize()}"
@@ -542,10 +569,13 @@ def run(
         if len(available) < wanted:
             skipped = "" if available else ": round skipped, the global model unchanged"
             echo(f"round {r}: {len(available)} of {len(trainers)} clients available, fewer than K = {wanted}{skipped}")
-        plans = {cid: round_plan(config, r, strategies[cid], batches[cid]) for cid in sampled}
+        if sampled:
+            policy.before_round(r, server)
+        plans = {cid: policy.plan(cid, round_plan(config, r, strategies[cid], batches[cid])) for cid in sampled}
         # a round nobody trains in changes nothing: it is recorded and the run goes on
         replies = link.train(server, plans) if plans else Replies(server.open_round(topology), [], [], {})
         outcome = close_round(topology, r, replies, round_started)
+        policy.after_round([u for u in outcome.updates if u.client in outcome.accepted], server)
         metrics = evaluate_global(spec, server, dataset.test, calibration_x)
         row = add_round(history, outcome.row(metrics["accuracy"], metrics["loss"], config.local_epochs) | metrics)
         row.update(outcome.extra, sampled=sampled, available=len(available))
@@ -562,6 +592,7 @@ def run(
                 "client_states": link.local_state(),
                 "strategies": list(strategies.values()),
                 "adjustment": adjustment,
+                "precision": policy.state(),
             },
         )
         echo_progress(echo, row, config.rounds)
@@ -647,9 +678,16 @@ def results_document(
         "wall_time_s": history[-1]["cum_wall_s"] if history else 0.0,
         "sim_time_s": history[-1]["cum_sim_s"] if history else 0.0,
         "upload_bytes": sum(h["upload_bytes"] for h in history),
+        "weight_bits": mean_weight_bits(history),
         "timing": timing,
         "reference_profile": reference_path,
     }
+
+
+def mean_weight_bits(history: list[dict]) -> float | None:
+    """The run's uploads' mean bits per weight, over the rounds that had any."""
+    values = [h["weight_bits"] for h in history if h.get("weight_bits") is not None]
+    return sum(values) / len(values) if values else None
 
 
 # keys of a checkpoint's payload, and the bound on the saved global model: a weight at
@@ -657,7 +695,14 @@ def results_document(
 CHECKPOINT_KEYS = ("config", "server_state", "history", "training_s", "client_states", "strategies", "adjustment")
 SAVED_MAX_GROWTH = 1e4
 # which strategies a client of each run strategy may hold
-CLIENT_STRATEGIES = {"fedaqt": {"qat"}, "fedfq": {"ptq"}, "fp32": {"fp32"}}
+CLIENT_STRATEGIES = {
+    "fedaqt": {"qat"},
+    "aqfl": {"qat"},
+    "fedfq": {"ptq"},
+    "fedlq": {"ptq"},
+    "fp32": {"fp32"},
+    "fedmpq": {"mpq"},
+}
 
 
 def _load_checkpoint(config: RunConfig, out: Path) -> dict:
@@ -697,6 +742,11 @@ def _payload_problem(saved: dict) -> str | None:
         return f"training_s must be a finite number >= 0, got {saved['training_s']!r}"
     if saved["adjustment"] is not None and not isinstance(saved["adjustment"], dict):
         return "adjustment must be a dict or None"
+    maps = saved.get("precision", {}).get("maps", {}) if isinstance(saved.get("precision", {}), dict) else None
+    if not isinstance(maps, dict) or not all(
+        isinstance(m, dict) and all(valid_bits(b) for b in m.values()) for m in maps.values()
+    ):
+        return "precision must hold bit maps of widths in [2, 8]"
     for cid, observers in saved["client_states"].items():
         if not isinstance(observers, dict) or not all(isinstance(v, torch.Tensor) for v in observers.values()):
             return f"client {cid}'s state must be a dict of tensors"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -22,6 +22,7 @@ from fedhq.fl.server import Rejection, RoundIntake, Server
 from fedhq.fl.timing import COST_STRATEGY, ClientDevice, ClientTime
 from fedhq.fl.topology import Topology
 from fedhq.models import ModelSpec
+from fedhq_kernels.checks import MIN_BITS
 
 TrainFn = Callable[..., tuple[Update, ClientState]]
 
@@ -78,11 +79,19 @@ class Received:
     train_loss: float
     nbytes: int
     state: dict | None
+    bits: dict[str, int]  # the width of each quantized entry of the update
+    weight_bits: float  # its bits per weight: of the quantized entries, by size (32: a float upload)
 
     @classmethod
     def of(cls, update: Update, keep_state: bool) -> Received:
         state = update.state if keep_state else None
-        return cls(update.client, update.num_samples, update.train_loss, update.nbytes, state)
+        entries = update.state.items() if isinstance(update.state, Mapping) else ()  # a bad update is rejected
+        quantized = {k: v for k, v in entries if isinstance(v, fk.QuantizedTensor)}
+        sizes = {k: math.prod(q.shape) for k, q in quantized.items()}
+        total = sum(sizes.values())
+        weight_bits = sum(q.bits * sizes[k] for k, q in quantized.items()) / total if total else 32.0
+        bits = {k: q.bits for k, q in quantized.items()}
+        return cls(update.client, update.num_samples, update.train_loss, update.nbytes, state, bits, weight_bits)
 
 
 def keeps_states(config: RunConfig, r: int) -> bool:
@@ -167,6 +176,7 @@ class RoundOutcome:
             "sim_s": self.sim_s,
             "sim_epoch_s": epoch_s,
             "upload_bytes": sum(u.nbytes for u in self.updates),
+            "weight_bits": statistics.mean(u.weight_bits for u in self.updates) if self.updates else None,
             "participants": self.accepted,
             "rejected": [x.as_dict() for x in self.rejected],
             "slowest_client": self.critical,
@@ -224,10 +234,15 @@ def train_clients(ctx: RoundContext, plans: dict[int, RoundPlan]) -> Replies:
     return Replies(intake, updates, rejected, times, relay)
 
 
-def upload_bits(server: Server, plans: dict[int, RoundPlan]) -> dict[int, dict[str, int]]:
-    """The bits each planned client must upload each quantized entry at: its plan's,
-    which the server checks its update against."""
-    return {cid: plan.upload_map(server.quantized) for cid, plan in plans.items()}
+def upload_bits(server: Server, plans: dict[int, RoundPlan]) -> dict[int, dict[str, int | range]]:
+    """The bits each planned client must upload each quantized entry at, which the
+    server checks its update against: its plan's; a FedMPQ client (``mpq``) may have
+    pruned a layer to fewer, down to the narrowest width."""
+    expected: dict[int, dict[str, int | range]] = {}
+    for cid, plan in plans.items():
+        bits = plan.upload_map(server.quantized)
+        expected[cid] = {n: range(MIN_BITS, b + 1) for n, b in bits.items()} if plan.strategy == "mpq" else bits
+    return expected
 
 
 class Downloads:

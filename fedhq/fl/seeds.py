@@ -22,6 +22,7 @@ STREAMS = {
     "test_subset": 0x7E57,  # the test images kept by --max-test
     "calibration": 0xCA1B,  # the server's calibration images of the deployed model
     "sampling": 0x5A3B,  # the clients that train in a round; key round
+    "mpq": 0x3B9,  # a FedMPQ client's stochastic rounding of integer updates; keys (round, client)
 }
 
 

@@ -73,7 +73,7 @@ def validate_update(
     num_samples: object,
     template: Mapping[str, Tensor],
     *,
-    bits: int | Mapping[str, int] | None,
+    bits: int | Mapping[str, int | range] | None,
     quantized: set[str],
     limits: Mapping[str, float] | None = None,
     stats: Sequence[RunningStats] = (),
@@ -82,8 +82,8 @@ def validate_update(
 ) -> str | None:
     """Why ``state`` cannot be aggregated into a model shaped like ``template`` (the
     global float state dict), or None. The entries named in ``quantized`` must be
-    ``bits``-bit QuantizedTensors (one width, or one per name: the client's plan;
-    ``bits`` None: a float fp32 update, nothing quantized), with the axis, symmetry and
+    ``bits``-bit QuantizedTensors (one width, or one per name, or a range of widths: the
+    client's plan; ``bits`` None: a float fp32 update, nothing quantized), with the axis, symmetry and
     dtype of ``schemes``' entry of that name (the global model) where given. ``limits``
     bounds the magnitude of the float entries named in it (``growth_limits``); the
     running variances of ``stats`` must be finite and >= 0 and are bounded by their
@@ -177,7 +177,7 @@ def growth_limits(
     return limits
 
 
-def _check_entry(value: object, reference: Tensor, bits: int | None) -> str | None:
+def _check_entry(value: object, reference: Tensor, bits: int | range | None) -> str | None:
     shape = tuple(reference.shape)
     if not reference.is_floating_point():  # integer buffers travel as they are
         if not isinstance(value, Tensor) or value.dtype != reference.dtype or tuple(value.shape) != shape:
@@ -193,8 +193,9 @@ def _check_entry(value: object, reference: Tensor, bits: int | None) -> str | No
         return f"expected a QuantizedTensor, got {_describe(value)}"
     if tuple(value.shape) != shape or value.dtype != reference.dtype:
         return f"expected shape {shape} and dtype {reference.dtype}, got {tuple(value.shape)} {value.dtype}"
-    if value.bits != bits:
-        return f"expected {bits}-bit codes, got {value.bits}-bit"
+    if value.bits not in (bits if isinstance(bits, range) else (bits,)):
+        wanted = f"{bits.start}- to {bits.stop - 1}" if isinstance(bits, range) else bits
+        return f"expected {wanted}-bit codes, got {value.bits}-bit"
     try:
         value.check_codes()
     except ValueError as error:
@@ -237,6 +238,7 @@ class Server:
         # from the initial model, once: a poisoned round cannot raise the bound
         self.limits = growth_limits(self.state, max_growth, self.stats)
         self.samples: dict[int, int] = {}  # client -> the sample count it declared (declare_samples)
+        self.weights: dict[int, int] = {}  # client -> its weight per sample (1 unless set: FedMPQ's budgets)
 
     @classmethod
     def for_run(cls, config, model: torch.nn.Module) -> Server:
@@ -262,12 +264,12 @@ class Server:
         return fk.dequantize_state_dict(self.state)
 
     def open_round(
-        self, topology: Topology | None = None, upload_bits: Mapping[int, Mapping[str, int]] | None = None
+        self, topology: Topology | None = None, upload_bits: Mapping[int, Mapping[str, int | range]] | None = None
     ) -> RoundIntake:
         """The round's aggregation, fed one update at a time as they arrive
         (``RoundIntake.offer``) and installed by ``RoundIntake.close``. ``upload_bits``:
-        the bits each client was asked to upload each entry at (its plan's
-        ``upload_map``), where not the server's ``bits``."""
+        the bits (or range of bits) each client was asked to upload each entry at (its
+        plan's, ``rounds.upload_bits``), where not the server's ``bits``."""
         return RoundIntake(self, topology, upload_bits or {})
 
     def download(self, bits: Mapping[str, int] | None) -> dict:
@@ -292,7 +294,7 @@ class Server:
             intake.offer(update)
         return intake.close()
 
-    def check(self, update, bits: Mapping[str, int] | None = None) -> str | None:
+    def check(self, update, bits: Mapping[str, int | range] | None = None) -> str | None:
         """Why ``update`` (client, state, num_samples) cannot be aggregated, or None;
         ``bits``: the widths its plan asked for, where not the server's."""
         bits = self.bits if bits is None else bits
@@ -355,7 +357,10 @@ class _Slot:
         return self.single is None and self.step is None
 
     def result(self) -> Mapping:
-        return self.single if self.step is None else self.step.result()
+        """The node's aggregate; at the server's bits whatever widths its parts came at."""
+        if self.step is None:
+            return self.single
+        return self.step.result() if self.server.bits is None else self.step.result(bits=self.server.bits)
 
 
 class RoundIntake:
@@ -373,7 +378,7 @@ class RoundIntake:
     inner children's subtree aggregates in child order), weighted by the samples
     under them; the server aggregates what reaches it."""
 
-    def __init__(self, server: Server, topology: Topology | None, upload_bits: Mapping[int, Mapping[str, int]]):
+    def __init__(self, server: Server, topology: Topology | None, upload_bits: Mapping[int, Mapping[str, int | range]]):
         self.server, self.upload_bits = server, upload_bits
         tree = topology is not None and not topology.is_flat
         self.parents = topology.parents if tree else ()
@@ -414,7 +419,7 @@ class RoundIntake:
         node = (
             update.client if update.client in self.children else (self.parents[update.client] if self.parents else None)
         )
-        self._slot(node).add(update.state, update.num_samples)
+        self._slot(node).add(update.state, update.num_samples * self.server.weights.get(update.client, 1))
 
     def _slot(self, node: int | None) -> _Slot:
         if node not in self.slots:

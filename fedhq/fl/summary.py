@@ -16,7 +16,8 @@ HEADLINE_ROUNDS = 5  # the headline accuracy is the mean over this many last rou
 CONFIDENCE = 0.95
 BASELINE = "fedaqt"  # speedups are against all-QAT, as the paper's claim (1.50x-2.47x) is
 # the project's allocators: each one present gets its paired differences against every other strategy
-FOCUSES = ("fedhq", "fedhq-rt")
+# (fedmpq: whether its gain over aqfl reproduces, docs/mixed-precision.md)
+FOCUSES = ("fedhq", "fedhq-rt", "fedmpq")
 
 
 def row_accuracy(row: Mapping) -> float:
@@ -72,10 +73,12 @@ def run_metrics(run: Mapping, baseline: Mapping | None) -> dict:
         "final_accuracy": final_accuracy(run),
         "sim_time_s": run["sim_time_s"],
         "speedup": speedup(base_s, run["sim_time_s"]) if base_s is not None else None,
+        "weight_bits": run.get("weight_bits"),  # absent from runs before mixed precision
+        "upload_bytes": run["upload_bytes"],
     }
 
 
-METRICS = ("headline_accuracy", "final_accuracy", "sim_time_s", "speedup")
+METRICS = ("headline_accuracy", "final_accuracy", "sim_time_s", "speedup", "weight_bits", "upload_bytes")
 
 
 def summarize(runs_by_seed: Mapping[int, Mapping[str, Mapping]], confidence: float = CONFIDENCE) -> dict:

@@ -13,8 +13,9 @@ from typing import Any
 from fedhq.analysis.speed import SpeedModel
 from fedhq_kernels.checks import is_real
 
-# The cost model of each client strategy: fp32 clients train like PTQ clients.
-COST_STRATEGY = {"ptq": "ptq", "qat": "qat", "fp32": "ptq"}
+# The cost model of each client strategy: fp32 clients train like PTQ clients, FedMPQ's
+# bit-plane layers (mpq) at least like QAT's.
+COST_STRATEGY = {"ptq": "ptq", "qat": "qat", "fp32": "ptq", "mpq": "qat"}
 
 
 def upload_seconds(nbytes: int, uplink_mbps: float) -> float:

@@ -49,7 +49,7 @@ TRAIN_METRICS = ("num-examples", "train-loss", "steps", "wall-s", "compute-s", "
 MAX_STEPS = 2**31 - 1
 MAX_SECONDS = 1e9
 # The round plan's fields in a training message ("strategy" travels as the message
-# type; per-tensor bits as JSON, PLAN_BIT_MAPS).
+# type; the optional ones as JSON, PLAN_JSON_FIELDS: None travels).
 PLAN_FIELDS = {
     "round": "round",
     "epochs": "epochs",
@@ -59,20 +59,20 @@ PLAN_FIELDS = {
     "bits": "bits",
     "seed": "seed",
 }
-PLAN_BIT_MAPS = {"upload-bits": "upload_bits", "download-bits": "download_bits"}
+PLAN_JSON_FIELDS = {"upload-bits": "upload_bits", "download-bits": "download_bits", "act-bits": "act_bits"}
 
 
 def plan_record(plan: RoundPlan) -> dict:
     """A round plan as a training message's ConfigRecord values (``read_plan`` inverts it)."""
     values = {key: getattr(plan, attr) for key, attr in PLAN_FIELDS.items()}
-    for key, attr in PLAN_BIT_MAPS.items():
+    for key, attr in PLAN_JSON_FIELDS.items():
         values[key] = json.dumps(getattr(plan, attr))
     return values
 
 
 def read_plan(strategy: str, values: ConfigRecord) -> RoundPlan:
     """The round plan of a training message (what ``plan_record`` wrote)."""
-    maps = {attr: json.loads(values[key]) for key, attr in PLAN_BIT_MAPS.items()}
+    maps = {attr: json.loads(values[key]) for key, attr in PLAN_JSON_FIELDS.items()}
     return RoundPlan(strategy=strategy, **{attr: values[key] for key, attr in PLAN_FIELDS.items()}, **maps)
 
 
@@ -85,6 +85,8 @@ class FedHQStrategy:
         config = setup.config
         if config.topology is not None or config.adjust:
             raise ConfigError("the Flower engine runs flat systems without --adjust (use the embedded engine)")
+        if config.strategy == "fedmpq":  # its clients may prune: replies of widths decode_state cannot expect
+            raise ConfigError("the Flower engine does not run fedmpq yet (use the embedded engine)")
         self.grid, self.config, self.reference = grid, config, setup.reference
         self.timeout = config.client_timeout_s or DEFAULT_ROUND_TIMEOUT_S
         self.node_ids = wait_for_nodes(grid, config.clients, node_wait_s, setup.echo)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from fedhq.fl.compare import run_dir, seed_dir
 from fedhq.report.csvfiles import write_rounds_csv
-from fedhq.report.plots import plot_accuracy_vs_time, plot_allocation, plot_round_times, plot_seed_summary, ptq_region
+from fedhq.report.plots import (
+    plot_accuracy_vs_time,
+    plot_allocation,
+    plot_precision_summary,
+    plot_round_times,
+    plot_seed_summary,
+    ptq_region,
+)
 from fedhq.report.schema import COMPARE_SCHEMA, RUN_SCHEMA, check_comparison, check_run
 from fedhq.report.tables import format_comparison_table, format_run_table, format_seed_table
 
@@ -37,7 +44,8 @@ def _seed_report(runs: Mapping[str, Mapping], out: Path) -> list[Path]:
 def write_report(comparison: Mapping, out_dir: str | Path) -> list[Path]:
     """Into ``out_dir`` (the comparison's folder): comparison.txt and rounds.csv of every
     run; with one seed accuracy_vs_time.png and allocation_<strategy>.png (fedhq,
-    fedhq+adjust, fedrh) and round_times.png beside them, with several seeds seed_summary.png, and each
+    fedhq+adjust, fedrh) and round_times.png beside them, with several seeds seed_summary.png
+    and precision_summary.png (accuracy against bits per weight and bytes uploaded), and each
     seed's own table and plots in its folder. Every run's folder gets its rounds.csv.
     Returns the paths written."""
     by_seed = check_comparison(comparison)
@@ -48,7 +56,11 @@ def write_report(comparison: Mapping, out_dir: str | Path) -> list[Path]:
     else:
         table = out / "comparison.txt"
         table.write_text(format_comparison_table(comparison) + "\n")
-        paths = [table, plot_seed_summary(by_seed, out / "seed_summary.png")]
+        paths = [
+            table,
+            plot_seed_summary(by_seed, out / "seed_summary.png"),
+            plot_precision_summary(by_seed, out / "precision_summary.png"),
+        ]
         for seed, runs in by_seed.items():
             folder = seed_dir(out, seed)
             folder.mkdir(parents=True, exist_ok=True)
@@ -87,6 +99,7 @@ __all__ = [
     "format_seed_table",
     "plot_accuracy_vs_time",
     "plot_allocation",
+    "plot_precision_summary",
     "plot_seed_summary",
     "ptq_region",
     "write_report",

@@ -40,6 +40,10 @@ STRATEGY_STYLES = {
     "fedhq-rt": {"color": "tab:cyan", "marker": "*"},
     "slackfill": {"color": "tab:olive", "marker": "v"},
     "fedrh-matched": {"color": "tab:brown", "marker": "d"},
+    "aqfl": {"color": "tab:pink", "marker": "h"},
+    "fedmpq": {"color": "tab:gray", "marker": "X"},
+    "fedlq": {"color": "gold", "marker": "<"},
+    "fedhq-budget": {"color": "navy", "marker": ">"},
 }
 
 
@@ -129,7 +133,7 @@ def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | 
     names = list(summary["strategies"])
     runs = [run for runs in by_seed.values() for run in runs.values()]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    shown, headline = [], []
+    shown = []
     for name in names:
         style = STRATEGY_STYLES.get(name, {"marker": "o"})
         curves = [by_seed[s][name]["rounds"] for s in by_seed if name in by_seed[s]]
@@ -142,22 +146,7 @@ def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | 
         left.plot(x, mean, markersize=4, markevery=max(1, count // MAX_MARKERS), label=name, lw=1.5, **style)
         left.fill_between(x, low, high, color=style.get("color"), alpha=0.15, lw=0)
         shown += [*mean, *low, *high]
-        s = summary["strategies"][name]
-        acc, sim = s["headline_accuracy"], s["sim_time_s"]
-        spread = 0.0 if acc["half_width"] is None else acc["half_width"]
-        headline += [100 * (acc["mean"] - spread), 100 * (acc["mean"] + spread)]
-        right.errorbar(
-            sim["mean"],
-            100 * acc["mean"],
-            xerr=sim["half_width"],
-            yerr=None if acc["half_width"] is None else 100 * acc["half_width"],
-            capsize=4,
-            ms=7,
-            color=style.get("color"),
-            marker=style["marker"],
-            ls="none",
-            label=name,
-        )
+    headline = _headline_against(right, summary, names, "sim_time_s")
     left.set_ylim(*accuracy_limits(shown))
     right.set_ylim(*accuracy_limits(headline))  # an interval past 100% is cut at the axis
     left.set_xlabel("round")
@@ -172,6 +161,57 @@ def plot_seed_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | 
         f"{describe(runs, summary['seeds'])}\naccuracy by round, and accuracy against time "
         f"({len(summary['seeds'])} seeds, Student-t intervals)"
     )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _headline_against(ax, summary: Mapping, names: Sequence[str], metric: str, scale: float = 1.0) -> list[float]:
+    """Each strategy's headline accuracy (y) against its ``metric`` (x, times ``scale``),
+    both with their confidence intervals over seeds; returns the y extent drawn."""
+    extent = []
+    for name in names:
+        s = summary["strategies"][name]
+        acc, x = s["headline_accuracy"], s[metric]
+        if acc["mean"] is None or x["mean"] is None:
+            continue
+        style = STRATEGY_STYLES.get(name, {"marker": "o"})
+        spread = 0.0 if acc["half_width"] is None else acc["half_width"]
+        extent += [100 * (acc["mean"] - spread), 100 * (acc["mean"] + spread)]
+        ax.errorbar(
+            scale * x["mean"],
+            100 * acc["mean"],
+            xerr=None if x["half_width"] is None else scale * x["half_width"],
+            yerr=None if acc["half_width"] is None else 100 * acc["half_width"],
+            capsize=4,
+            ms=7,
+            color=style.get("color"),
+            marker=style["marker"],
+            ls="none",
+            label=name,
+        )
+    return extent
+
+
+def plot_precision_summary(by_seed: Mapping[int, Mapping[str, Mapping]], path: str | Path) -> Path:
+    """Several seeds: the headline accuracy against the uploads' mean bits per weight
+    (left) and against the bytes the clients uploaded over the run (right), each with
+    its confidence interval over seeds: what mixed precision buys and costs."""
+    summary = summarize(by_seed)
+    level = f"{100 * summary['confidence']:g}%"
+    names = list(summary["strategies"])
+    runs = [run for runs in by_seed.values() for run in runs.values()]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    extent = _headline_against(left, summary, names, "weight_bits")
+    _headline_against(right, summary, names, "upload_bytes", scale=1e-6)
+    left.set_xlabel(f"uploads' bits per weight (quantized entries; float: 32), mean and {level} CI over seeds")
+    right.set_xlabel(f"bytes uploaded over the run (MB), mean and {level} CI over seeds")
+    right.set_xscale("log")
+    for ax in (left, right):
+        ax.set_ylim(*accuracy_limits(extent))
+        ax.set_ylabel(f"{HEADLINE} (mean of the last {HEADLINE_ROUNDS} rounds)")
+        ax.grid(alpha=0.3)
+    left.legend(title="strategy", loc="lower right")
+    fig.suptitle(f"{describe(runs, summary['seeds'])}\naccuracy against upload precision and volume")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -164,7 +164,7 @@ def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
     seeds, level = summary["seeds"], f"{100 * summary['confidence']:g}%"
     runs = [run for runs in by_seed.values() for run in runs.values()]
     stats = summary["strategies"]
-    header = ["strategy", HEADLINE, "final acc %", END_TO_END, f"vs {BASELINE}", "seeds"]
+    header = ["strategy", HEADLINE, "final acc %", END_TO_END, f"vs {BASELINE}", "bits/weight", "upload MB", "seeds"]
     rows = [
         [
             name,
@@ -172,6 +172,8 @@ def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
             _ci(s["final_accuracy"], 100),
             _ci(s["sim_time_s"], fmt="{:.1f}", unit=" s"),
             _ci(s["speedup"], unit="x"),
+            _ci(s["weight_bits"]),
+            _ci(s["upload_bytes"], 1e-6, fmt="{:.1f}"),
             str(s["headline_accuracy"]["n"]),
         ]
         for name, s in stats.items()
@@ -181,7 +183,8 @@ def format_summary_table(by_seed: Mapping[int, Mapping[str, Mapping]]) -> str:
         _table(header, rows),
         f"mean +- half-width of the {level} confidence interval over seeds (Student t); {HEADLINE}: mean test "
         f"accuracy of the last {HEADLINE_ROUNDS} rounds{_deployed_note(runs)}; vs {BASELINE}: its {END_TO_END} "
-        "time / this one's, per seed",
+        "time / this one's, per seed; bits/weight: the uploads' mean bits per weight (float: 32); upload MB: "
+        "over the run",
     ]
     for focus, paired in summary["paired"].items():
         paired_rows = [
