@@ -151,3 +151,13 @@ def test_mixed_precision_strategies_refuse_topologies_and_adjust(reference, tmp_
     for strategy in ("aqfl", "fedmpq", "fedlq", "fedhq-budget"):
         with pytest.raises(ConfigError, match=f"strategy {strategy} runs flat systems without --adjust"):
             tiny(reference, tmp_path, strategy=strategy, topology="hierarchical:2x1")
+
+
+def test_fedlq_and_budgets_stay_within_the_runs_bits(reference, tmp_path):
+    recorder = Recorder()
+    run(tiny(reference, tmp_path / "fedlq", strategy="fedlq", clients=3, rounds=1, bits=5), recorder)
+    widths = {client: set(bits_of(update).values()) for _, client, _, update in recorder.calls}
+    assert widths[0] == {5} and max(widths[2]) <= 5  # the A6000's fast uplink keeps the run's width
+    recorder = Recorder()
+    run(tiny(reference, tmp_path / "aqfl", strategy="aqfl", clients=3, rounds=1, bits=5), recorder)
+    assert [plan.bits for plan, *_ in recorder.calls] == [5, 5, 4]  # budgets 8, 6, 4, capped at 5

@@ -23,9 +23,9 @@ import dataclasses
 import statistics
 from collections.abc import Sequence
 
-from fedhq.allocation.layer_bits import client_bit_maps, measure_significance
+from fedhq.allocation.layer_bits import CANDIDATE_BITS, client_bit_maps, measure_significance
 from fedhq.data.base import Split
-from fedhq.fl.client import MIN_BITS, RoundPlan
+from fedhq.fl.client import RoundPlan
 from fedhq.fl.config import RunConfig
 from fedhq.fl.server import Server
 from fedhq.models import ModelSpec
@@ -97,7 +97,8 @@ class LayerBits(Uniform):
             return
         model = self.spec.build()
         load_float_state_dict(model, server.global_weights())
-        widths = tuple(b for b in (8, 6, 4, 3, 2) if MIN_BITS <= b <= self.config.bits)
+        # the run's width, then the candidates below it
+        widths = (self.config.bits, *(b for b in CANDIDATE_BITS if b < self.config.bits))
         significance = measure_significance(model, self.validation, bits=widths)
         clients = sorted(self.uplinks)
         allocations = client_bit_maps(significance, [self.uplinks[c] for c in clients], self.target_s)
