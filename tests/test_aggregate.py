@@ -268,7 +268,10 @@ BOTH = {"conv.weight": 8, "bn.weight": 4}  # the float entries of bad_bit_map's 
 @pytest.mark.parametrize(
     "bits,message",
     [
-        ({"bn.weight": 4}, r"bits gives no width for 'conv.weight'; a bits map must name every one of"),
+        (
+            {"bn.weight": 4},
+            r"bits gives no width for 'conv.weight'; a bits map must name every floating-point entry of the state dict",
+        ),
         ({**BOTH, "typo": 4}, r"bits names 'typo', which is not a floating-point entry of the state dict"),
         ({**BOTH, "count": 4}, r"bits names 'count', which is not a floating-point entry of the state dict"),
         ({**BOTH, "bn.weight": 9}, r"bits\['bn.weight'\] must be an int in \[2, 8\], got 9"),
