@@ -2,7 +2,7 @@
 
     python bench/bench_kernels.py [--device cpu|cuda] [--backends a,b] [--size N] [--threads T]
                                   [--repeats R] [--warmup W] [--quick] [--json PATH] [--robust M,M]
-                                  [--robust-only]
+                                  [--robust-only] [--mixed-only]
 
 Every case is checked for correctness before it is timed, with the profile's timing
 harness and copy bandwidth (fedhq.profile); throughput is logical bandwidth against a
@@ -63,6 +63,7 @@ GOALS = {
         "quantize": (None, None),
         "dequantize": (1.0, None),
         "aggregate": (4.0, None),
+        "mixed_aggregate": (None, None),
         "robust_aggregate": (5.0, None),
     },
     "cuda": {
@@ -72,6 +73,7 @@ GOALS = {
         "quantize": (None, 85),
         "dequantize": (None, 85),
         "aggregate": (None, 80),
+        "mixed_aggregate": (None, None),
         "robust_aggregate": (None, None),
     },
 }
@@ -437,10 +439,11 @@ def quantize_dequantize_cases(x: torch.Tensor) -> list[Case]:
     ]
 
 
-def plain_torch_aggregate(codes, scales, zero_points, weights, axes) -> Callable[[], tuple]:
+def plain_torch_aggregate(codes, scales, zero_points, weights, axes, qmin=QMIN, qmax=QMAX) -> Callable[[], tuple]:
     """The aggregate as one would write it in plain torch, per tensor: the running
-    weighted mean of the clients' dequantized codes (``weights``: their fractions), its
-    min / max, symmetric MinMax parameters, the requantized codes; outputs packed like the oracle's. Unlike the oracle
+    weighted mean of the clients' dequantized codes (``weights``: their fractions; any
+    client's width dequantizes alike), its min / max, symmetric MinMax parameters, the
+    codes requantized in [qmin, qmax]; outputs packed like the oracle's. Unlike the oracle
     (reference.aggregate) it checks no argument and never waits for the device (the
     oracle's per-entry checks are two host syncs each on a GPU, over 1200 for ResNet-18 x 10
     clients: a baseline slowed down by that would flatter the kernels). It performs
@@ -450,7 +453,7 @@ def plain_torch_aggregate(codes, scales, zero_points, weights, axes) -> Callable
     device = weights.device
     w = weights.float()
     eps = torch.tensor(reference.SCALE_EPS, device=device)
-    half_range = torch.tensor((QMAX - QMIN) / 2, dtype=torch.float32, device=device)
+    half_range = torch.tensor((qmax - qmin) / 2, dtype=torch.float32, device=device)
 
     def run():
         out_codes, out_scales, out_zero_points = [], [], []
@@ -471,7 +474,7 @@ def plain_torch_aggregate(codes, scales, zero_points, weights, axes) -> Callable
             magnitude = torch.maximum(-torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi)))
             scale = torch.maximum(magnitude / half_range, eps)
             zero_point = torch.zeros_like(scale, dtype=torch.int32)
-            out_codes.append(reference._quantize_float(acc, scale, zero_point, QMIN, QMAX, axis).flatten())
+            out_codes.append(reference._quantize_float(acc, scale, zero_point, qmin, qmax, axis).flatten())
             out_scales.append(scale.flatten())
             out_zero_points.append(zero_point.flatten())
         return torch.cat(out_codes), torch.cat(out_scales), torch.cat(out_zero_points)
@@ -486,24 +489,33 @@ def aggregate_sizes(width: int, shapes: dict, params: int, segments: int) -> tup
     return f"{model}: {len(shapes)} tensors, {params / 1e6:.2f}M params", (CLIENTS + 1) * (params + segments * 8)
 
 
-def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Case:
+MIXED_WIDTHS = (2, 4, 8)  # the mixed-bits case: each client uploads its whole model at one of these
+
+
+def aggregate_case(width: int, gen: torch.Generator, device: torch.device, mixed: bool = False) -> Case:
     """The server step over a whole model: CLIENTS quantized ResNet-18 (CIFAR) state
-    dicts -> dequantize, weighted float32 average, requantize. Bytes: every client's
-    int8 codes read once, the result's codes written once, plus every scale and zero
-    point read (clients x segments) and written (segments)."""
+    dicts -> dequantize, weighted float32 average, requantize. ``mixed``: each client at
+    a width drawn from MIXED_WIDTHS, the result at the widest drawn. Bytes: every
+    client's int8 codes read once (in memory a code is a byte at any width), the
+    result's codes written once, plus every scale and zero point read (clients x
+    segments) and written (segments)."""
     shapes = resnet18_cifar_shapes(width=width)
     params = count_params(shapes)
     if width == 64 and (len(shapes), params) != (RESNET18_CIFAR_TENSORS, RESNET18_CIFAR_PARAMS):
         raise Mismatch(f"ResNet-18 shapes: {len(shapes)} tensors / {params} params, expected 62 / ~11.17M")
     # Fresh random float weights per client, quantized as a client would upload them
     # (per channel along axis 0 for conv / linear weights, per tensor for 1-d ones).
+    widths = [8] * CLIENTS
+    if mixed:
+        widths = [MIXED_WIDTHS[int(i)] for i in torch.randint(len(MIXED_WIDTHS), (CLIENTS,), generator=gen)]
     state_dicts = [
         fk.quantize_state_dict(
-            {name: (torch.randn(shape, generator=gen) * 0.1).to(device) for name, shape in shapes.items()}
+            {name: (torch.randn(shape, generator=gen) * 0.1).to(device) for name, shape in shapes.items()}, bits=bits
         )
-        for _ in range(CLIENTS)
+        for bits in widths
     ]
     sample_counts = torch.randint(100, 1000, (CLIENTS,), generator=gen).tolist()
+    out_range = fk.quant_range(max(widths))
 
     # The oracle's arguments, built as functional._aggregate_quantized builds them for
     # ops.aggregate (client-major entries, the weights' running fractions):
@@ -516,8 +528,8 @@ def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Ca
         [q.zero_point for q in entries],
         running_fractions("bench", sample_counts, CLIENTS, device),
         [-1 if state_dicts[0][name].axis is None else state_dicts[0][name].axis for name in names],
-        QMIN,
-        QMAX,
+        [q.bits for q in entries],
+        *out_range,
         True,
         names,
     )
@@ -526,7 +538,7 @@ def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Ca
     def ours():
         return fk.aggregate_state_dicts(state_dicts, sample_counts)
 
-    torch_loop = plain_torch_aggregate(*args[:5])
+    torch_loop = plain_torch_aggregate(*args[:5], *out_range)
     size, nbytes = aggregate_sizes(width, shapes, params, segments)
 
     def validate():
@@ -539,9 +551,10 @@ def aggregate_case(width: int, gen: torch.Generator, device: torch.device) -> Ca
             check_equal(f"aggregate {what}", got, want)
             check_equal(f"aggregate {what} (plain torch baseline vs the oracle)", baseline, want)
 
+    drawn = f" at {'/'.join(map(str, MIXED_WIDTHS))} bits ({', '.join(map(str, widths))})" if mixed else ""
     return Case(
-        "aggregate",
-        f"aggregate_state_dicts, {CLIENTS} clients",
+        "mixed_aggregate" if mixed else "aggregate",
+        f"aggregate_state_dicts, {CLIENTS} clients{drawn}",
         size,
         params,
         nbytes,
@@ -594,6 +607,7 @@ def robust_aggregate_case(method: str, width: int, gen: torch.Generator, device:
         [q.zero_point for q in entries],
         torch.full((CLIENTS,), 1.0 / CLIENTS, device=device),
         [-1 if state_dicts[0][name].axis is None else state_dicts[0][name].axis for name in names],
+        [8] * len(entries),
         QMIN,
         QMAX,
         True,
@@ -784,18 +798,21 @@ def run(args) -> tuple[list[dict], list[str]]:
         reference_row("clone, allocating (reference)", "Tensor.clone", "clone"),
     ]
 
-    robust = [robust_aggregate_case(m, 16 if args.quick else 64, gen, device) for m in args.robust]
-    cases = (
-        robust
-        if args.robust_only
-        else [
+    width = 16 if args.quick else 64
+    robust = [robust_aggregate_case(m, width, gen, device) for m in args.robust]
+    if args.robust_only:
+        cases = robust
+    elif args.mixed_only:
+        cases = [aggregate_case(width, gen, device, mixed=True)]
+    else:
+        cases = [
             *fake_quant_given_scale_cases(x, gen),
             fake_quant_observed_case(x, gen),
             *quantize_dequantize_cases(x),
-            aggregate_case(16 if args.quick else 64, gen, device),
+            aggregate_case(width, gen, device),
+            aggregate_case(width, gen, device, mixed=True),
             *robust,
         ]
-    )
     failures = []
     for case in cases:
         print(f"checking, then timing: {case.op} ...", flush=True)
@@ -901,6 +918,7 @@ def parse_args(argv=None):
         help="robust aggregation methods to time against Flower's NumPy versions ('' for none)",
     )
     parser.add_argument("--robust-only", action="store_true", help="only the copy and the robust aggregation cases")
+    parser.add_argument("--mixed-only", action="store_true", help="only the copy and the mixed-bits aggregation case")
     parser.add_argument(
         "--json", type=Path, help="where to write the rows (default bench/results/kernels-<device>.json)"
     )

@@ -137,10 +137,10 @@ class Aggregator:
         None: each entry's highest width among the added updates), as
         ``aggregate_state_dicts``'s. ``requantize=False`` (the mean only): the quantized
         entries as the float32 mean itself, cast to each entry's float dtype, for a
-        server that sends a float model
-        (float32 entries are views of the accumulator, which a later ``add`` copies first,
-        so a result never changes under its holder: no 4-bytes-per-parameter copy for the
-        common last call; while the aggregator is still in use, treat them as read-only)."""
+        server that sends a float model (float32 entries are views of the accumulator,
+        which a later ``add`` copies first, so a result never changes under its holder:
+        no 4-bytes-per-parameter copy for the common last call; while the aggregator is
+        still in use, treat them as read-only)."""
         if not self.clients:
             raise ValueError(f"{_OP}: no update was added")
         widths = output_bits(_OP, bits, requantize, self.method, self.widest)

@@ -219,20 +219,19 @@ def dequantize(q: QuantizedTensor, *, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def bit_map(op: str, bits, names: list[str], what: str) -> dict[str, int]:
+def bit_map(op: str, bits, names: list[str], kind: str) -> dict[str, int]:
     """name -> bit width for each of ``names`` from ``bits``: an int (every name), or a
-    Mapping naming exactly those names (``what`` says what they are, for a name it does
-    not know); a missing or unknown name, or a width outside [2, 8], is a ValueError
-    naming the key."""
+    Mapping naming exactly those names (each a ``kind``, as the messages say); a missing
+    or unknown name, or a width outside [2, 8], is a ValueError naming the key."""
     if not isinstance(bits, Mapping):
         return dict.fromkeys(names, check_bits(op, bits))
     known = set(names)
     unknown = next((key for key in bits if key not in known), None)
     if unknown is not None:
-        raise ValueError(f"{op}: bits names {unknown!r}, which is not {what}")
+        raise ValueError(f"{op}: bits names {unknown!r}, which is not a {kind}")
     missing = next((name for name in names if name not in bits), None)
     if missing is not None:
-        raise ValueError(f"{op}: bits gives no width for {missing!r}; a bits map must name every one of {what}s")
+        raise ValueError(f"{op}: bits gives no width for {missing!r}; a bits map must name every {kind}")
     return {name: check_bits(op, bits[name], f"bits[{name!r}]") for name in names}
 
 
@@ -249,7 +248,7 @@ def quantize_state_dict(
     width for every tensor, or a mapping name -> width naming every floating-point entry
     (mixed precision: docs/kernels.md, "Mixed bit widths")."""
     floats = [k for k, v in state_dict.items() if isinstance(v, Tensor) and v.dtype in FLOAT_DTYPES]
-    widths = bit_map("quantize_state_dict", bits, floats, "a floating-point entry of the state dict")
+    widths = bit_map("quantize_state_dict", bits, floats, "floating-point entry of the state dict")
     out: dict[str, QuantizedTensor | Tensor] = {}
     for key, value in state_dict.items():
         if key in widths:
@@ -370,7 +369,7 @@ def output_bits(op: str, bits, requantize: bool, method: str, widest: dict[str, 
         if bits is not None:
             raise ValueError(f"{op}: bits={bits!r} has no meaning with requantize=False (a float result)")
         return {}
-    return dict(widest) if bits is None else bit_map(op, bits, list(widest), "a quantized entry")
+    return dict(widest) if bits is None else bit_map(op, bits, list(widest), "quantized entry")
 
 
 def _aggregate_quantized(

@@ -28,12 +28,15 @@ MODEL = {
 
 
 def client_state_dicts(gen, clients, dtype=torch.float32, bits=8, symmetric=True):
+    """``bits``: one width for everything, or "mixed": each client draws each tensor's
+    width from 2..8."""
     sds = []
     for _ in range(clients):
         sd = {}
         for name, (shape, axis) in MODEL.items():
             x = (torch.randn(shape, generator=gen) * (1 + torch.rand((), generator=gen))).to(dtype)
-            sd[name] = fk.quantize(x, bits=bits, symmetric=symmetric, axis=axis)
+            width = int(torch.randint(2, 9, (), generator=gen)) if bits == "mixed" else bits
+            sd[name] = fk.quantize(x, bits=width, symmetric=symmetric, axis=axis)
         sds.append(sd)
     return sds
 
@@ -159,6 +162,130 @@ def test_mixed_bit_widths_in_one_model(backend, gen):
     out = fk.aggregate_state_dicts(sds, [1, 1, 1])
     assert out["low"].bits == 4 and int(out["low"].data.max()) <= 7 and int(out["low"].data.min()) >= -8
     assert out["conv.weight"].bits == 8
+
+
+# ---- mixed bit widths: each client's tensor at its own width ----
+
+
+def assert_matches(got, expected, bits):
+    for name, q in got.items():
+        assert q.bits == bits[name], name
+        for actual, wanted, what in zip((q.data, q.scale, q.zero_point), expected[name], ("codes", "scale", "zp")):
+            assert_equal(actual, wanted, f"{name} {what}")
+
+
+@pytest.mark.parametrize("clients", [1, 3, 10])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mixed_bits_match_reference_bit_for_bit(backend, gen, clients, dtype, symmetric):
+    """Each client quantized each tensor at its own width; the result is requantized at
+    the widest (default), at one width, or per tensor from a map."""
+    sds = client_state_dicts(gen, clients, dtype, bits="mixed", symmetric=symmetric)
+    weights = torch.randint(1, 500, (clients,), generator=gen).tolist()
+    widest = {name: max(sd[name].bits for sd in sds) for name in MODEL}
+    assert_matches(fk.aggregate_state_dicts(sds, weights), reference_state_dict(sds, weights), widest)
+    narrow = int(torch.randint(2, 9, (), generator=gen))
+    assert_matches(
+        fk.aggregate_state_dicts(sds, weights, bits=narrow),
+        reference_state_dict(sds, weights, bits=narrow),
+        dict.fromkeys(MODEL, narrow),
+    )
+    chosen = {name: int(torch.randint(2, 9, (), generator=gen)) for name in MODEL}
+    got = fk.aggregate_state_dicts(sds, weights, bits=chosen)
+    for name, q in got.items():
+        expected = reference_state_dict([{name: sd[name]} for sd in sds], weights, bits=chosen[name])
+        assert_matches({name: q}, expected, chosen)
+
+
+def test_mixed_bits_with_non_contiguous_codes(backend, gen):
+    def client(bits):
+        t = fk.quantize(torch.randn(17, 9, generator=gen), bits=bits, axis=0, symmetric=False)
+        # the same codes seen through a transpose: a non-contiguous data tensor
+        transposed = fk.QuantizedTensor(**fields_of(t, data=t.data.t().contiguous().t()))
+        assert not transposed.data.is_contiguous()
+        return {"t": transposed, "odd": fk.quantize(torch.randn(13, 3, generator=gen), bits=10 - bits, axis=1)}
+
+    sds = [client(bits) for bits in (2, 8, 5, 3)]
+    weights = [4, 1, 2.5, 3]
+    contiguous = [
+        {k: fk.QuantizedTensor(**fields_of(q, data=q.data.contiguous())) for k, q in sd.items()} for sd in sds
+    ]
+    assert_matches(
+        fk.aggregate_state_dicts(sds, weights), reference_state_dict(contiguous, weights), {"t": 8, "odd": 8}
+    )
+
+
+def test_same_bits_are_the_single_width_path(backend, gen):
+    """Every client at 4 bits: bits=None and bits=4 give the one-width result, and it
+    keeps 4 bits (the widest of the clients, not 8)."""
+    sds = client_state_dicts(gen, 3, bits=4)
+    default, explicit = fk.aggregate_state_dicts(sds, [1, 2, 3]), fk.aggregate_state_dicts(sds, [1, 2, 3], bits=4)
+    for name in MODEL:
+        assert default[name].bits == 4
+        for field in ("data", "scale", "zero_point"):
+            assert_equal(getattr(default[name], field), getattr(explicit[name], field), f"{name} {field}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float_result_is_the_running_mean(backend, gen, dtype):
+    """requantize=False: each quantized entry as the reference's float32 running mean of
+    the dequantized updates (any widths), cast to its dtype; plain entries as usual."""
+    sds = client_state_dicts(gen, 4, dtype, bits="mixed")
+    for k, sd in enumerate(sds):
+        sd["count"] = torch.tensor(10 + k)
+    weights = [3, 1, 0.5, 7]
+    got = fk.aggregate_state_dicts(sds, weights, requantize=False)
+    fractions = running_fractions("test", weights, 4, torch.device("cpu")).tolist()
+    for name in MODEL:
+        mean = torch.zeros(sds[0][name].shape)
+        for sd, b in zip(sds, fractions):
+            q = sd[name]
+            values = reference._dequantize_float(q.data, q.scale, q.zero_point, -1 if q.axis is None else q.axis)
+            mean = reference._blend(mean, values, torch.tensor(b))
+        assert_equal(got[name], mean.to(dtype), name)
+    assert int(got["count"]) == round((10 * 3 + 11 * 1 + 12 * 0.5 + 13 * 7) / 11.5)
+    single = fk.aggregate([sd["fc.weight"] for sd in sds], weights, requantize=False)
+    assert_equal(single, got["fc.weight"])
+
+
+def test_a_mixed_bits_state_dict_quantizes_each_tensor_at_its_width(gen):
+    sd = {name: torch.randn(shape, generator=gen) for name, (shape, _) in MODEL.items()}
+    sd["count"] = torch.tensor(7)
+    widths = {name: 2 + i % 7 for i, name in enumerate(MODEL)}
+    q = fk.quantize_state_dict(sd, bits=widths, symmetric=False)
+    for name, width in widths.items():
+        axis = 0 if sd[name].dim() >= 2 else None
+        expected = fk.quantize(sd[name], bits=width, symmetric=False, axis=axis)
+        assert (q[name].bits, q[name].axis) == (width, axis)
+        assert_equal(q[name].data, expected.data, name)
+        assert_equal(q[name].scale, expected.scale, name)
+    assert q["count"] is sd["count"]
+
+
+BOTH = {"conv.weight": 8, "bn.weight": 4}  # the float entries of bad_bit_map's state dict
+
+
+@pytest.mark.parametrize(
+    "bits,message",
+    [
+        (
+            {"bn.weight": 4},
+            r"bits gives no width for 'conv.weight'; a bits map must name every floating-point entry of the state dict",
+        ),
+        ({**BOTH, "typo": 4}, r"bits names 'typo', which is not a floating-point entry of the state dict"),
+        ({**BOTH, "count": 4}, r"bits names 'count', which is not a floating-point entry of the state dict"),
+        ({**BOTH, "bn.weight": 9}, r"bits\['bn.weight'\] must be an int in \[2, 8\], got 9"),
+        ({**BOTH, "bn.weight": 1}, r"bits\['bn.weight'\] must be an int in \[2, 8\], got 1"),
+        ({**BOTH, "bn.weight": True}, r"bits\['bn.weight'\] must be an int in \[2, 8\], got True"),
+        ({**BOTH, "bn.weight": "8"}, r"bits\['bn.weight'\] must be an int in \[2, 8\], got '8'"),
+        (9, r"bits must be an int in \[2, 8\], got 9"),
+        (None, r"bits must be an int in \[2, 8\], got None"),
+    ],
+)
+def test_quantize_state_dict_rejects_bad_bit_maps(bits, message):
+    sd = {"conv.weight": torch.randn(4, 3), "bn.weight": torch.randn(4), "count": torch.tensor(3)}
+    with pytest.raises(ValueError, match=f"^quantize_state_dict: {message}[^\n]*$"):
+        fk.quantize_state_dict(sd, bits=bits)
 
 
 # ---- bad updates: rejected with a message naming the client and the tensor ----
@@ -296,3 +423,72 @@ def test_weights_whose_sum_overflows(backend, gen):
     for name in MODEL:
         for field in ("data", "scale", "zero_point"):
             assert_equal(getattr(huge[name], field), getattr(ones[name], field), f"{name} {field}")
+
+
+# ---- mixed bit widths: bad input ----
+
+
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("zero_point", r"client 1's 'bn.weight' zero_point must lie in \[-8, 7\], got 10"),
+        ("data", r"client 1's 'bn.weight' data holds codes outside the 4-bit range \[-8, 7\]"),
+    ],
+)
+def test_rejects_values_outside_a_clients_own_width(backend, gen, what, message):
+    """A 4-bit client's zero point or code inside int8's range but outside its own range
+    is refused, though the other clients send the tensor at 8 bits."""
+    sds = client_state_dicts(gen, 3, symmetric=False)
+    q = fk.quantize(fk.dequantize(sds[1]["bn.weight"]), bits=4, symmetric=False)
+    bad = {"zero_point": torch.tensor(10, dtype=torch.int32), "data": q.data.clone().fill_(9)}[what]
+    sds[1]["bn.weight"] = fk.QuantizedTensor(**fields_of(q, **{what: bad}))
+    with pytest.raises(ValueError, match=f"^aggregate_state_dicts: {message}$"):
+        fk.aggregate_state_dicts(sds, [1, 1, 1])
+
+
+def test_every_backend_checks_each_entry_against_its_own_width(gen):
+    """The op itself (a caller may skip aggregate_state_dicts's validation): client 1's
+    4-bit zero point 9 is refused though the output range is 8-bit; bad widths too."""
+    from fedhq_kernels import dispatch
+
+    q8, q4 = (fk.quantize(torch.randn(6, 5, generator=gen), bits=b, axis=0, symmetric=False) for b in (8, 4))
+    zero_point = q4.zero_point.clone()
+    zero_point[3] = 9
+    args = ([q8.data, q4.data], [q8.scale, q4.scale], [q8.zero_point, zero_point], torch.tensor([0.5, 0.5]), [0])
+    ops = [torch.ops.fedhq.aggregate] + [
+        dispatch._module(name).KERNELS["aggregate"] for name in ("reference", "cpu", "triton") if dispatch._module(name)
+    ]
+    for op in ops:
+        with pytest.raises(ValueError, match=r"^aggregate: client 1's 'w' zero_point must lie in \[-8, 7\], got 9 at "):
+            op(*args, [8, 4], -128, 127, False, ["w"], -1)
+        for bits in (1, 9):
+            with pytest.raises(
+                ValueError, match=rf"^aggregate: client 1's 'w' bits must be an int in \[2, 8\], got {bits}"
+            ):
+                op(*args, [8, bits], -128, 127, False, ["w"], -1)
+        with pytest.raises(ValueError, match=r"^aggregate: expected 2 bit widths \(one per client x tensor\), got 1"):
+            op(*args, [8], -128, 127, False, ["w"], -1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"bits": 9}, ValueError, r"bits must be an int in \[2, 8\], got 9"),
+        ({"bits": 1}, ValueError, r"bits must be an int in \[2, 8\], got 1"),
+        ({"bits": {**dict.fromkeys(MODEL, 4), "typo": 4}}, ValueError, "bits names 'typo', which is not a quantized"),
+        ({"bits": {**dict.fromkeys(MODEL, 4), "count": 4}}, ValueError, "bits names 'count', which is not a quantized"),
+        ({"bits": {"scalar": 4}}, ValueError, "bits gives no width for 'conv.weight'"),
+        ({"bits": {**dict.fromkeys(MODEL, 4), "empty": 0}}, ValueError, r"bits\['empty'\] must be an int in \[2, 8\]"),
+        ({"bits": 4, "requantize": False}, ValueError, "bits=4 has no meaning with requantize=False"),
+        ({"requantize": False, "method": "median"}, ValueError, "only the mean has a float result; median requantizes"),
+        ({"requantize": "no"}, TypeError, "requantize must be a bool, got 'no'"),
+    ],
+)
+def test_rejects_bad_output_bits(backend, gen, kwargs, error, message):
+    sds = client_state_dicts(gen, 3, bits="mixed")
+    for sd in sds:
+        sd["count"] = torch.tensor(1)
+    with pytest.raises(error, match=f"^aggregate_state_dicts: {message}[^\\n]*$"):
+        fk.aggregate_state_dicts(sds, [1, 1, 1], **kwargs)
+    with pytest.raises(TypeError, match="^aggregate: bits must be an int or None for one tensor, got a mapping$"):
+        fk.aggregate([sd["fc.weight"] for sd in sds], [1, 1, 1], bits={"tensor": 4})

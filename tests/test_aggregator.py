@@ -2,6 +2,7 @@
 backend, an update refused by add leaves it unchanged, it keeps no update (mean), and
 the robust methods, weights and templates it accepts or refuses."""
 
+import dataclasses
 import gc
 import math
 import weakref
@@ -56,6 +57,44 @@ def test_matches_aggregate_state_dicts_bit_for_bit(backend, gen, clients, dtype,
     weights = torch.randint(0, 500, (clients,), generator=gen).tolist()
     weights[-1] += 1  # never all 0
     assert_same_state(streamed(sds, weights), fk.aggregate_state_dicts(sds, weights))
+
+
+@pytest.mark.parametrize("clients", [1, 4, 11])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mixed_bits_match_aggregate_state_dicts_bit_for_bit(backend, gen, clients, symmetric):
+    """Each client's tensor at its own width, the template at 8 bits: the result at the
+    widest width added (default), at one width, per tensor from a map, or as floats;
+    robust methods too."""
+    sds = with_plain_entries(gen, client_state_dicts(gen, clients, torch.bfloat16, bits="mixed", symmetric=symmetric))
+    template = client_state_dicts(gen, 1, torch.bfloat16, symmetric=symmetric)[0] | {
+        k: v for k, v in sds[0].items() if k not in MODEL
+    }
+    weights = torch.randint(0, 500, (clients,), generator=gen).tolist()
+    weights[-1] += 1  # never all 0
+    chosen = {name: int(torch.randint(2, 9, (), generator=gen)) for name in MODEL}
+    for method in ("mean", "median") if clients < 10 else ("mean",):  # the interpreter's median of 11 is slow
+        aggregator = fk.Aggregator(template, method=method)
+        for sd, w in zip(sds, weights):
+            aggregator.add(sd, w)
+        for bits in (None, 3, chosen):
+            expected = fk.aggregate_state_dicts(sds, weights, bits=bits, method=method)
+            assert_same_state(aggregator.result(bits=bits), expected)
+    for name, q in aggregator.result().items():
+        if name in MODEL:
+            assert q.bits == max(sd[name].bits for sd in sds), name
+    mean = fk.Aggregator(template)
+    for sd, w in zip(sds, weights):
+        mean.add(sd, w)
+    assert_same_state(mean.result(requantize=False), fk.aggregate_state_dicts(sds, weights, requantize=False))
+    for bad, message in (
+        (9, r"bits must be an int in \[2, 8\], got 9"),
+        ({"typo": 4}, "bits names 'typo', which is not a quantized entry"),
+        ({"scalar": 4}, "bits gives no width for 'conv.weight'"),
+    ):
+        with pytest.raises(ValueError, match=f"^Aggregator: {message}"):
+            mean.result(bits=bad)
+    with pytest.raises(ValueError, match="^Aggregator: bits=4 has no meaning with requantize=False"):
+        mean.result(requantize=False, bits=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -314,3 +353,17 @@ def test_overflowing_average_is_a_clear_error(backend):
 def test_refuses_bad_templates_and_methods(template, kwargs, error, message):
     with pytest.raises(error, match=f"Aggregator: .*{message}"):
         fk.Aggregator(template, **kwargs)
+
+
+def test_a_refused_update_leaves_the_widest_width_unchanged(backend, gen):
+    narrow = {"w": fk.quantize(torch.randn(4, 6, generator=gen), bits=2, axis=0)}
+    aggregator = fk.Aggregator(narrow)
+    aggregator.add(narrow, 1)
+    wide = fk.quantize(torch.randn(4, 6, generator=gen), bits=8, axis=0)
+    bad_scale = dataclasses.replace(wide, scale=torch.full_like(wide.scale, -1.0))
+    for update, weight in (({"w": bad_scale}, 1), ({"w": wide}, -1)):
+        with pytest.raises(ValueError, match="Aggregator: "):
+            aggregator.add(update, weight)
+        assert aggregator.result()["w"].bits == 2
+    aggregator.add({"w": wide}, 1)
+    assert aggregator.result()["w"].bits == 8

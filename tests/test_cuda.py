@@ -442,6 +442,52 @@ def test_robust_aggregate_matches_reference(cuda_backend, gen, k, method, trim):
 
 
 @gpu
+@pytest.mark.parametrize("clients", [3, 10])
+@pytest.mark.parametrize("method", ["mean", "median"])
+def test_mixed_bits_aggregate_matches_reference(cuda_backend, gen, clients, method):
+    """Each client's tensor at its own width, the result at the widest."""
+    from test_aggregate import client_state_dicts, reference_state_dict
+    from test_robust_aggregate import clients as robust_clients
+    from test_robust_aggregate import expected as robust_expected
+
+    if method == "mean":
+        sds = client_state_dicts(gen, clients, torch.bfloat16, bits="mixed", symmetric=False)
+        weights = torch.randint(1, 500, (clients,), generator=gen).tolist()
+        expected = {k: [v.flatten() for v in vs] for k, vs in reference_state_dict(sds, weights).items()}
+    else:
+        sds, weights = robust_clients(gen, clients, "mixed", ties=True), [1] * clients
+        expected = robust_expected(sds, (clients - 1) // 2)
+    moved = [
+        {k: on(cuda_backend, q) if isinstance(q, fk.QuantizedTensor) else q.to(cuda_backend) for k, q in sd.items()}
+        for sd in sds
+    ]
+    got = fk.aggregate_state_dicts(moved, weights, method=method)
+    for name, wanted in expected.items():
+        q = got[name]
+        assert q.bits == max(sd[name].bits for sd in sds), name
+        for actual, want, what in zip((q.data, q.scale, q.zero_point), wanted, ("codes", "scale", "zp")):
+            assert_equal(actual.cpu().flatten(), want, f"{name} {what}")
+
+
+@gpu
+def test_aggregate_checks_each_entry_against_its_own_width(cuda_backend, gen):
+    """The kernel's check: client 1's 4-bit zero point 9 (valid at 8 bits) is named."""
+    q8, q4 = (on(cuda_backend, fk.quantize(torch.randn(6, 5, generator=gen), bits=b, axis=0)) for b in (8, 4))
+    zero_point = q4.zero_point.clone()
+    zero_point[3] = 9
+    args = ([q8.data, q4.data], [q8.scale, q4.scale], [q8.zero_point, zero_point])
+    weights = torch.tensor([0.5, 0.5], device=cuda_backend)
+    with pytest.raises(
+        ValueError, match=r"aggregate: client 1's 'w' zero_point must lie in \[-8, 7\], got 9 at channel 3"
+    ):
+        torch.ops.fedhq.aggregate(*args, weights, [0], [8, 4], -128, 127, True, ["w"], -1)
+    codes, _, _ = torch.ops.fedhq.aggregate(
+        *args[:2], [q8.zero_point, q4.zero_point], weights, [0], [8, 4], -8, 7, True, ["w"], -1
+    )
+    assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+
+
+@gpu
 def test_aggregate_misaligned_and_odd_sized_tensors(cuda_backend, gen):
     """Tensors whose packed offsets are not multiples of 16 and clients whose codes
     are not 16-byte aligned take the element-by-element path."""

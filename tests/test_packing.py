@@ -1,6 +1,8 @@
 """Bit packing of codes (fedhq_kernels.packing) against a bit-by-bit reference in plain
 Python, every width, odd sizes, non-contiguous input, and bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -75,6 +77,37 @@ def test_nbytes_is_what_travels(gen, bits, symmetric, axis):
     channels = 6 if axis == 0 else 1
     assert q.nbytes == fk.pack_codes(q.data, bits).numel() + 8 * channels
     assert q.nbytes == -(-78 * bits // 8) + 8 * channels
+
+
+def test_a_mixed_bits_state_dict_travels_per_tensor_and_aggregates_after_the_trip(backend, gen):
+    """Each tensor packs at its own width (nbytes is its packed codes plus 8 bytes per
+    channel); unpacked, the clients aggregate exactly as before the round trip."""
+    shapes = {"conv": (8, 3, 3, 3), "fc": (10, 33), "bias": (10,), "odd": (7, 1)}
+    sds = []
+    for _ in range(3):
+        widths = {name: int(torch.randint(2, 9, (), generator=gen)) for name in shapes}
+        floats = {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+        sds.append(fk.quantize_state_dict({**floats, "count": torch.tensor(4)}, bits=widths))
+    travelled = []
+    for sd in sds:
+        received = {}
+        for name, q in sd.items():
+            if not isinstance(q, fk.QuantizedTensor):
+                received[name] = q
+                continue
+            packed = fk.pack_codes(q.data, q.bits)
+            channels = q.scale.numel()
+            assert packed.numel() == -(-q.data.numel() * q.bits // 8), name
+            assert q.nbytes == packed.numel() + 8 * channels, name
+            received[name] = dataclasses.replace(q, data=fk.unpack_codes(packed, q.bits, q.shape))
+        travelled.append(received)
+    for bits in (None, 4):
+        before = fk.aggregate_state_dicts(sds, [1, 2, 3], bits=bits)
+        after = fk.aggregate_state_dicts(travelled, [1, 2, 3], bits=bits)
+        for name in shapes:
+            assert after[name].bits == (max(sd[name].bits for sd in sds) if bits is None else bits)
+            for field in ("data", "scale", "zero_point"):
+                assert torch.equal(getattr(after[name], field), getattr(before[name], field)), (name, field)
 
 
 def test_bad_input_is_refused(gen):

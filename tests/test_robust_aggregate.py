@@ -16,6 +16,7 @@ MODEL = {"w": ((7, 45), 0), "cyc": ((5, 9), 1), "v": ((301,), None), "s": ((), N
 
 
 def clients(gen, k, bits, symmetric=True, ties=False):
+    """``bits``: one width, or "mixed": each client draws each tensor's width from 2..8."""
     sds = []
     for _ in range(k):
         sd = {}
@@ -24,23 +25,25 @@ def clients(gen, k, bits, symmetric=True, ties=False):
             if ties:  # every client shares one range, so equal codes give equal values
                 x = x.clamp(-1, 1)
                 x.view(-1)[:1] = 1.0 if x.numel() else x.view(-1)[:1]
-            sd[name] = fk.quantize(x, bits=bits, symmetric=symmetric, axis=axis)
+            width = int(torch.randint(2, 9, (), generator=gen)) if bits == "mixed" else bits
+            sd[name] = fk.quantize(x, bits=width, symmetric=symmetric, axis=axis)
         sd["bias"] = torch.randn(6, generator=gen)
         sd["count"] = torch.randint(0, 1000, (), generator=gen)
         sds.append(sd)
     return sds
 
 
-def expected(sds, cut):
-    """The reference per tensor, each client's tensor at its own width, the result at the widest."""
+def expected(sds, cut, bits=None):
+    """The reference per tensor, each client's tensor at its own width, the result at
+    ``bits`` (None: the widest)."""
     out = {}
     for name in MODEL:
         qs = [sd[name] for sd in sds]
         axis = -1 if qs[0].axis is None else qs[0].axis
         w = torch.full((len(qs),), 1.0 / len(qs))
         args = ([q.data for q in qs], [q.scale for q in qs], [q.zero_point for q in qs], w, [axis])
-        widest = quant_range(max(q.bits for q in qs))
-        out[name] = reference.aggregate(*args, [q.bits for q in qs], *widest, qs[0].symmetric, [name], cut)
+        out_range = quant_range(max(q.bits for q in qs) if bits is None else bits)
+        out[name] = reference.aggregate(*args, [q.bits for q in qs], *out_range, qs[0].symmetric, [name], cut)
     return out
 
 
@@ -58,6 +61,24 @@ def test_matches_reference_bit_for_bit(backend, gen, k, method, trim):
         assert_equal(q.data.flatten(), codes, f"{name} codes")
         assert_equal(q.scale.flatten(), scale, f"{name} scale")
         assert_equal(q.zero_point.flatten(), zero_point, f"{name} zero point")
+
+
+@pytest.mark.parametrize("k,method", [(1, "median"), (4, "median"), (7, "median"), (5, "trimmed-mean")])
+def test_mixed_bits_match_reference_bit_for_bit(backend, gen, k, method):
+    """Each client's tensor at its own width (ties included: equal values at different
+    widths), the result at the widest, or at the width given."""
+    sds = clients(gen, k, "mixed", symmetric=k % 2 == 1, ties=True)
+    cut = (k - 1) // 2 if method == "median" else int(0.2 * k)
+    for bits in (None, 3):
+        got = fk.aggregate_state_dicts(sds, [1] * k, bits=bits, method=method, trim=0.2)
+        for name, (codes, scale, zero_point) in expected(sds, cut, bits).items():
+            q = got[name]
+            assert q.bits == (max(sd[name].bits for sd in sds) if bits is None else bits), name
+            assert_equal(q.data.flatten(), codes, f"{name} codes")
+            assert_equal(q.scale.flatten(), scale, f"{name} scale")
+            assert_equal(q.zero_point.flatten(), zero_point, f"{name} zero point")
+    with pytest.raises(ValueError, match="only the mean has a float result; median requantizes"):
+        fk.aggregate_state_dicts(sds, [1] * k, method="median", requantize=False)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 8])

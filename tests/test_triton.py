@@ -22,6 +22,7 @@ import torch
 from conftest import assert_equal
 
 from fedhq_kernels import dispatch, reference
+from fedhq_kernels.quantized_tensor import quant_range
 
 ARCHS = (80, 86, 90)
 
@@ -443,22 +444,24 @@ def test_non_finite_in_any_tile(triton_backend, small_tiles, monkeypatch, shape,
 
 
 def _aggregate_inputs(gen, shapes_axes, clients, bits=8, symmetric=True):
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    codes, scales, zero_points = [], [], []
+    """The op's arguments; ``bits`` "mixed": each entry at a width drawn from 2..8, the
+    output at 8 bits."""
+    codes, scales, zero_points, widths = [], [], [], []
     for _ in range(clients):
         for shape, axis in shapes_axes:
             x = torch.randn(shape, generator=gen) * (1 + torch.rand((), generator=gen))
-            c, s, z = reference.quantize(x, qmin, qmax, symmetric, axis)
-            codes.append(c)
-            scales.append(s)
-            zero_points.append(z)
+            width = int(torch.randint(2, 9, (), generator=gen)) if bits == "mixed" else bits
+            c, s, z = reference.quantize(x, *quant_range(width), symmetric, axis)
+            for out, value in zip((codes, scales, zero_points, widths), (c, s, z, width)):
+                out.append(value)
     w = torch.rand(clients, generator=gen) + 0.1
-    axes, widths = [a for _, a in shapes_axes], [bits] * len(codes)
-    return codes, scales, zero_points, (w / w.sum()).float(), axes, widths, qmin, qmax, symmetric
+    axes, out_range = [a for _, a in shapes_axes], quant_range(8 if bits == "mixed" else bits)
+    return codes, scales, zero_points, (w / w.sum()).float(), axes, widths, *out_range, symmetric
 
 
 @pytest.mark.parametrize("clients,symmetric,trim", [(1, True, -1), (3, False, -1), (4, True, 1), (5, False, 2)])
-def test_aggregate_many_tiles(triton_backend, small_tiles, gen, clients, symmetric, trim):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_aggregate_many_tiles(triton_backend, small_tiles, gen, clients, symmetric, trim, mixed):
     """Tiles of 4 x 32 codes: every tensor spans several tiles, rows and channels cross
     tile edges, per-tensor matrices end mid-row, and one launch covers all of them."""
     model = [
@@ -473,7 +476,8 @@ def test_aggregate_many_tiles(triton_backend, small_tiles, gen, clients, symmetr
         ((0, 3), -1),
         ((9, 1), 0),
     ]
-    args = _aggregate_inputs(gen, model, clients, bits=4 if symmetric else 8, symmetric=symmetric)
+    bits = "mixed" if mixed else 4 if symmetric else 8
+    args = _aggregate_inputs(gen, model, clients, bits=bits, symmetric=symmetric)
     names = [f"t{i}" for i in range(len(model))]
     for got, expected, what in zip(
         triton_backend["aggregate"](*args, names, trim),
