@@ -8,6 +8,7 @@
         (method: "mean" | "trimmed-mean" | "median"; docs/kernels.md)
     Aggregator(template, *, method="mean", trim=0.1): .add(update, weight), .result()
         the same server step, one update at a time (O(model) memory for the mean)
+    check_update(template, update): what Aggregator.add checks, as a one-line error
     backends() -> list of backends that run here; FEDHQ_BACKEND forces one
     pack_codes(codes, bits) / unpack_codes(packed, bits, shape): the wire format of codes
 
@@ -17,7 +18,7 @@ holds their plain-torch twins.
 """
 
 from fedhq_kernels import cpu as _cpu  # noqa: F401  (says once, at import, if the C++ backend is missing)
-from fedhq_kernels.aggregator import Aggregator
+from fedhq_kernels.aggregator import Aggregator, check_update
 from fedhq_kernels.dispatch import backends
 from fedhq_kernels.functional import (
     aggregate,
@@ -33,6 +34,7 @@ from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range
 
 __all__ = [
     "Aggregator",
+    "check_update",
     "QuantizedTensor",
     "aggregate",
     "aggregate_state_dicts",

@@ -56,20 +56,10 @@ class Aggregator:
     def __init__(
         self, template: Mapping, *, method: str = "mean", trim: float = DEFAULT_TRIM, accumulator: Tensor | None = None
     ):
-        if not isinstance(template, Mapping):
-            raise TypeError(f"{_OP}: the template must be a mapping, got {type(template).__name__}")
+        self.quantized, self.plain_floats, self.device = _template_layout(_OP, template)
         _resolve_method(_OP, method, trim, 1)  # checks method and trim; the cut depends on the clients
         self.method, self.trim = method, trim
         self.template = dict(template)
-        for key, entry in self.template.items():
-            _check_same_kind(_OP, key, [entry], _owners)
-        self.quantized = [k for k, v in self.template.items() if isinstance(v, QuantizedTensor)]
-        self.plain_floats = [
-            k for k, v in self.template.items() if not isinstance(v, QuantizedTensor) and v.is_floating_point()
-        ]
-        first = next(iter(self.template.values()), None)
-        self.device = first.data.device if isinstance(first, QuantizedTensor) else getattr(first, "device", None)
-        self.device = self.device or torch.device("cpu")
         self.total = WeightTotal()
         self.clients = 0
         self.widest: dict[str, int] = {}  # quantized entry -> the highest width added
@@ -112,24 +102,7 @@ class Aggregator:
         self.total, self.clients = total, self.clients + 1
 
     def _check(self, update: Mapping) -> None:
-        if not isinstance(update, Mapping):
-            raise TypeError(f"{_OP}: the update must be a mapping, got {type(update).__name__}")
-        if set(update) != set(self.template):
-            missing = sorted(set(self.template) - set(update))
-            extra = sorted(set(update) - set(self.template))
-            raise ValueError(
-                f"{_OP}: the update's names differ from the template's: missing {missing}, unexpected {extra}"
-            )
-        for key, reference in self.template.items():
-            _check_same_kind(_OP, key, [reference, update[key]], _owners)
-        owners = [f"the update's '{k}'" for k in self.quantized]
-        for key, owner in zip(self.quantized, owners):
-            _check_device(_OP, owner, update[key], self.device)
-        validate_all([update[k] for k in self.quantized], _OP, owners)
-        _check_reach(update, self.quantized)
-        for key in self.plain_floats:
-            if not bool(torch.isfinite(update[key]).all()):
-                raise ValueError(f"{_OP}: the update's '{key}' holds NaN or Inf")
+        _check_update(_OP, self.template, self.quantized, self.plain_floats, self.device, update)
 
     def result(self, *, requantize: bool = True, bits: int | Mapping[str, int] | None = None) -> dict:
         """The aggregate of the updates added so far, in the template's order, its
@@ -182,7 +155,51 @@ def _accumulator(buffer: Tensor | None, elements: int, device: torch.device) -> 
     return buffer.zero_()
 
 
-def _check_reach(update: Mapping, keys: list[str]) -> None:
+def check_update(template: Mapping, update: Mapping, *, op: str = "check_update") -> None:
+    """TypeError / ValueError (one line, prefixed ``op``) unless ``update`` can enter an
+    aggregation shaped like ``template``, as ``Aggregator.add`` requires: the same names,
+    each entry of the template's kind, shape, dtype and scheme (any width in [2, 8]),
+    valid codes, scales and zero points on the template's device, dequantized values
+    below half of float32's largest (so their means stay finite), finite plain floats.
+    An update that passes dequantizes to finite values."""
+    _check_update(op, template, *_template_layout(op, template), update)
+
+
+def _template_layout(op: str, template: Mapping) -> tuple[list[str], list[str], torch.device]:
+    """(quantized entries, plain float entries, device) of a valid template."""
+    if not isinstance(template, Mapping):
+        raise TypeError(f"{op}: the template must be a mapping, got {type(template).__name__}")
+    for key, entry in template.items():
+        _check_same_kind(op, key, [entry], _owners)
+    quantized = [k for k, v in template.items() if isinstance(v, QuantizedTensor)]
+    plain_floats = [k for k, v in template.items() if not isinstance(v, QuantizedTensor) and v.is_floating_point()]
+    first = next(iter(template.values()), None)
+    device = first.data.device if isinstance(first, QuantizedTensor) else getattr(first, "device", None)
+    return quantized, plain_floats, device or torch.device("cpu")
+
+
+def _check_update(
+    op: str, template: Mapping, quantized: list[str], plain_floats: list[str], device: torch.device, update: Mapping
+) -> None:
+    if not isinstance(update, Mapping):
+        raise TypeError(f"{op}: the update must be a mapping, got {type(update).__name__}")
+    if set(update) != set(template):
+        missing = sorted(set(template) - set(update))
+        extra = sorted(set(update) - set(template))
+        raise ValueError(f"{op}: the update's names differ from the template's: missing {missing}, unexpected {extra}")
+    for key, reference in template.items():
+        _check_same_kind(op, key, [reference, update[key]], _owners)
+    owners = [f"the update's '{k}'" for k in quantized]
+    for key, owner in zip(quantized, owners):
+        _check_device(op, owner, update[key], device)
+    validate_all([update[k] for k in quantized], op, owners)
+    _check_reach(op, update, quantized)
+    for key in plain_floats:
+        if not bool(torch.isfinite(update[key]).all()):
+            raise ValueError(f"{op}: the update's '{key}' holds NaN or Inf")
+
+
+def _check_reach(op: str, update: Mapping, keys: list[str]) -> None:
     """ValueError naming an entry whose dequantized values can reach half of float32's
     largest value: the largest |code - zero point| times its scale, per channel (one
     batch per bit width). Below that bound no blend step (a convex combination, rounded)
@@ -197,7 +214,7 @@ def _check_reach(update: Mapping, keys: list[str]) -> None:
         reach = torch.maximum(qmax - zero_point, zero_point - qmin).float() * scale
         if not bool((reach <= HALF_FLOAT32_MAX).all()):  # NaN compares False: refused too
             key = next(k for k in group if not bool((update[k].scale * (qmax - qmin) <= HALF_FLOAT32_MAX).all()))
-            raise ValueError(f"{_OP}: the update's '{key}' has a scale so large its values reach float32's limit")
+            raise ValueError(f"{op}: the update's '{key}' has a scale so large its values reach float32's limit")
 
 
 def _requantize(key: str, like: QuantizedTensor, values: Tensor, bits: int) -> QuantizedTensor:

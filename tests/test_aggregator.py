@@ -231,9 +231,14 @@ def test_refused_update_leaves_the_aggregator_unchanged(backend, gen):
         if i == 0:
             acc = aggregator.acc.clone()
             for what, update in bad_updates:
-                with pytest.raises((TypeError, ValueError), match="Aggregator: "):
+                with pytest.raises((TypeError, ValueError), match="Aggregator: ") as refused:
                     aggregator.add(update, 3)
                 assert_equal(aggregator.acc, acc, what)
+                # the public check is the same rule, word for word
+                with pytest.raises(type(refused.value)) as checked:
+                    fk.check_update(sds[0], update, op="Aggregator")
+                assert str(checked.value) == str(refused.value), what
+            assert fk.check_update(sds[0], sds[2]) is None
             for weight in (-1, math.nan, math.inf, True, "3", None):
                 with pytest.raises(ValueError, match="Aggregator: a weight must be a finite number >= 0"):
                     aggregator.add(sds[1], weight)

@@ -22,7 +22,6 @@ import fedhq_kernels as fk
 from fedhq.flower.records import RecordError, decode_state, encode_state, expect, to_array
 from fedhq_kernels.checks import check_bits, is_real
 from fedhq_kernels.functional import DEFAULT_TRIM
-from fedhq_kernels.quantized_tensor import validate_all
 
 log = logging.getLogger("fedhq.flower")
 
@@ -217,11 +216,12 @@ class QuantizedStrategy(Strategy):
             usable = list(self._each_read(server_round, replies))
             forwarded = []
             for msg, (state, _) in usable:
-                try:
-                    floats = _float_state(state)
-                except (TypeError, ValueError) as error:  # values a well-formed record may still hold
+                try:  # values a well-formed record may still hold: the aggregation's own check
+                    fk.check_update(self._template, state, op="QuantizedStrategy")
+                except (TypeError, ValueError) as error:
                     self._drop(server_round, msg.metadata.src_node_id, str(error))
                     continue
+                floats = fk.dequantize_state_dict(state)
                 key, _ = _only_arrays(msg.content, "a reply")
                 msg.content = RecordDict({k: v for k, v in msg.content.items() if k != LAYOUT})
                 msg.content[key] = ArrayRecord(floats)
@@ -288,19 +288,6 @@ class QuantizedStrategy(Strategy):
     def _drop(self, server_round: int, node_id: int, reason: str) -> None:
         log.warning("round %d: reply from node %d left out: %s", server_round, node_id, reason)
         self.dropped.append({"round": server_round, "node_id": node_id, "reason": reason})
-
-
-def _float_state(state: Mapping) -> dict:
-    """A reply's state dict dequantized for the wrapped strategy; ValueError naming what
-    it cannot pass on: codes, scales or zero points out of range, or values that
-    dequantize to NaN or Inf (a scale too large for float32)."""
-    quantized = [k for k, v in state.items() if isinstance(v, fk.QuantizedTensor)]
-    validate_all([state[k] for k in quantized], "QuantizedStrategy", [f"'{k}'" for k in quantized])
-    floats = fk.dequantize_state_dict(state)
-    for key in quantized:
-        if not bool(torch.isfinite(floats[key]).all()):
-            raise ValueError(f"QuantizedStrategy: '{key}' dequantizes to NaN or Inf (its scale is too large)")
-    return floats
 
 
 def _reason(error: Exception) -> str:
