@@ -323,3 +323,36 @@ def test_flower_runs_the_mixed_precision_strategies_with_the_embedded_numbers(re
 def test_flower_refuses_fedmpq(reference, tmp_path):
     with pytest.raises(ConfigError, match="does not run fedmpq"):
         run_on_grid(LocalGrid(client_app.app, 2), tiny(reference, tmp_path, clients=2, strategy="fedmpq"), echo=quiet)
+
+
+def test_each_node_receives_the_global_model_at_its_plans_bits(reference, tmp_path, monkeypatch):
+    """Per-client downlink on both engines: client 1 asks for its first layer at 3 bits
+    and uploads it at 5; the numbers are the embedded engine's."""
+    import dataclasses
+
+    from fedhq.fl import precision
+
+    class OwnBits(precision.Uniform):
+        def plan(self, client, plan):
+            if client != 1:
+                return plan
+            return dataclasses.replace(plan, download_bits={"conv1.weight": 3}, upload_bits={"conv1.weight": 5})
+
+    monkeypatch.setattr(engine, "precision_policy", lambda config, *args: OwnBits(config))
+    config = tiny(reference, tmp_path / "embedded", strategy="fedfq", clients=3, rounds=2)
+    embedded = engine.run(config, echo=quiet)
+    sent = {}
+
+    def capture(reply, msg):
+        layout = msg.content["layout"]
+        sent.setdefault(msg.metadata.dst_node_id - 1000, set()).add(
+            dict(zip(layout["quantized"], layout["bits"]))["conv1.weight"]
+        )
+        return reply
+
+    grid = LocalGrid(client_app.app, 3, {p: _not_for_query(capture) for p in range(3)})
+    flower = run_on_grid(grid, config.replace(output_dir=str(tmp_path / "flower")), echo=quiet)
+    assert sent == {0: {8}, 1: {3}, 2: {8}}
+    assert all(row["rejected"] == [] for row in flower["rounds"])
+    for f, e in zip(flower["rounds"], embedded["rounds"], strict=True):
+        assert (f["accuracy"], f["upload_bytes"]) == (e["accuracy"], e["upload_bytes"])
