@@ -237,10 +237,12 @@ class FedHQStrategy:
     def _match(self, replies: Iterable[Message], where: str, waiting: dict[str, int]) -> list[tuple[Message, int]]:
         """(reply, node id) for the first reply to each message in ``waiting`` (which
         loses it), matched by the message it answers: a disconnected node's error reply
-        comes from the SuperLink."""
+        comes from the SuperLink. A reply from another node leaves the message waiting
+        for its own node's reply (or the timeout)."""
         matched = []
         for reply in replies:
-            nid = waiting.pop(reply.metadata.reply_to_message_id, None)
+            msg_id = reply.metadata.reply_to_message_id
+            nid = waiting.get(msg_id)
             if nid is None:
                 log.warning(
                     "%s: ignoring a reply to no message of this round (from node %d)", where, reply.metadata.src_node_id
@@ -248,7 +250,7 @@ class FedHQStrategy:
             elif not reply.has_error() and reply.metadata.src_node_id != nid:
                 log.warning("%s: node %d answered the message sent to node %d", where, reply.metadata.src_node_id, nid)
             else:
-                matched.append((reply, nid))
+                matched.append((reply, waiting.pop(msg_id)))
         return matched
 
     def _exclude(self, node_id: int, reason: str) -> None:
