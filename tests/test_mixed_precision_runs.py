@@ -2,6 +2,8 @@
 fedlq and fedmpq train, upload and receive at the bits their policies give, the server
 checks each update against its plan and keeps the global model at the run's bits."""
 
+import re
+
 import pytest
 import torch
 
@@ -151,3 +153,27 @@ def test_mixed_precision_strategies_refuse_topologies_and_adjust(reference, tmp_
     for strategy in ("aqfl", "fedmpq", "fedlq", "fedhq-budget"):
         with pytest.raises(ConfigError, match=f"strategy {strategy} runs flat systems without --adjust"):
             tiny(reference, tmp_path, strategy=strategy, topology="hierarchical:2x1")
+
+
+@pytest.mark.parametrize("strategy", ["fedlq", "fedmpq"])
+def test_a_checkpoints_malformed_precision_maps_refuse_the_resume(reference, tmp_path, strategy):
+    """They used to pass the checkpoint's checks and end the resumed run in its first
+    round (ValueError, KeyError), or on a non-int client id at once."""
+    config = tiny(reference, tmp_path, strategy=strategy, rounds=1)
+    run(config)
+    path = config.output_dir + "/" + engine.CHECKPOINT_FILE
+    saved = checkpoint.load(path)
+    maps = saved["precision"]["maps"]
+    first = maps[0]
+    malformed = {
+        "must map client ids": {str(c): m for c, m in maps.items()},
+        "are for clients [0]": {0: first},
+        "entries the run plans": {c: m | {"no.such.weight": 4} for c, m in maps.items()},
+        "to a width in": {c: m | {next(iter(m)): 9} for c, m in maps.items()},
+    }
+    for words, bad in malformed.items():
+        checkpoint.save(path, saved | {"precision": {"maps": bad}})
+        with pytest.raises(ConfigError, match="--resume: the checkpoint's precision maps .*" + re.escape(words)):
+            engine.run(config.replace(rounds=2), resume=True, echo=lambda s: None)
+    checkpoint.save(path, saved)  # as written, it resumes
+    assert len(engine.run(config.replace(rounds=2), resume=True, echo=lambda s: None)["rounds"]) == 2

@@ -59,7 +59,7 @@ from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
 from fedhq.models import ModelSpec
 from fedhq.quant import calibration_split, evaluate_deployed
-from fedhq_kernels.checks import is_real, valid_bits
+from fedhq_kernels.checks import is_real
 
 log = logging.getLogger("fedhq.engine")
 
@@ -742,11 +742,6 @@ def _payload_problem(saved: dict) -> str | None:
         return f"training_s must be a finite number >= 0, got {saved['training_s']!r}"
     if saved["adjustment"] is not None and not isinstance(saved["adjustment"], dict):
         return "adjustment must be a dict or None"
-    maps = saved.get("precision", {}).get("maps", {}) if isinstance(saved.get("precision", {}), dict) else None
-    if not isinstance(maps, dict) or not all(
-        isinstance(m, dict) and all(valid_bits(b) for b in m.values()) for m in maps.values()
-    ):
-        return "precision must hold bit maps of widths in [2, 8]"
     for cid, observers in saved["client_states"].items():
         if not isinstance(observers, dict) or not all(isinstance(v, torch.Tensor) for v in observers.values()):
             return f"client {cid}'s state must be a dict of tensors"

@@ -25,12 +25,13 @@ from collections.abc import Sequence
 
 from fedhq.allocation.layer_bits import client_bit_maps, measure_significance
 from fedhq.data.base import Split
-from fedhq.fl.client import MIN_BITS, RoundPlan
-from fedhq.fl.config import RunConfig
+from fedhq.fl.client import MIN_BITS, RoundPlan, quantized_names
+from fedhq.fl.config import ConfigError, RunConfig
 from fedhq.fl.server import Server
 from fedhq.models import ModelSpec
 from fedhq.mpq import device_budget, quantizable_layers, server_step
 from fedhq.quant import load_float_state_dict
+from fedhq_kernels.checks import MAX_BITS, is_int, valid_bits
 
 # fedlq: the layer significance is measured on the global model before round 1 and
 # again every this many rounds (a pass over the validation split per layer and width).
@@ -111,7 +112,7 @@ class LayerBits(Uniform):
         return {"maps": self.maps}
 
     def restore(self, state: dict) -> None:
-        self.maps = {int(c): dict(m) for c, m in state.get("maps", {}).items()}
+        self.maps = restored_maps(state, set(self.uplinks), quantized_names(self.spec.build())) or {}
 
 
 class MixedPrecision(Uniform):
@@ -144,4 +145,28 @@ class MixedPrecision(Uniform):
         return {"maps": self.maps}
 
     def restore(self, state: dict) -> None:
-        self.maps = {int(c): dict(m) for c, m in state.get("maps", self.maps).items()}
+        self.maps = restored_maps(state, set(self.budgets), set(self.counts)) or self.maps
+
+
+def restored_maps(state: object, clients: set[int], names: set[str]) -> dict[int, dict[str, int]] | None:
+    """The bit maps a checkpoint's policy state holds (None: none saved, as before mixed
+    precision; {}: none made yet), one per client of the run over exactly ``names``; a
+    ConfigError saying what is wrong, rather than a failure rounds into the resumed run."""
+    maps = state.get("maps") if isinstance(state, dict) else state
+    if maps is None or maps == {}:
+        return maps
+    if not isinstance(maps, dict) or not all(is_int(c) for c in maps):
+        problem = "must map client ids to bit maps"
+    elif set(maps) != clients:
+        problem = f"are for clients {sorted(maps)[:8]}, the run's are {sorted(clients)[:8]}"
+    else:
+        wrong = [
+            c
+            for c, m in sorted(maps.items())
+            if not (isinstance(m, dict) and set(m) == names and all(valid_bits(b) for b in m.values()))
+        ]
+        if not wrong:
+            return {int(c): dict(m) for c, m in maps.items()}
+        problem = f"of clients {wrong[:8]} must map each of the {len(names)} entries the run plans to a width"
+        problem += f" in [{MIN_BITS}, {MAX_BITS}]"
+    raise ConfigError(f"--resume: the checkpoint's precision maps {problem}")
