@@ -177,3 +177,16 @@ def test_a_checkpoints_malformed_precision_maps_refuse_the_resume(reference, tmp
             engine.run(config.replace(rounds=2), resume=True, echo=lambda s: None)
     checkpoint.save(path, saved)  # as written, it resumes
     assert len(engine.run(config.replace(rounds=2), resume=True, echo=lambda s: None)["rounds"]) == 2
+
+
+def test_fedlq_clients_with_the_fastest_uplinks_keep_the_runs_bits_off_the_candidate_widths(reference, tmp_path):
+    """At --bits 5 (not one of FedLQ's candidate widths 8, 6, 4, 3, 2) every client
+    used to upload at 4 bits or fewer, the fastest uplinks included."""
+    recorder = Recorder()
+    results = run(tiny(reference, tmp_path, strategy="fedlq", rounds=1, bits=5), recorder)
+    upload_s = {c["id"]: c["predicted_s"]["upload"] for c in results["clients"]}
+    fastest = [c for c, s in upload_s.items() if s == min(upload_s.values())]
+    for plan, client, _, update in recorder.calls:
+        assert bits_of(update) == dict(plan.upload_bits) and max(plan.upload_bits.values()) <= 5
+        if client in fastest:
+            assert set(plan.upload_bits.values()) == {5}, (client, plan.upload_bits)

@@ -23,7 +23,7 @@ import dataclasses
 import statistics
 from collections.abc import Sequence
 
-from fedhq.allocation.layer_bits import client_bit_maps, measure_significance
+from fedhq.allocation.layer_bits import CANDIDATE_BITS, client_bit_maps, measure_significance
 from fedhq.data.base import Split
 from fedhq.fl.client import MIN_BITS, RoundPlan, quantized_names
 from fedhq.fl.config import ConfigError, RunConfig
@@ -98,7 +98,9 @@ class LayerBits(Uniform):
             return
         model = self.spec.build()
         load_float_state_dict(model, server.global_weights())
-        widths = tuple(b for b in (8, 6, 4, 3, 2) if MIN_BITS <= b <= self.config.bits)
+        # the run's bits first: the clients whose uplink carries the model at them keep them
+        bits = self.config.bits
+        widths = (bits, *(b for b in CANDIDATE_BITS if MIN_BITS <= b < bits))
         significance = measure_significance(model, self.validation, bits=widths)
         clients = sorted(self.uplinks)
         allocations = client_bit_maps(significance, [self.uplinks[c] for c in clients], self.target_s)
