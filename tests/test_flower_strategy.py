@@ -291,6 +291,27 @@ def test_nodes_with_unusable_significance_are_left_out_of_the_run(reference, tmp
     assert "left out of the run" in caplog.text
 
 
+def _about(key, value):
+    def fault(reply, msg):
+        if "node" in reply.content:  # the query round's answer
+            reply.content["node"][key] = value
+        return reply
+
+    return fault
+
+
+def test_a_nodes_bit_budget_comes_from_its_own_device(reference, tmp_path):
+    """The server used to load each node's declared device itself for aqfl's budgets: a
+    profile file on the node (or any string a node sent) ended the server's run."""
+    faults = {1: _about("device", "/on/the/node/only/profile.json"), 2: _about("bit-budget", 9)}
+    config = tiny(reference, tmp_path, clients=3, rounds=1, strategy="aqfl")
+    results = run_on_grid(LocalGrid(client_app.app, 3, faults), config, echo=quiet)
+    assert [(e["node_id"], "bit-budget" in e["reason"]) for e in results["excluded"]] == [(1002, True)]
+    embedded = engine.run(config.replace(output_dir=str(tmp_path / "embedded")), echo=quiet)
+    assert [c["bit_budget"] for c in results["clients"]] == [c["bit_budget"] for c in embedded["clients"][:2]]
+    assert results["rounds"][0]["participants"] == [0, 1]
+
+
 def test_settings_from_a_flower_run_config(reference, tmp_path):
     file = tmp_path / "run.json"
     file.write_text(json.dumps({"rounds": 7, "lr": 0.01, "seed": 3}))

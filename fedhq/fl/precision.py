@@ -29,7 +29,7 @@ from fedhq.fl.client import MIN_BITS, RoundPlan, quantized_names
 from fedhq.fl.config import ConfigError, RunConfig
 from fedhq.fl.server import Server
 from fedhq.models import ModelSpec
-from fedhq.mpq import device_budget, quantizable_layers, server_step
+from fedhq.mpq import quantizable_layers, server_step
 from fedhq.quant import load_float_state_dict
 from fedhq_kernels.checks import MAX_BITS, is_int, valid_bits
 
@@ -69,9 +69,9 @@ class Uniform:
 class Budgets(Uniform):
     """Each client's weights at its device's bit budget, activations at the run's bits."""
 
-    def __init__(self, config: RunConfig, devices: dict[int, str]):
+    def __init__(self, config: RunConfig, budgets: dict[int, int]):
         super().__init__(config)
-        self.budgets = {client: min(device_budget(source), config.bits) for client, source in devices.items()}
+        self.budgets = {client: min(budget, config.bits) for client, budget in budgets.items()}
 
     def plan(self, client: int, plan: RoundPlan) -> RoundPlan:
         return dataclasses.replace(plan, bits=self.budgets[client], act_bits=self.config.bits)
@@ -120,10 +120,10 @@ class LayerBits(Uniform):
 class MixedPrecision(Uniform):
     """FedMPQ: each client's own bit map, budget-weighted aggregation, pruning-growing."""
 
-    def __init__(self, config: RunConfig, spec: ModelSpec, devices: dict[int, str], samples: dict[int, int]):
+    def __init__(self, config: RunConfig, spec: ModelSpec, budgets: dict[int, int], samples: dict[int, int]):
         super().__init__(config)
         self.counts = quantizable_layers(spec.build())
-        self.budgets = {client: min(device_budget(source), config.bits) for client, source in devices.items()}
+        self.budgets = {client: min(budget, config.bits) for client, budget in budgets.items()}
         self.samples = samples
         self.maps = {c: dict.fromkeys(self.counts, b) for c, b in self.budgets.items()}
 

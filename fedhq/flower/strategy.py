@@ -23,7 +23,7 @@ from fedhq.fl.rounds import Downloads, InClientOrder, Received, Replies, RoundOu
 from fedhq.fl.server import MAX_SAMPLES, Server
 from fedhq.fl.timing import ClientTime
 from fedhq.flower.records import Expected, RecordError, decode_state, encode_state, expect
-from fedhq_kernels.checks import is_int, is_real
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
 
 log = logging.getLogger("fedhq.flower")
 
@@ -38,6 +38,7 @@ ABOUT = {
     "partition-id": int,
     "device": str,
     "device-name": str,
+    "bit-budget": int,
     "alpha": float,
     "beta": float,
     "batch": int,
@@ -295,10 +296,13 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
         return None, f"partition-id {about['partition-id']} is outside [0, {clients})"
     if not 0 < about["samples"] <= MAX_SAMPLES:  # what bounds its replies' num-examples
         return None, f"samples must be in [1, {MAX_SAMPLES}], got {about['samples']}"
+    if not valid_bits(about["bit-budget"]):
+        return None, f"bit-budget must be in [{MIN_BITS}, {MAX_BITS}], got {about['bit-budget']}"
     row = {
         "node_id": node_id,
         "device": about["device"],
         "device_name": about["device-name"],
+        "bit_budget": about["bit-budget"],
         "alpha": about["alpha"],
         "beta": about["beta"],
         "samples": about["samples"],
