@@ -417,6 +417,9 @@ def test_round_plan_bit_maps_are_validated():
     for bad in (1, 9, 4.0, True):
         with pytest.raises(ValueError, match="upload_bits must map names to widths in \\[2, 8\\]"):
             RoundPlan(**values, seed=0, upload_bits={"a": bad})
+    for bad in ([4], "4", 4):  # JSON in a training message that is not an object: an AttributeError before
+        with pytest.raises(ValueError, match="download_bits must map names to widths"):
+            RoundPlan(**values, seed=0, download_bits=bad)
 
 
 def test_a_range_of_planned_widths_accepts_narrower_uploads_only(setup):
