@@ -365,6 +365,13 @@ def test_replies_come_out_in_client_order_whatever_order_they_arrive_in():
     with pytest.raises(ValueError, match="client 2 replied twice"):
         order.put(2, "again")
     assert order.skip(1) == [(2, "b")]
+    # a reply already handed out, or from a client not planned, would be held for ever
+    with pytest.raises(ValueError, match="client 0 replied twice"):
+        order.put(0, "again")
+    with pytest.raises(ValueError, match="client 1 replied twice"):
+        order.skip(1)
+    with pytest.raises(ValueError, match="client 7 is not a client of this round"):
+        order.put(7, "stray")
 
 
 def test_download_requantizes_the_global_model_at_a_clients_bits(setup):
@@ -410,6 +417,9 @@ def test_round_plan_bit_maps_are_validated():
     for bad in (1, 9, 4.0, True):
         with pytest.raises(ValueError, match="upload_bits must map names to widths in \\[2, 8\\]"):
             RoundPlan(**values, seed=0, upload_bits={"a": bad})
+    for bad in ([4], "4", 4):  # JSON in a training message that is not an object: an AttributeError before
+        with pytest.raises(ValueError, match="download_bits must map names to widths"):
+            RoundPlan(**values, seed=0, download_bits=bad)
 
 
 def test_a_range_of_planned_widths_accepts_narrower_uploads_only(setup):

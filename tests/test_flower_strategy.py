@@ -201,6 +201,26 @@ def test_forged_replies_are_left_out_and_the_run_goes_on(reference, tmp_path):
     assert results["final_accuracy"] > tiny_initial_accuracy(config) + 0.2
 
 
+def test_a_reply_from_another_node_takes_no_ones_place(reference, tmp_path, caplog):
+    """Node 2 answering node 1's message (before node 1 does) used to take node 1's
+    place: node 1's own reply was ignored, and clients 2 and 3's replies, held for
+    client 1's, were never aggregated nor rejected."""
+    grid = None
+
+    def also_forged(reply, msg):  # a copy claiming to come from node 2, ahead of node 1's own reply
+        forged = Message(reply.content, reply_to=msg)
+        forged.metadata.__dict__["_src_node_id"] = 1002
+        grid.inbox.append(forged)
+        return reply
+
+    config = tiny(reference, tmp_path, clients=4, rounds=1, strategy="fedfq", partition="iid")
+    grid = LocalGrid(client_app.app, 4, {1: _not_for_query(also_forged)})
+    with caplog.at_level("WARNING", logger="fedhq"):
+        results = run_on_grid(grid, config, echo=quiet)
+    assert "node 1002 answered the message sent to node 1001" in caplog.text
+    assert results["rounds"][0]["participants"] == [0, 1, 2, 3] and results["rounds"][0]["rejected"] == []
+
+
 def assert_only_zero_takes_part(results: dict, expected: dict[int, str]) -> None:
     """Every round: client 0 alone aggregated, each other client rejected with its words."""
     for row in results["rounds"]:
@@ -269,6 +289,27 @@ def test_nodes_with_unusable_significance_are_left_out_of_the_run(reference, tmp
     assert [c["id"] for c in results["clients"]] == [0, 7]
     assert results["rounds"][0]["participants"] == [0, 7]
     assert "left out of the run" in caplog.text
+
+
+def _about(key, value):
+    def fault(reply, msg):
+        if "node" in reply.content:  # the query round's answer
+            reply.content["node"][key] = value
+        return reply
+
+    return fault
+
+
+def test_a_nodes_bit_budget_comes_from_its_own_device(reference, tmp_path):
+    """The server used to load each node's declared device itself for aqfl's budgets: a
+    profile file on the node (or any string a node sent) ended the server's run."""
+    faults = {1: _about("device", "/on/the/node/only/profile.json"), 2: _about("bit-budget", 9)}
+    config = tiny(reference, tmp_path, clients=3, rounds=1, strategy="aqfl")
+    results = run_on_grid(LocalGrid(client_app.app, 3, faults), config, echo=quiet)
+    assert [(e["node_id"], "bit-budget" in e["reason"]) for e in results["excluded"]] == [(1002, True)]
+    embedded = engine.run(config.replace(output_dir=str(tmp_path / "embedded")), echo=quiet)
+    assert [c["bit_budget"] for c in results["clients"]] == [c["bit_budget"] for c in embedded["clients"][:2]]
+    assert results["rounds"][0]["participants"] == [0, 1]
 
 
 def test_settings_from_a_flower_run_config(reference, tmp_path):

@@ -2,6 +2,8 @@
 fedlq and fedmpq train, upload and receive at the bits their policies give, the server
 checks each update against its plan and keeps the global model at the run's bits."""
 
+import re
+
 import pytest
 import torch
 
@@ -161,3 +163,40 @@ def test_fedlq_and_budgets_stay_within_the_runs_bits(reference, tmp_path):
     recorder = Recorder()
     run(tiny(reference, tmp_path / "aqfl", strategy="aqfl", clients=3, rounds=1, bits=5), recorder)
     assert [plan.bits for plan, *_ in recorder.calls] == [5, 5, 4]  # budgets 8, 6, 4, capped at 5
+
+
+@pytest.mark.parametrize("strategy", ["fedlq", "fedmpq"])
+def test_a_checkpoints_malformed_precision_maps_refuse_the_resume(reference, tmp_path, strategy):
+    """They used to pass the checkpoint's checks and end the resumed run in its first
+    round (ValueError, KeyError), or on a non-int client id at once."""
+    config = tiny(reference, tmp_path, strategy=strategy, rounds=1)
+    run(config)
+    path = config.output_dir + "/" + engine.CHECKPOINT_FILE
+    saved = checkpoint.load(path)
+    maps = saved["precision"]["maps"]
+    first = maps[0]
+    malformed = {
+        "must map client ids": {str(c): m for c, m in maps.items()},
+        "are for clients [0]": {0: first},
+        "entries the run plans": {c: m | {"no.such.weight": 4} for c, m in maps.items()},
+        "to a width in": {c: m | {next(iter(m)): 9} for c, m in maps.items()},
+    }
+    for words, bad in malformed.items():
+        checkpoint.save(path, saved | {"precision": {"maps": bad}})
+        with pytest.raises(ConfigError, match="--resume: the checkpoint's precision maps .*" + re.escape(words)):
+            engine.run(config.replace(rounds=2), resume=True, echo=lambda s: None)
+    checkpoint.save(path, saved)  # as written, it resumes
+    assert len(engine.run(config.replace(rounds=2), resume=True, echo=lambda s: None)["rounds"]) == 2
+
+
+def test_fedlq_clients_with_the_fastest_uplinks_keep_the_runs_bits_off_the_candidate_widths(reference, tmp_path):
+    """At --bits 5 (not one of FedLQ's candidate widths 8, 6, 4, 3, 2) every client
+    used to upload at 4 bits or fewer, the fastest uplinks included."""
+    recorder = Recorder()
+    results = run(tiny(reference, tmp_path, strategy="fedlq", rounds=1, bits=5), recorder)
+    upload_s = {c["id"]: c["predicted_s"]["upload"] for c in results["clients"]}
+    fastest = [c for c, s in upload_s.items() if s == min(upload_s.values())]
+    for plan, client, _, update in recorder.calls:
+        assert bits_of(update) == dict(plan.upload_bits) and max(plan.upload_bits.values()) <= 5
+        if client in fastest:
+            assert set(plan.upload_bits.values()) == {5}, (client, plan.upload_bits)

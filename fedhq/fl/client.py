@@ -23,7 +23,7 @@ from fedhq.fl import seeds
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys, prepare_qat
 from fedhq.quant.deploy import score
-from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, valid_bits
 
 CLIENT_STRATEGIES = ("ptq", "qat", "fp32", "mpq")
 
@@ -53,7 +53,7 @@ class RoundPlan:
             raise ValueError(f"RoundPlan: act_bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.act_bits!r}")
         for what in ("upload_bits", "download_bits"):
             bits = getattr(self, what)
-            if bits is not None and not all(is_int(b) and MIN_BITS <= b <= MAX_BITS for b in bits.values()):
+            if bits is not None and not (isinstance(bits, Mapping) and all(valid_bits(b) for b in bits.values())):
                 raise ValueError(f"RoundPlan: {what} must map names to widths in [{MIN_BITS}, {MAX_BITS}], got {bits}")
 
     def upload_map(self, names: set[str]) -> dict[str, int]:

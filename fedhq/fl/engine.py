@@ -58,8 +58,9 @@ from fedhq.fl.server import Server, check_scheme, growth_limits, validate_update
 from fedhq.fl.timing import ClientDevice
 from fedhq.fl.topology import Topology, TopologyError
 from fedhq.models import ModelSpec
+from fedhq.mpq import device_budget
 from fedhq.quant import calibration_split, evaluate_deployed
-from fedhq_kernels.checks import is_real, valid_bits
+from fedhq_kernels.checks import is_real
 
 log = logging.getLogger("fedhq.engine")
 
@@ -267,6 +268,7 @@ def describe(c: Client) -> dict:
     return {
         "device": c.device_source,
         "device_name": c.device.name,
+        "bit_budget": device_budget(c.device.speed.profile),
         "alpha": c.alpha,
         "beta": c.beta,
         "samples": len(c.data),
@@ -332,11 +334,11 @@ def precision_policy(
 ) -> precision.Uniform:
     """The run's bits per client and round (fedhq.fl.precision), from what the clients
     said of themselves in the analysis round (their devices, sizes, upload times)."""
-    devices = {a.client: a.about["device"] for a in answers}
+    budgets = {a.client: a.about["bit_budget"] for a in answers}  # on Flower a node's device is its own
     if config.strategy in precision.BUDGET_STRATEGIES:
-        return precision.Budgets(config, devices)
+        return precision.Budgets(config, budgets)
     if config.strategy == "fedmpq":
-        return precision.MixedPrecision(config, spec, devices, {a.client: a.about["samples"] for a in answers})
+        return precision.MixedPrecision(config, spec, budgets, {a.client: a.about["samples"] for a in answers})
     if config.strategy == "fedlq":
         upload_s = {a.client: s for a, s in zip(answers, costs.upload_s)}
         return precision.LayerBits(config, spec, validation, upload_s, model_facts(spec, config.bits)[1])
@@ -742,11 +744,6 @@ def _payload_problem(saved: dict) -> str | None:
         return f"training_s must be a finite number >= 0, got {saved['training_s']!r}"
     if saved["adjustment"] is not None and not isinstance(saved["adjustment"], dict):
         return "adjustment must be a dict or None"
-    maps = saved.get("precision", {}).get("maps", {}) if isinstance(saved.get("precision", {}), dict) else None
-    if not isinstance(maps, dict) or not all(
-        isinstance(m, dict) and all(valid_bits(b) for b in m.values()) for m in maps.values()
-    ):
-        return "precision must hold bit maps of widths in [2, 8]"
     for cid, observers in saved["client_states"].items():
         if not isinstance(observers, dict) or not all(isinstance(v, torch.Tensor) for v in observers.values()):
             return f"client {cid}'s state must be a dict of tensors"

@@ -25,12 +25,13 @@ from collections.abc import Sequence
 
 from fedhq.allocation.layer_bits import CANDIDATE_BITS, client_bit_maps, measure_significance
 from fedhq.data.base import Split
-from fedhq.fl.client import RoundPlan
-from fedhq.fl.config import RunConfig
+from fedhq.fl.client import RoundPlan, quantized_names
+from fedhq.fl.config import ConfigError, RunConfig
 from fedhq.fl.server import Server
 from fedhq.models import ModelSpec
-from fedhq.mpq import device_budget, quantizable_layers, server_step
+from fedhq.mpq import quantizable_layers, server_step
 from fedhq.quant import load_float_state_dict
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, valid_bits
 
 # fedlq: the layer significance is measured on the global model before round 1 and
 # again every this many rounds (a pass over the validation split per layer and width).
@@ -68,9 +69,9 @@ class Uniform:
 class Budgets(Uniform):
     """Each client's weights at its device's bit budget, activations at the run's bits."""
 
-    def __init__(self, config: RunConfig, devices: dict[int, str]):
+    def __init__(self, config: RunConfig, budgets: dict[int, int]):
         super().__init__(config)
-        self.budgets = {client: min(device_budget(source), config.bits) for client, source in devices.items()}
+        self.budgets = {client: min(budget, config.bits) for client, budget in budgets.items()}
 
     def plan(self, client: int, plan: RoundPlan) -> RoundPlan:
         return dataclasses.replace(plan, bits=self.budgets[client], act_bits=self.config.bits)
@@ -97,7 +98,7 @@ class LayerBits(Uniform):
             return
         model = self.spec.build()
         load_float_state_dict(model, server.global_weights())
-        # the run's width, then the candidates below it
+        # the run's bits first: the clients whose uplink carries the model at them keep them
         widths = (self.config.bits, *(b for b in CANDIDATE_BITS if b < self.config.bits))
         significance = measure_significance(model, self.validation, bits=widths)
         clients = sorted(self.uplinks)
@@ -112,16 +113,16 @@ class LayerBits(Uniform):
         return {"maps": self.maps}
 
     def restore(self, state: dict) -> None:
-        self.maps = {int(c): dict(m) for c, m in state.get("maps", {}).items()}
+        self.maps = restored_maps(state, set(self.uplinks), quantized_names(self.spec.build())) or {}
 
 
 class MixedPrecision(Uniform):
     """FedMPQ: each client's own bit map, budget-weighted aggregation, pruning-growing."""
 
-    def __init__(self, config: RunConfig, spec: ModelSpec, devices: dict[int, str], samples: dict[int, int]):
+    def __init__(self, config: RunConfig, spec: ModelSpec, budgets: dict[int, int], samples: dict[int, int]):
         super().__init__(config)
         self.counts = quantizable_layers(spec.build())
-        self.budgets = {client: min(device_budget(source), config.bits) for client, source in devices.items()}
+        self.budgets = {client: min(budget, config.bits) for client, budget in budgets.items()}
         self.samples = samples
         self.maps = {c: dict.fromkeys(self.counts, b) for c, b in self.budgets.items()}
 
@@ -145,4 +146,28 @@ class MixedPrecision(Uniform):
         return {"maps": self.maps}
 
     def restore(self, state: dict) -> None:
-        self.maps = {int(c): dict(m) for c, m in state.get("maps", self.maps).items()}
+        self.maps = restored_maps(state, set(self.budgets), set(self.counts)) or self.maps
+
+
+def restored_maps(state: object, clients: set[int], names: set[str]) -> dict[int, dict[str, int]] | None:
+    """The bit maps a checkpoint's policy state holds (None: none saved, as before mixed
+    precision; {}: none made yet), one per client of the run over exactly ``names``; a
+    ConfigError saying what is wrong, rather than a failure rounds into the resumed run."""
+    maps = state.get("maps") if isinstance(state, dict) else state
+    if maps is None or maps == {}:
+        return maps
+    if not isinstance(maps, dict) or not all(is_int(c) for c in maps):
+        problem = "must map client ids to bit maps"
+    elif set(maps) != clients:
+        problem = f"are for clients {sorted(maps)[:8]}, the run's are {sorted(clients)[:8]}"
+    else:
+        wrong = [
+            c
+            for c, m in sorted(maps.items())
+            if not (isinstance(m, dict) and set(m) == names and all(valid_bits(b) for b in m.values()))
+        ]
+        if not wrong:
+            return {int(c): dict(m) for c, m in maps.items()}
+        problem = f"of clients {wrong[:8]} must map each of the {len(names)} entries the run plans to a width"
+        problem += f" in [{MIN_BITS}, {MAX_BITS}]"
+    raise ConfigError(f"--resume: the checkpoint's precision maps {problem}")

@@ -123,22 +123,30 @@ class InClientOrder:
     def __init__(self, clients: list[int]):
         self._order = sorted(clients)
         self._next = 0
+        self._unheard = set(clients)
         self._held: dict[int, object] = {}
         self._gone: set[int] = set()
         self.peak = 0
 
     def put(self, client: int, reply: object) -> list[tuple[int, object]]:
         """Takes ``client``'s reply; returns the replies now due, in client order."""
-        if client in self._held or client in self._gone:
-            raise ValueError(f"client {client} replied twice")
+        self._hear(client)
         self._held[client] = reply
         self.peak = max(self.peak, len(self._held))
         return self._due()
 
     def skip(self, client: int) -> list[tuple[int, object]]:
         """``client`` will not reply; returns the replies that were waiting for it."""
+        self._hear(client)
         self._gone.add(client)
         return self._due()
+
+    def _hear(self, client: int) -> None:
+        """A reply held for a client out of the order, or a second one, would never come out."""
+        if client not in self._unheard:
+            known = client in self._order
+            raise ValueError(f"client {client} " + ("replied twice" if known else "is not a client of this round"))
+        self._unheard.remove(client)
 
     def _due(self) -> list[tuple[int, object]]:
         due = []

@@ -23,6 +23,7 @@ from fedhq.fl.rounds import Client
 from fedhq.flower.records import decode_state, encode_state
 from fedhq.flower.strategy import read_plan
 from fedhq.models import ModelSpec
+from fedhq.mpq import device_budget
 
 SETUP = "fedhq-setup"  # context.state: the query's setup record, for the training rounds
 OBSERVERS = "fedhq-observers"  # context.state: the QAT observers' ranges (ClientState)
@@ -80,6 +81,7 @@ def query(msg: Message, context: Context) -> Message:
         "partition-id": c.id,
         "device": c.device_source,
         "device-name": c.device.name,
+        "bit-budget": device_budget(c.device.speed.profile),
         "alpha": c.alpha,
         "beta": c.beta,
         "batch": c.batch,

@@ -23,7 +23,7 @@ from fedhq.fl.rounds import Downloads, InClientOrder, Received, Replies, RoundOu
 from fedhq.fl.server import MAX_SAMPLES, Server
 from fedhq.fl.timing import ClientTime
 from fedhq.flower.records import Expected, RecordError, decode_state, encode_state, expect
-from fedhq_kernels.checks import is_int, is_real
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, is_real, valid_bits
 
 log = logging.getLogger("fedhq.flower")
 
@@ -38,6 +38,7 @@ ABOUT = {
     "partition-id": int,
     "device": str,
     "device-name": str,
+    "bit-budget": int,
     "alpha": float,
     "beta": float,
     "batch": int,
@@ -237,10 +238,12 @@ class FedHQStrategy:
     def _match(self, replies: Iterable[Message], where: str, waiting: dict[str, int]) -> list[tuple[Message, int]]:
         """(reply, node id) for the first reply to each message in ``waiting`` (which
         loses it), matched by the message it answers: a disconnected node's error reply
-        comes from the SuperLink."""
+        comes from the SuperLink. A reply from another node leaves the message waiting
+        for its own node's reply (or the timeout)."""
         matched = []
         for reply in replies:
-            nid = waiting.pop(reply.metadata.reply_to_message_id, None)
+            msg_id = reply.metadata.reply_to_message_id
+            nid = waiting.get(msg_id)
             if nid is None:
                 log.warning(
                     "%s: ignoring a reply to no message of this round (from node %d)", where, reply.metadata.src_node_id
@@ -248,7 +251,7 @@ class FedHQStrategy:
             elif not reply.has_error() and reply.metadata.src_node_id != nid:
                 log.warning("%s: node %d answered the message sent to node %d", where, reply.metadata.src_node_id, nid)
             else:
-                matched.append((reply, nid))
+                matched.append((reply, waiting.pop(msg_id)))
         return matched
 
     def _exclude(self, node_id: int, reason: str) -> None:
@@ -293,10 +296,13 @@ def _read_answer(msg: Message, node_id: int, clients: int) -> tuple[Answer | Non
         return None, f"partition-id {about['partition-id']} is outside [0, {clients})"
     if not 0 < about["samples"] <= MAX_SAMPLES:  # what bounds its replies' num-examples
         return None, f"samples must be in [1, {MAX_SAMPLES}], got {about['samples']}"
+    if not valid_bits(about["bit-budget"]):
+        return None, f"bit-budget must be in [{MIN_BITS}, {MAX_BITS}], got {about['bit-budget']}"
     row = {
         "node_id": node_id,
         "device": about["device"],
         "device_name": about["device-name"],
+        "bit_budget": about["bit-budget"],
         "alpha": about["alpha"],
         "beta": about["beta"],
         "samples": about["samples"],
