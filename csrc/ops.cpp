@@ -10,12 +10,11 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include <ATen/EmptyTensor.h>
 
 #include "binding.h"
 #include "cpu/kernels.h"
+#include "output_pool.h"
 
 namespace fedhq::binding {
 namespace {
@@ -42,20 +41,13 @@ const T* cptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
 }
 
-// A fresh output buffer is first touched by the kernel, and on Linux the 4 KiB page
-// faults of that first touch cost more than the kernel itself: 16M float32 outputs
-// took ~35 ms to fault in vs ~7 ms to copy into an existing buffer on the 2-core CI
-// machine. Asking for transparent huge pages on the (still untouched) buffer cuts
-// the faults 512-fold. Only the 2 MiB-aligned interior is advised; no-op elsewhere.
+// Outputs of a megabyte or more come from OutputPool (output_pool.h): a freed buffer of
+// the same size when one is kept, else a fresh one advised for transparent huge pages.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(out.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(out.data_ptr()) + out.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only: ignore errors
-#endif
-  return out;
+  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (nbytes < OutputPool::kMinBytes) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &OutputPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   options.dtype().toScalarType(), std::nullopt);
 }
 
 TensorLayout layout_of(const at::Tensor& x, int64_t axis, int64_t segment_base = 0) {
@@ -271,6 +263,14 @@ void accumulate(FEDHQ_ACCUMULATE_PARAMS) {
 }  // namespace
 
 FEDHQ_IMPLEMENT_OPS(fedhq_cpu, CPU)
+
+// The output cache's controls (fedhq_kernels.output_cache_bytes, release_output_cache,
+// set_output_cache_limit).
+TORCH_LIBRARY(fedhq_output_cache, m) {
+  m.def("held_bytes() -> int", [] { return OutputPool::instance().held_bytes(); });
+  m.def("release() -> int", [] { return OutputPool::instance().release(); });
+  m.def("set_limit(int limit_bytes) -> int", [](int64_t limit) { return OutputPool::instance().set_limit(limit); });
+}
 
 }  // namespace fedhq::binding
 

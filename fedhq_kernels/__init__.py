@@ -9,6 +9,8 @@
     Aggregator(template, *, method="mean", trim=0.1): .add(update, weight), .result()
         the same server step, one update at a time (O(model) memory for the mean)
     check_update(template, update): what Aggregator.add checks, as a one-line error
+    output_cache_bytes() / release_output_cache() / set_output_cache_limit(bytes): the cpu
+        backend's reuse of freed output buffers (no first-touch page faults in steady state)
     backends() -> list of backends that run here; FEDHQ_BACKEND forces one
     pack_codes(codes, bits) / unpack_codes(packed, bits, shape): the wire format of codes
 
@@ -29,6 +31,7 @@ from fedhq_kernels.functional import (
     quantize,
     quantize_state_dict,
 )
+from fedhq_kernels.output_cache import output_cache_bytes, release_output_cache, set_output_cache_limit
 from fedhq_kernels.packing import pack_codes, unpack_codes
 from fedhq_kernels.quantized_tensor import QuantizedTensor, quant_range
 
@@ -42,9 +45,12 @@ __all__ = [
     "dequantize",
     "dequantize_state_dict",
     "fake_quant",
+    "output_cache_bytes",
     "pack_codes",
     "quant_range",
     "quantize",
     "quantize_state_dict",
+    "release_output_cache",
+    "set_output_cache_limit",
     "unpack_codes",
 ]
