@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+import fedhq_kernels as fk
 from fedhq.profile import timing
 from fedhq_kernels.checks import is_int
 
@@ -155,11 +156,17 @@ def _peak_growth(client: _Client, batch, device: torch.device) -> tuple[int, Ste
         return torch.cuda.max_memory_allocated(device) - before, counter
     client.optimizer.zero_grad(set_to_none=True)
     gc.collect()
-    before = timing.heap_bytes()
-    counter = StepCounter(sample_heap=True)
-    counter.peak_heap = before
-    with counter:
-        step(batch)
+    # the kernels' output cache keeps freed buffers: the step would take them rather
+    # than grow the heap, hiding what it needs; measured with the cache off and empty
+    limit = fk.set_output_cache_limit(0)
+    try:
+        before = timing.heap_bytes()
+        counter = StepCounter(sample_heap=True)
+        counter.peak_heap = before
+        with counter:
+            step(batch)
+    finally:
+        fk.set_output_cache_limit(limit)
     return max(0, counter.peak_heap - before), counter
 
 
