@@ -152,6 +152,7 @@ def _flower_round(server, synthetic_update, clients: int, per_pull: int) -> Call
 
 
 NODE0 = 1000  # the synthetic nodes' ids: NODE0 + client
+UNUSED = "the benchmark's grid only pushes messages and pulls replies"
 
 
 def _synthetic_grid(synthetic_update, clients: int, per_pull: int):
@@ -208,17 +209,18 @@ def _synthetic_grid(synthetic_update, clients: int, per_pull: int):
             return replies
 
         def send_and_receive(self, messages, *, timeout=None):
-            raise NotImplementedError("the benchmark's grid only pushes and pulls")
+            raise NotImplementedError(UNUSED)
 
+        # Grid's other abstract methods: FedHQStrategy.train never calls them
         def set_run(self, run):
-            raise NotImplementedError
+            raise NotImplementedError(UNUSED)
 
         @property
         def run(self):
-            raise NotImplementedError
+            raise NotImplementedError(UNUSED)
 
         def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-            raise NotImplementedError
+            raise NotImplementedError(UNUSED)
 
     return SyntheticGrid()
 

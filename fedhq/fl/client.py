@@ -23,7 +23,7 @@ from fedhq.fl import seeds
 from fedhq.models import ModelSpec
 from fedhq.quant import float_state_dict, load_float_state_dict, observer_keys, prepare_qat
 from fedhq.quant.deploy import score
-from fedhq_kernels.checks import MAX_BITS, MIN_BITS, is_int, valid_bits
+from fedhq_kernels.checks import MAX_BITS, MIN_BITS, valid_bits
 
 CLIENT_STRATEGIES = ("ptq", "qat", "fp32", "mpq")
 
@@ -49,7 +49,7 @@ class RoundPlan:
     def __post_init__(self):
         if self.strategy not in CLIENT_STRATEGIES:
             raise ValueError(f"RoundPlan: strategy must be one of {CLIENT_STRATEGIES}, got {self.strategy!r}")
-        if self.act_bits is not None and not (is_int(self.act_bits) and MIN_BITS <= self.act_bits <= MAX_BITS):
+        if self.act_bits is not None and not valid_bits(self.act_bits):
             raise ValueError(f"RoundPlan: act_bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {self.act_bits!r}")
         for what in ("upload_bits", "download_bits"):
             bits = getattr(self, what)

@@ -338,7 +338,7 @@ def precision_policy(
     if config.strategy in precision.BUDGET_STRATEGIES:
         return precision.Budgets(config, budgets)
     if config.strategy == "fedmpq":
-        return precision.MixedPrecision(config, spec, budgets, {a.client: a.about["samples"] for a in answers})
+        return precision.MixedPrecision(config, spec, budgets)
     if config.strategy == "fedlq":
         upload_s = {a.client: s for a, s in zip(answers, costs.upload_s)}
         return precision.LayerBits(config, spec, validation, upload_s, model_facts(spec, config.bits)[1])

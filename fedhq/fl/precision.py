@@ -71,7 +71,7 @@ class Budgets(Uniform):
 
     def __init__(self, config: RunConfig, budgets: dict[int, int]):
         super().__init__(config)
-        self.budgets = {client: min(budget, config.bits) for client, budget in budgets.items()}
+        self.budgets = capped(budgets, config.bits)
 
     def plan(self, client: int, plan: RoundPlan) -> RoundPlan:
         return dataclasses.replace(plan, bits=self.budgets[client], act_bits=self.config.bits)
@@ -91,7 +91,6 @@ class LayerBits(Uniform):
         # clients at or above the median uplink keep uniform bits
         self.target_s = statistics.median(upload_s.values())
         self.maps: dict[int, dict[str, int]] = {}
-        self.unmet: list[int] = []
 
     def before_round(self, r: int, server: Server) -> None:
         if self.maps and (r - 1) % REMEASURE_EVERY:
@@ -104,7 +103,6 @@ class LayerBits(Uniform):
         clients = sorted(self.uplinks)
         allocations = client_bit_maps(significance, [self.uplinks[c] for c in clients], self.target_s)
         self.maps = {c: a.bits for c, a in zip(clients, allocations)}
-        self.unmet = [c for c, a in zip(clients, allocations) if not a.met]
 
     def plan(self, client: int, plan: RoundPlan) -> RoundPlan:
         return dataclasses.replace(plan, upload_bits=self.maps[client])
@@ -119,11 +117,10 @@ class LayerBits(Uniform):
 class MixedPrecision(Uniform):
     """FedMPQ: each client's own bit map, budget-weighted aggregation, pruning-growing."""
 
-    def __init__(self, config: RunConfig, spec: ModelSpec, budgets: dict[int, int], samples: dict[int, int]):
+    def __init__(self, config: RunConfig, spec: ModelSpec, budgets: dict[int, int]):
         super().__init__(config)
         self.counts = quantizable_layers(spec.build())
-        self.budgets = {client: min(budget, config.bits) for client, budget in budgets.items()}
-        self.samples = samples
+        self.budgets = capped(budgets, config.bits)
         self.maps = {c: dict.fromkeys(self.counts, b) for c, b in self.budgets.items()}
 
     def plan(self, client: int, plan: RoundPlan) -> RoundPlan:
@@ -147,6 +144,11 @@ class MixedPrecision(Uniform):
 
     def restore(self, state: dict) -> None:
         self.maps = restored_maps(state, set(self.budgets), set(self.counts)) or self.maps
+
+
+def capped(budgets: dict[int, int], bits: int) -> dict[int, int]:
+    """Each client's bit budget, at most the run's bits (the global model's width)."""
+    return {client: min(budget, bits) for client, budget in budgets.items()}
 
 
 def restored_maps(state: object, clients: set[int], names: set[str]) -> dict[int, dict[str, int]] | None:

@@ -254,32 +254,31 @@ def upload_bits(server: Server, plans: dict[int, RoundPlan]) -> dict[int, dict[s
 
 
 class Downloads:
-    """The global model as each plan asks for it (``Server.download``), made once per
-    distinct bit map in a round."""
+    """The global model at the bits a round asks for (``Server.download``), made once
+    per distinct bit map in a round."""
 
     def __init__(self, server: Server):
         self.server = server
         self._states: dict[tuple, dict] = {}
-        self._weights: dict[tuple, dict] = {}
+        self._weights: dict[int, dict] = {}  # id of a state in _states -> it dequantized
 
-    @staticmethod
-    def _key(bits: dict[str, int] | None) -> tuple:
-        return () if bits is None else tuple(sorted(bits.items()))
-
-    def state(self, plan: RoundPlan) -> dict:
-        """The quantized state dict sent to ``plan``'s client."""
-        bits = plan.download_map(self.server.quantized)
-        key = self._key(bits)
+    def at(self, bits: Mapping[str, int] | None) -> dict:
+        """The global model quantized at ``bits`` (None: as the server holds it)."""
+        key = () if bits is None else tuple(sorted(bits.items()))
         if key not in self._states:
             self._states[key] = self.server.download(bits)
         return self._states[key]
 
+    def state(self, plan: RoundPlan) -> dict:
+        """The quantized state dict sent to ``plan``'s client."""
+        return self.at(plan.download_map(self.server.quantized))
+
     def weights(self, plan: RoundPlan) -> dict[str, Tensor]:
         """What the client loads: that state dict dequantized."""
-        key = self._key(plan.download_map(self.server.quantized))
-        if key not in self._weights:
-            self._weights[key] = fk.dequantize_state_dict(self.state(plan))
-        return self._weights[key]
+        sent = self.state(plan)
+        if id(sent) not in self._weights:
+            self._weights[id(sent)] = fk.dequantize_state_dict(sent)
+        return self._weights[id(sent)]
 
 
 def close_round(topology: Topology, r: int, replies: Replies, started: float) -> RoundOutcome:

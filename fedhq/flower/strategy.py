@@ -156,13 +156,13 @@ class FedHQStrategy:
         clients = {nid: client for client, nid in self.nodes.items()}
         bits = upload_bits(server, plans)
         replies = Replies(server.open_round(upload_bits=bits), [], [], {}, extra={"record_bytes": 0})
-        layouts: dict[tuple, Expected] = {}  # one per distinct upload bit map
+        layouts: dict[int, Expected] = {}  # one per distinct upload bit map
         expected = {}
         for client in plans:
-            key = tuple(sorted(bits.get(client, {}).items()))
-            if key not in layouts:
-                layouts[key] = expect(server.download(bits.get(client)))
-            expected[client] = layouts[key]
+            model = downloads.at(bits[client])  # the layout its reply must have
+            if id(model) not in layouts:
+                layouts[id(model)] = expect(model)
+            expected[client] = layouts[id(model)]
         order = InClientOrder(list(plans))
         for client, msg in self._receive(messages, round_name, order, clients):
             self._take(client, msg, expected[client], replies)
